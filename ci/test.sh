@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install octoproxy from this checkout (building the Cython extension) and run
+# the test suite: once with the compiled codec, then the codec tests again on
+# the pure-Python twin. Used by .ci/run and by the GitHub workflow.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+echo "== installing octoproxy and test dependencies"
+$PY -m pip install --quiet --disable-pip-version-check ".[test]"
+bash ci/install_services.sh
+
+echo "== octoproxy --version"
+# run from outside the checkout so that the installed package is imported
+(cd / && octoproxy --version) | tee /dev/stderr | grep -q "frame codec: cython"
+
+echo "== test suite (compiled codec)"
+$PY -m pytest -q -p no:cacheprovider
+
+echo "== codec tests again on the pure-Python twin"
+OCTOPROXY_NO_EXTENSIONS=1 $PY -m pytest -q -p no:cacheprovider tests/test_codec.py tests/test_vectors.py
+(cd / && OCTOPROXY_NO_EXTENSIONS=1 octoproxy --version) | grep -q "frame codec: python"

@@ -1,0 +1,551 @@
+"""The TOML configuration of ``octoproxy run -c proxy.toml``.
+
+The schema is declared once, as frozen dataclasses whose fields carry their
+value kind (type and checks) and documentation in ``field(metadata=...)``.
+Validation (:func:`parse_config`), serialisation (:meth:`ProxyConfig.to_dict`)
+and the reference in ``docs/configuration.md`` (:func:`render_config_reference`)
+all walk those same fields, so they cannot disagree. The few rules that span
+several keys (drain before shutdown, routes name known clusters, ...) are in
+:func:`_check_cross_fields`.
+
+Every error is a :class:`ConfigError` whose message starts with the full key,
+e.g. ``upstream.connect_timeout: expected a positive number, got 'x'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import math
+import os
+import re
+import sys
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from ._balancer import BALANCERS, Endpoint
+from ._errors import ConfigError
+from ._protocol import DEFAULT_MAX_FRAME_SIZE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "ProxyConfig", "ProxySettings", "OutboundConfig", "InboundConfig", "AdminConfig", "UpstreamConfig",
+    "RouteConfig", "ClusterConfig", "EndpointConfig",
+    "load_config", "parse_config", "render_config_reference", "split_host_port",
+]  # fmt: skip
+
+T = TypeVar("T")
+_META = "octoproxy.config"
+
+
+# --------------------------------------------------------------------------
+# Value kinds: check + convert, dump back to plain data, describe for docs.
+# --------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """Raised by a converter when the value is not what its kind expects."""
+
+
+def _same(value: Any) -> object:
+    return value
+
+
+@dataclass(frozen=True)
+class _Kind(Generic[T]):
+    expected: str  # errors read "<key>: expected <expected>, got <value!r>"
+    doc_type: str  # the type column of the docs
+    convert: Callable[[object, str, Path | None], T]  # (value, key, base_dir); raises _Bad
+    dump: Callable[[T], object] = _same  # back to TOML/JSON data
+    table: tuple[type[Any], str] | None = None  # nested tables: (dataclass, docs heading)
+
+    def parse(self, value: object, key: str, base_dir: Path | None) -> T:
+        try:
+            return self.convert(value, key, base_dir)
+        except _Bad:
+            raise ConfigError(f"{key}: expected {self.expected}, got {value!r}") from None
+
+
+def _string(*, nonempty: bool = False) -> _Kind[str]:
+    def convert(v: object, key: str, base_dir: Path | None) -> str:
+        if isinstance(v, str) and (v or not nonempty):
+            return v
+        raise _Bad
+
+    return _Kind("a non-empty string" if nonempty else "a string", "string", convert)
+
+
+def _choice(choices: tuple[str, ...]) -> _Kind[str]:
+    def convert(v: object, key: str, base_dir: Path | None) -> str:
+        if isinstance(v, str) and v in choices:
+            return v
+        raise _Bad
+
+    expected = "one of " + ", ".join(repr(c) for c in choices)
+    return _Kind(expected, "one of " + ", ".join(f'`"{c}"`' for c in choices), convert)
+
+
+def _integer(lo: int, hi: int | None = None) -> _Kind[int]:
+    def convert(v: object, key: str, base_dir: Path | None) -> int:
+        if isinstance(v, int) and not isinstance(v, bool) and lo <= v and (hi is None or v <= hi):
+            return v
+        raise _Bad
+
+    bounds = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+    return _Kind(f"an integer {'in ' if hi is not None else ''}{bounds}", f"integer, {bounds}", convert)
+
+
+def _seconds(*, allow_zero: bool = False) -> _Kind[float]:
+    def convert(v: object, key: str, base_dir: Path | None) -> float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            if v > 0 or (v == 0 and allow_zero):
+                return float(v)
+        raise _Bad
+
+    if allow_zero:
+        return _Kind("a number >= 0", "seconds, >= 0", convert)
+    return _Kind("a positive number", "seconds, > 0", convert)
+
+
+def _resolve(path: str, base_dir: Path | None) -> Path:
+    p = Path(path).expanduser()
+    return p if base_dir is None or p.is_absolute() else base_dir / p
+
+
+def _convert_path(v: object, key: str, base_dir: Path | None) -> Path:
+    if isinstance(v, str) and v and "\0" not in v:
+        return _resolve(v, base_dir)
+    raise _Bad
+
+
+def _convert_mode(v: object, key: str, base_dir: Path | None) -> int:
+    if isinstance(v, str) and re.fullmatch(r"(0o)?0?[0-7]{1,3}", v):
+        return int(v.removeprefix("0o"), 8)
+    raise _Bad
+
+
+_PATH = _Kind("a non-empty path string", "path (relative to the config file)", _convert_path, str)
+_MODE = _Kind("an octal permission string such as '0660'", "octal string, 0000..0777", _convert_mode, "{:04o}".format)
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (IPv6 hosts in brackets: ``"[::1]:9000"``).
+
+    Args:
+        address: the address to split.
+
+    Returns:
+        ``(host, port)``, with the brackets of an IPv6 host removed.
+
+    Raises:
+        ValueError: if the address is not a host name or IP address, a colon
+            and a port in 0..65535.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535:
+        raise ValueError(f"bad host:port address {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"bad IPv6 address in {address!r}") from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"bad host in {address!r}")
+    return host, int(port)
+
+
+def _host_port(*, port_zero: bool = True) -> _Kind[str]:
+    def convert(v: object, key: str, base_dir: Path | None) -> str:
+        try:
+            if isinstance(v, str) and (split_host_port(v)[1] or port_zero):
+                return v
+        except ValueError:
+            pass
+        raise _Bad
+
+    ports = "0..65535" if port_zero else "1..65535"
+    return _Kind(f"a host:port address (port {ports}, IPv6 in brackets)", f"host:port (port {ports})", convert)
+
+
+def _convert_listen(v: object, key: str, base_dir: Path | None) -> str:
+    if isinstance(v, str) and v.startswith("unix:"):
+        return "unix:" + str(_convert_path(v.removeprefix("unix:"), key, base_dir))
+    return _host_port().convert(v, key, base_dir)
+
+
+def _mapping(v: object) -> Mapping[str, object]:
+    if not isinstance(v, Mapping):
+        raise _Bad
+    return v
+
+
+def _convert_str_map(v: object, key: str, base_dir: Path | None) -> Mapping[str, str]:
+    out: dict[str, str] = {}
+    for k, x in _mapping(v).items():
+        if not isinstance(x, str):
+            raise ConfigError(f"{key}.{k}: expected a string, got {x!r}")
+        out[k] = x
+    return types.MappingProxyType(out)
+
+
+_LISTEN = _Kind("'host:port' or 'unix:/path'", "host:port or unix:path (relative to the config file)", _convert_listen)
+_STR_MAP: _Kind[Mapping[str, str]] = _Kind("a table of strings", "table of strings", _convert_str_map, dict)
+
+
+def _table(cls: type[T], heading: str) -> _Kind[T]:
+    def convert(v: object, key: str, base_dir: Path | None) -> T:
+        return _parse_table(cls, _mapping(v), key, base_dir)
+
+    return _Kind("a table", "table", convert, _dump_table, (cls, heading))
+
+
+def _table_array(cls: type[T], heading: str) -> _Kind[tuple[T, ...]]:
+    item = _table(cls, heading)
+
+    def convert(v: object, key: str, base_dir: Path | None) -> tuple[T, ...]:
+        if not isinstance(v, list):
+            raise _Bad
+        return tuple(item.parse(x, f"{key}[{i}]", base_dir) for i, x in enumerate(v))
+
+    def dump(v: tuple[T, ...]) -> object:
+        return [_dump_table(x) for x in v]
+
+    return _Kind("an array of tables", "array of tables", convert, dump, (cls, heading))
+
+
+def _table_map(cls: type[T], heading: str) -> _Kind[Mapping[str, T]]:
+    item = _table(cls, heading)
+
+    def convert(v: object, key: str, base_dir: Path | None) -> Mapping[str, T]:
+        return types.MappingProxyType({k: item.parse(x, f"{key}.{k}", base_dir) for k, x in _mapping(v).items()})
+
+    def dump(v: Mapping[str, T]) -> object:
+        return {k: _dump_table(x) for k, x in v.items()}
+
+    return _Kind("a table of tables", "table of tables", convert, dump, (cls, heading))
+
+
+@dataclass(frozen=True)
+class _Opt:
+    kind: _Kind[Any]
+    doc: str
+    default_doc: str | None = None  # overrides the rendered default
+    section: bool = False  # a table whose default is its own defaults
+
+
+def _opt(kind: _Kind[T], default: T, doc: str, *, default_doc: str | None = None) -> T:
+    meta = {_META: _Opt(kind, doc, default_doc)}
+    if isinstance(default, types.MappingProxyType):  # unhashable, so dataclasses wants a factory
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _optional(kind: _Kind[T], doc: str, *, default_doc: str) -> T | None:
+    return field(default=None, metadata={_META: _Opt(kind, doc, default_doc)})
+
+
+def _required(kind: _Kind[T], doc: str) -> T:
+    required: T = field(metadata={_META: _Opt(kind, doc, "required")})
+    return required
+
+
+def _section(cls: type[T], heading: str, doc: str) -> T:
+    return field(default_factory=cls, metadata={_META: _Opt(_table(cls, heading), doc, section=True)})
+
+
+_EMPTY: Mapping[str, Any] = types.MappingProxyType({})
+
+
+# --------------------------------------------------------------------------
+# The generic walkers over the schema below.
+# --------------------------------------------------------------------------
+
+
+def _opts(cls: type[Any]) -> list[tuple[dataclasses.Field[Any], _Opt]]:
+    return [(f, f.metadata[_META]) for f in dataclasses.fields(cls)]
+
+
+def _parse_table(cls: type[T], data: Mapping[str, object], prefix: str, base_dir: Path | None) -> T:
+    opts = _opts(cls)
+    dot = prefix + "." if prefix else ""
+    names = {f.name for f, _ in opts}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{dot}{k}: unknown key")
+    values: dict[str, Any] = {}
+    for f, opt in opts:
+        if f.name in data:
+            values[f.name] = opt.kind.parse(data[f.name], dot + f.name, base_dir)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{dot}{f.name}: required key missing")
+        elif isinstance(f.default, Path):  # a defaulted relative path still follows the file
+            values[f.name] = _resolve(str(f.default), base_dir)
+        elif opt.section:
+            values[f.name] = opt.kind.parse({}, dot + f.name, base_dir)  # absent section: its defaults, resolved
+    return cls(**values)
+
+
+def _dump_table(obj: Any) -> dict[str, Any]:
+    values = ((f.name, opt, getattr(obj, f.name)) for f, opt in _opts(type(obj)))
+    return {name: opt.kind.dump(v) for name, opt, v in values if v is not None}
+
+
+# --------------------------------------------------------------------------
+# The schema: one table per section, each row a field (name, kind, default, doc).
+# --------------------------------------------------------------------------
+
+_STR, _NAME, _POSITIVE = _string(), _string(nonempty=True), _seconds()
+_BUFFER_DOC = "Per-connection output buffer, in bytes, before a slow {} is cut off."
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxySettings:
+    """``[proxy]``: the proxy process itself."""
+
+    service: str = _opt(_STR, "", "The local app's service name, stamped as `caller` on outgoing requests.")
+    max_frame_size: int = _opt(
+        _integer(1024, 1 << 30), DEFAULT_MAX_FRAME_SIZE, "Largest frame accepted, in bytes; larger is FRAME_TOO_LARGE."
+    )
+    drain_time: float = _opt(_POSITIVE, 5.0, "On SIGTERM or drain, in-flight work gets this long to finish.")
+    shutdown_time: float = _opt(_POSITIVE, 10.0, "Hard stop after SIGTERM; must be greater than `drain_time`.")
+    log_level: str = _opt(_choice(("debug", "info", "warning", "error")), "info", "Log verbosity.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboundConfig:
+    """``[outbound]``: the local SDK side (app -> proxy)."""
+
+    uds: Path = _opt(_PATH, Path("octoproxy-outbound.sock"), "Unix socket the local SDK connects to.")
+    uds_mode: int = _opt(_MODE, 0o660, "Permissions of the socket file.")
+    max_connections: int = _opt(_integer(1), 1024, "SDK connections at once; beyond this, refused with OVERLOADED.")
+    max_buffer: int = _opt(_integer(65536), 4 * 1024 * 1024, _BUFFER_DOC.format("client"))
+    max_pending: int = _opt(_integer(1), 65536, "Requests in flight through this proxy; beyond this, OVERLOADED.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InboundConfig:
+    """``[inbound]``: peer proxies -> this proxy -> local app."""
+
+    listen: str = _opt(_host_port(), "127.0.0.1:9000", "Where peer proxies connect; other hosts need a routable address.")
+    app_uds: Path = _required(_PATH, "Unix socket of the local app that serves the requests.")
+    app_connections: int = _opt(_integer(1, 64), 2, "Multiplexed connections to the local app.")
+    max_connections: int = _opt(_integer(1), 1024, "Peer connections accepted at once.")
+    max_buffer: int = _opt(_integer(65536), 4 * 1024 * 1024, _BUFFER_DOC.format("peer"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminConfig:
+    """``[admin]``: the admin HTTP endpoint (health, stats, config dump, subscribe)."""
+
+    listen: str = _opt(_LISTEN, "127.0.0.1:0", "Where the admin HTTP server listens: `host:port` or `unix:/path`.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamConfig:
+    """``[upstream]``: pooled connections to peer proxies."""
+
+    connections_per_endpoint: int = _opt(_integer(1, 64), 2, "Multiplexed TCP connections kept per endpoint.")
+    connect_timeout: float = _opt(_POSITIVE, 1.0, "Deadline for establishing an upstream connection.")
+    ping_interval: float = _opt(_seconds(allow_zero=True), 10.0, "Idle time before a PING is sent; 0 disables PING.")
+    ping_timeout: float = _opt(_POSITIVE, 5.0, "A connection whose PONG takes longer than this is closed.")
+    default_timeout: float = _opt(_POSITIVE, 5.0, "Request deadline when neither the frame nor the route gives one.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteConfig:
+    """One ``[[routes]]`` entry: (service, method) -> cluster."""
+
+    service: str = _required(_NAME, "Callee service name to match.")
+    method: str = _opt(_NAME, "*", 'Method to match; `"*"` matches any method.')
+    cluster: str = _required(_NAME, "Name of the cluster (under `[clusters]`) to send to.")
+    # None only until parse_config fills in upstream.default_timeout.
+    timeout: float | None = _optional(_POSITIVE, "Cap on the request deadline.", default_doc="`upstream.default_timeout`")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointConfig:
+    """One static endpoint of a cluster."""
+
+    address: str = _required(_host_port(port_zero=False), "Address of the peer proxy.")
+    weight: int = _opt(_integer(0, 1_000_000), 100, "Relative share of traffic; 0 takes it out of rotation.")
+    region: str = _opt(_STR, "", "Region of the endpoint, for locality-aware routing.")
+    idc: str = _opt(_STR, "", "Data centre (IDC) of the endpoint.")
+    tags: Mapping[str, str] = _opt(_STR_MAP, _EMPTY, "Routing tags (e.g. a set / swimlane name).")
+
+    def to_endpoint(self) -> Endpoint:
+        """Build the balancer's (mutable) view of this endpoint.
+
+        Returns:
+            A new healthy :class:`~octoproxy._balancer.Endpoint` with no requests in flight.
+        """
+        return Endpoint(self.address, self.weight, self.region, self.idc, dict(self.tags))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """``[clusters.<name>]``: a set of endpoints and how to balance over them."""
+
+    lb: str = _opt(_choice(BALANCERS), "round_robin", "Load-balancing policy.")
+    endpoints: tuple[EndpointConfig, ...] = _opt(
+        _table_array(EndpointConfig, "clusters.<name>.endpoints[]"),
+        (),
+        "Static endpoints (inline tables, keys below); discovery may add more.",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyConfig:
+    """The whole configuration file. Build it with :func:`load_config` / :func:`parse_config`."""
+
+    proxy: ProxySettings = _section(ProxySettings, "[proxy]", "The proxy process itself.")
+    outbound: OutboundConfig = _section(OutboundConfig, "[outbound]", "The local SDK side: app -> proxy, over a UDS.")
+    inbound: InboundConfig | None = _optional(
+        _table(InboundConfig, "[inbound]"),
+        "Peer proxies -> this proxy -> local app. Optional: without this section the proxy has no inbound side.",
+        default_doc="absent",
+    )
+    admin: AdminConfig = _section(AdminConfig, "[admin]", "The admin HTTP endpoint.")
+    upstream: UpstreamConfig = _section(UpstreamConfig, "[upstream]", "Pooled, multiplexed connections to peer proxies.")
+    routes: tuple[RouteConfig, ...] = _opt(
+        _table_array(RouteConfig, "[[routes]]"),
+        (),
+        "Outbound routes, (service, method) -> cluster. Each (service, method) pair may appear once.",
+    )
+    clusters: Mapping[str, ClusterConfig] = _opt(
+        _table_map(ClusterConfig, "[clusters.<name>]"), _EMPTY, "Upstream clusters by name."
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise to plain data (what ``GET /config_dump`` returns).
+
+        Returns:
+            A JSON-able dict that :func:`parse_config` turns back into an equal
+            config; paths are absolute when the config was loaded from a file,
+            and an absent ``[inbound]`` is omitted.
+        """
+        return _dump_table(self)
+
+
+def _check_cross_fields(cfg: ProxyConfig) -> ProxyConfig:
+    if cfg.proxy.shutdown_time <= cfg.proxy.drain_time:
+        raise ConfigError(
+            f"proxy.shutdown_time: must be greater than proxy.drain_time ({cfg.proxy.drain_time}), "
+            f"got {cfg.proxy.shutdown_time}"
+        )
+    for name, cluster in cfg.clusters.items():
+        addresses: dict[str, int] = {}
+        for i, ep in enumerate(cluster.endpoints):
+            if (first := addresses.setdefault(ep.address, i)) != i:
+                raise ConfigError(
+                    f"clusters.{name}.endpoints[{i}].address: duplicate address {ep.address!r} (also endpoints[{first}])"
+                )
+    pairs: dict[tuple[str, str], int] = {}
+    routes = []
+    for i, route in enumerate(cfg.routes):
+        if route.cluster not in cfg.clusters:
+            raise ConfigError(f"routes[{i}].cluster: unknown cluster {route.cluster!r}")
+        if (first := pairs.setdefault((route.service, route.method), i)) != i:
+            raise ConfigError(
+                f"routes[{i}]: duplicate route for service {route.service!r} method {route.method!r} (also routes[{first}])"
+            )
+        if route.timeout is None:
+            route = dataclasses.replace(route, timeout=cfg.upstream.default_timeout)
+        routes.append(route)
+    return dataclasses.replace(cfg, routes=tuple(routes))
+
+
+def parse_config(data: Mapping[str, object], *, base_dir: Path | None = None) -> ProxyConfig:
+    """Validate parsed TOML (or :meth:`ProxyConfig.to_dict` output) into a config.
+
+    Args:
+        data: the document, as ``tomllib`` returns it.
+        base_dir: directory that relative socket paths are resolved against
+            (the config file's directory); ``None`` leaves them relative.
+
+    Returns:
+        The validated configuration, with every default filled in (a route
+        without ``timeout`` gets ``upstream.default_timeout``).
+
+    Raises:
+        ConfigError: on an unknown key, a missing required key, a value of the
+            wrong type or out of range, or an inconsistency between keys; the
+            message starts with the full key.
+    """
+    return _check_cross_fields(_parse_table(ProxyConfig, data, "", base_dir))
+
+
+def load_config(path: str | os.PathLike[str]) -> ProxyConfig:
+    """Read and validate a TOML configuration file.
+
+    Args:
+        path: the file; relative socket paths in it are resolved against its directory.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: if the file cannot be read, is not valid TOML, or does not
+            validate (see :func:`parse_config`).
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+    return parse_config(data, base_dir=p.absolute().parent)
+
+
+# --------------------------------------------------------------------------
+# Documentation, from the same fields.
+# --------------------------------------------------------------------------
+
+
+def _render_default(f: dataclasses.Field[Any], opt: _Opt) -> str:
+    if opt.default_doc is not None:
+        return opt.default_doc
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    dumped = opt.kind.dump(default)
+    return f"`{dumped!r}`" if isinstance(dumped, float) else f"`{json.dumps(dumped)}`"
+
+
+def _render_table(cls: type[Any], heading: str, doc: str, out: list[str]) -> None:
+    nested: list[tuple[type[Any], str, str]] = []
+    out += [f"### `{heading}`", "", doc, "", "| key | type | default | description |", "|---|---|---|---|"]
+    for f, opt in _opts(cls):
+        if opt.kind.table is not None:
+            sub_cls, sub_heading = opt.kind.table
+            if sub_heading.startswith("["):  # a section of its own: no row here
+                nested.append((sub_cls, sub_heading, opt.doc))
+                continue
+            nested.append((sub_cls, sub_heading, (sub_cls.__doc__ or "").strip()))
+        out.append(f"| `{f.name}` | {opt.kind.doc_type} | {_render_default(f, opt)} | {opt.doc} |")
+    out.append("")
+    for sub in nested:
+        _render_table(*sub, out)
+
+
+def render_config_reference() -> str:
+    """Render the key-by-key reference of the configuration file (Markdown).
+
+    Returns:
+        The text that ``docs/configuration.md`` holds between its
+        ``<!-- BEGIN GENERATED -->`` and ``<!-- END GENERATED -->`` markers.
+    """
+    out: list[str] = []
+    for _, opt in _opts(ProxyConfig):
+        assert opt.kind.table is not None  # every top-level key is a section
+        _render_table(*opt.kind.table, opt.doc, out)
+    return "\n".join(out)

@@ -174,7 +174,7 @@ def test_scanner_partial_and_capacity(impl: ModuleType) -> None:
     frames = [impl.encode_request(i, "svc", "m", b"x" * 10, timeout_ms=i * 10) for i in range(3)]
     data = b"".join(frames) + frames[0][:10]
     assert s.scan(data) == 2 and s.consumed == len(frames[0]) + len(frames[1])
-    assert s.frame(1)[4:] == (1, 10, 4)
+    assert s.frame(1)[4:] == (1, 10, 4, 0)
     assert s.scan(data, s.consumed) == 1
     assert s.next_size == len(frames[0])  # the partial frame's size is known
     assert s.scan(data, s.consumed) == 0 and s.next_size == len(frames[0])
@@ -197,6 +197,9 @@ def test_scanner_routes_swap(impl: ModuleType) -> None:
     s = impl.Scanner(impl.RouteTable([("a", "*", 1)]))
     s.scan(data)
     assert [s.frame(i)[6] for i in range(3)] == [1, -1, -2]
+    s2 = impl.Scanner()
+    assert s2.scan(impl.encode_response(1, status=Status.TIMEOUT)) == 1
+    assert s2.frame(0)[7] == Status.TIMEOUT
     s.routes = impl.RouteTable([("b", "y", 9)])
     s.scan(data)
     assert [s.frame(i)[6] for i in range(3)] == [-1, 9, -2]

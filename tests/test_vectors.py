@@ -99,8 +99,9 @@ def test_scanner_vectors(impl: ModuleType, vector: dict[str, Any]) -> None:
         assert scanner.consumed == len(data)
     offset = 0
     for i, want in enumerate(frames):
-        off, size, ftype, flags, sid, timeout, route = scanner.frame(i)
+        off, size, ftype, flags, sid, timeout, route, status = scanner.frame(i)
         assert (off, ftype, flags, sid, timeout) == (offset, want["type"], want["flags"], want["stream_id"], want["timeout_ms"])
+        assert status == want.get("header", {}).get("status", 0)
         service, method = scanner.routing_key(i)
         if ftype in (1, 3):
             assert (service.decode(), method.decode()) == (want["service"], want["method"])

@@ -93,6 +93,7 @@ cdef struct KeyRange:
     Py_ssize_t m0
     Py_ssize_t m1
     uint32_t timeout
+    uint32_t status
 
 
 cdef inline Py_ssize_t _varint(const uchar* buf, Py_ssize_t pos, Py_ssize_t end, uint64_t* out, uint64_t sid) except -1:
@@ -122,6 +123,7 @@ cdef int _walk_header(const uchar* buf, Py_ssize_t start, Py_ssize_t end, uint64
     cdef Py_ssize_t n
     kr.s0 = kr.s1 = kr.m0 = kr.m1 = start
     kr.timeout = 0
+    kr.status = 0
     while pos < end:
         if buf[pos] < 0x80:
             key = buf[pos]
@@ -153,6 +155,8 @@ cdef int _walk_header(const uchar* buf, Py_ssize_t start, Py_ssize_t end, uint64
             pos = _varint(buf, pos, end, &val, sid)
             if field == 4:
                 kr.timeout = <uint32_t>(val & 0xFFFFFFFF)
+            elif field == 5:
+                kr.status = <uint32_t>(val & 0xFFFFFFFF)
             elif field <= 3 or field == 6 or field == 7:
                 _hdr_error("malformed header: wrong wire type for field %d" % field, sid)
         elif wt == 1 or wt == 5:
@@ -442,6 +446,7 @@ cdef class Scanner:
                 else:
                     kr.s0 = kr.s1 = kr.m0 = kr.m1 = pos + PREFIX
                     kr.timeout = 0
+                    kr.status = 0
                 if ftype == 1 or ftype == 3:
                     self.route_ids[n] = routes.c_lookup(buf + kr.s0, kr.s1 - kr.s0, buf + kr.m0, kr.m1 - kr.m0)
                 else:
@@ -479,11 +484,14 @@ cdef class Scanner:
             PyBuffer_Release(&view)
 
     def frame(self, Py_ssize_t i):
-        """``(offset, size, type, flags, stream_id, timeout_ms, route)`` of frame ``i``."""
+        """``(offset, size, type, flags, stream_id, timeout_ms, route, status)`` of frame ``i``.
+
+        ``status`` is header field 5 (responses), truncated to 32 bits.
+        """
         if not 0 <= i < self.count:
             raise IndexError(i)
         return (self.offsets[i], self.sizes[i], self.types[i], self.flags[i], self.sids[i],
-                self.timeouts[i], self.route_ids[i])
+                self.timeouts[i], self.route_ids[i], self.keys[i].status)
 
     def routing_key(self, Py_ssize_t i):
         """``(service, method)`` bytes of frame ``i`` (empty for non-requests)."""

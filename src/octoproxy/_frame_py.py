@@ -77,15 +77,15 @@ def _varint(buf: bytes | bytearray | memoryview, pos: int, end: int, stream_id: 
             raise RemoteProtocolError("malformed header: varint too long", Status.PROTOCOL_ERROR, stream_id)
 
 
-def _walk_header(buf: bytes | bytearray | memoryview, start: int, end: int, stream_id: int) -> tuple[int, int, int, int, int]:
+def _walk_header(buf: bytes | bytearray | memoryview, start: int, end: int, stream_id: int) -> tuple[int, int, int, int, int, int]:
     """Check the protobuf structure of ``buf[start:end]``.
 
-    Returns (service_start, service_end, method_start, method_end, timeout_ms);
+    Returns (service_start, service_end, method_start, method_end, timeout_ms, status);
     absent strings are empty ranges at ``start``. Last occurrence wins, as in
     protobuf.
     """
     s0 = s1 = m0 = m1 = start
-    timeout = 0
+    timeout = status = 0
     pos = start
     while pos < end:
         if buf[pos] < 0x80:  # one-byte key: the common case
@@ -118,6 +118,8 @@ def _walk_header(buf: bytes | bytearray | memoryview, start: int, end: int, stre
             val, pos = _varint(buf, pos, end, stream_id)
             if field == 4:
                 timeout = val & 0xFFFFFFFF
+            elif field == 5:
+                status = val & 0xFFFFFFFF
             elif field <= 3 or field == 6 or field == 7:
                 raise RemoteProtocolError(f"malformed header: wrong wire type for field {field}", Status.PROTOCOL_ERROR, stream_id)
         elif wt == 1 or wt == 5:
@@ -129,7 +131,7 @@ def _walk_header(buf: bytes | bytearray | memoryview, start: int, end: int, stre
             pos += n
         else:
             raise RemoteProtocolError(f"malformed header: invalid wire type {wt}", Status.PROTOCOL_ERROR, stream_id)
-    return s0, s1, m0, m1, timeout
+    return s0, s1, m0, m1, timeout, status
 
 
 def read_routing_key(header: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
@@ -140,7 +142,7 @@ def read_routing_key(header: bytes | bytearray | memoryview) -> tuple[bytes, byt
             field has the wrong wire type.
     """
     mv = memoryview(header).cast("B")
-    s0, s1, m0, m1, _ = _walk_header(mv, 0, len(mv), 0)
+    s0, s1, m0, m1, _, _ = _walk_header(mv, 0, len(mv), 0)
     return bytes(mv[s0:s1]), bytes(mv[m0:m1])
 
 
@@ -236,7 +238,7 @@ class Scanner:
         self.count = 0
         self.consumed = 0
         self.next_size = 0
-        self._info: list[tuple[int, int, int, int, int, int, int]] = []
+        self._info: list[tuple[int, int, int, int, int, int, int, int]] = []
         self._keys: list[tuple[int, int, int, int]] = []
         self._buf: bytes | bytearray | memoryview = b""
 
@@ -281,10 +283,10 @@ class Scanner:
                     raise RemoteProtocolError(f"header length {hlen} exceeds frame", Status.PROTOCOL_ERROR, sid)
                 h0 = pos + PREFIX_SIZE
                 if hlen:
-                    s0, s1, m0, m1, timeout = _walk_header(buf, h0, h0 + hlen, sid)
+                    s0, s1, m0, m1, timeout, status = _walk_header(buf, h0, h0 + hlen, sid)
                 else:
                     s0 = s1 = m0 = m1 = h0
-                    timeout = 0
+                    timeout = status = 0
                 if ftype == 1 or ftype == 3:
                     s = bytes(buf[s0:s1])
                     m = bytes(buf[m0:m1])
@@ -293,7 +295,7 @@ class Scanner:
                         route = lookup((s, b"*"), -1)
                 else:
                     route = ROUTE_NOT_REQUEST
-                info.append((pos, size, ftype, flags, sid, timeout, route))
+                info.append((pos, size, ftype, flags, sid, timeout, route, status))
                 keys.append((s0, s1, m0, m1))
                 n += 1
                 pos += size
@@ -306,8 +308,11 @@ class Scanner:
         self.next_size = next_size
         return n
 
-    def frame(self, i: int) -> tuple[int, int, int, int, int, int, int]:
-        """``(offset, size, type, flags, stream_id, timeout_ms, route)`` of frame ``i``."""
+    def frame(self, i: int) -> tuple[int, int, int, int, int, int, int, int]:
+        """``(offset, size, type, flags, stream_id, timeout_ms, route, status)`` of frame ``i``.
+
+        ``status`` is header field 5 (responses), truncated to 32 bits.
+        """
         if not 0 <= i < self.count:
             raise IndexError(i)
         return self._info[i]
@@ -374,7 +379,7 @@ class FrameDecoder:
                 raise RemoteProtocolError(f"header length {hlen} exceeds frame", Status.PROTOCOL_ERROR, sid)
             raw = bytes(buf[pos : pos + size])
             h1 = PREFIX_SIZE + hlen
-            s0, s1, m0, m1, timeout = _walk_header(raw, PREFIX_SIZE, h1, sid)
+            s0, s1, m0, m1, timeout, _status = _walk_header(raw, PREFIX_SIZE, h1, sid)
             service = method = ""
             if ftype == 1 or ftype == 3:
                 try:

@@ -18,5 +18,5 @@ echo "== test suite (compiled codec)"
 $PY -m pytest -q -p no:cacheprovider
 
 echo "== codec tests again on the pure-Python twin"
-OCTOPROXY_NO_EXTENSIONS=1 $PY -m pytest -q -p no:cacheprovider tests/test_codec.py tests/test_vectors.py
+OCTOPROXY_NO_EXTENSIONS=1 $PY -m pytest -q -p no:cacheprovider tests/test_codec.py tests/test_vectors.py tests/test_engine.py
 (cd / && OCTOPROXY_NO_EXTENSIONS=1 octoproxy --version) | grep -q "frame codec: python"

@@ -1,0 +1,530 @@
+"""The forwarding engine: sans-IO core of the proxy's data path.
+
+Theory of operation
+-------------------
+Every connection the proxy holds is a :class:`Link`. A *downstream* link sends
+us requests and gets responses (an SDK connection on the outbound UDS, or a
+peer proxy on the inbound TCP listener). An *upstream* link is one we send
+requests on and read responses from (a pooled connection to a peer proxy, or
+to the local app).
+
+The shell reads bytes from a link into a buffer and calls :meth:`Engine.feed`
+with the buffer and the current time. The engine splits the bytes into frames
+with the compiled :class:`~octoproxy.frame.Scanner` (one call per read),
+decides what each frame becomes, and appends bytes to the output buffers of
+the links concerned (``link.out``), which it lists in :attr:`Engine.dirty`.
+The shell then writes each dirty link's buffer with one ``send``. So every
+frame that one read brought is forwarded with one write per destination.
+
+Requests are forwarded with their stream id rewritten in place to an id of
+the upstream link's own; a :class:`Pending` entry in that link's table maps
+it back. Responses find their entry by stream id alone. Each pending entry has
+a deadline; :meth:`Engine.expire` answers TIMEOUT for the expired ones, and a
+late response is dropped and counted. An upstream link that is lost answers
+every request in flight on it UNAVAILABLE at once.
+
+Nothing here does I/O or reads a clock: time comes in as an argument.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from struct import Struct
+from typing import Any
+
+from .._balancer import Balancer, Endpoint, make_balancer
+from .._errors import RemoteProtocolError
+from .._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
+from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
+from ._stats import ProxyStats, RequestStats
+
+log = logging.getLogger("octoproxy.proxy")
+
+__all__ = ["Cluster", "Engine", "Link", "Pending", "Route", "DOWNSTREAM", "UPSTREAM"]
+
+DOWNSTREAM = 0
+UPSTREAM = 1
+
+_U64 = Struct(">Q")
+_U32 = Struct(">I")
+_U16 = Struct(">H")
+_REQUEST = FrameType.REQUEST
+_RESPONSE = FrameType.RESPONSE
+_ONEWAY = FrameType.ONEWAY
+_PING = FrameType.PING
+_PONG = FrameType.PONG
+_GOAWAY = FrameType.GOAWAY
+_HOT_RESTART = int(Flags.HOT_RESTART)
+
+
+class Link:
+    """One connection, as the engine sees it. The shell owns the socket."""
+
+    __slots__ = (
+        "kind",
+        "name",
+        "out",
+        "closed",
+        "draining",
+        "goaway_sent",
+        "pending",
+        "next_sid",
+        "endpoint",
+        "cluster",
+        "inflight",
+        "reject",
+        "awaiting_pong",
+        "last_rx",
+        "listener",
+        "on_idle",
+        "io",
+    )
+
+    def __init__(self, kind: int, name: str, *, endpoint: Endpoint | None = None, cluster: Cluster | None = None, listener: str = "") -> None:
+        self.kind = kind
+        self.name = name
+        #: bytes waiting to be written, appended by the engine, drained by the shell
+        self.out = bytearray()
+        self.closed = False
+        #: upstream: the peer sent GOAWAY (send nothing new); downstream: we are draining it
+        self.draining = False
+        self.goaway_sent = False
+        #: upstream only: our stream id -> Pending
+        self.pending: dict[int, Pending] = {}
+        self.next_sid = 1
+        self.endpoint = endpoint
+        self.cluster = cluster
+        #: downstream only: its requests in flight upstream
+        self.inflight = 0
+        #: downstream over a connection limit: every request is answered OVERLOADED
+        self.reject = False
+        self.awaiting_pong = 0
+        self.last_rx = 0.0
+        self.listener = listener
+        #: called by the engine when a draining link has nothing outstanding
+        self.on_idle: Callable[[Link], None] | None = None
+        #: the shell's object for this link (opaque to the engine)
+        self.io: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Link {self.name} {'up' if self.kind else 'down'}{' closed' if self.closed else ''}>"
+
+
+class Pending:
+    """A request forwarded upstream and not answered yet."""
+
+    __slots__ = ("down", "down_sid", "up", "deadline", "t0", "stats")
+
+    def __init__(self, down: Link, down_sid: int, up: Link, deadline: float, t0: float, stats: RequestStats) -> None:
+        self.down = down
+        self.down_sid = down_sid
+        self.up = up
+        self.deadline = deadline
+        self.t0 = t0
+        self.stats = stats
+
+
+@dataclass
+class Cluster:
+    """A named set of endpoints, each with its pooled upstream links."""
+
+    name: str
+    lb: str = "round_robin"
+    endpoints: list[Endpoint] = field(default_factory=list)
+    #: endpoint address -> links that are connected and not draining
+    links: dict[str, list[Link]] = field(default_factory=dict)
+    balancer: Balancer | None = None
+    _rr: itertools.count[int] = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        if self.balancer is None:
+            self.balancer = make_balancer(self.lb, rng=random.Random())
+
+    def ready_endpoints(self) -> list[Endpoint]:
+        return [ep for ep in self.endpoints if self.links.get(ep.address)]
+
+    def add_link(self, link: Link) -> None:
+        assert link.endpoint is not None
+        self.links.setdefault(link.endpoint.address, []).append(link)
+        link.endpoint.healthy = True
+
+    def remove_link(self, link: Link) -> None:
+        assert link.endpoint is not None
+        links = self.links.get(link.endpoint.address)
+        if links and link in links:
+            links.remove(link)
+            if not links:
+                link.endpoint.healthy = False
+
+    def pick(self) -> Link | None:
+        """Choose an endpoint with the balancer, then its least-loaded link."""
+        assert self.balancer is not None
+        ep = self.balancer.pick(self.endpoints)
+        if ep is None:
+            return None
+        links = self.links.get(ep.address)
+        if not links:  # pragma: no cover - healthy implies links
+            return None
+        if len(links) == 1:
+            return links[0]
+        best = links[0]
+        for link in links:
+            if len(link.pending) < len(best.pending):
+                best = link
+        return best
+
+
+@dataclass(frozen=True)
+class Route:
+    service: str
+    method: str
+    cluster: str
+    timeout: float
+
+
+class Engine:
+    """The data-path state machine for one proxy process.
+
+    Args:
+        routes: outbound routes, in route-id order (the id is the index).
+        clusters: clusters by name; the engine adds and removes links as the
+            shell connects them.
+        caller: this proxy's service name, stamped on forwarded requests
+            (header field 3, appended: the last occurrence wins).
+        max_pending: requests in flight through this proxy; beyond, OVERLOADED.
+        default_timeout: deadline of a request whose frame and route give none.
+        max_frame_size: largest frame accepted.
+        stats: the metrics the engine updates.
+    """
+
+    def __init__(
+        self,
+        *,
+        routes: Sequence[Route] = (),
+        clusters: Iterable[Cluster] = (),
+        caller: str = "",
+        max_pending: int = 65536,
+        default_timeout: float = 5.0,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        stats: ProxyStats | None = None,
+    ) -> None:
+        self.clusters: dict[str, Cluster] = {c.name: c for c in clusters}
+        self.max_pending = max_pending
+        self.default_timeout = default_timeout
+        self.max_frame_size = max_frame_size
+        self.stats = stats if stats is not None else ProxyStats()
+        self.stamp = encode_header(caller=caller) if caller else b""
+        self.pending_count = 0
+        #: links with new bytes in ``out``; the shell flushes and clears this
+        self.dirty: list[Link] = []
+        #: None: serving; "drain": answer new requests UNAVAILABLE; "hot_restart": answer HOT_RESTART
+        self.drain_mode: str | None = None
+        #: inbound: the cluster every request on an inbound link goes to (the local app)
+        self.inbound_cluster: Cluster | None = None
+        self._timers: list[tuple[float, int, Link, int]] = []
+        self._seq = itertools.count()
+        self.set_routes(routes)
+
+    # ------------------------------------------------------------ configuration
+
+    def set_routes(self, routes: Sequence[Route]) -> None:
+        """Swap the route table (atomic: a new immutable table)."""
+        for r in routes:
+            if r.cluster not in self.clusters:
+                raise ValueError(f"route {r.service}/{r.method} names unknown cluster {r.cluster!r}")
+        self.routes = list(routes)
+        self.route_table = RouteTable([(r.service, r.method, i) for i, r in enumerate(self.routes)])
+        self._route_clusters = [self.clusters[r.cluster] for r in self.routes]
+
+    def new_scanner(self, link: Link) -> Scanner:
+        """A scanner for a link: routed for outbound downstream links."""
+        routes = self.route_table if link.kind == DOWNSTREAM and link.listener == "outbound" else None
+        return Scanner(routes, self.max_frame_size, 4096)
+
+    # ------------------------------------------------------------ input
+
+    def feed(self, link: Link, scanner: Scanner, buf: bytearray, end: int, now: float) -> int:
+        """Process every whole frame in ``buf[:end]``; return the bytes consumed.
+
+        A protocol error in the first frame raises :class:`RemoteProtocolError`
+        (the shell then calls :meth:`protocol_error`); frames before a bad one
+        are processed first.
+        """
+        if link.kind == DOWNSTREAM and link.listener == "outbound":
+            scanner.routes = self.route_table  # pick up a swapped table
+        start = 0
+        mv = memoryview(buf)
+        try:
+            while True:
+                n = scanner.scan(buf, start, end)
+                if not n:
+                    return start
+                if link.kind == DOWNSTREAM:
+                    self._requests(link, scanner, n, mv, now)
+                else:
+                    self._responses(link, scanner, n, mv, now)
+                start = scanner.consumed
+        finally:
+            mv.release()
+
+    def _mark(self, link: Link) -> None:
+        if not link.closed:
+            self.dirty.append(link)
+
+    def _answer(self, link: Link, sid: int, status: int, error: str, flags: int = 0) -> None:
+        if not link.closed:
+            link.out += encode_response(sid, status=status, error=error, flags=flags)
+            self.dirty.append(link)
+
+    def _requests(self, down: Link, scanner: Scanner, n: int, mv: memoryview, now: float) -> None:
+        stats = self.stats
+        inbound = down.listener == "inbound"
+        for i in range(n):
+            off, size, ftype, _flags, sid, timeout_ms, route_id, _status = scanner.frame(i)
+            if ftype == _REQUEST or ftype == _ONEWAY:
+                oneway = ftype == _ONEWAY
+                if down.reject:
+                    stats.rejected("overloaded")
+                    if not oneway:
+                        self._answer(down, sid, Status.OVERLOADED, "too many connections to this proxy")
+                    continue
+                if self.drain_mode is not None:
+                    stats.rejected(self.drain_mode)
+                    if not oneway:
+                        if self.drain_mode == "hot_restart":
+                            self._answer(down, sid, Status.UNAVAILABLE, "proxy hot restart: resend on a new connection", _HOT_RESTART)
+                        else:
+                            self._answer(down, sid, Status.UNAVAILABLE, "proxy draining")
+                    continue
+                if inbound:
+                    cluster = self.inbound_cluster
+                    route_timeout = self.default_timeout
+                    if cluster is None:
+                        stats.rejected("no_route")
+                        if not oneway:
+                            self._answer(down, sid, Status.NO_ROUTE, "this proxy has no local app")
+                        continue
+                else:
+                    if route_id < 0:
+                        service, method = scanner.routing_key(i)
+                        stats.rejected("no_route")
+                        log.info("no route for %s/%s from %s", service.decode(errors="replace"), method.decode(errors="replace"), down.name)
+                        if not oneway:
+                            self._answer(down, sid, Status.NO_ROUTE, f"no route for service {service.decode(errors='replace')!r}")
+                        continue
+                    cluster = self._route_clusters[route_id]
+                    route_timeout = self.routes[route_id].timeout
+                if self.pending_count >= self.max_pending and not oneway:
+                    stats.rejected("overloaded")
+                    self._answer(down, sid, Status.OVERLOADED, "too many requests in flight")
+                    continue
+                up = cluster.pick()
+                if up is None:
+                    stats.rejected("unavailable")
+                    if not oneway:
+                        self._answer(down, sid, Status.UNAVAILABLE, f"no healthy endpoint in cluster {cluster.name!r}")
+                    continue
+                out = up.out
+                o = len(out)
+                stamp = self.stamp
+                if stamp and not inbound:
+                    hend = off + PREFIX_SIZE + (mv[off + 18] << 8 | mv[off + 19])
+                    out += mv[off:hend]
+                    out += stamp
+                    out += mv[hend : off + size]
+                    _U32.pack_into(out, o + 4, size - 8 + len(stamp))
+                    _U16.pack_into(out, o + 18, hend - off - PREFIX_SIZE + len(stamp))
+                else:
+                    out += mv[off : off + size]
+                if oneway:
+                    stats.oneway.inc()
+                else:
+                    usid = up.next_sid
+                    up.next_sid = usid + 1
+                    _U64.pack_into(out, o + 8, usid)
+                    timeout = timeout_ms / 1000.0 if timeout_ms else route_timeout
+                    if timeout > route_timeout:
+                        timeout = route_timeout
+                    deadline = now + timeout
+                    service, method = scanner.routing_key(i)
+                    rs = stats.request_stats(down.listener, service, method)
+                    up.pending[usid] = Pending(down, sid, up, deadline, now, rs)
+                    self.pending_count += 1
+                    down.inflight += 1
+                    ep = up.endpoint
+                    if ep is not None:
+                        ep.active += 1
+                    heapq.heappush(self._timers, (deadline, next(self._seq), up, usid))
+                if not up.closed and (not self.dirty or self.dirty[-1] is not up):
+                    self.dirty.append(up)
+            elif ftype == _PING:
+                down.out += mv[off : off + size]
+                down.out[len(down.out) - size + 3] = _PONG
+                self._mark(down)
+            elif ftype == _PONG:
+                down.awaiting_pong = 0
+            elif ftype == _GOAWAY:
+                down.draining = True
+            else:
+                stats.error("unexpected_frame")
+                log.info("unexpected %s frame from downstream %s dropped", FrameType(ftype).name, down.name)
+
+    def _responses(self, up: Link, scanner: Scanner, n: int, mv: memoryview, now: float) -> None:
+        stats = self.stats
+        pending = up.pending
+        for i in range(n):
+            off, size, ftype, flags, sid, _t, _r, status = scanner.frame(i)
+            if ftype == _RESPONSE:
+                p = pending.pop(sid, None)
+                if p is None:
+                    stats.error("late_response")
+                    continue
+                self._settle(p)
+                down = p.down
+                if flags & _HOT_RESTART:
+                    # the peer is restarting and did not process it: it is
+                    # safe to resend on another connection
+                    retry = self._resend(p, mv, off, size, now)
+                    if retry:
+                        continue
+                stats.finished(p.stats, status, now - p.t0)
+                if not down.closed:
+                    out = down.out
+                    o = len(out)
+                    out += mv[off : off + size]
+                    _U64.pack_into(out, o + 8, p.down_sid)
+                    if not self.dirty or self.dirty[-1] is not down:
+                        self.dirty.append(down)
+                    if down.draining and down.inflight == 0 and down.on_idle is not None:
+                        down.on_idle(down)
+            elif ftype == _PONG:
+                up.awaiting_pong = 0
+            elif ftype == _PING:
+                up.out += mv[off : off + size]
+                up.out[len(up.out) - size + 3] = _PONG
+                self._mark(up)
+            elif ftype == _GOAWAY:
+                self.upstream_goaway(up)
+            else:
+                stats.error("unexpected_frame")
+                log.info("unexpected %s frame from upstream %s dropped", FrameType(ftype).name, up.name)
+        if up.draining and not up.pending and up.on_idle is not None:
+            up.on_idle(up)
+
+    def _settle(self, p: Pending) -> None:
+        self.pending_count -= 1
+        p.down.inflight -= 1
+        ep = p.up.endpoint
+        if ep is not None:
+            ep.active -= 1
+
+    def _resend(self, p: Pending, mv: memoryview, off: int, size: int, now: float) -> bool:
+        """A HOT_RESTART answer from upstream: the response goes back as is.
+
+        The caller's SDK resends on a fresh connection; the proxy itself does
+        not keep request bodies to resend them. Returns False (not consumed).
+        """
+        self.stats.error("hot_restart_from_upstream")
+        return False
+
+    # ------------------------------------------------------------ events
+
+    def upstream_goaway(self, up: Link) -> None:
+        """The peer asked us to send nothing new on ``up``."""
+        if not up.draining:
+            up.draining = True
+            if up.cluster is not None:
+                up.cluster.remove_link(up)
+            self.stats.error("goaway_received")
+            log.info("GOAWAY from %s: taken out of the pool, %d in flight", up.name, len(up.pending))
+
+    def link_lost(self, link: Link, reason: str) -> None:
+        """A connection closed or failed: answer what was in flight on it."""
+        if link.closed:
+            return
+        link.closed = True
+        link.out.clear()
+        if link.kind == UPSTREAM:
+            if link.cluster is not None:
+                link.cluster.remove_link(link)
+            pending = link.pending
+            link.pending = {}
+            for usid, p in pending.items():
+                self._settle(p)
+                self.stats.finished(p.stats, Status.UNAVAILABLE, 0.0)
+                self._answer(p.down, p.down_sid, Status.UNAVAILABLE, f"upstream connection lost: {reason}")
+            if pending:
+                log.warning("upstream %s lost (%s): %d requests in flight answered UNAVAILABLE", link.name, reason, len(pending))
+
+    def protocol_error(self, link: Link, exc: RemoteProtocolError) -> None:
+        """A bad frame on ``link``: answer what we can; the shell closes it after flushing."""
+        self.stats.error("unexpected_frame")
+        log.warning("protocol error on %s: %s (%s); closing it", link.name, exc, exc.status.name)
+        if link.kind == DOWNSTREAM and exc.stream_id is not None:
+            self._answer(link, exc.stream_id, exc.status, str(exc))
+        else:
+            link.out += encode_frame(_GOAWAY, 0, encode_header(status=exc.status, error=str(exc)))
+            self._mark(link)
+
+    def goaway(self, link: Link, reason: str) -> None:
+        """Tell a downstream peer to send nothing new on ``link``."""
+        if not link.goaway_sent and not link.closed:
+            link.goaway_sent = True
+            link.out += encode_frame(_GOAWAY, 0, encode_header(error=reason))
+            self._mark(link)
+
+    def ping(self, link: Link, token: int) -> None:
+        link.awaiting_pong = token
+        link.out += encode_frame(_PING, token)
+        self._mark(link)
+
+    def abort_all(self, reason: str) -> int:
+        """Answer every request in flight UNAVAILABLE (end of a drain). Returns how many."""
+        n = 0
+        for cluster in list(self.clusters.values()) + ([self.inbound_cluster] if self.inbound_cluster else []):
+            for links in cluster.links.values():
+                for up in links:
+                    pending = up.pending
+                    up.pending = {}
+                    for p in pending.values():
+                        self._settle(p)
+                        self.stats.finished(p.stats, Status.UNAVAILABLE, 0.0)
+                        self._answer(p.down, p.down_sid, Status.UNAVAILABLE, reason)
+                        n += 1
+        return n
+
+    # ------------------------------------------------------------ time
+
+    def expire(self, now: float) -> float | None:
+        """Answer TIMEOUT for every request past its deadline.
+
+        Returns:
+            The next deadline, or None when nothing is pending.
+        """
+        timers = self._timers
+        while timers:
+            deadline, _seq, up, usid = timers[0]
+            p = up.pending.get(usid)
+            if p is None or p.deadline != deadline:
+                heapq.heappop(timers)  # answered already
+                continue
+            if deadline > now:
+                return deadline
+            heapq.heappop(timers)
+            del up.pending[usid]
+            self._settle(p)
+            self.stats.finished(p.stats, Status.TIMEOUT, now - p.t0)
+            self._answer(p.down, p.down_sid, Status.TIMEOUT, f"no response within {deadline - p.t0:.3f}s")
+            if up.draining and not up.pending and up.on_idle is not None:
+                up.on_idle(up)
+        return None
+
+    def take_dirty(self) -> list[Link]:
+        dirty = self.dirty
+        self.dirty = []
+        return dirty

@@ -1,0 +1,452 @@
+"""The proxy process: listeners, upstream pools, timers, admin, drain.
+
+One :class:`Proxy` owns one nursery tree:
+
+* ``run`` (the root) owns the admin server, the timer and pinger tasks, the
+  accept loops and two child nurseries;
+* the *pool* nursery owns one maintainer task per upstream connection slot
+  (cluster x endpoint x ``connections_per_endpoint``, plus the local app pool
+  on the inbound side), each of which runs its connection's reader and writer;
+* the *connections* nursery owns every accepted downstream connection.
+
+Shutdown is explicit: :meth:`Proxy.drain` stops accepting, answers new
+requests with HOT_RESTART ("not processed"), sends GOAWAY to peer proxies,
+waits until nothing is in flight or ``drain_time`` has passed, answers what is
+left UNAVAILABLE, then cancels the tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+from typing import Any
+
+import trio
+
+from .. import frame
+from .._admin import Request, Response, serve_admin
+from .._balancer import Endpoint
+from .._config import ProxyConfig, split_host_port
+from .._metrics import Registry
+from .._version import __version__
+from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+from ._io import Conn, Flusher, connect_raw, is_transient_accept_error
+from ._stats import ProxyStats
+
+log = logging.getLogger("octoproxy.proxy")
+
+__all__ = ["Proxy", "bind_unix", "bind_tcp"]
+
+
+def bind_unix(path: str, mode: int, backlog: int = 1024) -> socket.socket:
+    """Bind and listen on a UDS, replacing a stale socket file (not a live one)."""
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens there
+        else:
+            raise OSError(f"{path}: another process is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_tcp(address: str, backlog: int = 1024) -> socket.socket:
+    host, port = split_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _sock_address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
+
+class Proxy:
+    """One sidecar proxy (both sides), configured by a :class:`ProxyConfig`.
+
+    Args:
+        config: the validated configuration.
+        registry: metrics registry (a fresh one by default).
+        listeners: already-bound listening sockets by name ("outbound",
+            "inbound"), e.g. inherited through a hot restart; missing ones are
+            bound from the config.
+    """
+
+    def __init__(self, config: ProxyConfig, *, registry: Registry | None = None, listeners: dict[str, socket.socket] | None = None) -> None:
+        self.config = config
+        self.stats = ProxyStats(registry)
+        up = config.upstream
+        clusters = []
+        for name, cc in config.clusters.items():
+            cluster = Cluster(name, cc.lb, [ep.to_endpoint() for ep in cc.endpoints])
+            for ep in cluster.endpoints:
+                ep.healthy = False  # until a connection is up
+            clusters.append(cluster)
+        routes = [Route(r.service, r.method, r.cluster, r.timeout or up.default_timeout) for r in config.routes]
+        self.engine = Engine(
+            routes=routes,
+            clusters=clusters,
+            caller=config.proxy.service,
+            max_pending=config.outbound.max_pending,
+            default_timeout=up.default_timeout,
+            max_frame_size=config.proxy.max_frame_size,
+            stats=self.stats,
+        )
+        if config.inbound is not None:
+            app = Cluster("local_app", "least_request", [Endpoint(f"unix:{config.inbound.app_uds}")])
+            app.endpoints[0].healthy = False
+            self.engine.inbound_cluster = app
+        self.flusher = Flusher(self.engine)
+        self.listeners: dict[str, socket.socket] = dict(listeners or {})
+        self.addresses: dict[str, str] = {}
+        self.conns: dict[str, set[Conn]] = {"outbound": set(), "inbound": set()}
+        self.upstream_conns: set[Conn] = set()
+        self.draining = False
+        self.health_failed = False
+        self.started_at = 0.0
+        self._shutdown = trio.Event()
+        self._drained = trio.Event()
+        self._conn_nursery: trio.Nursery | None = None
+        self._pool_nursery: trio.Nursery | None = None
+        self._register_gauges()
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`request_shutdown`, then drain and return."""
+        cfg = self.config
+        self.started_at = trio.current_time()
+        if "outbound" not in self.listeners:
+            self.listeners["outbound"] = bind_unix(str(cfg.outbound.uds), cfg.outbound.uds_mode)
+        if cfg.inbound is not None and "inbound" not in self.listeners:
+            self.listeners["inbound"] = bind_tcp(cfg.inbound.listen)
+        for name, sock in self.listeners.items():
+            self.addresses[name] = _sock_address(sock)
+        try:
+            async with trio.open_nursery() as root:
+                self.addresses["admin"] = await root.start(serve_admin, cfg.admin.listen, self._admin_routes())
+                async with trio.open_nursery() as pools:
+                    self._pool_nursery = pools
+                    async with trio.open_nursery() as conns:
+                        self._conn_nursery = conns
+                        self._start_pools(pools)
+                        root.start_soon(self._timer)
+                        if cfg.upstream.ping_interval > 0:
+                            root.start_soon(self._pinger)
+                        accept_scope = trio.CancelScope()
+                        root.start_soon(self._accept_all, accept_scope)
+                        log.info("octoproxy %s ready: %s", __version__, " ".join(f"{k}={v}" for k, v in sorted(self.addresses.items())))
+                        task_status.started(self)
+                        await self._shutdown.wait()
+                        accept_scope.cancel()
+                        await self._drain()
+                        conns.cancel_scope.cancel()
+                    pools.cancel_scope.cancel()
+                root.cancel_scope.cancel()
+        finally:
+            self._close_listeners()
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful drain (SIGTERM, ``POST /drain``)."""
+        self._shutdown.set()
+
+    def _close_listeners(self) -> None:
+        for name, sock in self.listeners.items():
+            if sock.fileno() < 0:
+                continue
+            if name == "outbound" and sock.family == socket.AF_UNIX:
+                path = sock.getsockname()
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            sock.close()
+
+    # ------------------------------------------------------------ downstream
+
+    async def _accept_all(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as n:
+                for name, sock in self.listeners.items():
+                    n.start_soon(self._accept_loop, name, sock)
+
+    async def _accept_loop(self, name: str, lsock: socket.socket) -> None:
+        cfg = self.config
+        limits = {"outbound": (cfg.outbound.max_connections, cfg.outbound.max_buffer)}
+        if cfg.inbound is not None:
+            limits["inbound"] = (cfg.inbound.max_connections, cfg.inbound.max_buffer)
+        max_conns, max_buffer = limits[name]
+        accepted = self.stats.accepted.labels(name)
+        assert self._conn_nursery is not None
+        while True:
+            await trio.lowlevel.wait_readable(lsock)
+            try:
+                sock, _addr = lsock.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if is_transient_accept_error(exc):
+                    self.stats.error("accept_failed")
+                    log.error("accept on %s failed: %s; backing off", name, exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            accepted.inc()
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link = Link(DOWNSTREAM, f"{name}#{int(accepted.value)}", listener=name)
+            if len(self.conns[name]) >= max_conns:
+                link.reject = True
+                self.stats.error("connection_limit")
+                log.warning("%s: connection limit %d reached; answering OVERLOADED on %s", name, max_conns, link.name)
+            conn = Conn(sock, link, self.flusher, max_buffer=max_buffer)
+            self._conn_nursery.start_soon(self._serve_downstream, conn)
+
+    async def _serve_downstream(self, conn: Conn) -> None:
+        name = conn.link.listener
+        group = self.conns[name]
+        group.add(conn)
+        gauge = self.stats.connections.labels(name)
+        gauge.inc()
+        try:
+            if self.draining and name == "inbound":
+                self.engine.goaway(conn.link, "draining")
+                self.flusher.flush()
+            if conn.link.reject:
+                # answer what it sends for a moment, then close
+                with trio.move_on_after(1.0):
+                    await self._run_conn(conn)
+                await conn.close_after_flush("connection limit")
+            else:
+                await self._run_conn(conn)
+        finally:
+            group.discard(conn)
+            gauge.dec()
+            conn.lost("closed")
+
+    async def _run_conn(self, conn: Conn) -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(conn.writer)
+            await conn.reader()
+            n.cancel_scope.cancel()
+
+    # ------------------------------------------------------------ upstream pools
+
+    def _start_pools(self, nursery: trio.Nursery) -> None:
+        per = self.config.upstream.connections_per_endpoint
+        for cluster in self.engine.clusters.values():
+            for ep in cluster.endpoints:
+                for slot in range(per):
+                    nursery.start_soon(self._maintain, cluster, ep, slot)
+        app = self.engine.inbound_cluster
+        if app is not None and self.config.inbound is not None:
+            for slot in range(self.config.inbound.app_connections):
+                nursery.start_soon(self._maintain, app, app.endpoints[0], slot)
+
+    async def _maintain(self, cluster: Cluster, ep: Endpoint, slot: int) -> None:
+        """Keep one upstream connection to ``ep`` open, reconnecting with back-off."""
+        up = self.config.upstream
+        backoff = 0.05
+        failures = 0
+        gauge = self.stats.upstream_connections.labels(cluster.name)
+        while True:
+            try:
+                sock = await connect_raw(ep.address, up.connect_timeout)
+            except (OSError, trio.TooSlowError) as exc:
+                failures += 1
+                self.stats.error("upstream_connect_failed")
+                if failures == 1 or failures % 100 == 0:
+                    log.warning("cluster %s: cannot connect to %s (%s); retrying", cluster.name, ep.address, exc or "timeout")
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if failures:
+                log.info("cluster %s: connected to %s after %d failures", cluster.name, ep.address, failures)
+            failures = 0
+            backoff = 0.05
+            link = Link(UPSTREAM, f"{cluster.name}/{ep.address}#{slot}", endpoint=ep, cluster=cluster)
+            conn = Conn(sock, link, self.flusher, max_buffer=1 << 62)
+            link.on_idle = lambda _link, c=conn: c.lost("drained after GOAWAY")
+            cluster.add_link(link)
+            self.upstream_conns.add(conn)
+            gauge.inc()
+            try:
+                await self._run_conn(conn)
+            finally:
+                self.upstream_conns.discard(conn)
+                gauge.dec()
+                conn.lost("closed")
+            await trio.sleep(0 if link.draining else backoff)
+
+    # ------------------------------------------------------------ timers
+
+    async def _timer(self) -> None:
+        """Answer TIMEOUT for expired requests (precise to 50 ms at worst)."""
+        engine = self.engine
+        while True:
+            now = trio.current_time()
+            nxt = engine.expire(now)
+            self.flusher.flush()
+            wake = now + 0.05 if nxt is None else min(nxt, now + 0.05)
+            await trio.sleep_until(wake)
+
+    async def _pinger(self) -> None:
+        """PING idle upstream connections; close the ones whose PONG is late."""
+        up = self.config.upstream
+        token = 0
+        period = min(up.ping_interval, up.ping_timeout, 1.0)
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for conn in list(self.upstream_conns):
+                link = conn.link
+                if link.awaiting_pong:
+                    if now - link.last_rx > up.ping_interval + up.ping_timeout:
+                        self.stats.error("ping_timeout")
+                        log.warning("upstream %s: no PONG within %.1fs; closing it", link.name, up.ping_timeout)
+                        conn.lost("ping timeout")
+                elif now - link.last_rx >= up.ping_interval:
+                    token += 1
+                    self.engine.ping(link, token)
+            self.flusher.flush()
+
+    # ------------------------------------------------------------ drain
+
+    async def _drain(self, mode: str = "hot_restart") -> None:
+        """Stop taking work, finish what is in flight, answer the rest."""
+        self.draining = True
+        engine = self.engine
+        engine.drain_mode = mode
+        for conn in list(self.conns["inbound"]):
+            engine.goaway(conn.link, "draining")
+        self.flusher.flush()
+        log.info("draining: %d requests in flight, up to %.1fs", engine.pending_count, self.config.proxy.drain_time)
+        with trio.move_on_after(self.config.proxy.drain_time):
+            while engine.pending_count:
+                await trio.sleep(0.005)
+        left = engine.abort_all("proxy shut down before the response arrived")
+        self.flusher.flush()
+        if left:
+            log.warning("drain time over: %d requests answered UNAVAILABLE", left)
+            self.stats.error("drain_aborted", left)
+        # let the last responses leave
+        with trio.move_on_after(0.5):
+            for conn in list(self.conns["outbound"]) + list(self.conns["inbound"]):
+                if conn.link.out:
+                    await conn.drained.wait()
+        self._drained.set()
+        log.info("drained")
+
+    # ------------------------------------------------------------ admin
+
+    def _register_gauges(self) -> None:
+        reg = self.stats.registry
+        reg.gauge_func("octoproxy_pending_requests", "Requests in flight through this proxy.", lambda: float(self.engine.pending_count))
+        reg.gauge_func("octoproxy_draining", "1 while the proxy drains.", lambda: float(self.draining))
+
+    def ready_state(self) -> dict[str, Any]:
+        clusters = {}
+        ok = not self.draining and not self.health_failed
+        for name, c in self.engine.clusters.items():
+            ready = sum(1 for ep in c.endpoints if c.links.get(ep.address))
+            clusters[name] = {"endpoints": len(c.endpoints), "connected": ready}
+            if c.endpoints and not ready:
+                ok = False
+        app = self.engine.inbound_cluster
+        detail: dict[str, Any] = {"ready": ok, "draining": self.draining, "healthcheck_failed": self.health_failed, "clusters": clusters}
+        if app is not None:
+            connected = bool(app.links.get(app.endpoints[0].address))
+            detail["local_app"] = {"address": app.endpoints[0].address, "connected": connected}
+            if not connected:
+                detail["ready"] = False
+        return detail
+
+    def _admin_routes(self) -> dict[tuple[str, str], Any]:
+        async def healthz(_req: Request) -> Response:
+            return Response(200, "ok\n")
+
+        async def ready(_req: Request) -> Response:
+            state = self.ready_state()
+            return Response(200 if state["ready"] else 503, state)
+
+        async def stats(_req: Request) -> Response:
+            return Response(200, self.stats.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+        async def clusters(_req: Request) -> Response:
+            out = {}
+            for name, c in self.engine.clusters.items():
+                out[name] = {
+                    "lb": c.lb,
+                    "endpoints": [
+                        {
+                            "address": ep.address,
+                            "weight": ep.weight,
+                            "region": ep.region,
+                            "idc": ep.idc,
+                            "tags": ep.tags,
+                            "healthy": ep.healthy,
+                            "active_requests": ep.active,
+                            "connections": len(c.links.get(ep.address, [])),
+                        }
+                        for ep in c.endpoints
+                    ],
+                }
+            return Response(200, out)
+
+        async def config_dump(_req: Request) -> Response:
+            data = json.loads(json.dumps(self.config.to_dict(), default=str))
+            return Response(200, {"version": __version__, "codec": frame.IMPLEMENTATION, "config": data, "addresses": self.addresses})
+
+        async def drain(_req: Request) -> Response:
+            self.request_shutdown()
+            return Response(200, {"draining": True})
+
+        async def hc_fail(_req: Request) -> Response:
+            self.health_failed = True
+            return Response(200, {"healthcheck_failed": True})
+
+        async def hc_ok(_req: Request) -> Response:
+            self.health_failed = False
+            return Response(200, {"healthcheck_failed": False})
+
+        return {
+            ("GET", "/healthz"): healthz,
+            ("GET", "/ready"): ready,
+            ("GET", "/stats"): stats,
+            ("GET", "/clusters"): clusters,
+            ("GET", "/config_dump"): config_dump,
+            ("POST", "/drain"): drain,
+            ("POST", "/healthcheck/fail"): hc_fail,
+            ("POST", "/healthcheck/ok"): hc_ok,
+        }
+
+

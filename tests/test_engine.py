@@ -1,0 +1,227 @@
+"""Sans-IO tests of the forwarding engine: no sockets, no Trio, time as an argument."""
+
+from __future__ import annotations
+
+import pytest
+
+from octoproxy import Flags, FrameType, RemoteProtocolError, Status
+from octoproxy._balancer import Endpoint
+from octoproxy.frame import FrameDecoder, encode_frame, encode_request, encode_response
+from octoproxy.proxy._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+
+
+def make(n_endpoints: int = 1, links_per_endpoint: int = 1, **kw: object) -> tuple[Engine, list[Link]]:
+    cluster = Cluster("echo", "round_robin", [Endpoint(f"10.0.0.{i}:9000") for i in range(n_endpoints)])
+    engine = Engine(routes=[Route("echo", "*", "echo", 1.0)], clusters=[cluster], caller="web", **kw)  # type: ignore[arg-type]
+    ups = []
+    for ep in cluster.endpoints:
+        for j in range(links_per_endpoint):
+            link = Link(UPSTREAM, f"{ep.address}#{j}", endpoint=ep, cluster=cluster)
+            cluster.add_link(link)
+            ups.append(link)
+    return engine, ups
+
+
+def down(name: str = "sdk") -> Link:
+    return Link(DOWNSTREAM, name, listener="outbound")
+
+
+def feed(engine: Engine, link: Link, data: bytes, now: float = 0.0) -> int:
+    buf = bytearray(data)
+    return engine.feed(link, engine.new_scanner(link), buf, len(buf), now)
+
+
+def frames(link: Link) -> list:
+    dec = FrameDecoder()
+    dec.receive_data(bytes(link.out))
+    link.out.clear()
+    return list(dec)
+
+
+def test_request_forwarded_and_response_relayed() -> None:
+    engine, (up,) = make()
+    d = down()
+    assert feed(engine, d, encode_request(41, "echo", "ping", b"hi", caller="spoofed")) > 0
+    (req,) = frames(up)
+    assert req.type == FrameType.REQUEST and req.stream_id != 41
+    assert req.header.caller == "web"  # stamped, and the app's own value overridden
+    assert bytes(req.body) == b"hi" and (req.service, req.method) == ("echo", "ping")
+    assert engine.pending_count == 1 and d.inflight == 1 and up.endpoint.active == 1  # type: ignore[union-attr]
+    feed(engine, up, encode_response(req.stream_id, b"ho"), now=0.002)
+    (resp,) = frames(d)
+    assert resp.stream_id == 41 and bytes(resp.body) == b"ho"
+    assert engine.pending_count == 0 and d.inflight == 0 and up.endpoint.active == 0  # type: ignore[union-attr]
+    assert 'octoproxy_requests_total{direction="outbound",service="echo",method="ping",status="OK"} 1' in engine.stats.render()
+
+
+def test_batch_of_requests_is_one_write_per_destination() -> None:
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, b"".join(encode_request(i, "echo", "m", bytes(100)) for i in range(50)))
+    assert engine.take_dirty() == [up]
+    got = frames(up)
+    assert len(got) == 50 and len({f.stream_id for f in got}) == 50
+
+
+def test_many_downstreams_share_one_upstream() -> None:
+    engine, (up,) = make()
+    downs = [down(f"sdk{i}") for i in range(10)]
+    for i, d in enumerate(downs):
+        feed(engine, d, encode_request(7, "echo", "m", bytes([i])))
+    reqs = frames(up)
+    assert len(reqs) == 10
+    feed(engine, up, b"".join(encode_response(r.stream_id, bytes(r.body)) for r in reversed(reqs)))
+    for i, d in enumerate(downs):
+        (resp,) = frames(d)
+        assert resp.stream_id == 7 and bytes(resp.body) == bytes([i])
+
+
+def test_no_route() -> None:
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, encode_request(3, "nope", "m"))
+    (resp,) = frames(d)
+    assert resp.header.status == Status.NO_ROUTE and "nope" in resp.header.error
+    assert not up.out and engine.stats.rejected_count("no_route") == 1
+
+
+def test_no_healthy_endpoint() -> None:
+    engine, (up,) = make()
+    up.cluster.remove_link(up)  # type: ignore[union-attr]
+    d = down()
+    feed(engine, d, encode_request(3, "echo", "m"))
+    assert frames(d)[0].header.status == Status.UNAVAILABLE
+
+
+def test_timeout_then_late_response_dropped() -> None:
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, encode_request(1, "echo", "m", timeout_ms=200), now=10.0)
+    (req,) = frames(up)
+    assert engine.expire(10.1) == pytest.approx(10.2)
+    assert not d.out
+    assert engine.expire(10.2) is None
+    (resp,) = frames(d)
+    assert resp.stream_id == 1 and resp.header.status == Status.TIMEOUT
+    feed(engine, up, encode_response(req.stream_id, b"late"), now=10.3)
+    assert not d.out and engine.stats.error_count("late_response") == 1
+
+
+def test_route_timeout_caps_request_timeout() -> None:
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, encode_request(1, "echo", "m", timeout_ms=60000), now=0.0)
+    assert engine.expire(0.0) == pytest.approx(1.0)  # the route says 1 s
+
+
+def test_upstream_lost_answers_in_flight_at_once() -> None:
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, b"".join(encode_request(i, "echo", "m") for i in range(5)))
+    engine.link_lost(up, "reset")
+    got = frames(d)
+    assert sorted(f.stream_id for f in got) == list(range(5))
+    assert all(f.header.status == Status.UNAVAILABLE for f in got)
+    assert engine.pending_count == 0
+    feed(engine, d, encode_request(9, "echo", "m"))
+    assert frames(d)[0].header.status == Status.UNAVAILABLE  # no link left
+
+
+def test_max_pending_overloaded() -> None:
+    engine, (up,) = make(max_pending=3)
+    d = down()
+    feed(engine, d, b"".join(encode_request(i, "echo", "m") for i in range(5)))
+    got = frames(d)
+    assert [f.stream_id for f in got] == [3, 4] and all(f.header.status == Status.OVERLOADED for f in got)
+    assert len(frames(up)) == 3
+
+
+def test_drain_answers_hot_restart_not_processed() -> None:
+    engine, (up,) = make()
+    d = down()
+    engine.drain_mode = "hot_restart"
+    feed(engine, d, encode_request(1, "echo", "m"))
+    (resp,) = frames(d)
+    assert resp.flags & Flags.HOT_RESTART and resp.header.status == Status.UNAVAILABLE
+    assert not up.out
+
+
+def test_ping_answered_with_pong() -> None:
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, encode_frame(FrameType.PING, 1234))
+    (pong,) = frames(d)
+    assert pong.type == FrameType.PONG and pong.stream_id == 1234
+    engine.ping(up, 99)
+    up.out.clear()
+    feed(engine, up, encode_frame(FrameType.PONG, 99))
+    assert up.awaiting_pong == 0
+
+
+def test_goaway_takes_link_out_of_pool_and_idles_it() -> None:
+    engine, (a, b) = make(links_per_endpoint=2)
+    d = down()
+    feed(engine, d, encode_request(1, "echo", "m"))
+    first = a if a.out else b
+    other = b if first is a else a
+    (req,) = frames(first)
+    idle = []
+    first.on_idle = idle.append
+    feed(engine, first, encode_frame(FrameType.GOAWAY, 0))
+    assert first.draining and not idle  # still one in flight
+    feed(engine, d, encode_request(2, "echo", "m"))
+    assert not first.out and len(frames(other)) == 1  # new work goes elsewhere
+    feed(engine, first, encode_response(req.stream_id, b"ok"))
+    assert idle == [first]
+    assert {f.stream_id for f in frames(d)} == {1}
+
+
+def test_protocol_error_answers_the_stream() -> None:
+    engine, _ = make()
+    d = down()
+    bad = bytearray(encode_request(8, "echo", "m"))
+    bad[21] = 0x0F  # header: invalid wire type 7 in the first tag
+    with pytest.raises(RemoteProtocolError) as info:
+        feed(engine, d, bytes(bad))
+    engine.protocol_error(d, info.value)
+    (resp,) = frames(d)
+    assert resp.stream_id == 8 and resp.header.status == Status.PROTOCOL_ERROR
+
+
+def test_good_frames_before_a_bad_one_are_forwarded() -> None:
+    engine, (up,) = make()
+    d = down()
+    data = encode_request(1, "echo", "m") + b"\x00\x00garbage"
+    with pytest.raises(RemoteProtocolError):
+        feed(engine, d, data)
+    assert len(frames(up)) == 1  # forwarded before the error surfaced
+
+
+def test_inbound_goes_to_local_app_without_stamp() -> None:
+    engine, _ = make()
+    app = Cluster("local_app", "least_request", [Endpoint("unix:/x")])
+    app_link = Link(UPSTREAM, "app", endpoint=app.endpoints[0], cluster=app)
+    app.add_link(app_link)
+    engine.inbound_cluster = app
+    peer = Link(DOWNSTREAM, "peer", listener="inbound")
+    feed(engine, peer, encode_request(5, "anything", "m", b"x", caller="web"))
+    (req,) = frames(app_link)
+    assert req.header.caller == "web"
+    feed(engine, app_link, encode_response(req.stream_id, b"y"))
+    assert frames(peer)[0].stream_id == 5
+
+
+def test_oneway_is_forwarded_without_pending() -> None:
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, encode_request(1, "echo", "log", b"x", oneway=True))
+    assert frames(up)[0].type == FrameType.ONEWAY
+    assert engine.pending_count == 0
+
+
+def test_abort_all() -> None:
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, encode_request(1, "echo", "m"))
+    assert engine.abort_all("bye") == 1
+    assert frames(d)[0].header.status == Status.UNAVAILABLE

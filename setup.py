@@ -1,4 +1,5 @@
-"""Build script: the only compiled part is ``octoproxy._fastframe`` (Cython).
+"""Build script: the compiled parts are ``octoproxy._fastframe`` (frame codec,
+scanner, route table) and ``octoproxy._fastpath`` (the proxy's per-frame relay).
 
 Environment switches:
   OCTOPROXY_NO_EXTENSIONS=1  build a pure-Python wheel (the twin is used at run time)
@@ -21,12 +22,11 @@ def extensions() -> list:
     from Cython.Build import cythonize
 
     macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if TRACE else []
-    ext = Extension(
-        "octoproxy._fastframe",
-        ["src/octoproxy/_fastframe.pyx"],
-        define_macros=macros,
-        extra_compile_args=["-O3"] if sys.platform != "win32" else [],
-    )
+    args = ["-O3"] if sys.platform != "win32" else []
+    exts = [
+        Extension(f"octoproxy.{name}", [f"src/octoproxy/{name}.pyx"], define_macros=macros, extra_compile_args=args)
+        for name in ("_fastframe", "_fastpath")
+    ]
     directives = {
         "language_level": "3",
         "boundscheck": False,
@@ -37,10 +37,10 @@ def extensions() -> list:
         "embedsignature": True,
     }
     print(
-        "octoproxy: building the Cython extension _fastframe%s" % (" with line tracing" if TRACE else ""),
+        "octoproxy: building the Cython extensions _fastframe, _fastpath%s" % (" with line tracing" if TRACE else ""),
         file=sys.stderr,
     )
-    return cythonize([ext], compiler_directives=directives)
+    return cythonize(exts, compiler_directives=directives, include_path=["src"])
 
 
 setup(ext_modules=extensions())

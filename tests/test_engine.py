@@ -98,9 +98,9 @@ def test_timeout_then_late_response_dropped() -> None:
     d = down()
     feed(engine, d, encode_request(1, "echo", "m", timeout_ms=200), now=10.0)
     (req,) = frames(up)
-    assert engine.expire(10.1) == pytest.approx(10.2)
+    assert 10.2 <= engine.expire(10.1) <= 10.22  # type: ignore[operator]  # 10 ms buckets
     assert not d.out
-    assert engine.expire(10.2) is None
+    assert engine.expire(10.22) is None
     (resp,) = frames(d)
     assert resp.stream_id == 1 and resp.header.status == Status.TIMEOUT
     feed(engine, up, encode_response(req.stream_id, b"late"), now=10.3)
@@ -111,7 +111,7 @@ def test_route_timeout_caps_request_timeout() -> None:
     engine, (up,) = make()
     d = down()
     feed(engine, d, encode_request(1, "echo", "m", timeout_ms=60000), now=0.0)
-    assert engine.expire(0.0) == pytest.approx(1.0)  # the route says 1 s
+    assert 1.0 <= engine.expire(0.0) <= 1.02  # type: ignore[operator]  # the route says 1 s
 
 
 def test_upstream_lost_answers_in_flight_at_once() -> None:

@@ -25,8 +25,6 @@ IMPLEMENTATION = "cython"
 ROUTE_MISS = -1
 ROUTE_NOT_REQUEST = -2
 
-ctypedef unsigned char uchar
-
 cdef enum:
     PREFIX = 20
     LEN_END = 8
@@ -86,15 +84,6 @@ cdef Py_ssize_t _check_prefix(const uchar* p, Py_ssize_t avail, Py_ssize_t max_f
 
 
 # ---------------------------------------------------------------- header walk
-
-cdef struct KeyRange:
-    Py_ssize_t s0
-    Py_ssize_t s1
-    Py_ssize_t m0
-    Py_ssize_t m1
-    uint32_t timeout
-    uint32_t status
-
 
 cdef inline Py_ssize_t _varint(const uchar* buf, Py_ssize_t pos, Py_ssize_t end, uint64_t* out, uint64_t sid) except -1:
     cdef uint64_t val = 0
@@ -193,13 +182,6 @@ def read_routing_key(header):
 
 # ---------------------------------------------------------------- route table
 
-cdef struct RouteSlot:
-    uint64_t hash
-    Py_ssize_t koff     # offset of service bytes in the key blob; -1 = empty slot
-    Py_ssize_t slen
-    Py_ssize_t mlen
-    int32_t value
-
 cdef uint64_t _K1 = 0x9E3779B97F4A7C15
 cdef uint64_t _K2 = 0xC2B2AE3D27D4EB4F
 
@@ -229,13 +211,6 @@ cdef class RouteTable:
     any method of that service; an exact entry wins over the wildcard. Names
     are compared as UTF-8 bytes, straight out of the frame.
     """
-
-    cdef RouteSlot* slots
-    cdef Py_ssize_t mask
-    cdef bytes blob
-    cdef const uchar* bp
-    cdef list _entries
-    cdef Py_ssize_t n
 
     def __cinit__(self):
         self.slots = NULL
@@ -291,7 +266,7 @@ cdef class RouteTable:
         if self.slots != NULL:
             PyMem_Free(self.slots)
 
-    cdef inline int32_t _find(self, uint64_t h, const uchar* s, Py_ssize_t slen,
+    cdef int32_t _find(self, uint64_t h, const uchar* s, Py_ssize_t slen,
                               const uchar* m, Py_ssize_t mlen) noexcept nogil:
         cdef Py_ssize_t i = <Py_ssize_t>(h & <uint64_t>self.mask)
         cdef RouteSlot* slot
@@ -346,22 +321,6 @@ cdef class Scanner:
     next scan (which starts at the bad frame) raises. So no good frame is ever
     lost to a bad one behind it.
     """
-
-    cdef public RouteTable routes
-    cdef public Py_ssize_t max_frame_size
-    cdef readonly Py_ssize_t capacity
-    cdef readonly Py_ssize_t count
-    cdef readonly Py_ssize_t consumed
-    cdef readonly Py_ssize_t next_size
-    cdef Py_ssize_t* offsets
-    cdef Py_ssize_t* sizes
-    cdef uint8_t* types
-    cdef uint16_t* flags
-    cdef uint64_t* sids
-    cdef uint32_t* timeouts
-    cdef int32_t* route_ids
-    cdef KeyRange* keys
-    cdef object _buf
 
     def __cinit__(self):
         self.offsets = NULL
@@ -511,11 +470,6 @@ cdef class FrameDecoder:
     as soon as its length field arrives. After an error the decoder is in a
     sticky error state and raises the same error again.
     """
-
-    cdef readonly Py_ssize_t max_frame_size
-    cdef bytearray _buf
-    cdef Py_ssize_t _pos
-    cdef object _error
 
     def __init__(self, max_frame_size=DEFAULT_MAX_FRAME_SIZE):
         if max_frame_size < PREFIX:

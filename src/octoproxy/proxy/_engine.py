@@ -42,6 +42,7 @@ from .._errors import RemoteProtocolError
 from .._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
 from ._stats import ProxyStats, RequestStats
+from ._relay import Pending, forward, relay_requests, relay_responses
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -49,6 +50,8 @@ __all__ = ["Cluster", "Engine", "Link", "Pending", "Route", "DOWNSTREAM", "UPSTR
 
 DOWNSTREAM = 0
 UPSTREAM = 1
+#: timer resolution: deadlines are checked in buckets of 10 ms
+TIMER_BUCKETS_PER_SECOND = 100
 
 _U64 = Struct(">Q")
 _U32 = Struct(">I")
@@ -115,20 +118,6 @@ class Link:
         return f"<Link {self.name} {'up' if self.kind else 'down'}{' closed' if self.closed else ''}>"
 
 
-class Pending:
-    """A request forwarded upstream and not answered yet."""
-
-    __slots__ = ("down", "down_sid", "up", "deadline", "t0", "stats")
-
-    def __init__(self, down: Link, down_sid: int, up: Link, deadline: float, t0: float, stats: RequestStats) -> None:
-        self.down = down
-        self.down_sid = down_sid
-        self.up = up
-        self.deadline = deadline
-        self.t0 = t0
-        self.stats = stats
-
-
 @dataclass
 class Cluster:
     """A named set of endpoints, each with its pooled upstream links."""
@@ -164,9 +153,14 @@ class Cluster:
     def pick(self) -> Link | None:
         """Choose an endpoint with the balancer, then its least-loaded link."""
         assert self.balancer is not None
-        ep = self.balancer.pick(self.endpoints)
-        if ep is None:
-            return None
+        if len(self.endpoints) == 1:  # nothing to balance
+            ep = self.endpoints[0]
+            if not ep.healthy or ep.weight <= 0:
+                return None
+        else:
+            ep = self.balancer.pick(self.endpoints)
+            if ep is None:
+                return None
         links = self.links.get(ep.address)
         if not links:  # pragma: no cover - healthy implies links
             return None
@@ -226,8 +220,13 @@ class Engine:
         self.drain_mode: str | None = None
         #: inbound: the cluster every request on an inbound link goes to (the local app)
         self.inbound_cluster: Cluster | None = None
-        self._timers: list[tuple[float, int, Link, int]] = []
-        self._seq = itertools.count()
+        #: deadlines in 10 ms buckets: bucket -> [(link, stream id, deadline)],
+        #: plus a heap of the bucket numbers (appending to a bucket is cheaper
+        #: than a heap push per request)
+        self.timer_wheel: dict[int, list[tuple[Link, int, float]]] = {}
+        self.timer_keys: list[int] = []
+        #: per listener: b"service\0method" -> RequestStats (the fast path's cache)
+        self.rs_cache: dict[str, dict[bytes, RequestStats]] = {"outbound": {}, "inbound": {}}
         self.set_routes(routes)
 
     # ------------------------------------------------------------ configuration
@@ -238,6 +237,7 @@ class Engine:
             if r.cluster not in self.clusters:
                 raise ValueError(f"route {r.service}/{r.method} names unknown cluster {r.cluster!r}")
         self.routes = list(routes)
+        self._route_timeouts = [r.timeout for r in self.routes]
         self.route_table = RouteTable([(r.service, r.method, i) for i, r in enumerate(self.routes)])
         self._route_clusters = [self.clusters[r.cluster] for r in self.routes]
 
@@ -265,9 +265,11 @@ class Engine:
                 if not n:
                     return start
                 if link.kind == DOWNSTREAM:
-                    self._requests(link, scanner, n, mv, now)
+                    relay_requests(self, link, scanner, n, mv, now)
                 else:
-                    self._responses(link, scanner, n, mv, now)
+                    relay_responses(self, link, scanner, n, mv, now)
+                    if link.draining and not link.pending and link.on_idle is not None:
+                        link.on_idle(link)
                 start = scanner.consumed
         finally:
             mv.release()
@@ -281,140 +283,105 @@ class Engine:
             link.out += encode_response(sid, status=status, error=error, flags=flags)
             self.dirty.append(link)
 
-    def _requests(self, down: Link, scanner: Scanner, n: int, mv: memoryview, now: float) -> None:
+    def slow_request(self, down: Link, scanner: Scanner, i: int, mv: memoryview, now: float) -> None:
+        """Everything about one frame from a downstream link that the fast path does not do."""
         stats = self.stats
         inbound = down.listener == "inbound"
-        for i in range(n):
-            off, size, ftype, _flags, sid, timeout_ms, route_id, _status = scanner.frame(i)
-            if ftype == _REQUEST or ftype == _ONEWAY:
-                oneway = ftype == _ONEWAY
-                if down.reject:
-                    stats.rejected("overloaded")
+        off, size, ftype, _flags, sid, timeout_ms, route_id, _status = scanner.frame(i)
+        if ftype == _REQUEST or ftype == _ONEWAY:
+            oneway = ftype == _ONEWAY
+            if down.reject:
+                stats.rejected("overloaded")
+                if not oneway:
+                    self._answer(down, sid, Status.OVERLOADED, "too many connections to this proxy")
+                return
+            if self.drain_mode is not None:
+                stats.rejected(self.drain_mode)
+                if not oneway:
+                    if self.drain_mode == "hot_restart":
+                        self._answer(down, sid, Status.UNAVAILABLE, "proxy hot restart: resend on a new connection", _HOT_RESTART)
+                    else:
+                        self._answer(down, sid, Status.UNAVAILABLE, "proxy draining")
+                return
+            if inbound:
+                cluster = self.inbound_cluster
+                route_timeout = self.default_timeout
+                if cluster is None:
+                    stats.rejected("no_route")
                     if not oneway:
-                        self._answer(down, sid, Status.OVERLOADED, "too many connections to this proxy")
-                    continue
-                if self.drain_mode is not None:
-                    stats.rejected(self.drain_mode)
-                    if not oneway:
-                        if self.drain_mode == "hot_restart":
-                            self._answer(down, sid, Status.UNAVAILABLE, "proxy hot restart: resend on a new connection", _HOT_RESTART)
-                        else:
-                            self._answer(down, sid, Status.UNAVAILABLE, "proxy draining")
-                    continue
-                if inbound:
-                    cluster = self.inbound_cluster
-                    route_timeout = self.default_timeout
-                    if cluster is None:
-                        stats.rejected("no_route")
-                        if not oneway:
-                            self._answer(down, sid, Status.NO_ROUTE, "this proxy has no local app")
-                        continue
-                else:
-                    if route_id < 0:
-                        service, method = scanner.routing_key(i)
-                        stats.rejected("no_route")
-                        log.info("no route for %s/%s from %s", service.decode(errors="replace"), method.decode(errors="replace"), down.name)
-                        if not oneway:
-                            self._answer(down, sid, Status.NO_ROUTE, f"no route for service {service.decode(errors='replace')!r}")
-                        continue
-                    cluster = self._route_clusters[route_id]
-                    route_timeout = self.routes[route_id].timeout
-                if self.pending_count >= self.max_pending and not oneway:
-                    stats.rejected("overloaded")
-                    self._answer(down, sid, Status.OVERLOADED, "too many requests in flight")
-                    continue
-                up = cluster.pick()
-                if up is None:
-                    stats.rejected("unavailable")
-                    if not oneway:
-                        self._answer(down, sid, Status.UNAVAILABLE, f"no healthy endpoint in cluster {cluster.name!r}")
-                    continue
-                out = up.out
-                o = len(out)
-                stamp = self.stamp
-                if stamp and not inbound:
-                    hend = off + PREFIX_SIZE + (mv[off + 18] << 8 | mv[off + 19])
-                    out += mv[off:hend]
-                    out += stamp
-                    out += mv[hend : off + size]
-                    _U32.pack_into(out, o + 4, size - 8 + len(stamp))
-                    _U16.pack_into(out, o + 18, hend - off - PREFIX_SIZE + len(stamp))
-                else:
-                    out += mv[off : off + size]
-                if oneway:
-                    stats.oneway.inc()
-                else:
-                    usid = up.next_sid
-                    up.next_sid = usid + 1
-                    _U64.pack_into(out, o + 8, usid)
-                    timeout = timeout_ms / 1000.0 if timeout_ms else route_timeout
-                    if timeout > route_timeout:
-                        timeout = route_timeout
-                    deadline = now + timeout
+                        self._answer(down, sid, Status.NO_ROUTE, "this proxy has no local app")
+                    return
+            else:
+                if route_id < 0:
                     service, method = scanner.routing_key(i)
-                    rs = stats.request_stats(down.listener, service, method)
-                    up.pending[usid] = Pending(down, sid, up, deadline, now, rs)
-                    self.pending_count += 1
-                    down.inflight += 1
-                    ep = up.endpoint
-                    if ep is not None:
-                        ep.active += 1
-                    heapq.heappush(self._timers, (deadline, next(self._seq), up, usid))
-                if not up.closed and (not self.dirty or self.dirty[-1] is not up):
-                    self.dirty.append(up)
-            elif ftype == _PING:
-                down.out += mv[off : off + size]
-                down.out[len(down.out) - size + 3] = _PONG
-                self._mark(down)
-            elif ftype == _PONG:
-                down.awaiting_pong = 0
-            elif ftype == _GOAWAY:
-                down.draining = True
+                    stats.rejected("no_route")
+                    log.info("no route for %s/%s from %s", service.decode(errors="replace"), method.decode(errors="replace"), down.name)
+                    if not oneway:
+                        self._answer(down, sid, Status.NO_ROUTE, f"no route for service {service.decode(errors='replace')!r}")
+                    return
+                cluster = self._route_clusters[route_id]
+                route_timeout = self._route_timeouts[route_id]
+            if self.pending_count >= self.max_pending and not oneway:
+                stats.rejected("overloaded")
+                self._answer(down, sid, Status.OVERLOADED, "too many requests in flight")
+                return
+            up = cluster.pick()
+            if up is None:
+                stats.rejected("unavailable")
+                if not oneway:
+                    self._answer(down, sid, Status.UNAVAILABLE, f"no healthy endpoint in cluster {cluster.name!r}")
+                return
+            if oneway:
+                forward(self, down, up, scanner, i, mv, now, 0.0, True)
             else:
-                stats.error("unexpected_frame")
-                log.info("unexpected %s frame from downstream %s dropped", FrameType(ftype).name, down.name)
+                forward(self, down, up, scanner, i, mv, now, route_timeout, False)
+        elif ftype == _PING:
+            down.out += mv[off : off + size]
+            down.out[len(down.out) - size + 3] = _PONG
+            self._mark(down)
+        elif ftype == _PONG:
+            down.awaiting_pong = 0
+        elif ftype == _GOAWAY:
+            down.draining = True
+        else:
+            stats.error("unexpected_frame")
+            log.info("unexpected %s frame from downstream %s dropped", FrameType(ftype).name, down.name)
 
-    def _responses(self, up: Link, scanner: Scanner, n: int, mv: memoryview, now: float) -> None:
+    def slow_response(self, up: Link, scanner: Scanner, i: int, mv: memoryview, now: float) -> None:
+        """Everything about one frame from an upstream link that the fast path does not do."""
         stats = self.stats
-        pending = up.pending
-        for i in range(n):
-            off, size, ftype, flags, sid, _t, _r, status = scanner.frame(i)
-            if ftype == _RESPONSE:
-                p = pending.pop(sid, None)
-                if p is None:
-                    stats.error("late_response")
-                    continue
-                self._settle(p)
-                down = p.down
-                if flags & _HOT_RESTART:
-                    # the peer is restarting and did not process it: it is
-                    # safe to resend on another connection
-                    retry = self._resend(p, mv, off, size, now)
-                    if retry:
-                        continue
-                stats.finished(p.stats, status, now - p.t0)
-                if not down.closed:
-                    out = down.out
-                    o = len(out)
-                    out += mv[off : off + size]
-                    _U64.pack_into(out, o + 8, p.down_sid)
-                    if not self.dirty or self.dirty[-1] is not down:
-                        self.dirty.append(down)
-                    if down.draining and down.inflight == 0 and down.on_idle is not None:
-                        down.on_idle(down)
-            elif ftype == _PONG:
-                up.awaiting_pong = 0
-            elif ftype == _PING:
-                up.out += mv[off : off + size]
-                up.out[len(up.out) - size + 3] = _PONG
-                self._mark(up)
-            elif ftype == _GOAWAY:
-                self.upstream_goaway(up)
-            else:
-                stats.error("unexpected_frame")
-                log.info("unexpected %s frame from upstream %s dropped", FrameType(ftype).name, up.name)
-        if up.draining and not up.pending and up.on_idle is not None:
-            up.on_idle(up)
+        off, size, ftype, flags, sid, _t, _r, status = scanner.frame(i)
+        if ftype == _RESPONSE:
+            p = up.pending.pop(sid, None)
+            if p is None:
+                stats.error("late_response")
+                return
+            self._settle(p)
+            if flags & _HOT_RESTART:
+                # the peer is restarting and did not process it; the caller's
+                # SDK resends on a fresh connection (it is safe: not processed)
+                stats.error("hot_restart_from_upstream")
+            stats.finished(p.stats, status, now - p.t0)
+            down = p.down
+            if not down.closed:
+                out = down.out
+                o = len(out)
+                out += mv[off : off + size]
+                _U64.pack_into(out, o + 8, p.down_sid)
+                self._mark(down)
+                if down.draining and down.inflight == 0 and down.on_idle is not None:
+                    down.on_idle(down)
+        elif ftype == _PONG:
+            up.awaiting_pong = 0
+        elif ftype == _PING:
+            up.out += mv[off : off + size]
+            up.out[len(up.out) - size + 3] = _PONG
+            self._mark(up)
+        elif ftype == _GOAWAY:
+            self.upstream_goaway(up)
+        else:
+            stats.error("unexpected_frame")
+            log.info("unexpected %s frame from upstream %s dropped", FrameType(ftype).name, up.name)
 
     def _settle(self, p: Pending) -> None:
         self.pending_count -= 1
@@ -422,15 +389,6 @@ class Engine:
         ep = p.up.endpoint
         if ep is not None:
             ep.active -= 1
-
-    def _resend(self, p: Pending, mv: memoryview, off: int, size: int, now: float) -> bool:
-        """A HOT_RESTART answer from upstream: the response goes back as is.
-
-        The caller's SDK resends on a fresh connection; the proxy itself does
-        not keep request bodies to resend them. Returns False (not consumed).
-        """
-        self.stats.error("hot_restart_from_upstream")
-        return False
 
     # ------------------------------------------------------------ events
 
@@ -506,22 +464,31 @@ class Engine:
         Returns:
             The next deadline, or None when nothing is pending.
         """
-        timers = self._timers
-        while timers:
-            deadline, _seq, up, usid = timers[0]
-            p = up.pending.get(usid)
-            if p is None or p.deadline != deadline:
-                heapq.heappop(timers)  # answered already
-                continue
-            if deadline > now:
-                return deadline
-            heapq.heappop(timers)
-            del up.pending[usid]
-            self._settle(p)
-            self.stats.finished(p.stats, Status.TIMEOUT, now - p.t0)
-            self._answer(p.down, p.down_sid, Status.TIMEOUT, f"no response within {deadline - p.t0:.3f}s")
-            if up.draining and not up.pending and up.on_idle is not None:
-                up.on_idle(up)
+        keys = self.timer_keys
+        wheel = self.timer_wheel
+        now_key = int(now * TIMER_BUCKETS_PER_SECOND)
+        while keys and keys[0] <= now_key:
+            bucket = wheel.pop(heapq.heappop(keys))
+            later = []
+            for up, usid, deadline in bucket:
+                p = up.pending.get(usid)
+                if p is None or p.deadline != deadline:
+                    continue  # answered already
+                if deadline > now:
+                    later.append((up, usid, deadline))
+                    continue
+                del up.pending[usid]
+                self._settle(p)
+                self.stats.finished(p.stats, Status.TIMEOUT, now - p.t0)
+                self._answer(p.down, p.down_sid, Status.TIMEOUT, f"no response within {deadline - p.t0:.3f}s")
+                if up.draining and not up.pending and up.on_idle is not None:
+                    up.on_idle(up)
+            if later:  # same bucket, a few microseconds early: look again next tick
+                wheel[now_key + 1] = wheel.get(now_key + 1, []) + later
+                if len(wheel[now_key + 1]) == len(later):
+                    heapq.heappush(keys, now_key + 1)
+        if keys:
+            return keys[0] / TIMER_BUCKETS_PER_SECOND
         return None
 
     def take_dirty(self) -> list[Link]:

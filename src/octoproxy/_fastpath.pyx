@@ -1,0 +1,241 @@
+# cython: language_level=3
+"""Compiled twin of ``octoproxy/proxy/_relay_py.py``: the engine's per-frame
+fast path (see that file for the contract). It reads the scanner's C arrays
+directly, copies frames into the destination buffers with ``memcpy`` and
+rewrites stream ids in place; policy stays in ``Engine.slow_request`` /
+``slow_response``, called for every frame that is not the common case.
+"""
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.string cimport memcpy
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+
+from octoproxy._fastframe cimport Scanner, KeyRange, uchar
+
+import heapq
+
+IMPLEMENTATION = "cython"
+
+cdef object _heappush = heapq.heappush
+
+
+cdef class Pending:
+    """A request forwarded upstream and not answered yet."""
+
+    cdef public object down
+    cdef public unsigned long long down_sid
+    cdef public object up
+    cdef public double deadline
+    cdef public double t0
+    cdef public object stats
+
+    def __init__(self, down, down_sid, up, deadline, t0, stats):
+        self.down = down
+        self.down_sid = down_sid
+        self.up = up
+        self.deadline = deadline
+        self.t0 = t0
+        self.stats = stats
+
+
+cdef inline void _put_be64(uchar* p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[7 - i] = <uchar>(v & 0xFF)
+        v >>= 8
+
+
+cdef inline Py_ssize_t _grow(bytearray out, Py_ssize_t n) except -1:
+    """Extend ``out`` by ``n`` bytes; return the offset of the new space."""
+    cdef Py_ssize_t o = PyByteArray_GET_SIZE(out)
+    if PyByteArray_Resize(out, o + n) < 0:
+        raise MemoryError()
+    return o
+
+
+cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t i, const uchar* buf,
+                  double now, double route_timeout, bint oneway) except -1:
+    cdef Py_ssize_t off = sc.offsets[i], size = sc.sizes[i], o, hlen, slen
+    cdef bytearray out = up.out
+    cdef bytes stamp = engine.stamp
+    cdef uchar* dst
+    cdef KeyRange* kr = &sc.keys[i]
+    cdef double timeout, deadline
+    cdef uint64_t usid
+    cdef list dirty
+    slen = len(stamp)
+    if slen and down.listener == "outbound":
+        hlen = (<Py_ssize_t>buf[off + 18] << 8) | buf[off + 19]
+        o = _grow(out, size + slen)
+        dst = <uchar*>PyByteArray_AS_STRING(out) + o
+        memcpy(dst, buf + off, 20 + hlen)
+        memcpy(dst + 20 + hlen, PyBytes_AS_STRING(stamp), slen)
+        memcpy(dst + 20 + hlen + slen, buf + off + 20 + hlen, size - 20 - hlen)
+        # length and header length grow by the stamp
+        dst[4] = <uchar>((size - 8 + slen) >> 24)
+        dst[5] = <uchar>((size - 8 + slen) >> 16)
+        dst[6] = <uchar>((size - 8 + slen) >> 8)
+        dst[7] = <uchar>(size - 8 + slen)
+        dst[18] = <uchar>((hlen + slen) >> 8)
+        dst[19] = <uchar>(hlen + slen)
+    else:
+        o = _grow(out, size)
+        dst = <uchar*>PyByteArray_AS_STRING(out) + o
+        memcpy(dst, buf + off, size)
+    dirty = engine.dirty
+    if not dirty or dirty[len(dirty) - 1] is not up:
+        dirty.append(up)
+    if oneway:
+        engine.stats.oneway.inc()
+        return 0
+    usid = up.next_sid
+    up.next_sid = usid + 1
+    _put_be64(dst + 8, usid)
+    timeout = sc.timeouts[i] / 1000.0 if sc.timeouts[i] else route_timeout
+    if timeout > route_timeout:
+        timeout = route_timeout
+    deadline = now + timeout
+    listener = down.listener
+    cdef dict cache = engine.rs_cache[listener]
+    cdef bytes key = PyBytes_FromStringAndSize(NULL, (kr.s1 - kr.s0) + 1 + (kr.m1 - kr.m0))
+    cdef char* k = PyBytes_AS_STRING(key)
+    memcpy(k, buf + kr.s0, kr.s1 - kr.s0)
+    k[kr.s1 - kr.s0] = 0
+    memcpy(k + (kr.s1 - kr.s0) + 1, buf + kr.m0, kr.m1 - kr.m0)
+    rs = cache.get(key)
+    if rs is None:
+        rs = engine.stats.request_stats(
+            listener,
+            PyBytes_FromStringAndSize(<const char*>buf + kr.s0, kr.s1 - kr.s0),
+            PyBytes_FromStringAndSize(<const char*>buf + kr.m0, kr.m1 - kr.m0),
+        )
+        cache[key] = rs
+    cdef Pending p = Pending.__new__(Pending)
+    p.down = down
+    p.down_sid = sc.sids[i]
+    p.up = up
+    p.deadline = deadline
+    p.t0 = now
+    p.stats = rs
+    up.pending[usid] = p
+    engine.pending_count += 1
+    down.inflight += 1
+    ep = up.endpoint
+    if ep is not None:
+        ep.active += 1
+    cdef long long bucket_key = <long long>(deadline * 100) + 1  # TIMER_BUCKETS_PER_SECOND, rounded up
+    cdef dict wheel = engine.timer_wheel
+    bucket = wheel.get(bucket_key)
+    if bucket is None:
+        bucket = wheel[bucket_key] = []
+        _heappush(engine.timer_keys, bucket_key)
+    (<list>bucket).append((up, usid, deadline))
+    return 0
+
+
+def forward(engine, down, up, Scanner scanner, Py_ssize_t i, mv, double now, double route_timeout, bint oneway):
+    """Append request frame ``i`` to ``up`` (new stream id, caller stamp) and track it."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
+    try:
+        _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, oneway)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
+    """Forward the ``n`` scanned frames that came from a downstream link."""
+    cdef Py_buffer view
+    cdef Py_ssize_t i
+    cdef int32_t route_id
+    cdef bint inbound
+    cdef double route_timeout = 0.0
+    cdef list route_clusters, route_timeouts
+    cdef Py_ssize_t max_pending
+    if down.reject or engine.drain_mode is not None:
+        for i in range(n):
+            engine.slow_request(down, scanner, i, mv, now)
+        return
+    inbound = down.listener == "inbound"
+    route_clusters = engine._route_clusters
+    route_timeouts = engine._route_timeouts
+    max_pending = engine.max_pending
+    PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
+    try:
+        for i in range(n):
+            if scanner.types[i] != 1:
+                engine.slow_request(down, scanner, i, mv, now)
+                continue
+            route_id = scanner.route_ids[i]
+            if inbound:
+                cluster = engine.inbound_cluster
+                route_timeout = engine.default_timeout
+            elif route_id >= 0:
+                cluster = route_clusters[route_id]
+                route_timeout = route_timeouts[route_id]
+            else:
+                cluster = None
+            if cluster is None or engine.pending_count >= max_pending:
+                engine.slow_request(down, scanner, i, mv, now)
+                continue
+            up = cluster.pick()
+            if up is None:
+                engine.slow_request(down, scanner, i, mv, now)
+                continue
+            _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, False)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def relay_responses(engine, up, Scanner scanner, Py_ssize_t n, mv, double now):
+    """Relay the ``n`` scanned frames that came from an upstream link."""
+    cdef Py_buffer view
+    cdef Py_ssize_t i, off, size, o
+    cdef dict pending = up.pending
+    cdef Pending p
+    cdef bytearray out
+    cdef uchar* dst
+    cdef list dirty
+    cdef uint32_t status
+    PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
+    try:
+        for i in range(n):
+            if scanner.types[i] != 2 or (scanner.flags[i] & 1):
+                engine.slow_response(up, scanner, i, mv, now)
+                continue
+            obj = pending.pop(scanner.sids[i], None)
+            if obj is None:
+                engine.stats.error("late_response")
+                continue
+            p = <Pending>obj
+            engine.pending_count -= 1
+            down = p.down
+            down.inflight -= 1
+            ep = up.endpoint
+            if ep is not None:
+                ep.active -= 1
+            rs = p.stats
+            status = scanner.keys[i].status
+            child = rs.by_status.get(status)
+            if child is None:
+                rs.count(status)
+            else:
+                child.value += 1
+            rs.latency.observe(now - p.t0)
+            if not down.closed:
+                off = scanner.offsets[i]
+                size = scanner.sizes[i]
+                out = down.out
+                o = _grow(out, size)
+                dst = <uchar*>PyByteArray_AS_STRING(out) + o
+                memcpy(dst, <const uchar*>view.buf + off, size)
+                _put_be64(dst + 8, p.down_sid)
+                dirty = engine.dirty
+                if not dirty or dirty[len(dirty) - 1] is not down:
+                    dirty.append(down)
+                if down.draining and down.inflight == 0 and down.on_idle is not None:
+                    down.on_idle(down)
+    finally:
+        PyBuffer_Release(&view)

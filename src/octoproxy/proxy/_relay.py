@@ -1,0 +1,21 @@
+"""Pick the engine's fast path: compiled ``octoproxy._fastpath`` or its twin.
+
+Same rule as :mod:`octoproxy.frame`: ``OCTOPROXY_NO_EXTENSIONS=1`` forces the
+pure-Python twin; otherwise the compiled module if it imports.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..frame import NO_EXTENSIONS
+
+if TYPE_CHECKING or NO_EXTENSIONS:
+    from ._relay_py import IMPLEMENTATION, Pending, forward, relay_requests, relay_responses
+else:
+    try:
+        from .._fastpath import IMPLEMENTATION, Pending, forward, relay_requests, relay_responses  # type: ignore[no-redef]
+    except ImportError:  # pragma: no cover - depends on the build
+        from ._relay_py import IMPLEMENTATION, Pending, forward, relay_requests, relay_responses
+
+__all__ = ["IMPLEMENTATION", "Pending", "forward", "relay_requests", "relay_responses"]

@@ -1,0 +1,154 @@
+"""Pure-Python twin of ``octoproxy._fastpath``: the engine's per-frame fast path.
+
+The common case of each frame (a routed REQUEST with a healthy upstream; a
+RESPONSE with a pending entry) is handled here, in one pass over a scan's
+frames; anything else goes to ``Engine.slow_request`` / ``slow_response``,
+which hold the policy. The compiled module does exactly the same with C
+loops. Keep the two in step.
+"""
+
+from __future__ import annotations
+
+import heapq
+from struct import Struct
+from typing import TYPE_CHECKING, Any
+
+from .._protocol import PREFIX_SIZE
+
+if TYPE_CHECKING:
+    from ._engine import Engine, Link
+
+IMPLEMENTATION = "python"
+
+_U64 = Struct(">Q")
+_U32 = Struct(">I")
+_U16 = Struct(">H")
+
+
+class Pending:
+    """A request forwarded upstream and not answered yet."""
+
+    __slots__ = ("down", "down_sid", "up", "deadline", "t0", "stats")
+
+    def __init__(self, down: Link, down_sid: int, up: Link, deadline: float, t0: float, stats: Any) -> None:
+        self.down = down
+        self.down_sid = down_sid
+        self.up = up
+        self.deadline = deadline
+        self.t0 = t0
+        self.stats = stats
+
+
+def forward(engine: Engine, down: Link, up: Link, scanner: Any, i: int, mv: memoryview, now: float, route_timeout: float, oneway: bool) -> None:
+    """Append request frame ``i`` to ``up`` (new stream id, caller stamp) and track it."""
+    off, size, _ftype, _flags, sid, timeout_ms, _route, _status = scanner.frame(i)
+    out = up.out
+    o = len(out)
+    stamp = engine.stamp
+    if stamp and down.listener == "outbound":
+        hend = off + PREFIX_SIZE + (mv[off + 18] << 8 | mv[off + 19])
+        out += mv[off:hend]
+        out += stamp
+        out += mv[hend : off + size]
+        _U32.pack_into(out, o + 4, size - 8 + len(stamp))
+        _U16.pack_into(out, o + 18, hend - off - PREFIX_SIZE + len(stamp))
+    else:
+        out += mv[off : off + size]
+    dirty = engine.dirty
+    if not dirty or dirty[-1] is not up:
+        dirty.append(up)
+    if oneway:
+        engine.stats.oneway.inc()
+        return
+    usid = up.next_sid
+    up.next_sid = usid + 1
+    _U64.pack_into(out, o + 8, usid)
+    timeout = timeout_ms / 1000.0 if timeout_ms else route_timeout
+    if timeout > route_timeout:
+        timeout = route_timeout
+    deadline = now + timeout
+    service, method = scanner.routing_key(i)
+    cache = engine.rs_cache[down.listener]
+    key = service + b"\0" + method
+    rs = cache.get(key)
+    if rs is None:
+        rs = cache[key] = engine.stats.request_stats(down.listener, service, method)
+    up.pending[usid] = Pending(down, sid, up, deadline, now, rs)
+    engine.pending_count += 1
+    down.inflight += 1
+    ep = up.endpoint
+    if ep is not None:
+        ep.active += 1
+    bucket_key = int(deadline * 100) + 1  # TIMER_BUCKETS_PER_SECOND, rounded up
+    bucket = engine.timer_wheel.get(bucket_key)
+    if bucket is None:
+        bucket = engine.timer_wheel[bucket_key] = []
+        heapq.heappush(engine.timer_keys, bucket_key)
+    bucket.append((up, usid, deadline))
+
+
+def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryview, now: float) -> None:
+    """Forward the ``n`` scanned frames that came from a downstream link."""
+    if down.reject or engine.drain_mode is not None:
+        for i in range(n):
+            engine.slow_request(down, scanner, i, mv, now)
+        return
+    inbound = down.listener == "inbound"
+    for i in range(n):
+        _off, _size, ftype, _flags, _sid, _timeout, route_id, _status = scanner.frame(i)
+        if ftype != 1:
+            engine.slow_request(down, scanner, i, mv, now)
+            continue
+        if inbound:
+            cluster = engine.inbound_cluster
+            route_timeout = engine.default_timeout
+        elif route_id >= 0:
+            cluster = engine._route_clusters[route_id]
+            route_timeout = engine._route_timeouts[route_id]
+        else:
+            cluster = None
+        if cluster is None or engine.pending_count >= engine.max_pending:
+            engine.slow_request(down, scanner, i, mv, now)
+            continue
+        up = cluster.pick()
+        if up is None:
+            engine.slow_request(down, scanner, i, mv, now)
+            continue
+        forward(engine, down, up, scanner, i, mv, now, route_timeout, False)
+
+
+def relay_responses(engine: Engine, up: Link, scanner: Any, n: int, mv: memoryview, now: float) -> None:
+    """Relay the ``n`` scanned frames that came from an upstream link."""
+    pending = up.pending
+    for i in range(n):
+        off, size, ftype, flags, sid, _timeout, _route, status = scanner.frame(i)
+        if ftype != 2 or flags & 1:
+            engine.slow_response(up, scanner, i, mv, now)
+            continue
+        p = pending.pop(sid, None)
+        if p is None:
+            engine.stats.error("late_response")
+            continue
+        engine.pending_count -= 1
+        down = p.down
+        down.inflight -= 1
+        ep = up.endpoint
+        if ep is not None:
+            ep.active -= 1
+        rs = p.stats
+        child = rs.by_status.get(status)
+        if child is None:
+            rs.count(status)
+        else:
+            child.value += 1
+        rs.latency.observe(now - p.t0)
+        if not down.closed:
+            out = down.out
+            o = len(out)
+            out += mv[off : off + size]
+            _U64.pack_into(out, o + 8, p.down_sid)
+            dirty = engine.dirty
+            if not dirty or dirty[-1] is not down:
+                dirty.append(down)
+            if down.draining and down.inflight == 0 and down.on_idle is not None:
+                down.on_idle(down)

@@ -421,7 +421,7 @@ class Engine:
 
     def protocol_error(self, link: Link, exc: RemoteProtocolError) -> None:
         """A bad frame on ``link``: answer what we can; the shell closes it after flushing."""
-        self.stats.error("unexpected_frame")
+        self.stats.error("protocol_error")
         log.warning("protocol error on %s: %s (%s); closing it", link.name, exc, exc.status.name)
         if link.kind == DOWNSTREAM and exc.stream_id is not None:
             self._answer(link, exc.stream_id, exc.status, str(exc))

@@ -33,7 +33,7 @@ _INITIAL_BUFFER = 64 * 1024
 class Conn:
     """A socket, the engine's :class:`Link` for it, and its read/write state."""
 
-    __slots__ = ("sock", "link", "engine", "flusher", "scanner", "buf", "blocked", "wake", "drained", "max_buffer", "closed_event", "on_close", "_closing")
+    __slots__ = ("sock", "link", "engine", "flusher", "scanner", "buf", "blocked", "wake", "drained", "max_buffer", "closed_event", "on_close", "_closing", "linger")
 
     def __init__(self, sock: socket.socket, link: Link, flusher: Flusher, *, max_buffer: int, on_close: Callable[[Conn], None] | None = None) -> None:
         sock.setblocking(False)
@@ -53,6 +53,8 @@ class Conn:
         self.closed_event = trio.Event()
         self.on_close = on_close
         self._closing = False
+        #: after a protocol error: how long to wait for responses still owed
+        self.linger = 30.0
 
     # ------------------------------------------------------------ writing
 
@@ -89,7 +91,10 @@ class Conn:
             self.wake = trio.Event()
             out = self.link.out
             while out and not self._closing:
-                await trio.lowlevel.wait_writable(self.sock)
+                try:
+                    await trio.lowlevel.wait_writable(self.sock)
+                except trio.ClosedResourceError:
+                    return
                 try:
                     n = self.sock.send(out)
                 except BlockingIOError:
@@ -125,7 +130,10 @@ class Conn:
                 if want > max_frame + len(buf):
                     want = max_frame + 16
                 buf.extend(bytes(want - len(buf)))
-            await trio.lowlevel.wait_readable(sock)
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                return  # closed by lost(), from another task
             try:
                 n = sock.recv_into(memoryview(buf)[fill:])
             except BlockingIOError:
@@ -143,6 +151,12 @@ class Conn:
             except RemoteProtocolError as exc:
                 engine.protocol_error(link, exc)
                 self.flusher.flush()
+                # stop reading; still deliver what we owe for the requests
+                # received before the bad frame, then close
+                link.draining = True
+                with trio.move_on_after(self.linger):
+                    while link.inflight and not self._closing:
+                        await trio.sleep(0.01)
                 await self.close_after_flush(f"protocol error: {exc}")
                 return
             self.flusher.flush()
@@ -170,6 +184,7 @@ class Conn:
         self.wake.set()
         self.drained.set()
         try:
+            trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
         except OSError:  # pragma: no cover
             pass

@@ -319,6 +319,14 @@ class ProxySettings:
     drain_time: float = _opt(_POSITIVE, 5.0, "On SIGTERM or drain, in-flight work gets this long to finish.")
     shutdown_time: float = _opt(_POSITIVE, 10.0, "Hard stop after SIGTERM; must be greater than `drain_time`.")
     log_level: str = _opt(_choice(("debug", "info", "warning", "error")), "info", "Log verbosity.")
+    hot_restart_uds: Path | None = _optional(
+        _PATH,
+        "Unix socket over which a new process (`run --hot-restart`) takes the listeners from this one.",
+        default_doc="`outbound.uds` + `.hotrestart`",
+    )
+    hot_restart_timeout: float = _opt(
+        _POSITIVE, 30.0, "A new process must be ready (pools warm) this soon after taking the listeners, or it gives up."
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -424,6 +432,13 @@ class ProxyConfig:
     clusters: Mapping[str, ClusterConfig] = _opt(
         _table_map(ClusterConfig, "[clusters.<name>]"), _EMPTY, "Upstream clusters by name."
     )
+
+    @property
+    def hot_restart_path(self) -> Path:
+        """Where the hot-restart socket lives (``proxy.hot_restart_uds`` or its default)."""
+        if self.proxy.hot_restart_uds is not None:
+            return self.proxy.hot_restart_uds
+        return self.outbound.uds.with_name(self.outbound.uds.name + ".hotrestart")
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise to plain data (what ``GET /config_dump`` returns).

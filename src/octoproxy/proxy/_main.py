@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+from typing import Any
 
 import trio
 
-from .._config import load_config
+from .._config import ProxyConfig, load_config
 from .._errors import ConfigError
+from ._handover import Channel, take_over
+from ._hot_restart import HotRestartError, encode
 from ._server import Proxy
 
 log = logging.getLogger("octoproxy.proxy")
@@ -23,12 +27,18 @@ def setup_logging(level: str) -> None:
     )
 
 
-async def serve(proxy: Proxy) -> None:
+async def serve(proxy: Proxy, handover: tuple[Channel, dict[str, Any]] | None = None) -> int:
     """Run ``proxy`` until SIGTERM/SIGINT or ``POST /drain``, drain, and return.
 
+    With ``handover`` (a hot restart), the proxy starts on the parent's
+    listeners without accepting, warms up, says READY, and only then accepts.
     The whole process is bounded by ``proxy.shutdown_time`` from the signal on.
+
+    Returns:
+        The exit status: 0, or 1 if a hot restart could not get ready.
     """
     done = trio.Event()
+    status = 0
 
     async def run_proxy(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -49,11 +59,56 @@ async def serve(proxy: Proxy) -> None:
 
             nursery.start_soon(watch)
             await nursery.start(run_proxy)
+            if handover is not None:
+                chan, msg = handover
+                if not await _warm_up(proxy, chan):
+                    status = 1
+                    nursery.cancel_scope.cancel()
+                    return status
+                nursery.start_soon(_follow_parent, proxy, chan, msg["stats"])
             # one line on stdout that tools (tests, the agent) can wait for
-            addrs = " ".join(f"{k}={v}" for k, v in sorted(proxy.addresses.items()))
-            print(f"octoproxy ready {addrs}", flush=True)
+            addrs = " ".join(f"{k}={v}" for k, v in sorted(proxy.addresses.items()) if k != "hot_restart")
+            print(f"octoproxy ready {addrs} generation={proxy.generation} pid={os.getpid()}", flush=True)
             await done.wait()
             nursery.cancel_scope.cancel()
+    return status
+
+
+async def _warm_up(proxy: Proxy, chan: Channel) -> bool:
+    """Wait until the new generation can take all traffic, then say READY."""
+    timeout = proxy.config.proxy.hot_restart_timeout
+    with trio.move_on_after(timeout):
+        while not proxy.ready_state()["ready"]:
+            await trio.sleep(0.02)
+        proxy.start_accepting()
+        await chan.send(encode("ready"))
+        log.info("hot restart: warm and accepting (generation %d); the previous generation drains", proxy.generation)
+        return True
+    reason = f"not ready within {timeout}s: {proxy.ready_state()}"
+    log.error("hot restart: %s; giving up, the running proxy keeps serving", reason)
+    with trio.move_on_after(1):
+        await chan.send(encode("failed", reason=reason))
+    chan.close()
+    return False
+
+
+async def _follow_parent(proxy: Proxy, chan: Channel, handover_stats: dict[str, Any]) -> None:
+    """Until the previous generation is done: then take its final counters."""
+    final = None
+    try:
+        while True:
+            msg, _ = await chan.recv()
+            if msg["type"] == "done":
+                final = msg["stats"]
+                break
+    except (EOFError, OSError, HotRestartError) as exc:
+        log.warning("hot restart: lost the previous generation before DONE (%s); using its hand-over counters", exc)
+    finally:
+        proxy.stats.registry.restore(final if final is not None else handover_stats)
+        proxy.parent_alive = False
+        proxy.keep_socket_files = False
+        chan.close()
+        log.info("hot restart: previous generation done; generation %d serves alone", proxy.generation)
 
 
 def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
@@ -63,12 +118,23 @@ def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
         print(f"octoproxy: invalid configuration: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.proxy.log_level)
-    if hot_restart:
-        print("octoproxy: --hot-restart is not implemented yet", file=sys.stderr)
-        return 2
     try:
-        trio.run(serve, Proxy(config))
-    except OSError as exc:
+        if hot_restart:
+            return trio.run(_hot_restart_main, config)
+        return trio.run(serve, Proxy(config))
+    except (OSError, HotRestartError) as exc:
         print(f"octoproxy: {exc}", file=sys.stderr)
         return 1
-    return 0
+
+
+async def _hot_restart_main(config: ProxyConfig) -> int:
+    path = str(config.hot_restart_path)
+    try:
+        chan, msg, socks = await take_over(path)
+    except OSError as exc:
+        raise HotRestartError(f"hot restart: no running proxy answers on {path}: {exc}") from None
+    log.info("hot restart: took %s from the running proxy (generation %d)", ", ".join(sorted(socks)), msg["generation"])
+    proxy = Proxy(config, listeners=socks, generation=msg["generation"] + 1, accept=False)
+    proxy.parent_alive = True
+    proxy.keep_socket_files = True
+    return await serve(proxy, (chan, msg))

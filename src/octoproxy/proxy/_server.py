@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import stat
+from functools import partial
 from typing import Any
 
 import trio
@@ -34,6 +35,8 @@ from .._config import ProxyConfig, split_host_port
 from .._metrics import Registry
 from .._version import __version__
 from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+from ._handover import serve_hot_restart
+from ._hot_restart import ParentEvent, ParentState, parent_machine
 from ._io import Conn, Flusher, connect_raw, is_transient_accept_error
 from ._stats import ProxyStats
 
@@ -103,8 +106,25 @@ class Proxy:
             bound from the config.
     """
 
-    def __init__(self, config: ProxyConfig, *, registry: Registry | None = None, listeners: dict[str, socket.socket] | None = None) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        registry: Registry | None = None,
+        listeners: dict[str, socket.socket] | None = None,
+        generation: int = 0,
+        accept: bool = True,
+    ) -> None:
         self.config = config
+        self.generation = generation
+        self.hot_restart = parent_machine()
+        #: a hot-restarted proxy whose parent has not finished draining yet
+        self.parent_alive = False
+        self.handed_over = False
+        #: leave the UDS files alone on exit: they belong to the other generation
+        self.keep_socket_files = False
+        self.handover_finished = trio.Event()
+        self.force_closed = 0
         self.stats = ProxyStats(registry)
         up = config.upstream
         clusters = []
@@ -136,7 +156,11 @@ class Proxy:
         self.health_failed = False
         self.started_at = 0.0
         self._shutdown = trio.Event()
-        self._drained = trio.Event()
+        self.drained = trio.Event()
+        self._accepting = trio.Event()
+        if accept:
+            self._accepting.set()
+        self._stop_accepting = trio.CancelScope()
         self._conn_nursery: trio.Nursery | None = None
         self._pool_nursery: trio.Nursery | None = None
         self._register_gauges()
@@ -151,11 +175,15 @@ class Proxy:
             self.listeners["outbound"] = bind_unix(str(cfg.outbound.uds), cfg.outbound.uds_mode)
         if cfg.inbound is not None and "inbound" not in self.listeners:
             self.listeners["inbound"] = bind_tcp(cfg.inbound.listen)
+        if "admin" not in self.listeners:
+            admin = cfg.admin.listen
+            self.listeners["admin"] = bind_unix(admin[5:], 0o660, 128) if admin.startswith("unix:") else bind_tcp(admin, 128)
+        if "hot_restart" not in self.listeners:
+            self.listeners["hot_restart"] = bind_unix(str(cfg.hot_restart_path), 0o600, 16)
         for name, sock in self.listeners.items():
             self.addresses[name] = _sock_address(sock)
         try:
             async with trio.open_nursery() as root:
-                self.addresses["admin"] = await root.start(serve_admin, cfg.admin.listen, self._admin_routes())
                 async with trio.open_nursery() as pools:
                     self._pool_nursery = pools
                     async with trio.open_nursery() as conns:
@@ -164,40 +192,80 @@ class Proxy:
                         root.start_soon(self._timer)
                         if cfg.upstream.ping_interval > 0:
                             root.start_soon(self._pinger)
-                        accept_scope = trio.CancelScope()
-                        root.start_soon(self._accept_all, accept_scope)
-                        log.info("octoproxy %s ready: %s", __version__, " ".join(f"{k}={v}" for k, v in sorted(self.addresses.items())))
+                        root.start_soon(self._listen, root)
                         task_status.started(self)
                         await self._shutdown.wait()
-                        accept_scope.cancel()
+                        self._stop_accepting.cancel()
                         await self._drain()
+                        self.force_closed = len(self.conns["outbound"]) + len(self.conns["inbound"])
+                        if self.force_closed:
+                            self.stats.error("force_closed", self.force_closed)
+                            log.warning("%d connections still open at shutdown: closed", self.force_closed)
                         conns.cancel_scope.cancel()
                     pools.cancel_scope.cancel()
+                if self.handed_over:  # let the child hear that we are done
+                    with trio.move_on_after(3):
+                        await self.handover_finished.wait()
                 root.cancel_scope.cancel()
         finally:
             self._close_listeners()
 
+    async def _listen(self, root: trio.Nursery) -> None:
+        """Accept on every listener (admin and hot restart included), once allowed."""
+        await self._accepting.wait()
+        with self._stop_accepting:
+            async with trio.open_nursery() as n:
+                admin = trio.SocketListener(trio.socket.from_stdlib_socket(self.listeners["admin"]))
+                await n.start(partial(serve_admin, self.addresses["admin"], self._admin_routes(), listeners=[admin]))
+                n.start_soon(serve_hot_restart, self, self.listeners["hot_restart"], root)
+                for name in ("outbound", "inbound"):
+                    if name in self.listeners:
+                        n.start_soon(self._accept_loop, name, self.listeners[name])
+                log.info(
+                    "octoproxy %s (generation %d) accepting: %s",
+                    __version__,
+                    self.generation,
+                    " ".join(f"{k}={v}" for k, v in sorted(self.addresses.items())),
+                )
+
+    def start_accepting(self) -> None:
+        """Begin accepting (a hot-restarted proxy calls this once warm)."""
+        self._accepting.set()
+
+    def listener_sockets(self) -> tuple[list[str], list[socket.socket]]:
+        """The listening sockets to hand to a new generation, by name."""
+        names = sorted(self.listeners)
+        return names, [self.listeners[n] for n in names]
+
+    def subscriptions(self) -> list[str]:
+        """Services this proxy holds discovery subscriptions for (none yet)."""
+        return []
+
+    def begin_handover_drain(self) -> None:
+        """The new generation is ready: stop accepting, leave the sockets to it, drain."""
+        self.handed_over = True
+        self.keep_socket_files = True
+        self._stop_accepting.cancel()
+        self.request_shutdown()
+
     def request_shutdown(self) -> None:
         """Begin a graceful drain (SIGTERM, ``POST /drain``)."""
+        if self.hot_restart.state is ParentState.SERVING:
+            self.hot_restart.fire(ParentEvent.SHUTDOWN)
         self._shutdown.set()
 
     def _close_listeners(self) -> None:
-        for name, sock in self.listeners.items():
+        for sock in self.listeners.values():
             if sock.fileno() < 0:
                 continue
-            if name == "outbound" and sock.family == socket.AF_UNIX:
-                path = sock.getsockname()
+            if sock.family == socket.AF_UNIX and not self.keep_socket_files:
+                # the socket files belong to whoever holds the sockets: after a
+                # hand-over that is the new generation, so leave them alone
                 with contextlib.suppress(OSError):
-                    os.unlink(path)
+                    os.unlink(sock.getsockname())
             sock.close()
 
     # ------------------------------------------------------------ downstream
-
-    async def _accept_all(self, scope: trio.CancelScope) -> None:
-        with scope:
-            async with trio.open_nursery() as n:
-                for name, sock in self.listeners.items():
-                    n.start_soon(self._accept_loop, name, sock)
 
     async def _accept_loop(self, name: str, lsock: socket.socket) -> None:
         cfg = self.config
@@ -363,7 +431,9 @@ class Proxy:
             for conn in list(self.conns["outbound"]) + list(self.conns["inbound"]):
                 if conn.link.out:
                     await conn.drained.wait()
-        self._drained.set()
+        self.drained.set()
+        if not self.handed_over and self.hot_restart.state is ParentState.DRAINING:
+            self.hot_restart.fire(ParentEvent.DRAINED)
         log.info("drained")
 
     # ------------------------------------------------------------ admin
@@ -372,6 +442,8 @@ class Proxy:
         reg = self.stats.registry
         reg.gauge_func("octoproxy_pending_requests", "Requests in flight through this proxy.", lambda: float(self.engine.pending_count))
         reg.gauge_func("octoproxy_draining", "1 while the proxy drains.", lambda: float(self.draining))
+        reg.gauge_func("octoproxy_hot_restart_generation", "Hot-restart generation of this process (0: first).", lambda: float(self.generation))
+        reg.gauge_func("octoproxy_hot_restart_parent_alive", "1 while the previous generation still drains.", lambda: float(self.parent_alive))
 
     def ready_state(self) -> dict[str, Any]:
         clusters = {}
@@ -382,7 +454,18 @@ class Proxy:
             if c.endpoints and not ready:
                 ok = False
         app = self.engine.inbound_cluster
-        detail: dict[str, Any] = {"ready": ok, "draining": self.draining, "healthcheck_failed": self.health_failed, "clusters": clusters}
+        detail: dict[str, Any] = {
+            "ready": ok,
+            "draining": self.draining,
+            "healthcheck_failed": self.health_failed,
+            "hot_restart": {
+                "generation": self.generation,
+                "state": self.hot_restart.state.value,
+                "parent_alive": self.parent_alive,
+                "force_closed": self.force_closed,
+            },
+            "clusters": clusters,
+        }
         if app is not None:
             connected = bool(app.links.get(app.endpoints[0].address))
             detail["local_app"] = {"address": app.endpoints[0].address, "connected": connected}

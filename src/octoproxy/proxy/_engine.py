@@ -29,7 +29,6 @@ Nothing here does I/O or reads a clock: time comes in as an argument.
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -52,6 +51,8 @@ DOWNSTREAM = 0
 UPSTREAM = 1
 #: timer resolution: deadlines are checked in buckets of 10 ms
 TIMER_BUCKETS_PER_SECOND = 100
+#: requests held per cluster while its connections are being re-established
+MAX_PARKED = 10000
 
 _U64 = Struct(">Q")
 _U32 = Struct(">I")
@@ -85,6 +86,7 @@ class Link:
         "last_rx",
         "listener",
         "on_idle",
+        "on_goaway",
         "io",
     )
 
@@ -111,6 +113,8 @@ class Link:
         self.listener = listener
         #: called by the engine when a draining link has nothing outstanding
         self.on_idle: Callable[[Link], None] | None = None
+        #: called by the engine when the peer sends GOAWAY on this upstream link
+        self.on_goaway: Callable[[Link], None] | None = None
         #: the shell's object for this link (opaque to the engine)
         self.io: Any = None
 
@@ -128,7 +132,11 @@ class Cluster:
     #: endpoint address -> links that are connected and not draining
     links: dict[str, list[Link]] = field(default_factory=dict)
     balancer: Balancer | None = None
-    _rr: itertools.count[int] = field(default_factory=itertools.count)
+    #: connection attempts under way (the shell keeps this up to date)
+    connecting: int = 0
+    #: requests that found no connection while one was being (re)established:
+    #: (downstream link, the raw frame, when parked)
+    parked: list[tuple[Link, bytes, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.balancer is None:
@@ -206,7 +214,10 @@ class Engine:
         default_timeout: float = 5.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         stats: ProxyStats | None = None,
+        park_timeout: float = 1.0,
     ) -> None:
+        #: how long a request may wait for a connection that is being established
+        self.park_timeout = park_timeout
         self.clusters: dict[str, Cluster] = {c.name: c for c in clusters}
         self.max_pending = max_pending
         self.default_timeout = default_timeout
@@ -327,6 +338,12 @@ class Engine:
                 return
             up = cluster.pick()
             if up is None:
+                if cluster.connecting and len(cluster.parked) < MAX_PARKED:
+                    # a connection is on its way (e.g. replacing one that got
+                    # GOAWAY): hold the request until it is up
+                    cluster.parked.append((down, bytes(mv[off : off + size]), now))
+                    stats.error("parked")
+                    return
                 stats.rejected("unavailable")
                 if not oneway:
                     self._answer(down, sid, Status.UNAVAILABLE, f"no healthy endpoint in cluster {cluster.name!r}")
@@ -399,6 +416,8 @@ class Engine:
             if up.cluster is not None:
                 up.cluster.remove_link(up)
             self.stats.error("goaway_received")
+            if up.on_goaway is not None:
+                up.on_goaway(up)
             log.info("GOAWAY from %s: taken out of the pool, %d in flight", up.name, len(up.pending))
 
     def link_lost(self, link: Link, reason: str) -> None:
@@ -441,6 +460,35 @@ class Engine:
         link.out += encode_frame(_PING, token)
         self._mark(link)
 
+    def unpark(self, cluster: Cluster, now: float) -> None:
+        """Route the requests parked on ``cluster`` again (a connection came up, or an attempt failed)."""
+        if not cluster.parked:
+            return
+        parked = cluster.parked
+        cluster.parked = []
+        for down, raw, _t in parked:
+            if down.closed:
+                continue
+            scanner = self.new_scanner(down)
+            buf = bytearray(raw)
+            n = scanner.scan(buf)
+            with memoryview(buf) as mv:
+                relay_requests(self, down, scanner, n, mv, now)
+
+    def _expire_parked(self, now: float) -> None:
+        for cluster in self.clusters.values():
+            if cluster.parked and now - cluster.parked[0][2] > self.park_timeout:
+                keep = []
+                for down, raw, t in cluster.parked:
+                    if now - t <= self.park_timeout:
+                        keep.append((down, raw, t))
+                        continue
+                    self.stats.rejected("unavailable")
+                    if raw[3] == _REQUEST:
+                        sid = _U64.unpack_from(raw, 8)[0]
+                        self._answer(down, sid, Status.UNAVAILABLE, f"no connection to cluster {cluster.name!r} in time")
+                cluster.parked = keep
+
     def abort_all(self, reason: str) -> int:
         """Answer every request in flight UNAVAILABLE (end of a drain). Returns how many."""
         n = 0
@@ -464,6 +512,7 @@ class Engine:
         Returns:
             The next deadline, or None when nothing is pending.
         """
+        self._expire_parked(now)
         keys = self.timer_keys
         wheel = self.timer_wheel
         now_key = int(now * TIMER_BUCKETS_PER_SECOND)

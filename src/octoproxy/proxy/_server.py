@@ -142,6 +142,7 @@ class Proxy:
             default_timeout=up.default_timeout,
             max_frame_size=config.proxy.max_frame_size,
             stats=self.stats,
+            park_timeout=up.connect_timeout,
         )
         if config.inbound is not None:
             app = Cluster("local_app", "least_request", [Endpoint(f"unix:{config.inbound.app_uds}")])
@@ -341,12 +342,23 @@ class Proxy:
                 nursery.start_soon(self._maintain, app, app.endpoints[0], slot)
 
     async def _maintain(self, cluster: Cluster, ep: Endpoint, slot: int) -> None:
-        """Keep one upstream connection to ``ep`` open, reconnecting with back-off."""
+        """Keep one upstream connection to ``ep`` open, reconnecting with back-off.
+
+        A connection that receives GOAWAY is replaced at once: the new one is
+        dialled while the old one finishes its in-flight requests in the
+        background, and requests that find no connection in between are
+        parked by the engine until the new one is up.
+        """
         up = self.config.upstream
         backoff = 0.05
         failures = 0
         gauge = self.stats.upstream_connections.labels(cluster.name)
+        assert self._pool_nursery is not None
+        counted = False  # cluster.connecting already counts the next attempt
         while True:
+            if not counted:
+                cluster.connecting += 1
+            counted = False
             try:
                 sock = await connect_raw(ep.address, up.connect_timeout)
             except (OSError, trio.TooSlowError) as exc:
@@ -354,9 +366,13 @@ class Proxy:
                 self.stats.error("upstream_connect_failed")
                 if failures == 1 or failures % 100 == 0:
                     log.warning("cluster %s: cannot connect to %s (%s); retrying", cluster.name, ep.address, exc or "timeout")
+                cluster.connecting -= 1
+                self.engine.unpark(cluster, trio.current_time())  # nothing to wait for now: answer them
+                self.flusher.flush()
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
+            cluster.connecting -= 1
             if failures:
                 log.info("cluster %s: connected to %s after %d failures", cluster.name, ep.address, failures)
             failures = 0
@@ -364,16 +380,35 @@ class Proxy:
             link = Link(UPSTREAM, f"{cluster.name}/{ep.address}#{slot}", endpoint=ep, cluster=cluster)
             conn = Conn(sock, link, self.flusher, max_buffer=1 << 62)
             link.on_idle = lambda _link, c=conn: c.lost("drained after GOAWAY")
+            replace = trio.Event()
+
+            def on_goaway(_link: Link, e: trio.Event = replace) -> None:
+                # count the replacement attempt at once, so that requests in
+                # the same read already park instead of failing
+                nonlocal counted
+                if not counted and not e.is_set():
+                    cluster.connecting += 1
+                    counted = True
+                e.set()
+
+            link.on_goaway = on_goaway
             cluster.add_link(link)
+            self.engine.unpark(cluster, trio.current_time())
+            self.flusher.flush()
             self.upstream_conns.add(conn)
             gauge.inc()
-            try:
-                await self._run_conn(conn)
-            finally:
-                self.upstream_conns.discard(conn)
-                gauge.dec()
-                conn.lost("closed")
+            self._pool_nursery.start_soon(self._run_upstream, conn, replace, gauge)
+            await replace.wait()
             await trio.sleep(0 if link.draining else backoff)
+
+    async def _run_upstream(self, conn: Conn, replace: trio.Event, gauge: Any) -> None:
+        try:
+            await self._run_conn(conn)
+        finally:
+            self.upstream_conns.discard(conn)
+            gauge.dec()
+            conn.lost("closed")
+            replace.set()
 
     # ------------------------------------------------------------ timers
 

@@ -445,16 +445,30 @@ class Proxy:
     # ------------------------------------------------------------ drain
 
     async def _drain(self, mode: str = "hot_restart") -> None:
-        """Stop taking work, finish what is in flight, answer the rest."""
+        """Stop taking work, finish what is in flight, answer the rest.
+
+        Every downstream connection (SDK and peer proxy alike) gets GOAWAY at
+        once: send nothing new here. Requests that still arrive are answered
+        HOT_RESTART (not processed). The connections stay open until their
+        peers close them, which they do once nothing is outstanding on them:
+        closing from this side could cut a request the peer is sending. All of
+        it is bounded by ``drain_time``.
+        """
         self.draining = True
         engine = self.engine
         engine.drain_mode = mode
-        for conn in list(self.conns["inbound"]):
-            engine.goaway(conn.link, "draining")
+        for group in self.conns.values():
+            for conn in list(group):
+                engine.goaway(conn.link, "draining" if not self.handed_over else "hot restart")
         self.flusher.flush()
-        log.info("draining: %d requests in flight, up to %.1fs", engine.pending_count, self.config.proxy.drain_time)
+        log.info(
+            "draining: %d requests in flight, %d connections, up to %.1fs",
+            engine.pending_count,
+            sum(len(g) for g in self.conns.values()),
+            self.config.proxy.drain_time,
+        )
         with trio.move_on_after(self.config.proxy.drain_time):
-            while engine.pending_count:
+            while engine.pending_count or any(self.conns.values()):
                 await trio.sleep(0.005)
         left = engine.abort_all("proxy shut down before the response arrived")
         self.flusher.flush()

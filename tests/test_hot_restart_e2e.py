@@ -100,6 +100,9 @@ async def test_hot_restart_under_load_loses_nothing() -> None:
                     await trio.sleep(0.3)
                     stop_load.set()
 
+                if failures:
+                    for f in sorted(d.glob("*.stderr")):
+                        print(f"--- {f.name} ---\n{f.read_text(errors='replace')[-4000:]}")
                 assert failures == [], failures[:10]
                 async with sdk.open_client(d / "caller.sock") as client:
                     seen = json.loads(await client.call("echo", "seen", b""))

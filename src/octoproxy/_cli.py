@@ -22,6 +22,27 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a sidecar proxy")
     run.add_argument("-c", "--config", required=True, help="proxy configuration file (TOML)")
     run.add_argument("--hot-restart", action="store_true", help="take over from a running proxy")
+    agent = sub.add_parser(
+        "agent",
+        help="supervise a proxy: health checks, restarts, hot-restart upgrades",
+        description="Run the agent (octoproxy agent -c agent.toml), or ask a running one to upgrade its proxy.",
+    )
+    agent.add_argument("-c", "--config", dest="agent_config", help="agent configuration file (TOML)")
+    agent_sub = agent.add_subparsers(dest="agent_command", metavar="[upgrade]")
+    upgrade = agent_sub.add_parser("upgrade", help="ask a running agent to upgrade its proxy (hot restart)")
+    target = upgrade.add_mutually_exclusive_group(required=True)
+    target.add_argument("--admin", help="the agent's admin address, HOST:PORT or unix:/path")
+    target.add_argument("-c", dest="agent_file", metavar="AGENT_TOML", help="the agent's configuration file")
+    upgrade.add_argument("--command", dest="proxy_command", help='new proxy command, e.g. "python -m octoproxy run"')
+    upgrade.add_argument("--config", dest="proxy_config", metavar="PATH", help="new proxy configuration file")
+    cp = sub.add_parser("control-plane", help="run a control-plane server (discovery over WebSocket)")
+    cp.add_argument("--listen", default="127.0.0.1:15010", help="host:port of the WebSocket listener")
+    cp.add_argument("--store", choices=["embedded", "etcd"], default="embedded", help="where state lives")
+    cp.add_argument("--snapshot", help="embedded store: snapshot file (restored at start, kept up to date)")
+    cp.add_argument("--etcd-endpoints", default="http://127.0.0.1:2379", help="etcd store: comma-separated client URLs")
+    cp.add_argument("--etcd-prefix", default="/octoproxy/", help="etcd store: key prefix")
+    cp.add_argument("--admin", help="host:port or unix:/path serving GET /healthz and GET /sessions")
+    cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
 
@@ -35,5 +56,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .proxy._main import run_from_cli
 
         return run_from_cli(args.config, hot_restart=args.hot_restart)
+    if args.command == "control-plane":
+        from .controlplane._main import run_from_cli as run_control_plane
+
+        return run_control_plane(
+            args.listen,
+            store=args.store,
+            snapshot=args.snapshot,
+            etcd_endpoints=args.etcd_endpoints,
+            etcd_prefix=args.etcd_prefix,
+            admin=args.admin,
+            log_level=args.log_level,
+        )
+    if args.command == "agent":
+        from .agent._main import agent_from_cli
+
+        return agent_from_cli(args)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2

@@ -1,0 +1,150 @@
+"""The TOML configuration of ``octoproxy agent -c agent.toml``.
+
+Declared with the same field machinery as the proxy's configuration
+(:mod:`octoproxy._config`): each key carries its kind, default and doc, so
+validation, errors that name the key, and the reference in ``docs/agent.md``
+(:func:`render_agent_reference`) come from one place.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._config import _PATH, _Bad, _integer, _Kind, _LISTEN, _opt, _optional, _parse_table, _render_table, _required, _seconds, _table
+from .._errors import ConfigError
+from ._policy import PolicyConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["AgentConfig", "AgentSettings", "DEFAULT_COMMAND", "load_agent_config", "parse_agent_config", "render_agent_reference"]
+
+#: how the proxy is started unless ``agent.command`` says otherwise
+DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "octoproxy", "run")
+
+
+def _convert_command(v: object, key: str, base_dir: Path | None) -> tuple[str, ...]:
+    if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
+        return tuple(v)
+    raise _Bad
+
+
+_COMMAND = _Kind("a non-empty array of non-empty strings", "array of strings", _convert_command, list)
+_POSITIVE = _seconds()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentSettings:
+    """The supervisor of one proxy. Every key but `proxy_config` is optional."""
+
+    admin: str = _opt(
+        _LISTEN, "127.0.0.1:0", "Where the agent's admin HTTP API listens: `host:port` (port 0 picks one) or `unix:/path`."
+    )
+    proxy_config: Path = _required(_PATH, "The proxy's configuration file, passed as `-c <file>` to `command`.")
+    command: tuple[str, ...] = _opt(
+        _COMMAND,
+        DEFAULT_COMMAND,
+        "How to start the proxy; `-c <proxy_config>` is appended (and `--hot-restart` for an upgrade).",
+        default_doc='`[<this python>, "-m", "octoproxy", "run"]`',
+    )
+    health_interval: float = _opt(_POSITIVE, 1.0, "Time between liveness (`GET /healthz`) and readiness (`GET /ready`) checks.")
+    health_timeout: float = _opt(_POSITIVE, 1.0, "Deadline of each check; a late answer is a failure.")
+    failure_threshold: int = _opt(_integer(1, 1000), 3, "Liveness failures in a row that make the agent restart the proxy.")
+    start_timeout: float = _opt(
+        _POSITIVE, 15.0, "A started proxy must print its ready line and answer `/ready` 200 within this, or it is restarted."
+    )
+    backoff_initial: float = _opt(_POSITIVE, 0.2, "Delay before restarting after one failure; doubled per recent failure.")
+    backoff_max: float = _opt(_POSITIVE, 10.0, "Cap on the restart delay; must be >= `backoff_initial`.")
+    crash_loop_limit: int = _opt(
+        _integer(1, 1000), 5, "This many failures within `crash_loop_window` stop the restarts (state `crash_loop`)."
+    )
+    crash_loop_window: float = _opt(_POSITIVE, 60.0, "The sliding window of the crash-loop detector (and of the back-off).")
+    upgrade_timeout: float = _opt(
+        _POSITIVE, 15.0, "A hot-restarted candidate must print its ready line and answer `/ready` 200 within this, or the upgrade is rolled back."
+    )
+    stop_grace: float = _opt(_POSITIVE, 10.0, "After SIGTERM, time the proxy gets to exit before SIGKILL.")
+    log_file: Path | None = _optional(
+        _PATH, "File the proxy's stderr is appended to (relative to the agent file).", default_doc="the agent's stderr"
+    )
+
+    def policy(self) -> PolicyConfig:
+        """The :class:`~octoproxy.agent._policy.PolicyConfig` these settings describe."""
+        return PolicyConfig(
+            failure_threshold=self.failure_threshold,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
+            crash_loop_limit=self.crash_loop_limit,
+            crash_loop_window=self.crash_loop_window,
+            start_timeout=self.start_timeout,
+            upgrade_timeout=self.upgrade_timeout,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """The whole agent file. Build it with :func:`load_agent_config`."""
+
+    agent: AgentSettings = _required(_table(AgentSettings, "[agent]"), "The agent and the proxy it supervises.")
+
+
+def parse_agent_config(data: Mapping[str, object], *, base_dir: Path | None = None) -> AgentConfig:
+    """Validate parsed TOML into an agent configuration.
+
+    Args:
+        data: the document, as ``tomllib`` returns it.
+        base_dir: directory relative paths are resolved against (the agent
+            file's directory); ``None`` leaves them relative.
+
+    Returns:
+        The validated configuration, defaults filled in.
+
+    Raises:
+        ConfigError: on an unknown key, a missing required key, a bad value,
+            or ``backoff_max < backoff_initial``; the message starts with the key.
+    """
+    cfg: AgentConfig = _parse_table(AgentConfig, data, "", base_dir)
+    a = cfg.agent
+    if a.backoff_max < a.backoff_initial:
+        raise ConfigError(f"agent.backoff_max: must be >= agent.backoff_initial ({a.backoff_initial}), got {a.backoff_max}")
+    return cfg
+
+
+def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and validate an agent TOML file.
+
+    Args:
+        path: the file; relative paths in it are resolved against its directory.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: if the file cannot be read, is not TOML, or does not validate.
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+    return parse_agent_config(data, base_dir=p.absolute().parent)
+
+
+def render_agent_reference() -> str:
+    """Render the key-by-key reference of the agent file (Markdown).
+
+    Returns:
+        The text ``docs/agent.md`` holds between its ``<!-- BEGIN CONFIG -->``
+        and ``<!-- END CONFIG -->`` markers.
+    """
+    out: list[str] = []
+    _render_table(AgentSettings, "[agent]", (AgentSettings.__doc__ or "").strip(), out)
+    return "\n".join(out)

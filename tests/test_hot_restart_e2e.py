@@ -141,7 +141,9 @@ async def test_new_process_that_crashes_during_startup_leaves_old_serving() -> N
                     assert p.returncode == 1, p.stderr
                     # 3: a new process killed in the middle of its warm-up
                     proc = await trio.lowlevel.open_process(proxy_argv(dead, hot_restart=True))
-                    await trio.sleep(0.3)
+                    with trio.fail_after(10):  # kill it once it holds the listeners
+                        while (await cp.json("/ready"))["hot_restart"]["state"] != "handing_over":  # type: ignore[index]
+                            await trio.sleep(0.01)
                     proc.send_signal(signal.SIGKILL)
                     await proc.wait()
                     # the old proxy never stopped serving, on the same connection and on new ones

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("-c", dest="agent_file", metavar="AGENT_TOML", help="the agent's configuration file")
     upgrade.add_argument("--command", dest="proxy_command", help='new proxy command, e.g. "python -m octoproxy run"')
     upgrade.add_argument("--config", dest="proxy_config", metavar="PATH", help="new proxy configuration file")
+    demo = sub.add_parser("demo", help="run the whole mesh on this machine with traffic and hot restarts")
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default 20)")
+    demo.add_argument("--workers", type=int, default=32, help="calls in flight (default 32)")
     cp = sub.add_parser("control-plane", help="run a control-plane server (discovery over WebSocket)")
     cp.add_argument("--listen", default="127.0.0.1:15010", help="host:port of the WebSocket listener")
     cp.add_argument("--store", choices=["embedded", "etcd"], default="embedded", help="where state lives")
@@ -68,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin=args.admin,
             log_level=args.log_level,
         )
+    if args.command == "demo":
+        from ._demo import main as demo_main
+
+        return demo_main(args.duration, args.workers)
     if args.command == "agent":
         from .agent._main import agent_from_cli
 

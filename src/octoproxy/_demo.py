@@ -1,0 +1,330 @@
+"""``octoproxy demo``: the whole mesh on one machine, nothing to configure.
+
+What runs (all on loopback and in a temp dir, all cleaned up on exit or Ctrl-C):
+
+* two provider apps ("echo" service, this process, SDK ``serve``), each behind
+  its own octoproxy: provider 1's proxy supervised by ``octoproxy agent``,
+  provider 2's plain ``octoproxy run``;
+* a caller app (this process, SDK client, many calls in flight on long-lived
+  connections) behind its own octoproxy, routing "echo" over both providers;
+* in the middle of the traffic: a hot-restart upgrade of provider 1's proxy
+  through its agent, then a hot restart of the caller's proxy.
+
+A live progress line, then a summary table. Exit status 1 if any call failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from . import sdk
+from ._admin import http_request
+
+__all__ = ["main"]
+
+
+@dataclass
+class Stats:
+    calls: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        data = sorted(self.latencies)
+        return data[min(len(data) - 1, int(q * len(data)))]
+
+
+@dataclass
+class Child:
+    name: str
+    process: trio.Process
+    info: dict[str, str]
+    log: Path
+
+
+class Demo:
+    def __init__(self, workdir: Path, duration: float, workers: int, out: object = sys.stdout) -> None:
+        self.dir = workdir
+        self.duration = duration
+        self.workers = workers
+        self.stats = Stats()
+        self.children: list[Child] = []
+        self.out = out
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)  # type: ignore[call-overload]
+
+    # ------------------------------------------------------------ processes
+
+    async def spawn(self, name: str, argv: list[str], ready: str, timeout: float = 20.0) -> Child:
+        log = self.dir / f"{name}.log"
+        with open(log, "ab") as err:
+            proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+        child = Child(name, proc, {}, log)
+        self.children.append(child)
+        assert proc.stdout is not None
+        buf = b""
+        with trio.fail_after(timeout):
+            while True:
+                chunk = await proc.stdout.receive_some(4096)
+                if not chunk:
+                    raise RuntimeError(f"{name} exited before it was ready; see {log}:\n{log.read_text()[-2000:]}")
+                buf += chunk
+                for line in buf.decode(errors="replace").splitlines():
+                    if line.startswith(ready):
+                        child.info = dict(w.split("=", 1) for w in line.split()[2:] if "=" in w)
+                        return child
+
+    async def stop_all(self) -> None:
+        with trio.CancelScope(shield=True):
+            for child in reversed(self.children):
+                if child.process.returncode is None:
+                    try:
+                        os.killpg(child.process.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            with trio.move_on_after(8):
+                for child in self.children:
+                    await child.process.wait()
+            for child in self.children:
+                if child.process.returncode is None:
+                    try:
+                        os.killpg(child.process.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    await child.process.wait()
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.dir / name
+        path.write_text(text)
+        return path
+
+    # ------------------------------------------------------------ the mesh
+
+    def provider_config(self, i: int, port: int) -> Path:
+        d = self.dir
+        return self.write(
+            f"provider{i}.toml",
+            f"""[proxy]
+service = "echo"
+drain_time = 5.0
+shutdown_time = 8.0
+log_level = "warning"
+[outbound]
+uds = "{d}/p{i}-out.sock"
+[inbound]
+listen = "127.0.0.1:{port}"
+app_uds = "{d}/p{i}-app.sock"
+[admin]
+listen = "127.0.0.1:0"
+""",
+        )
+
+    def caller_config(self, ports: list[int]) -> Path:
+        d = self.dir
+        endpoints = ", ".join(f'{{ address = "127.0.0.1:{p}" }}' for p in ports)
+        return self.write(
+            "caller.toml",
+            f"""[proxy]
+service = "demo-caller"
+drain_time = 5.0
+shutdown_time = 8.0
+log_level = "warning"
+[outbound]
+uds = "{d}/caller.sock"
+[admin]
+listen = "127.0.0.1:0"
+[[routes]]
+service = "echo"
+cluster = "echo"
+timeout = 5.0
+[clusters.echo]
+lb = "least_request"
+endpoints = [ {endpoints} ]
+""",
+        )
+
+    async def run(self) -> int:
+        py = sys.executable
+        ports = [_free_port(), _free_port()]
+        served = [0, 0]
+
+        def make_handler(i: int) -> sdk.Handler:
+            async def handler(req: sdk.Request) -> bytes:
+                served[i] += 1
+                return req.body
+
+            return handler
+
+        async with trio.open_nursery() as nursery:
+            try:
+                for i in (0, 1):
+                    await nursery.start(sdk.serve, self.dir / f"p{i + 1}-app.sock", make_handler(i))
+                self.say(f"[demo] workdir {self.dir}")
+                p1cfg = self.provider_config(1, ports[0])
+                agent_cfg = self.write(
+                    "agent1.toml", f'[agent]\nadmin = "127.0.0.1:0"\nproxy_config = "{p1cfg}"\nupgrade_timeout = 20.0\n'
+                )
+                agent = await self.spawn("agent1", [py, "-m", "octoproxy", "agent", "-c", str(agent_cfg)], "octoproxy agent ready")
+                self.say(f"[demo] provider 1: app + octoproxy under the agent (agent admin {agent.info['admin']})")
+                await self.spawn("provider2", [py, "-m", "octoproxy", "run", "-c", str(self.provider_config(2, ports[1]))], "octoproxy ready")
+                self.say("[demo] provider 2: app + octoproxy")
+                ccfg = self.caller_config(ports)
+                caller = await self.spawn("caller", [py, "-m", "octoproxy", "run", "-c", str(ccfg)], "octoproxy ready")
+                await _wait_ready(caller.info["admin"])
+                self.say(f"[demo] caller: app + octoproxy on {self.dir / 'caller.sock'}; {self.workers} calls in flight for {self.duration:.0f}s")
+                await self.traffic(agent, ccfg)
+            finally:
+                nursery.cancel_scope.cancel()
+        caller_admin = self.children[-1].info.get("admin", "")
+        return self.summary(served, caller_admin)
+
+    async def traffic(self, agent: Child, caller_cfg: Path) -> None:
+        stats = self.stats
+        stop = trio.Event()
+        t_start = trio.current_time()
+
+        async def worker(client: sdk.Client, n: int) -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                body = f"{n}:{i}".encode()
+                t0 = time.perf_counter()
+                try:
+                    got = await client.call("echo", "echo", body, timeout=10)
+                    if got != body:
+                        raise sdk.CallError(sdk.Status.APPLICATION_ERROR, "wrong body")
+                except sdk.CallError as exc:
+                    stats.errors += 1
+                    if len(stats.error_samples) < 5:
+                        stats.error_samples.append(repr(exc))
+                    continue
+                stats.calls += 1
+                stats.latencies.append(time.perf_counter() - t0)
+
+        async def progress() -> None:
+            last = 0
+            while not stop.is_set():
+                await trio.sleep(1)
+                elapsed = trio.current_time() - t_start
+                rate = stats.calls - last
+                last = stats.calls
+                self.say(
+                    f"[demo] {elapsed:5.1f}s  calls {stats.calls:8d}  {rate:6d}/s  errors {stats.errors}"
+                    f"  p50 {stats.percentile(0.5) * 1e3:6.2f} ms  p99 {stats.percentile(0.99) * 1e3:6.2f} ms"
+                )
+
+        async def upgrades() -> None:
+            await trio.sleep(self.duration / 3)
+            self.say("[demo] upgrading provider 1's proxy through its agent (hot restart) ...")
+            status, _h, body = await http_request(agent.info["admin"], "POST", "/upgrade", b"{}", timeout=30)
+            outcome = json.loads(body).get("outcome", body.decode(errors="replace")) if body else status
+            stats.events.append(f"provider 1 proxy upgraded via agent: {outcome}")
+            self.say(f"[demo] ... {outcome}")
+            await trio.sleep(self.duration / 3)
+            self.say("[demo] hot-restarting the caller's proxy ...")
+            new = await self.spawn(
+                "caller", [sys.executable, "-m", "octoproxy", "run", "-c", str(caller_cfg), "--hot-restart"], "octoproxy ready"
+            )
+            stats.events.append(f"caller proxy hot-restarted: generation {new.info.get('generation')}")
+            self.say(f"[demo] ... caller proxy generation {new.info.get('generation')} serving")
+
+        async with sdk.open_client(self.dir / "caller.sock") as c1, sdk.open_client(self.dir / "caller.sock") as c2:
+            async with trio.open_nursery() as n:
+                for w in range(self.workers):
+                    n.start_soon(worker, c1 if w % 2 else c2, w)
+                n.start_soon(progress)
+                n.start_soon(upgrades)
+                await trio.sleep(self.duration)
+                stop.set()
+        self.resends = c1.resends + c2.resends
+
+    def summary(self, served: list[int], caller_admin: str) -> int:
+        s = self.stats
+        rows = [
+            ("calls", f"{s.calls}"),
+            ("errors", f"{s.errors}"),
+            ("p50 latency", f"{s.percentile(0.5) * 1e3:.2f} ms"),
+            ("p99 latency", f"{s.percentile(0.99) * 1e3:.2f} ms"),
+            ("served by provider 1 / 2", f"{served[0]} / {served[1]}"),
+            ("hot restarts", f"{len(s.events)}"),
+            ("SDK resends (HOT_RESTART, not processed)", f"{getattr(self, 'resends', 0)}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        self.say("")
+        self.say("octoproxy demo summary")
+        self.say("-" * (width + 20))
+        for k, v in rows:
+            self.say(f"{k:<{width}}  {v}")
+        for e in s.events:
+            self.say(f"  * {e}")
+        for e in s.error_samples:
+            self.say(f"  ! {e}")
+        self.say("-" * (width + 20))
+        ok = s.errors == 0 and s.calls > 0
+        self.say("result: OK, no call failed" if ok else "result: FAILED")
+        return 0 if ok else 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_ready(admin: str, timeout: float = 20.0) -> None:
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                status, _h, _b = await http_request(admin, "GET", "/ready", timeout=2)
+                if status == 200:
+                    return
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+                pass
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def _demo_dir() -> AsyncIterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="octoproxy-demo-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def _main(duration: float, workers: int) -> int:
+    async with _demo_dir() as d:
+        demo = Demo(d, duration, workers)
+        try:
+            return await demo.run()
+        finally:
+            await demo.stop_all()
+
+
+def main(duration: float = 20.0, workers: int = 32) -> int:
+    """Run the demo; returns the exit status (1 if any call failed)."""
+    try:
+        return trio.run(_main, duration, workers)
+    except KeyboardInterrupt:
+        print("\n[demo] interrupted; everything it started has been stopped", file=sys.stderr)
+        return 130

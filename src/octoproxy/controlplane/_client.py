@@ -1,0 +1,404 @@
+"""The proxy's discovery client: one WebSocket to one control plane at a time (Trio shell).
+
+Theory of operation: :meth:`DiscoveryClient.run` loops over the control-plane
+URLs: connect, run a session until it breaks, back off (not after a session
+that worked: the next URL is tried at once), go on with the next URL. The
+protocol state lives in a sans-IO :class:`~octoproxy._xds_client.XdsClient`
+that outlives connections: on each new connection its
+:meth:`~octoproxy._xds_client.XdsClient.on_reconnect` re-subscribes with the
+versions held, every registration is sent again, and every request still
+waiting for its acknowledgement is resent. While disconnected, held resources
+stay as they were: only the control plane removes them.
+
+A session has a reader (responses -> core -> ACK/NACK and ``on_change``;
+acknowledgements -> waiting callers), a writer (the only task that writes:
+it drains an outbox that core steps append to synchronously, so messages leave
+in the order the state changed), and a pinger (WebSocket ping with a
+deadline; ``LeaseKeepAlive`` when there are registrations). Any of them
+failing closes the session.
+
+Public calls (``subscribe``, ``register``...) change the core or the
+registration table at once, queue what to send if connected, and wait (with
+a deadline) for the answer: a call that times out has still been recorded and
+takes effect on the next connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import trio
+from google.protobuf.message import DecodeError, Message
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
+
+from .._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES, DiscoveryError, ResourceChange, Validator, XdsClient
+from ..proto import octoproxy_discovery_pb2 as pb
+from ._server import MAX_MESSAGE_SIZE
+
+__all__ = ["DiscoveryClient", "OnChange"]
+
+logger = logging.getLogger("octoproxy.controlplane.client")
+
+#: ``on_change(changes)``: called after every response that changed held resources.
+OnChange = Callable[[list[ResourceChange]], None]
+
+_CONNECTION_ERRORS = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError)
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class _Pending:
+    message: pb.ClientMessage
+    done: trio.Event = field(default_factory=trio.Event)
+    error: str = ""
+
+
+@dataclass
+class _Registration:
+    endpoint: pb.Endpoint
+    ttl: float
+    request_id: int = 0
+
+
+class DiscoveryClient:
+    """Keeps a proxy's subscriptions and registrations on a control plane.
+
+    Start it with ``await nursery.start(client.run)`` (it reports started at
+    once; use :meth:`wait_connected` to wait for a connection).
+
+    Args:
+        urls: control-plane URLs, e.g. ``["ws://127.0.0.1:15010/v1/discovery"]``;
+            tried in order, failing over to the next on error.
+        node_id: this proxy's identity (appears in control-plane logs).
+        on_change: called with the list of :class:`ResourceChange` after each
+            response that changed a held resource (exceptions are logged).
+        validate: ``validate(type_url, name, resource)``; raising rejects
+            (NACKs) the whole response, which leaves the held state unchanged.
+        connect_timeout: deadline of connecting plus the WebSocket handshake.
+        ping_interval: how often the connection is checked with a ping.
+        ping_timeout: a pong later than this closes the connection.
+        backoff: ``(first, max)`` delay in seconds between failed attempts.
+
+    Raises:
+        ValueError: if ``urls`` is empty.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        node_id: str,
+        on_change: OnChange | None = None,
+        *,
+        validate: Validator | None = None,
+        connect_timeout: float = 2.0,
+        ping_interval: float = 5.0,
+        ping_timeout: float = 3.0,
+        backoff: tuple[float, float] = (0.05, 2.0),
+    ) -> None:
+        if not urls:
+            raise ValueError("need at least one control-plane URL")
+        self.urls = list(urls)
+        self.node_id = node_id
+        self.on_change = on_change
+        self.validate = validate
+        self.connect_timeout = connect_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.backoff = backoff
+        self.core = XdsClient(node_id)
+        #: the URL of the current connection, ``None`` while disconnected
+        self.url: str | None = None
+        #: how many connections were established so far
+        self.connections = 0
+        self._registrations: dict[tuple[str, str], _Registration] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 1
+        self._outbox: deque[pb.ClientMessage] | None = None  # None while disconnected
+        self._outbox_ready = trio.Event()
+        self._changed = trio.Event()
+
+    # ------------------------------------------------------------ state
+    @property
+    def connected(self) -> bool:
+        """True while a session with a control plane is up."""
+        return self._outbox is not None
+
+    def held(self, type_url: str = TYPE_ENDPOINTS) -> dict[str, Message]:
+        """Return ``{service: resource}`` held for ``type_url`` (kept while disconnected)."""
+        return self.core.held(type_url)
+
+    def is_absent(self, name: str, type_url: str = TYPE_ENDPOINTS) -> bool:
+        """True if the control plane said ``name`` does not exist."""
+        return self.core.is_absent(type_url, name)
+
+    def registrations(self) -> dict[tuple[str, str], pb.Endpoint]:
+        """Return ``{(service, address): endpoint}`` this client keeps registered."""
+        return {k: r.endpoint for k, r in self._registrations.items()}
+
+    def _bump(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _send(self, messages: Iterable[pb.ClientMessage]) -> None:
+        if self._outbox is not None:
+            self._outbox.extend(messages)
+            self._outbox_ready.set()
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Return once connected.
+
+        Raises:
+            trio.TooSlowError: if not connected within ``timeout`` seconds.
+        """
+        with trio.fail_after(timeout):
+            while not self.connected:
+                await self._changed.wait()
+
+    # ------------------------------------------------------------ subscriptions
+    async def subscribe(
+        self, names: Iterable[str], timeout: float = 5.0, *, types: Iterable[str] = (TYPE_ENDPOINTS, TYPE_ROUTES)
+    ) -> None:
+        """Subscribe to services and wait until their resources are resolved.
+
+        Resolved means held, or known not to exist (a service with no
+        endpoint, or without route rules).
+
+        Args:
+            names: service names.
+            timeout: seconds to wait; the subscription stays either way.
+            types: resource types to subscribe to (default: endpoints and routes).
+
+        Raises:
+            trio.TooSlowError: if some name is still unresolved after ``timeout``.
+            ValueError: on an empty name or unknown type.
+        """
+        names, types = list(names), list(types)
+        for type_url in types:
+            self._send(self.core.subscribe(type_url, names))
+        with trio.fail_after(timeout):
+            while not all(self.core.is_resolved(t, n) for t in types for n in names):
+                await self._changed.wait()
+
+    def unsubscribe(self, names: Iterable[str], *, types: Iterable[str] = (TYPE_ENDPOINTS, TYPE_ROUTES)) -> None:
+        """Drop subscriptions; their resources are forgotten at once (no ``on_change`` call)."""
+        names = list(names)
+        for type_url in types:
+            self._send(self.core.unsubscribe(type_url, names))
+
+    # ------------------------------------------------------------ registrations
+    def _request(self, build: Callable[[int], pb.ClientMessage]) -> tuple[int, _Pending]:
+        request_id = self._next_id
+        self._next_id += 1
+        pending = _Pending(build(request_id))
+        self._pending[request_id] = pending
+        self._send([pending.message])
+        return request_id, pending
+
+    async def _wait(self, pending: _Pending, timeout: float) -> None:
+        with trio.fail_after(timeout):
+            await pending.done.wait()
+        if pending.error:
+            raise DiscoveryError(pending.error)
+
+    def _register_message(self, service: str, reg: _Registration) -> Callable[[int], pb.ClientMessage]:
+        def build(request_id: int) -> pb.ClientMessage:
+            reg.request_id = request_id
+            msg = pb.Register(request_id=request_id, service=service, endpoint=reg.endpoint)
+            msg.lease_ttl_ms = max(1, round(reg.ttl * 1000))
+            return pb.ClientMessage(register=msg)
+
+        return build
+
+    async def register(self, service: str, endpoint: pb.Endpoint, ttl: float = 10.0, timeout: float = 5.0) -> None:
+        """Register ``endpoint`` under ``service`` and keep it registered.
+
+        The registration is kept alive while connected and re-sent on every
+        new connection, until :meth:`deregister`.
+
+        Args:
+            service: service name.
+            endpoint: the endpoint (its ``address`` is the key).
+            ttl: lease TTL: how long the registration outlives a lost connection.
+            timeout: seconds to wait for the control plane's acknowledgement.
+
+        Raises:
+            DiscoveryError: if the control plane refused it (it is then forgotten).
+            trio.TooSlowError: if not acknowledged in time (it stays recorded
+                and is sent on the next connection).
+        """
+        ep = pb.Endpoint()
+        ep.CopyFrom(endpoint)
+        reg = _Registration(ep, ttl)
+        key = (service, ep.address)
+        self._registrations[key] = reg
+        request_id, pending = self._request(self._register_message(service, reg))
+        try:
+            await self._wait(pending, timeout)
+        except DiscoveryError:
+            if self._registrations.get(key) is reg and reg.request_id == request_id:
+                del self._registrations[key]
+            raise
+
+    async def set_status(self, service: str, address: str, status: int, timeout: float = 5.0) -> None:
+        """Change the status (``pb.Endpoint.HEALTHY`` ...) of a registration.
+
+        Raises:
+            DiscoveryError: if the control plane refused (e.g. not registered).
+            trio.TooSlowError: if not acknowledged in time.
+        """
+        reg = self._registrations.get((service, address))
+        if reg is not None:
+            reg.endpoint.status = status  # type: ignore[assignment]
+        _, pending = self._request(
+            lambda rid: pb.ClientMessage(
+                set_status=pb.SetStatus(request_id=rid, service=service, address=address, status=status)  # type: ignore[arg-type]
+            )
+        )
+        await self._wait(pending, timeout)
+
+    async def deregister(self, service: str, address: str, timeout: float = 5.0) -> None:
+        """Remove a registration (at once; not re-sent on reconnect).
+
+        Raises:
+            DiscoveryError: if the control plane does not know it.
+            trio.TooSlowError: if not acknowledged in time.
+        """
+        self._registrations.pop((service, address), None)
+        _, pending = self._request(
+            lambda rid: pb.ClientMessage(deregister=pb.Deregister(request_id=rid, service=service, address=address))
+        )
+        await self._wait(pending, timeout)
+
+    async def put_route_rules(self, rules: pb.RouteRules, timeout: float = 5.0) -> None:
+        """Replace a service's route rules (operator tooling; no rules deletes them).
+
+        Raises:
+            DiscoveryError: if the control plane refused them.
+            trio.TooSlowError: if not acknowledged in time.
+        """
+        _, pending = self._request(
+            lambda rid: pb.ClientMessage(put_route_rules=pb.PutRouteRules(request_id=rid, rules=rules))
+        )
+        await self._wait(pending, timeout)
+
+    # ------------------------------------------------------------ connection loop
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        """Connect, and reconnect, until cancelled (reports started at once)."""
+        task_status.started()
+        delay = self.backoff[0]
+        index = 0
+        while True:
+            url = self.urls[index % len(self.urls)]
+            before = self.connections
+            try:
+                await self._run_connection(url)
+            except* _CONNECTION_ERRORS as group:
+                logger.info("control plane %s: %s", url, _describe(group))
+            except* (DiscoveryError, DecodeError) as group:
+                logger.warning("control plane %s: protocol error: %s", url, _describe(group))
+            finally:
+                self._outbox = None
+                self.url = None
+                self._bump()
+            index += 1
+            if self.connections != before:
+                delay = self.backoff[0]
+                continue  # a session worked: fail over to the next URL at once
+            await trio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, self.backoff[1])
+
+    async def _run_connection(self, url: str) -> None:
+        async with trio.open_nursery() as nursery:
+            # The deadline also covers a trio-websocket quirk: a connection
+            # reset during the opening handshake does not end the wait for
+            # the handshake (e.g. a server killed with our SYN in its queue).
+            with trio.fail_after(self.connect_timeout):
+                ws = await connect_websocket_url(nursery, url, max_message_size=MAX_MESSAGE_SIZE)
+            try:
+                outbox = deque(self.core.on_reconnect())
+                for (service, _), reg in self._registrations.items():
+                    if reg.request_id not in self._pending:
+                        request_id = self._next_id
+                        self._next_id += 1
+                        msg = self._register_message(service, reg)(request_id)
+                        self._pending[request_id] = _Pending(msg)
+                for request_id in sorted(self._pending):
+                    outbox.append(self._pending[request_id].message)
+                self._outbox = outbox
+                self.url = url
+                self.connections += 1
+                self._bump()
+                logger.info("connected to control plane %s", url)
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(self._writer, ws)
+                    tasks.start_soon(self._pinger, ws)
+                    try:
+                        await self._reader(ws)
+                    finally:
+                        tasks.cancel_scope.cancel()
+            finally:
+                self._outbox = None
+                # A graceful close needs the reader task, which a cancellation
+                # of this whole client has already stopped: then just drop it.
+                cancelled = trio.current_effective_deadline() == -math.inf
+                with trio.CancelScope(shield=True), trio.move_on_after(0 if cancelled else 1.0):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def _writer(self, ws: WebSocketConnection) -> None:
+        outbox = self._outbox
+        assert outbox is not None
+        while True:
+            while outbox:
+                data = outbox.popleft().SerializeToString()
+                with trio.CancelScope(shield=True), trio.fail_after(self.ping_timeout + self.connect_timeout):
+                    await ws.send_message(data)
+            self._outbox_ready = trio.Event()
+            await self._outbox_ready.wait()
+
+    async def _pinger(self, ws: WebSocketConnection) -> None:
+        while True:
+            ttls = [r.ttl / 3 for r in self._registrations.values()]
+            await trio.sleep(min([self.ping_interval, *ttls]))
+            if self._registrations:
+                self._send([pb.ClientMessage(keepalive=pb.LeaseKeepAlive())])
+            with trio.fail_after(self.ping_timeout):
+                await ws.ping()
+
+    async def _reader(self, ws: WebSocketConnection) -> None:
+        while True:
+            data = await ws.get_message()
+            if isinstance(data, str):
+                raise DiscoveryError("text message on the discovery stream")
+            msg = pb.ServerMessage.FromString(data)
+            kind = msg.WhichOneof("message")
+            if kind == "response":
+                outgoing, changes = self.core.on_response(msg, self.validate)
+                self._send(outgoing)
+                if self.core.last_error and outgoing[0].discovery.HasField("error_detail"):
+                    logger.warning("rejected %s update: %s", msg.response.type_url, self.core.last_error)
+                if changes and self.on_change is not None:
+                    try:
+                        self.on_change(changes)
+                    except Exception:
+                        logger.exception("on_change callback failed")
+                self._bump()
+            elif kind == "ack":
+                pending = self._pending.pop(msg.ack.request_id, None)
+                if pending is not None:
+                    pending.error = msg.ack.error
+                    pending.done.set()
+                    if pending.error:
+                        logger.warning("control plane refused request: %s", pending.error)
+                self._bump()

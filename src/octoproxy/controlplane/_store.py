@@ -1,0 +1,291 @@
+"""The store interface of the control plane, and the in-memory view both stores share.
+
+Theory of operation: the control plane is stateless; a :class:`Store` holds
+every registration (leased: it disappears when its lease is not kept alive
+within its TTL) and every service's route rules. Reads never wait on the
+network: each store keeps a :class:`RegistryView` in memory (the embedded
+store *is* its view; the etcd store fills it by list-then-watch), and the view
+tells its listeners which resource changed, synchronously, as soon as it
+changes. A resource's version is a hash of its canonical encoding, so the same
+content has the same version in every control-plane replica and across
+restarts: a reconnecting proxy is re-sent nothing it already holds.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+
+import trio
+
+from .._errors import OctoproxyError
+from .._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES
+from ..proto import octoproxy_discovery_pb2 as pb
+
+__all__ = [
+    "Store",
+    "StoreChange",
+    "StoreError",
+    "StoreUnavailable",
+    "LeaseNotFound",
+    "Lease",
+    "RegistryView",
+    "Listener",
+    "resource_version",
+]
+
+logger = logging.getLogger("octoproxy.controlplane.store")
+
+
+class StoreError(OctoproxyError):
+    """A store operation failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The backing store cannot be reached (every etcd endpoint failed)."""
+
+
+class LeaseNotFound(StoreError):
+    """The lease does not exist (it expired or was revoked)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreChange:
+    """``name`` of ``type_url`` may have changed; ``name is None`` means anything may have."""
+
+    type_url: str
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A granted lease: ``id`` and the TTL the store really applies, in seconds."""
+
+    id: int
+    ttl: float
+
+
+Listener = Callable[[StoreChange], None]
+
+
+def resource_version(body: bytes) -> str:
+    """Return the version of a canonically encoded resource (a content hash)."""
+    return hashlib.sha256(body).hexdigest()[:16]
+
+
+class RegistryView:
+    """Services' endpoints and route rules, in memory, with change listeners.
+
+    Mutations return whether anything changed, and notify listeners only then.
+    """
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, pb.Endpoint]] = {}
+        self.routes: dict[str, pb.RouteRules] = {}
+        self.revision = 0
+        self._listeners: list[Listener] = []
+        self._cache: dict[tuple[str, str], tuple[str, bytes] | None] = {}
+
+    @contextmanager
+    def listen(self, listener: Listener) -> Iterator[None]:
+        """Call ``listener`` on every change while the ``with`` block runs."""
+        self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._listeners.remove(listener)
+
+    def _changed(self, type_url: str, name: str | None) -> None:
+        self.revision += 1
+        if name is None:
+            self._cache.clear()
+        else:
+            self._cache.pop((type_url, name), None)
+        change = StoreChange(type_url, name)
+        for listener in list(self._listeners):
+            try:
+                listener(change)
+            except Exception:  # a broken listener must not stop the others
+                logger.exception("store listener failed")
+
+    def set_endpoint(self, service: str, endpoint: pb.Endpoint) -> bool:
+        """Add or replace ``endpoint`` (by address). Returns True if it changed."""
+        eps = self.services.setdefault(service, {})
+        old = eps.get(endpoint.address)
+        if old is not None and old == endpoint:
+            return False
+        new = pb.Endpoint()
+        new.CopyFrom(endpoint)
+        eps[endpoint.address] = new
+        self._changed(TYPE_ENDPOINTS, service)
+        return True
+
+    def remove_endpoint(self, service: str, address: str) -> bool:
+        """Remove an endpoint; a service left with none ceases to exist."""
+        eps = self.services.get(service)
+        if eps is None or eps.pop(address, None) is None:
+            return False
+        if not eps:
+            del self.services[service]
+        self._changed(TYPE_ENDPOINTS, service)
+        return True
+
+    def set_routes(self, rules: pb.RouteRules) -> bool:
+        """Replace a service's route rules (no rules = delete). Returns True if changed."""
+        if not rules.rules:
+            return self.remove_routes(rules.service)
+        old = self.routes.get(rules.service)
+        if old is not None and old == rules:
+            return False
+        new = pb.RouteRules()
+        new.CopyFrom(rules)
+        self.routes[rules.service] = new
+        self._changed(TYPE_ROUTES, rules.service)
+        return True
+
+    def remove_routes(self, service: str) -> bool:
+        """Delete a service's route rules. Returns True if there were any."""
+        if self.routes.pop(service, None) is None:
+            return False
+        self._changed(TYPE_ROUTES, service)
+        return True
+
+    def replace_all(self, services: Mapping[str, Mapping[str, pb.Endpoint]], routes: Mapping[str, pb.RouteRules]) -> int:
+        """Make the view equal to the given content, notifying per changed name.
+
+        Returns:
+            How many resources changed.
+        """
+        n = 0
+        for service in set(self.services) - set(services):
+            for address in list(self.services.get(service, {})):
+                n += self.remove_endpoint(service, address)
+        for service, eps in services.items():
+            for address in set(self.services.get(service, {})) - set(eps):
+                n += self.remove_endpoint(service, address)
+            for ep in eps.values():
+                n += self.set_endpoint(service, ep)
+        for service in set(self.routes) - set(routes):
+            n += self.remove_routes(service)
+        for rules in routes.values():
+            n += self.set_routes(rules)
+        return n
+
+    def lookup(self, type_url: str, name: str) -> tuple[str, bytes] | None:
+        """Return ``(version, canonical encoding)`` of a resource, or ``None`` if absent."""
+        key = (type_url, name)
+        if key in self._cache:
+            return self._cache[key]
+        msg: pb.ClusterLoadAssignment | pb.RouteRules | None = None
+        if type_url == TYPE_ENDPOINTS and name in self.services:
+            eps = self.services[name]
+            msg = pb.ClusterLoadAssignment(service=name, endpoints=[eps[a] for a in sorted(eps)])
+        elif type_url == TYPE_ROUTES and name in self.routes:
+            msg = self.routes[name]
+        value = None
+        if msg is not None:
+            body = msg.SerializeToString(deterministic=True)
+            value = (resource_version(body), body)
+        self._cache[key] = value
+        return value
+
+
+class Store(abc.ABC):
+    """Where registrations and route rules live. Every method may be called
+    from any task once :meth:`run` has started.
+
+    Writes go to the backing store; reads come from :attr:`view`, which
+    reflects writes as soon as the store has applied them (at once for the
+    embedded store, after the watch event for etcd: milliseconds).
+    """
+
+    view: RegistryView
+
+    @abc.abstractmethod
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the store's background work (lease expiry, snapshots, watches).
+
+        Use as ``await nursery.start(store.run)``: returns from ``start`` once
+        the view is loaded. Runs until cancelled.
+        """
+
+    @abc.abstractmethod
+    async def grant_lease(self, ttl: float) -> Lease:
+        """Create a lease that expires ``ttl`` seconds from now unless kept alive.
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def keepalive_lease(self, lease_id: int) -> bool:
+        """Restart the lease's TTL. Returns False if it no longer exists.
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Delete the lease and every key still attached to it (no error if gone).
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def put_endpoint(self, service: str, endpoint: pb.Endpoint, lease_id: int) -> None:
+        """Register ``endpoint`` under ``service``, attached to the lease.
+
+        Replaces a registration of the same address (and moves it to this lease).
+
+        Raises:
+            LeaseNotFound: if the lease expired.
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def delete_endpoint(self, service: str, address: str) -> bool:
+        """Remove a registration. Returns False if there was none.
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def set_status(self, service: str, address: str, status: int) -> bool:
+        """Change a registration's status, keeping its lease. False if not registered.
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def put_route_rules(self, rules: pb.RouteRules) -> None:
+        """Replace a service's route rules; no rules deletes them (never leased).
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    async def get_endpoints(self, service: str) -> tuple[str, pb.ClusterLoadAssignment] | None:
+        """Return ``(version, endpoints)`` of ``service``, or ``None`` if it has none."""
+        found = self.view.lookup(TYPE_ENDPOINTS, service)
+        if found is None:
+            return None
+        return found[0], pb.ClusterLoadAssignment.FromString(found[1])
+
+    async def get_route_rules(self, service: str) -> tuple[str, pb.RouteRules] | None:
+        """Return ``(version, rules)`` of ``service``, or ``None`` if it has none."""
+        found = self.view.lookup(TYPE_ROUTES, service)
+        if found is None:
+            return None
+        return found[0], pb.RouteRules.FromString(found[1])
+
+    def listen(self, listener: Listener) -> AbstractContextManager[None]:
+        """Call ``listener(StoreChange)`` on every change while the ``with`` block runs."""
+        return self.view.listen(listener)

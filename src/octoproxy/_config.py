@@ -183,6 +183,27 @@ def _convert_listen(v: object, key: str, base_dir: Path | None) -> str:
     return _host_port().convert(v, key, base_dir)
 
 
+def _convert_url_list(v: object, key: str, base_dir: Path | None) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise _Bad
+    out = []
+    for i, x in enumerate(v):
+        if not isinstance(x, str) or not (x.startswith("ws://") or x.startswith("wss://")):
+            raise ConfigError(f"{key}[{i}]: expected a ws:// URL, got {x!r}")
+        out.append(x)
+    return tuple(out)
+
+
+def _convert_bool(v: object, key: str, base_dir: Path | None) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise _Bad
+
+
+_BOOL = _Kind("true or false", "boolean", _convert_bool)
+_URL_LIST = _Kind("a list of ws:// URLs", "list of ws:// URLs", _convert_url_list, list)
+
+
 def _mapping(v: object) -> Mapping[str, object]:
     if not isinstance(v, Mapping):
         raise _Bad
@@ -412,6 +433,38 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DiscoveryConfig:
+    """``[discovery]``: on-demand discovery from the control plane."""
+
+    control_plane: tuple[str, ...] = _required(
+        _URL_LIST, "Control-plane URLs (`ws://host:port/v1/discovery`); the proxy fails over between them."
+    )
+    node_id: str = _opt(_STR, "", "This proxy's name towards the control plane; default `<service>@<host>:<pid>`.")
+    subscriptions_file: Path | None = _optional(
+        _PATH,
+        "Where subscriptions are persisted (atomic writes) and restored from before the proxy reports ready.",
+        default_doc="`outbound.uds` + `.subscriptions.json`",
+    )
+    subscribe_timeout: float = _opt(
+        _POSITIVE, 5.0, "`POST /subscribe`, and the first call to an unsubscribed service, wait this long for endpoints."
+    )
+    idle_unsubscribe: float = _opt(
+        _seconds(allow_zero=True), 600.0, "A subscription unused for this long is dropped; 0 keeps them forever."
+    )
+    lb: str = _opt(_choice(BALANCERS), "round_robin", "Load-balancing policy of discovered clusters.")
+    route_timeout: float | None = _optional(
+        _POSITIVE, "Request deadline cap of discovered routes.", default_doc="`upstream.default_timeout`"
+    )
+    register: bool = _opt(_BOOL, True, "With `[inbound]`: register the local app's endpoint once its UDS answers.")
+    advertise: str = _opt(_STR, "", "Address registered for this proxy's inbound side; default `inbound.listen`.")
+    weight: int = _opt(_integer(0, 1_000_000), 100, "Registered weight.")
+    region: str = _opt(_STR, "", "Registered region.")
+    idc: str = _opt(_STR, "", "Registered data centre (IDC).")
+    tags: Mapping[str, str] = _opt(_STR_MAP, _EMPTY, "Registered routing tags.")
+    lease_ttl: float = _opt(_POSITIVE, 10.0, "Registration lease: a dead host's endpoint disappears within this time.")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProxyConfig:
     """The whole configuration file. Build it with :func:`load_config` / :func:`parse_config`."""
 
@@ -432,6 +485,18 @@ class ProxyConfig:
     clusters: Mapping[str, ClusterConfig] = _opt(
         _table_map(ClusterConfig, "[clusters.<name>]"), _EMPTY, "Upstream clusters by name."
     )
+    discovery: DiscoveryConfig | None = _optional(
+        _table(DiscoveryConfig, "[discovery]"),
+        "On-demand discovery. Optional: without it, only the static clusters above are known.",
+        default_doc="absent",
+    )
+
+    @property
+    def subscriptions_path(self) -> Path:
+        """Where discovery subscriptions are persisted."""
+        if self.discovery is not None and self.discovery.subscriptions_file is not None:
+            return self.discovery.subscriptions_file
+        return self.outbound.uds.with_name(self.outbound.uds.name + ".subscriptions.json")
 
     @property
     def hot_restart_path(self) -> Path:

@@ -19,6 +19,14 @@ Serving::
 
     await nursery.start(octoproxy.sdk.serve, "/run/app/inbound.sock", handler)
 
+Discovery. The proxy holds only the services its app calls: subscribe to them
+once, on start (retried while the proxy is not up yet)::
+
+    await octoproxy.sdk.subscribe("127.0.0.1:9901", ["echo", "users"])
+
+A call to a service nobody subscribed to also works: the proxy subscribes on
+demand and the first call waits for it.
+
 A non-OK answer raises :class:`CallError` (with its :class:`Status`); a handler
 raises :class:`ApplicationError` to answer APPLICATION_ERROR. Hot restarts of
 the proxy are handled inside the client: calls answered HOT_RESTART are resent
@@ -45,6 +53,7 @@ from ._sdk_server import ApplicationError as ApplicationError
 from ._sdk_server import Handler as Handler
 from ._sdk_server import Request as Request
 from ._sdk_server import serve as serve
+from ._sdk_subscribe import subscribe as subscribe
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -60,6 +69,7 @@ __all__ = [
     "connect",
     "open_client",
     "serve",
+    "subscribe",
 ]
 
 

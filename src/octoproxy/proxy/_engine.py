@@ -134,6 +134,8 @@ class Cluster:
     balancer: Balancer | None = None
     #: connection attempts under way (the shell keeps this up to date)
     connecting: int = 0
+    #: requests routed to this cluster so far (idle subscriptions are dropped)
+    picks: int = 0
     #: requests that found no connection while one was being (re)established:
     #: (downstream link, the raw frame, when parked)
     parked: list[tuple[Link, bytes, float]] = field(default_factory=list)
@@ -161,6 +163,7 @@ class Cluster:
     def pick(self) -> Link | None:
         """Choose an endpoint with the balancer, then its least-loaded link."""
         assert self.balancer is not None
+        self.picks += 1
         if len(self.endpoints) == 1:  # nothing to balance
             ep = self.endpoints[0]
             if not ep.healthy or ep.weight <= 0:
@@ -238,6 +241,10 @@ class Engine:
         self.timer_keys: list[int] = []
         #: per listener: b"service\0method" -> RequestStats (the fast path's cache)
         self.rs_cache: dict[str, dict[bytes, RequestStats]] = {"outbound": {}, "inbound": {}}
+        #: discovery: called with a service name that has no route (the shell
+        #: subscribes to it); requests for it wait in ``unrouted`` meanwhile
+        self.on_unknown_service: Callable[[str], None] | None = None
+        self.unrouted: dict[str, list[tuple[Link, bytes, float]]] = {}
         self.set_routes(routes)
 
     # ------------------------------------------------------------ configuration
@@ -325,6 +332,16 @@ class Engine:
             else:
                 if route_id < 0:
                     service, method = scanner.routing_key(i)
+                    if self.on_unknown_service is not None and service:
+                        # discovery: subscribe on demand; the request waits
+                        name = service.decode(errors="replace")
+                        waiting = self.unrouted.get(name)
+                        if waiting is None:
+                            waiting = self.unrouted[name] = []
+                            self.on_unknown_service(name)
+                        if len(waiting) < MAX_PARKED:
+                            waiting.append((down, bytes(mv[off : off + size]), now))
+                            return
                     stats.rejected("no_route")
                     log.info("no route for %s/%s from %s", service.decode(errors="replace"), method.decode(errors="replace"), down.name)
                     if not oneway:
@@ -468,6 +485,26 @@ class Engine:
         cluster.parked = []
         for down, raw, _t in parked:
             if down.closed:
+                continue
+            scanner = self.new_scanner(down)
+            buf = bytearray(raw)
+            n = scanner.scan(buf)
+            with memoryview(buf) as mv:
+                relay_requests(self, down, scanner, n, mv, now)
+
+    def release_unrouted(self, service: str, found: bool, now: float) -> None:
+        """A lazy subscription ended: route the waiting requests, or answer NO_ROUTE."""
+        waiting = self.unrouted.pop(service, None)
+        if not waiting:
+            return
+        for down, raw, _t in waiting:
+            if down.closed:
+                continue
+            if not found:
+                self.stats.rejected("no_route")
+                if raw[3] == _REQUEST:
+                    sid = _U64.unpack_from(raw, 8)[0]
+                    self._answer(down, sid, Status.NO_ROUTE, f"no route for service {service!r}: no endpoints known")
                 continue
             scanner = self.new_scanner(down)
             buf = bytearray(raw)

@@ -137,4 +137,5 @@ async def _hot_restart_main(config: ProxyConfig) -> int:
     proxy = Proxy(config, listeners=socks, generation=msg["generation"] + 1, accept=False)
     proxy.parent_alive = True
     proxy.keep_socket_files = True
+    proxy.inherited_subscriptions = [str(n) for n in msg.get("subscriptions", [])]
     return await serve(proxy, (chan, msg))

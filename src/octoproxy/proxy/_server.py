@@ -35,6 +35,7 @@ from .._config import ProxyConfig, split_host_port
 from .._metrics import Registry
 from .._version import __version__
 from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+from ._discovery import Discovery
 from ._handover import serve_hot_restart
 from ._hot_restart import ParentEvent, ParentState, parent_machine
 from ._io import Conn, Flusher, connect_raw, is_transient_accept_error
@@ -134,6 +135,10 @@ class Proxy:
                 ep.healthy = False  # until a connection is up
             clusters.append(cluster)
         routes = [Route(r.service, r.method, r.cluster, r.timeout or up.default_timeout) for r in config.routes]
+        self.static_routes = list(routes)
+        #: subscriptions handed over by the previous generation (hot restart)
+        self.inherited_subscriptions: list[str] = []
+        self._endpoint_scopes: dict[tuple[str, str], trio.CancelScope] = {}
         self.engine = Engine(
             routes=routes,
             clusters=clusters,
@@ -149,6 +154,7 @@ class Proxy:
             app.endpoints[0].healthy = False
             self.engine.inbound_cluster = app
         self.flusher = Flusher(self.engine)
+        self.discovery = Discovery(self) if config.discovery is not None else None
         self.listeners: dict[str, socket.socket] = dict(listeners or {})
         self.addresses: dict[str, str] = {}
         self.conns: dict[str, set[Conn]] = {"outbound": set(), "inbound": set()}
@@ -190,6 +196,8 @@ class Proxy:
                     async with trio.open_nursery() as conns:
                         self._conn_nursery = conns
                         self._start_pools(pools)
+                        if self.discovery is not None:
+                            await pools.start(self.discovery.run)
                         root.start_soon(self._timer)
                         if cfg.upstream.ping_interval > 0:
                             root.start_soon(self._pinger)
@@ -239,8 +247,8 @@ class Proxy:
         return names, [self.listeners[n] for n in names]
 
     def subscriptions(self) -> list[str]:
-        """Services this proxy holds discovery subscriptions for (none yet)."""
-        return []
+        """Services this proxy holds discovery subscriptions for."""
+        return sorted(self.discovery.subscribed) if self.discovery is not None else []
 
     def begin_handover_drain(self) -> None:
         """The new generation is ready: stop accepting, leave the sockets to it, drain."""
@@ -331,15 +339,41 @@ class Proxy:
     # ------------------------------------------------------------ upstream pools
 
     def _start_pools(self, nursery: trio.Nursery) -> None:
-        per = self.config.upstream.connections_per_endpoint
         for cluster in self.engine.clusters.values():
             for ep in cluster.endpoints:
-                for slot in range(per):
-                    nursery.start_soon(self._maintain, cluster, ep, slot)
+                self.start_endpoint(cluster, ep)
         app = self.engine.inbound_cluster
         if app is not None and self.config.inbound is not None:
-            for slot in range(self.config.inbound.app_connections):
-                nursery.start_soon(self._maintain, app, app.endpoints[0], slot)
+            self.start_endpoint(app, app.endpoints[0], self.config.inbound.app_connections)
+
+    def start_endpoint(self, cluster: Cluster, ep: Endpoint, connections: int | None = None) -> None:
+        """Start the connection pool of one endpoint (its maintainers, under one cancel scope)."""
+        assert self._pool_nursery is not None
+        key = (cluster.name, ep.address)
+        if key in self._endpoint_scopes:
+            return
+        scope = self._endpoint_scopes[key] = trio.CancelScope()
+        per = connections or self.config.upstream.connections_per_endpoint
+
+        async def maintain_all() -> None:
+            with scope:
+                async with trio.open_nursery() as n:
+                    for slot in range(per):
+                        n.start_soon(self._maintain, cluster, ep, slot)
+
+        self._pool_nursery.start_soon(maintain_all)
+
+    def stop_endpoint(self, cluster: Cluster, ep: Endpoint) -> None:
+        """Stop dialling an endpoint; its connections close once their requests are answered."""
+        scope = self._endpoint_scopes.pop((cluster.name, ep.address), None)
+        if scope is not None:
+            scope.cancel()
+        for link in list(cluster.links.get(ep.address, [])):
+            cluster.remove_link(link)
+            link.draining = True
+            if not link.pending and link.io is not None:
+                link.io.lost("endpoint removed")
+        ep.healthy = False
 
     async def _maintain(self, cluster: Cluster, ep: Endpoint, slot: int) -> None:
         """Keep one upstream connection to ``ep`` open, reconnecting with back-off.
@@ -355,51 +389,59 @@ class Proxy:
         gauge = self.stats.upstream_connections.labels(cluster.name)
         assert self._pool_nursery is not None
         counted = False  # cluster.connecting already counts the next attempt
-        while True:
-            if not counted:
-                cluster.connecting += 1
-            counted = False
-            try:
-                sock = await connect_raw(ep.address, up.connect_timeout)
-            except (OSError, trio.TooSlowError) as exc:
-                failures += 1
-                self.stats.error("upstream_connect_failed")
-                if failures == 1 or failures % 100 == 0:
-                    log.warning("cluster %s: cannot connect to %s (%s); retrying", cluster.name, ep.address, exc or "timeout")
-                cluster.connecting -= 1
-                self.engine.unpark(cluster, trio.current_time())  # nothing to wait for now: answer them
-                self.flusher.flush()
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            cluster.connecting -= 1
-            if failures:
-                log.info("cluster %s: connected to %s after %d failures", cluster.name, ep.address, failures)
-            failures = 0
-            backoff = 0.05
-            link = Link(UPSTREAM, f"{cluster.name}/{ep.address}#{slot}", endpoint=ep, cluster=cluster)
-            conn = Conn(sock, link, self.flusher, max_buffer=1 << 62)
-            link.on_idle = lambda _link, c=conn: c.lost("drained after GOAWAY")
-            replace = trio.Event()
-
-            def on_goaway(_link: Link, e: trio.Event = replace) -> None:
-                # count the replacement attempt at once, so that requests in
-                # the same read already park instead of failing
-                nonlocal counted
-                if not counted and not e.is_set():
+        holding = False  # this task holds one count in cluster.connecting
+        try:
+            while True:
+                if not counted:
                     cluster.connecting += 1
-                    counted = True
-                e.set()
+                counted = False
+                holding = True
+                try:
+                    sock = await connect_raw(ep.address, up.connect_timeout)
+                except (OSError, trio.TooSlowError) as exc:
+                    failures += 1
+                    self.stats.error("upstream_connect_failed")
+                    if failures == 1 or failures % 100 == 0:
+                        log.warning("cluster %s: cannot connect to %s (%s); retrying", cluster.name, ep.address, exc or "timeout")
+                    cluster.connecting -= 1
+                    holding = False
+                    self.engine.unpark(cluster, trio.current_time())  # nothing to wait for now: answer them
+                    self.flusher.flush()
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                cluster.connecting -= 1
+                holding = False
+                if failures:
+                    log.info("cluster %s: connected to %s after %d failures", cluster.name, ep.address, failures)
+                failures = 0
+                backoff = 0.05
+                link = Link(UPSTREAM, f"{cluster.name}/{ep.address}#{slot}", endpoint=ep, cluster=cluster)
+                conn = Conn(sock, link, self.flusher, max_buffer=1 << 62)
+                link.on_idle = lambda _link, c=conn: c.lost("drained after GOAWAY")
+                replace = trio.Event()
 
-            link.on_goaway = on_goaway
-            cluster.add_link(link)
-            self.engine.unpark(cluster, trio.current_time())
-            self.flusher.flush()
-            self.upstream_conns.add(conn)
-            gauge.inc()
-            self._pool_nursery.start_soon(self._run_upstream, conn, replace, gauge)
-            await replace.wait()
-            await trio.sleep(0 if link.draining else backoff)
+                def on_goaway(_link: Link, e: trio.Event = replace) -> None:
+                    # count the replacement attempt at once, so that requests in
+                    # the same read already park instead of failing
+                    nonlocal counted, holding
+                    if not counted and not e.is_set():
+                        cluster.connecting += 1
+                        counted = holding = True
+                    e.set()
+
+                link.on_goaway = on_goaway
+                cluster.add_link(link)
+                self.engine.unpark(cluster, trio.current_time())
+                self.flusher.flush()
+                self.upstream_conns.add(conn)
+                gauge.inc()
+                self._pool_nursery.start_soon(self._run_upstream, conn, replace, gauge)
+                await replace.wait()
+                await trio.sleep(0 if link.draining else backoff)
+        finally:
+            if holding:
+                cluster.connecting -= 1
 
     async def _run_upstream(self, conn: Conn, replace: trio.Event, gauge: Any) -> None:
         try:
@@ -457,6 +499,8 @@ class Proxy:
         self.draining = True
         engine = self.engine
         engine.drain_mode = mode
+        if self.discovery is not None and not self.handed_over:
+            await self.discovery.stopping()  # callers stop picking us before we go
         for group in self.conns.values():
             for conn in list(group):
                 engine.goaway(conn.link, "draining" if not self.handed_over else "hot restart")
@@ -480,6 +524,8 @@ class Proxy:
             for conn in list(self.conns["outbound"]) + list(self.conns["inbound"]):
                 if conn.link.out:
                     await conn.drained.wait()
+        if self.discovery is not None and not self.handed_over:
+            await self.discovery.deregister()
         self.drained.set()
         if not self.handed_over and self.hot_restart.state is ParentState.DRAINING:
             self.hot_restart.fire(ParentEvent.DRAINED)
@@ -491,6 +537,12 @@ class Proxy:
         reg = self.stats.registry
         reg.gauge_func("octoproxy_pending_requests", "Requests in flight through this proxy.", lambda: float(self.engine.pending_count))
         reg.gauge_func("octoproxy_draining", "1 while the proxy drains.", lambda: float(self.draining))
+        reg.gauge_func(
+            "octoproxy_control_plane_connected",
+            "1 while the discovery stream is up (without discovery: 1).",
+            lambda: float(self.discovery is None or self.discovery.client.connected),
+        )
+        reg.gauge_func("octoproxy_subscriptions", "Services subscribed through discovery.", lambda: float(len(self.subscriptions())))
         reg.gauge_func("octoproxy_hot_restart_generation", "Hot-restart generation of this process (0: first).", lambda: float(self.generation))
         reg.gauge_func("octoproxy_hot_restart_parent_alive", "1 while the previous generation still drains.", lambda: float(self.parent_alive))
 
@@ -503,6 +555,8 @@ class Proxy:
             if c.endpoints and not ready:
                 ok = False
         app = self.engine.inbound_cluster
+        if self.discovery is not None and not self.discovery.restored.is_set():
+            ok = False  # subscriptions are restored before we say ready
         detail: dict[str, Any] = {
             "ready": ok,
             "draining": self.draining,
@@ -515,6 +569,8 @@ class Proxy:
             },
             "clusters": clusters,
         }
+        if self.discovery is not None:
+            detail["discovery"] = self.discovery.state()
         if app is not None:
             connected = bool(app.links.get(app.endpoints[0].address))
             detail["local_app"] = {"address": app.endpoints[0].address, "connected": connected}
@@ -558,6 +614,31 @@ class Proxy:
             data = json.loads(json.dumps(self.config.to_dict(), default=str))
             return Response(200, {"version": __version__, "codec": frame.IMPLEMENTATION, "config": data, "addresses": self.addresses})
 
+        async def subscribe(req: Request) -> Response:
+            if self.discovery is None:
+                return Response(404, {"error": "discovery is not configured on this proxy ([discovery] section)"})
+            try:
+                body = req.json()
+                services = [str(x) for x in body["services"]]
+                timeout = float(body.get("timeout", self.discovery.cfg.subscribe_timeout))
+            except (ValueError, KeyError, TypeError):
+                return Response(400, {"error": 'expected JSON {"services": ["name", ...], "timeout": seconds}'})
+            try:
+                counts = await self.discovery.subscribe(services, timeout=timeout)
+            except trio.TooSlowError:
+                return Response(504, {"error": f"endpoints not all known within {timeout}s; the subscription stays", "services": services})
+            return Response(200, {"services": {n: {"endpoints": c} for n, c in counts.items()}})
+
+        async def unsubscribe(req: Request) -> Response:
+            if self.discovery is None:
+                return Response(404, {"error": "discovery is not configured on this proxy ([discovery] section)"})
+            try:
+                services = [str(x) for x in req.json()["services"]]
+            except (ValueError, KeyError, TypeError):
+                return Response(400, {"error": 'expected JSON {"services": ["name", ...]}'})
+            self.discovery.unsubscribe(services)
+            return Response(200, {"unsubscribed": services})
+
         async def drain(_req: Request) -> Response:
             self.request_shutdown()
             return Response(200, {"draining": True})
@@ -577,6 +658,8 @@ class Proxy:
             ("GET", "/clusters"): clusters,
             ("GET", "/config_dump"): config_dump,
             ("POST", "/drain"): drain,
+            ("POST", "/subscribe"): subscribe,
+            ("POST", "/unsubscribe"): unsubscribe,
             ("POST", "/healthcheck/fail"): hc_fail,
             ("POST", "/healthcheck/ok"): hc_ok,
         }

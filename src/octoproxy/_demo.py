@@ -2,11 +2,13 @@
 
 What runs (all on loopback and in a temp dir, all cleaned up on exit or Ctrl-C):
 
+* a control plane (``octoproxy control-plane``, embedded store);
 * two provider apps ("echo" service, this process, SDK ``serve``), each behind
-  its own octoproxy: provider 1's proxy supervised by ``octoproxy agent``,
-  provider 2's plain ``octoproxy run``;
+  its own octoproxy, which registers it with the control plane: provider 1's
+  proxy supervised by ``octoproxy agent``, provider 2's plain ``octoproxy run``;
 * a caller app (this process, SDK client, many calls in flight on long-lived
-  connections) behind its own octoproxy, routing "echo" over both providers;
+  connections) behind its own octoproxy, which it subscribes to "echo" only
+  (on-demand discovery: the caller's proxy learns both providers);
 * in the middle of the traffic: a hot-restart upgrade of provider 1's proxy
   through its agent, then a hot restart of the caller's proxy.
 
@@ -67,6 +69,7 @@ class Demo:
         self.stats = Stats()
         self.children: list[Child] = []
         self.out = out
+        self.cp_port = 0
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)  # type: ignore[call-overload]
@@ -118,6 +121,9 @@ class Demo:
 
     # ------------------------------------------------------------ the mesh
 
+    def discovery(self) -> str:
+        return f'[discovery]\ncontrol_plane = ["ws://127.0.0.1:{self.cp_port}/v1/discovery"]\n'
+
     def provider_config(self, i: int, port: int) -> Path:
         d = self.dir
         return self.write(
@@ -134,12 +140,13 @@ listen = "127.0.0.1:{port}"
 app_uds = "{d}/p{i}-app.sock"
 [admin]
 listen = "127.0.0.1:0"
-""",
+"""
+            + self.discovery()
+            + "lease_ttl = 5.0\n",
         )
 
-    def caller_config(self, ports: list[int]) -> Path:
+    def caller_config(self) -> Path:
         d = self.dir
-        endpoints = ", ".join(f'{{ address = "127.0.0.1:{p}" }}' for p in ports)
         return self.write(
             "caller.toml",
             f"""[proxy]
@@ -151,19 +158,14 @@ log_level = "warning"
 uds = "{d}/caller.sock"
 [admin]
 listen = "127.0.0.1:0"
-[[routes]]
-service = "echo"
-cluster = "echo"
-timeout = 5.0
-[clusters.echo]
-lb = "least_request"
-endpoints = [ {endpoints} ]
-""",
+"""
+            + self.discovery()
+            + 'lb = "least_request"\n',
         )
 
     async def run(self) -> int:
         py = sys.executable
-        ports = [_free_port(), _free_port()]
+        ports = [_free_port(), _free_port(), _free_port()]
         served = [0, 0]
 
         def make_handler(i: int) -> sdk.Handler:
@@ -178,6 +180,14 @@ endpoints = [ {endpoints} ]
                 for i in (0, 1):
                     await nursery.start(sdk.serve, self.dir / f"p{i + 1}-app.sock", make_handler(i))
                 self.say(f"[demo] workdir {self.dir}")
+                self.cp_port = ports.pop()
+                await self.spawn(
+                    "control-plane",
+                    [py, "-m", "octoproxy", "control-plane", "--listen", f"127.0.0.1:{self.cp_port}", "--log-level", "warning"],
+                    "octoproxy control-plane ready",
+                )
+                self.say(f"[demo] control plane on 127.0.0.1:{self.cp_port} (embedded store)")
+                ports.append(_free_port())
                 p1cfg = self.provider_config(1, ports[0])
                 agent_cfg = self.write(
                     "agent1.toml", f'[agent]\nadmin = "127.0.0.1:0"\nproxy_config = "{p1cfg}"\nupgrade_timeout = 20.0\n'
@@ -186,9 +196,13 @@ endpoints = [ {endpoints} ]
                 self.say(f"[demo] provider 1: app + octoproxy under the agent (agent admin {agent.info['admin']})")
                 await self.spawn("provider2", [py, "-m", "octoproxy", "run", "-c", str(self.provider_config(2, ports[1]))], "octoproxy ready")
                 self.say("[demo] provider 2: app + octoproxy")
-                ccfg = self.caller_config(ports)
+                ccfg = self.caller_config()
                 caller = await self.spawn("caller", [py, "-m", "octoproxy", "run", "-c", str(ccfg)], "octoproxy ready")
                 await _wait_ready(caller.info["admin"])
+                counts = await sdk.subscribe(caller.info["admin"], ["echo"], timeout=10)
+                await _wait_endpoints(caller.info["admin"], "echo", 2)
+                self.subscriptions = sorted(counts)
+                self.say(f"[demo] caller subscribed to {', '.join(self.subscriptions)}: 2 providers discovered")
                 self.say(f"[demo] caller: app + octoproxy on {self.dir / 'caller.sock'}; {self.workers} calls in flight for {self.duration:.0f}s")
                 await self.traffic(agent, ccfg)
             finally:
@@ -265,6 +279,7 @@ endpoints = [ {endpoints} ]
             ("p99 latency", f"{s.percentile(0.99) * 1e3:.2f} ms"),
             ("served by provider 1 / 2", f"{served[0]} / {served[1]}"),
             ("hot restarts", f"{len(s.events)}"),
+            ("caller subscriptions", ", ".join(getattr(self, "subscriptions", [])) or "-"),
             ("SDK resends (HOT_RESTART, not processed)", f"{getattr(self, 'resends', 0)}"),
         ]
         width = max(len(k) for k, _ in rows)
@@ -300,6 +315,17 @@ async def _wait_ready(admin: str, timeout: float = 20.0) -> None:
                     return
             except (OSError, trio.TooSlowError, trio.BrokenResourceError):
                 pass
+            await trio.sleep(0.05)
+
+
+async def _wait_endpoints(admin: str, service: str, n: int, timeout: float = 20.0) -> None:
+    """Until the proxy has ``n`` connected endpoints for ``service``."""
+    with trio.fail_after(timeout):
+        while True:
+            _s, _h, body = await http_request(admin, "GET", "/clusters", timeout=2)
+            eps = json.loads(body).get(service, {}).get("endpoints", [])
+            if sum(1 for e in eps if e["connections"]) >= n:
+                return
             await trio.sleep(0.05)
 
 

@@ -355,11 +355,15 @@ class Proxy:
         scope = self._endpoint_scopes[key] = trio.CancelScope()
         per = connections or self.config.upstream.connections_per_endpoint
 
+        # count the first connection attempts now, so that requests arriving
+        # before the maintainers run wait for them instead of failing
+        cluster.connecting += per
+
         async def maintain_all() -> None:
             with scope:
                 async with trio.open_nursery() as n:
                     for slot in range(per):
-                        n.start_soon(self._maintain, cluster, ep, slot)
+                        n.start_soon(self._maintain, cluster, ep, slot, True)
 
         self._pool_nursery.start_soon(maintain_all)
 
@@ -375,7 +379,7 @@ class Proxy:
                 link.io.lost("endpoint removed")
         ep.healthy = False
 
-    async def _maintain(self, cluster: Cluster, ep: Endpoint, slot: int) -> None:
+    async def _maintain(self, cluster: Cluster, ep: Endpoint, slot: int, precounted: bool = False) -> None:
         """Keep one upstream connection to ``ep`` open, reconnecting with back-off.
 
         A connection that receives GOAWAY is replaced at once: the new one is
@@ -388,8 +392,8 @@ class Proxy:
         failures = 0
         gauge = self.stats.upstream_connections.labels(cluster.name)
         assert self._pool_nursery is not None
-        counted = False  # cluster.connecting already counts the next attempt
-        holding = False  # this task holds one count in cluster.connecting
+        counted = precounted  # cluster.connecting already counts the next attempt
+        holding = precounted  # this task holds one count in cluster.connecting
         try:
             while True:
                 if not counted:

@@ -15,12 +15,10 @@ into a RST that would destroy the response before the peer reads it.
 
 from __future__ import annotations
 
-import errno
 import http
 import json
 import logging
 import os
-import stat
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -28,6 +26,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import h11
 import trio
+
+from ._unix import remove_stale_socket
 
 __all__ = ["Request", "Response", "Handler", "Routes", "serve_admin", "open_admin_listeners", "http_request"]
 
@@ -127,26 +127,6 @@ def _listener_address(listener: trio.SocketListener) -> str:
     return f"[{name[0]}]:{name[1]}" if sock.family == trio.socket.AF_INET6 else f"{name[0]}:{name[1]}"
 
 
-async def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    with trio.move_on_after(1.0):  # a hung server counts as alive
-        try:
-            stream = await trio.open_unix_socket(path)
-        except OSError:  # nobody listening: stale
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        await trio.aclose_forcefully(stream)
-    raise OSError(errno.EADDRINUSE, "a server is already listening on", path)
-
-
 async def open_admin_listeners(address: str, *, backlog: int = 128) -> list[trio.SocketListener]:
     """Bind and listen on an admin address.
 
@@ -173,7 +153,7 @@ async def open_admin_listeners(address: str, *, backlog: int = 128) -> list[trio
                 await trio.aclose_forcefully(extra)
             listeners = listeners[:1]
         return listeners
-    await _remove_stale_socket(target)
+    await remove_stale_socket(target)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     try:
         await sock.bind(target)

@@ -9,9 +9,14 @@ raises the remote kind.
 
 from __future__ import annotations
 
+import sys
+
 from ._protocol import Status
 
-__all__ = ["OctoproxyError", "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "ConfigError"]
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["exception_leaves", "OctoproxyError", "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "ConfigError"]
 
 
 class OctoproxyError(Exception):
@@ -57,3 +62,13 @@ class RemoteProtocolError(ProtocolError):
 
 class ConfigError(OctoproxyError):
     """A configuration file or value is invalid; the message names the key."""
+
+
+def exception_leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or ``[exc]``.
+
+    For code that must run on Python 3.10, where ``except*`` does not exist.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in exception_leaves(sub)]
+    return [exc]

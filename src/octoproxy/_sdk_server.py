@@ -34,12 +34,9 @@ writing to us) and a burst of PINGs costs one task and one ``send_all``.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
-import socket
-import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -48,6 +45,7 @@ import trio
 
 from ._errors import OctoproxyError, RemoteProtocolError
 from ._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, FrameType, Status
+from ._unix import bind_unix, remove_stale_socket
 from .frame import Frame, FrameDecoder, encode_frame, encode_header, encode_response
 
 __all__ = ["ApplicationError", "FrameWriter", "Handler", "RECV_SIZE", "Request", "SEND_TIMEOUT", "drain_and_close", "logger", "serve"]
@@ -192,41 +190,9 @@ class Request:
 Handler = Callable[[Request], Awaitable[bytes]]
 
 
-async def _remove_stale_socket(path: str) -> None:
-    """Unlink ``path`` if it is a socket nobody listens on."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    with trio.move_on_after(1.0):  # a hung server counts as alive
-        try:
-            stream = await trio.open_unix_socket(path)
-        except OSError:  # nobody listening: stale
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        await trio.aclose_forcefully(stream)
-    raise OSError(errno.EADDRINUSE, "a server is already listening on", path)
-
-
 async def _open_unix_listener(path: str, mode: int, backlog: int) -> trio.SocketListener:
-    await _remove_stale_socket(path)
-    # Bound synchronously: trio's ``bind`` would run a Unix-path bind in a worker
-    # thread, which costs more than the bind itself and which a MockClock's
-    # autojump mistakes for idleness.
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, mode)  # before listen(): nobody can connect yet
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    await remove_stale_socket(path)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(bind_unix(path, mode, backlog)))
 
 
 async def serve(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,9 +38,13 @@ import trio
 from google.protobuf.message import DecodeError, Message
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
+from .._errors import exception_leaves
 from .._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES, DiscoveryError, ResourceChange, Validator, XdsClient
 from ..proto import octoproxy_discovery_pb2 as pb
 from ._server import MAX_MESSAGE_SIZE
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["DiscoveryClient", "OnChange"]
 
@@ -303,10 +308,14 @@ class DiscoveryClient:
             before = self.connections
             try:
                 await self._run_connection(url)
-            except* _CONNECTION_ERRORS as group:
-                logger.info("control plane %s: %s", url, _describe(group))
-            except* (DiscoveryError, DecodeError) as group:
-                logger.warning("control plane %s: protocol error: %s", url, _describe(group))
+            except BaseException as exc:  # (no except* here: Python 3.10 is supported)
+                leaves = exception_leaves(exc)
+                if all(isinstance(e, _CONNECTION_ERRORS) for e in leaves):
+                    logger.info("control plane %s: %s", url, _describe(exc))
+                elif all(isinstance(e, (*_CONNECTION_ERRORS, DiscoveryError, DecodeError)) for e in leaves):
+                    logger.warning("control plane %s: protocol error: %s", url, _describe(exc))
+                else:
+                    raise
             finally:
                 self._outbox = None
                 self.url = None

@@ -33,6 +33,7 @@ import trio
 from google.protobuf.message import DecodeError
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
+from .._errors import exception_leaves
 from .._xds_client import RESOURCE_TYPES, DiscoveryError
 from .._xds_server import XdsServerSession, check_endpoint, check_route_rules, check_service_name
 from ..proto import octoproxy_discovery_pb2 as pb
@@ -159,14 +160,19 @@ class ControlPlaneServer:
         self.sessions.add(session)
         try:
             await session.run()
-        except* (ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError) as group:
-            logger.debug("session %s ended: %r", session.peer, group.exceptions[0])
-        except* (DiscoveryError, DecodeError) as group:
-            logger.warning("session %s: protocol error: %s", session.peer, group.exceptions[0])
-            with trio.move_on_after(1.0):
-                await ws.aclose(1002, str(group.exceptions[0])[:120])
-        except* Exception:  # a bug must cost one connection, never the server
-            logger.exception("session %s failed", session.peer)
+        except BaseException as exc:  # (no except* here: Python 3.10 is supported)
+            leaves = exception_leaves(exc)
+            if any(not isinstance(e, Exception) for e in leaves):
+                raise  # Cancelled, KeyboardInterrupt: not ours to swallow
+            protocol = [e for e in leaves if isinstance(e, (DiscoveryError, DecodeError))]
+            if all(isinstance(e, (ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError)) for e in leaves):
+                logger.debug("session %s ended: %r", session.peer, leaves[0])
+            elif protocol:
+                logger.warning("session %s: protocol error: %s", session.peer, protocol[0])
+                with trio.move_on_after(1.0):
+                    await ws.aclose(1002, str(protocol[0])[:120])
+            else:  # a bug must cost one connection, never the server
+                logger.error("session %s failed", session.peer, exc_info=exc)
         finally:
             self.sessions.discard(session)
             session.indexed, names = set(), session.indexed

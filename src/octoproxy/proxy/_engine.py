@@ -38,7 +38,7 @@ from typing import Any
 
 from .._balancer import Balancer, Endpoint, make_balancer
 from .._errors import RemoteProtocolError
-from .._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
+from .._protocol import DEFAULT_MAX_FRAME_SIZE, Flags, FrameType, Status
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
 from ._stats import ProxyStats, RequestStats
 from ._relay import Pending, forward, relay_requests, relay_responses

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import socket
-import stat
 from functools import partial
 from typing import Any
 
@@ -33,9 +32,10 @@ from .._admin import Request, Response, serve_admin
 from .._balancer import Endpoint
 from .._config import ProxyConfig, split_host_port
 from .._metrics import Registry
+from .._unix import bind_unix, remove_stale_socket
 from .._version import __version__
-from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ._discovery import Discovery
+from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ._handover import serve_hot_restart
 from ._hot_restart import ParentEvent, ParentState, parent_machine
 from ._io import Conn, Flusher, connect_raw, is_transient_accept_error
@@ -43,33 +43,7 @@ from ._stats import ProxyStats
 
 log = logging.getLogger("octoproxy.proxy")
 
-__all__ = ["Proxy", "bind_unix", "bind_tcp"]
-
-
-def bind_unix(path: str, mode: int, backlog: int = 1024) -> socket.socket:
-    """Bind and listen on a UDS, replacing a stale socket file (not a live one)."""
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens there
-        else:
-            raise OSError(f"{path}: another process is listening there")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, mode)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+__all__ = ["Proxy", "bind_tcp"]
 
 
 def bind_tcp(address: str, backlog: int = 1024) -> socket.socket:
@@ -179,13 +153,19 @@ class Proxy:
         cfg = self.config
         self.started_at = trio.current_time()
         if "outbound" not in self.listeners:
-            self.listeners["outbound"] = bind_unix(str(cfg.outbound.uds), cfg.outbound.uds_mode)
+            await remove_stale_socket(str(cfg.outbound.uds))
+            self.listeners["outbound"] = bind_unix(str(cfg.outbound.uds), cfg.outbound.uds_mode, 1024)
         if cfg.inbound is not None and "inbound" not in self.listeners:
             self.listeners["inbound"] = bind_tcp(cfg.inbound.listen)
         if "admin" not in self.listeners:
             admin = cfg.admin.listen
-            self.listeners["admin"] = bind_unix(admin[5:], 0o660, 128) if admin.startswith("unix:") else bind_tcp(admin, 128)
+            if admin.startswith("unix:"):
+                await remove_stale_socket(admin[5:])
+                self.listeners["admin"] = bind_unix(admin[5:], 0o660, 128)
+            else:
+                self.listeners["admin"] = bind_tcp(admin, 128)
         if "hot_restart" not in self.listeners:
+            await remove_stale_socket(str(cfg.hot_restart_path))
             self.listeners["hot_restart"] = bind_unix(str(cfg.hot_restart_path), 0o600, 16)
         for name, sock in self.listeners.items():
             self.addresses[name] = _sock_address(sock)

@@ -10,6 +10,10 @@ echo "== installing octoproxy and test dependencies"
 $PY -m pip install --quiet --disable-pip-version-check ".[test]"
 bash ci/install_services.sh
 
+echo "== mypy --strict on the package"
+$PY -m pip install --quiet --disable-pip-version-check "mypy>=1.10"
+$PY -m mypy
+
 echo "== octoproxy --version"
 # run from outside the checkout so that the installed package is imported
 (cd / && octoproxy --version) | tee /dev/stderr | grep -q "frame codec: cython"

@@ -40,9 +40,9 @@ class ProtocolError(OctoproxyError):
     def __eq__(self, other: object) -> bool:  # used by the differential tests
         return (
             type(self) is type(other)
-            and self.args == other.args  # type: ignore[attr-defined]
-            and self.status == other.status  # type: ignore[attr-defined]
-            and self.stream_id == other.stream_id  # type: ignore[attr-defined]
+            and self.args == other.args
+            and self.status == other.status
+            and self.stream_id == other.stream_id
         )
 
     def __hash__(self) -> int:

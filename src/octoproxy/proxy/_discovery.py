@@ -214,7 +214,7 @@ class Discovery:
                     self._removed_at[change.name] = now  # applied after REMOVAL_GRACE
                 continue
             self._removed_at.pop(change.name, None)
-            self._apply(change.name, list(change.resource.endpoints))  # type: ignore[attr-defined]
+            self._apply(change.name, list(change.resource.endpoints))
         self.proxy.flusher.flush()
 
     async def _expire_removals(self) -> None:
@@ -249,15 +249,15 @@ class Discovery:
             weight = src.weight or 100
             if src.status != pb.Endpoint.HEALTHY:
                 weight = 0  # registered but not routable: no new requests
-            ep = current.get(address)
-            if ep is None:
+            known = current.get(address)
+            if known is None:
                 ep = Endpoint(address, weight, src.region, src.idc, dict(src.tags))
                 ep.healthy = False  # until a connection is up
                 cluster.endpoints.append(ep)
                 self.proxy.start_endpoint(cluster, ep)
             else:
-                ep.weight = weight
-                ep.region, ep.idc, ep.tags = src.region, src.idc, dict(src.tags)
+                known.weight = weight
+                known.region, known.idc, known.tags = src.region, src.idc, dict(src.tags)
         cluster.balancer = None
         cluster.__post_init__()  # a fresh balancer over the new endpoint list
 

@@ -164,6 +164,7 @@ class Cluster:
         """Choose an endpoint with the balancer, then its least-loaded link."""
         assert self.balancer is not None
         self.picks += 1
+        ep: Endpoint | None
         if len(self.endpoints) == 1:  # nothing to balance
             ep = self.endpoints[0]
             if not ep.healthy or ep.weight <= 0:

@@ -327,3 +327,24 @@ async def test_drain_via_admin_answers_new_requests_hot_restart() -> None:
             assert by_id[1].flags == 0 and bytes(by_id[1].body) == b"slept"
             with trio.fail_after(10):
                 assert await m.caller.process.wait() == 0
+
+
+async def test_slow_client_trickle_is_cut_off_too() -> None:
+    """Responses queued while the writer waits for the socket count against the limit too."""
+    with trio.fail_after(60):
+        async with mesh(caller_extra={"outbound": "max_buffer = 65536"}) as m, sdk.open_client(m.sock) as client:
+            s = raw_connect(m.sock)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            with trio.fail_after(30):
+                i = 0
+                while await m.caller.metric('octoproxy_errors_total{kind="slow_client_cut_off"}') < 1:
+                    i += 1
+                    assert i < 2000, "never cut off"
+                    try:
+                        s.sendall(encode_request(i, "echo", "big", b"16384"))
+                    except OSError:
+                        break  # cut off between two checks
+                    await trio.sleep(0.005)
+            s.close()
+            assert await m.caller.metric('octoproxy_errors_total{kind="slow_client_cut_off"}') == 1
+            assert await client.call("echo", "x", b"unaffected") == b"unaffected"

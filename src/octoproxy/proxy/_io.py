@@ -61,7 +61,13 @@ class Conn:
     def try_send(self) -> None:
         """Write as much of ``link.out`` as the socket takes now, without waiting."""
         out = self.link.out
-        if self.blocked or not out or self._closing:
+        if not out or self._closing:
+            return
+        if self.blocked:
+            # the writer task waits for the socket; meanwhile the queue must
+            # not grow without bound behind a client that does not read
+            if len(out) > self.max_buffer and self.link.kind == DOWNSTREAM:
+                self._cut_off(len(out))
             return
         try:
             n = self.sock.send(out)
@@ -75,14 +81,17 @@ class Conn:
             return
         del out[:n]
         if len(out) > self.max_buffer and self.link.kind == DOWNSTREAM:
-            # a client that does not read its responses: cut it off, alone
-            self.engine.stats.error("slow_client_cut_off")
-            log.warning("%s is not reading (%d bytes queued > %d): closing it", self.link.name, len(out), self.max_buffer)
-            self.lost("slow client cut off")
+            self._cut_off(len(out))
             return
         self.blocked = True
         self.drained = trio.Event()
         self.wake.set()
+
+    def _cut_off(self, queued: int) -> None:
+        """A client that does not read its responses: cut it off, alone."""
+        self.engine.stats.error("slow_client_cut_off")
+        log.warning("%s is not reading (%d bytes queued > %d): closing it", self.link.name, queued, self.max_buffer)
+        self.lost("slow client cut off")
 
     async def writer(self) -> None:
         """Drain the output buffer whenever a non-blocking send was partial."""
@@ -104,9 +113,7 @@ class Conn:
                     return
                 del out[:n]
                 if len(out) > self.max_buffer and self.link.kind == DOWNSTREAM:
-                    self.engine.stats.error("slow_client_cut_off")
-                    log.warning("%s is not reading (%d bytes queued): closing it", self.link.name, len(out))
-                    self.lost("slow client cut off")
+                    self._cut_off(len(out))
                     return
             self.blocked = False
             self.drained.set()

@@ -225,3 +225,16 @@ def test_abort_all() -> None:
     feed(engine, d, encode_request(1, "echo", "m"))
     assert engine.abort_all("bye") == 1
     assert frames(d)[0].header.status == Status.UNAVAILABLE
+
+
+def test_timer_wakes_exactly_when_it_says() -> None:
+    """expire() returns a time at which the next bucket is due: a timer that
+    sleeps until then must find it (no spin on float rounding, e.g. 0.29)."""
+    for k in range(1, 400):
+        engine, (up,) = make()
+        d = down()
+        feed(engine, d, encode_request(1, "echo", "m", timeout_ms=k * 10 - 1), now=0.0)
+        wake = engine.expire(0.0)
+        assert wake is not None
+        assert engine.expire(wake) is None, k
+        assert frames(d)[0].header.status == Status.TIMEOUT

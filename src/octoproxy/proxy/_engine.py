@@ -553,9 +553,12 @@ class Engine:
         self._expire_parked(now)
         keys = self.timer_keys
         wheel = self.timer_wheel
-        now_key = int(now * TIMER_BUCKETS_PER_SECOND)
-        while keys and keys[0] <= now_key:
-            bucket = wheel.pop(heapq.heappop(keys))
+        # compare bucket times exactly as they are returned below: the timer
+        # sleeps until keys[0] / TIMER_BUCKETS_PER_SECOND and must then find
+        # that bucket due (int(now * 100) rounds 0.29 down to 28)
+        while keys and keys[0] / TIMER_BUCKETS_PER_SECOND <= now:
+            key = heapq.heappop(keys)
+            bucket = wheel.pop(key)
             later = []
             for up, usid, deadline in bucket:
                 p = up.pending.get(usid)
@@ -570,10 +573,13 @@ class Engine:
                 self._answer(p.down, p.down_sid, Status.TIMEOUT, f"no response within {deadline - p.t0:.3f}s")
                 if up.draining and not up.pending and up.on_idle is not None:
                     up.on_idle(up)
-            if later:  # same bucket, a few microseconds early: look again next tick
-                wheel[now_key + 1] = wheel.get(now_key + 1, []) + later
-                if len(wheel[now_key + 1]) == len(later):
-                    heapq.heappush(keys, now_key + 1)
+            if later:  # a rounding hair early: look again one bucket later
+                nxt = wheel.get(key + 1)
+                if nxt is None:
+                    wheel[key + 1] = later
+                    heapq.heappush(keys, key + 1)
+                else:
+                    nxt.extend(later)
         if keys:
             return keys[0] / TIMER_BUCKETS_PER_SECOND
         return None

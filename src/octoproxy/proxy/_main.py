@@ -40,7 +40,7 @@ async def serve(proxy: Proxy, handover: tuple[Channel, dict[str, Any]] | None = 
     done = trio.Event()
     status = 0
 
-    async def run_proxy(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_proxy(task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await proxy.run(task_status=task_status)
         finally:
@@ -61,17 +61,38 @@ async def serve(proxy: Proxy, handover: tuple[Channel, dict[str, Any]] | None = 
             await nursery.start(run_proxy)
             if handover is not None:
                 chan, msg = handover
-                if not await _warm_up(proxy, chan):
+                if not await complete_hand_over(proxy, chan, msg, nursery):
                     status = 1
                     nursery.cancel_scope.cancel()
                     return status
-                nursery.start_soon(_follow_parent, proxy, chan, msg["stats"])
             # one line on stdout that tools (tests, the agent) can wait for
             addrs = " ".join(f"{k}={v}" for k, v in sorted(proxy.addresses.items()) if k != "hot_restart")
             print(f"octoproxy ready {addrs} generation={proxy.generation} pid={os.getpid()}", flush=True)
             await done.wait()
             nursery.cancel_scope.cancel()
     return status
+
+
+async def complete_hand_over(proxy: Proxy, chan: Channel, msg: dict[str, Any], nursery: trio.Nursery) -> bool:
+    """The child's second step: warm up, say READY, then follow the parent until DONE.
+
+    ``proxy`` (from :func:`take_over_proxy`) must already run, not accepting.
+
+    Args:
+        proxy: the new generation, running.
+        chan: the hot-restart channel to the parent.
+        msg: the parent's LISTENERS message.
+        nursery: where the task that waits for the parent's DONE runs.
+
+    Returns:
+        True once the proxy accepts (the parent was told, and drains); False if it was not
+        ready within ``proxy.hot_restart_timeout`` (the parent was told, and
+        keeps serving; the channel is closed).
+    """
+    if not await _warm_up(proxy, chan):
+        return False
+    nursery.start_soon(_follow_parent, proxy, chan, msg["stats"])
+    return True
 
 
 async def _warm_up(proxy: Proxy, chan: Channel) -> bool:
@@ -127,7 +148,26 @@ def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
         return 1
 
 
-async def _hot_restart_main(config: ProxyConfig) -> int:
+async def take_over_proxy(config: ProxyConfig) -> tuple[Proxy, Channel, dict[str, Any]]:
+    """The child's first step: take the running proxy's listeners, build the next generation.
+
+    The returned proxy is not running yet; start it (``await nursery.start(proxy.run)``),
+    then call :func:`complete_hand_over`.
+
+    Args:
+        config: the new generation's configuration (its ``hot_restart_path``
+            names the running proxy's hot-restart socket).
+
+    Returns:
+        The new :class:`Proxy` (on the inherited listeners, not accepting), the
+        channel to the parent and the parent's LISTENERS message.
+
+    Raises:
+        HotRestartError: nothing answers on the hot-restart socket, or the
+            running proxy refused or sent something unexpected.
+        trio.TooSlowError: the running proxy did not send its listeners in time.
+        EOFError: the running proxy closed the connection instead.
+    """
     path = str(config.hot_restart_path)
     try:
         chan, msg, socks = await take_over(path)
@@ -138,4 +178,9 @@ async def _hot_restart_main(config: ProxyConfig) -> int:
     proxy.parent_alive = True
     proxy.keep_socket_files = True
     proxy.inherited_subscriptions = [str(n) for n in msg.get("subscriptions", [])]
+    return proxy, chan, msg
+
+
+async def _hot_restart_main(config: ProxyConfig) -> int:
+    proxy, chan, msg = await take_over_proxy(config)
     return await serve(proxy, (chan, msg))

@@ -6,7 +6,7 @@ import pytest
 
 from octoproxy import Flags, FrameType, RemoteProtocolError, Status
 from octoproxy._balancer import Endpoint
-from octoproxy.frame import FrameDecoder, encode_frame, encode_request, encode_response
+from octoproxy.frame import FrameDecoder, encode_frame, encode_header, encode_request, encode_response
 from octoproxy.proxy._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 
 
@@ -184,8 +184,9 @@ def test_protocol_error_answers_the_stream() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         feed(engine, d, bytes(bad))
     engine.protocol_error(d, info.value)
-    (resp,) = frames(d)
+    resp, goaway = frames(d)
     assert resp.stream_id == 8 and resp.header.status == Status.PROTOCOL_ERROR
+    assert goaway.type == FrameType.GOAWAY  # nothing more on this connection
 
 
 def test_good_frames_before_a_bad_one_are_forwarded() -> None:
@@ -238,3 +239,74 @@ def test_timer_wakes_exactly_when_it_says() -> None:
         assert wake is not None
         assert engine.expire(wake) is None, k
         assert frames(d)[0].header.status == Status.TIMEOUT
+
+
+def test_caller_stamp_never_breaks_the_limits() -> None:
+    """A request too big to carry the caller stamp is answered, not forwarded broken."""
+    engine, (up,) = make(max_frame_size=4096)
+    d = down()
+    hdr = encode_header(service="echo", method="m")
+    feed(engine, d, encode_frame(FrameType.REQUEST, 5, hdr, bytes(4096 - 20 - len(hdr))))
+    assert not up.out
+    assert frames(d)[0].header.status == Status.FRAME_TOO_LARGE
+    engine, (up,) = make()
+    d = down()
+    hdr = encode_header(service="echo", method="m", metadata={"k": "x" * (65535 - 21)})
+    feed(engine, d, encode_frame(FrameType.REQUEST, 6, hdr))
+    assert not up.out
+    (resp,) = frames(d)
+    assert resp.stream_id == 6 and resp.header.status == Status.PROTOCOL_ERROR
+    feed(engine, d, encode_request(7, "echo", "m"))  # and the next one goes through
+    assert frames(up)[0].header.caller == "web"
+
+
+def test_abort_all_includes_links_out_of_the_pool_and_parked_requests() -> None:
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, encode_request(1, "echo", "m"))
+    frames(up)
+    feed(engine, up, encode_frame(FrameType.GOAWAY, 0, encode_header(error="x")))
+    up.cluster.connecting = 1  # type: ignore[union-attr]
+    feed(engine, d, encode_request(2, "echo", "m"))  # parked: no link, one connecting
+    assert engine.abort_all("bye", [up]) == 2
+    assert engine.pending_count == 0 and d.inflight == 0
+    assert sorted(f.stream_id for f in frames(d)) == [1, 2]
+
+
+def test_unrouted_method_of_a_known_service_gets_no_route_once() -> None:
+    c = Cluster("users", "round_robin", [])
+    e = Engine(routes=[Route("users", "get", "users", 1.0)], clusters=[c])
+    calls: list[str] = []
+    e.on_unknown_service = calls.append
+    d = down()
+    feed(e, d, encode_request(1, "users", "put"))
+    e.release_unrouted("users", True, 0.1)
+    assert frames(d)[0].header.status == Status.NO_ROUTE and calls == ["users"]
+    assert not e.unrouted
+
+
+def test_unrouted_requests_expire() -> None:
+    e, _ = make()
+    e.on_unknown_service = lambda name: None
+    e.unrouted_timeout = 2.0
+    d = down()
+    feed(e, d, encode_request(1, "other", "m"), now=0.0)
+    e.expire(1.0)
+    assert not d.out
+    e.expire(2.5)
+    assert frames(d)[0].header.status == Status.NO_ROUTE
+
+
+def test_parked_requests_keep_their_first_park_time() -> None:
+    ep = Endpoint("10.0.0.1:1")
+    c = Cluster("echo", "round_robin", [ep])
+    e = Engine(routes=[Route("echo", "*", "echo", 5.0)], clusters=[c], park_timeout=1.0)
+    c.connecting = 2
+    d = down()
+    feed(e, d, encode_request(1, "echo", "m"), now=0.0)
+    for t in (0.9, 1.8, 2.7):
+        c.connecting = 1
+        e.unpark(c, t)  # one attempt failed, another still under way: parked again
+        c.connecting = 2
+        e.expire(t + 0.05)
+    assert frames(d)[0].header.status == Status.UNAVAILABLE

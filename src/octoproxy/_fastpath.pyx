@@ -111,7 +111,8 @@ cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t 
             PyBytes_FromStringAndSize(<const char*>buf + kr.s0, kr.s1 - kr.s0),
             PyBytes_FromStringAndSize(<const char*>buf + kr.m0, kr.m1 - kr.m0),
         )
-        cache[key] = rs
+        if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
+            cache[key] = rs
     cdef Pending p = Pending.__new__(Pending)
     p.down = down
     p.down_sid = sc.sids[i]
@@ -153,19 +154,27 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
     cdef bint inbound
     cdef double route_timeout = 0.0
     cdef list route_clusters, route_timeouts
-    cdef Py_ssize_t max_pending
+    cdef Py_ssize_t max_pending, stamp_len, max_size, off
+    cdef const uchar* buf
     if down.reject or engine.drain_mode is not None:
         for i in range(n):
             engine.slow_request(down, scanner, i, mv, now)
         return
     inbound = down.listener == "inbound"
+    stamp_len = 0 if inbound else len(<bytes>engine.stamp)
+    max_size = engine.max_frame_size - stamp_len
     route_clusters = engine._route_clusters
     route_timeouts = engine._route_timeouts
     max_pending = engine.max_pending
     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
     try:
+        buf = <const uchar*>view.buf
         for i in range(n):
-            if scanner.types[i] != 1:
+            off = scanner.offsets[i]
+            if scanner.types[i] != 1 or (stamp_len and (
+                    scanner.sizes[i] > max_size
+                    or (((<Py_ssize_t>buf[off + 18]) << 8) | buf[off + 19]) + stamp_len > 0xFFFF)):
+                # not a request, or too big to carry the caller stamp: the slow path says why
                 engine.slow_request(down, scanner, i, mv, now)
                 continue
             route_id = scanner.route_ids[i]

@@ -246,6 +246,10 @@ class Engine:
         #: subscribes to it); requests for it wait in ``unrouted`` meanwhile
         self.on_unknown_service: Callable[[str], None] | None = None
         self.unrouted: dict[str, list[tuple[Link, bytes, float]]] = {}
+        #: how long a request may wait for its lazy subscription
+        self.unrouted_timeout = 10.0
+        #: while parked requests are routed again: when they were first parked
+        self._replaying_since: float | None = None
         self.set_routes(routes)
 
     # ------------------------------------------------------------ configuration
@@ -302,6 +306,15 @@ class Engine:
             link.out += encode_response(sid, status=status, error=error, flags=flags)
             self.dirty.append(link)
 
+    def stamp_problem(self, size: int, hlen: int) -> tuple[Status, str] | None:
+        """Why a request of this size cannot carry the caller stamp, or None."""
+        extra = len(self.stamp)
+        if hlen + extra > 0xFFFF:
+            return Status.PROTOCOL_ERROR, f"header of {hlen} bytes leaves no room for the caller stamp (65535 at most)"
+        if size + extra > self.max_frame_size:
+            return Status.FRAME_TOO_LARGE, f"frame of {size} bytes plus the caller stamp exceeds {self.max_frame_size} bytes"
+        return None
+
     def slow_request(self, down: Link, scanner: Scanner, i: int, mv: memoryview, now: float) -> None:
         """Everything about one frame from a downstream link that the fast path does not do."""
         stats = self.stats
@@ -354,13 +367,23 @@ class Engine:
                 stats.rejected("overloaded")
                 self._answer(down, sid, Status.OVERLOADED, "too many requests in flight")
                 return
+            if self.stamp and not inbound:
+                hlen = mv[off + 18] << 8 | mv[off + 19]
+                problem = self.stamp_problem(size, hlen)
+                if problem is not None:
+                    stats.rejected("too_large")
+                    if not oneway:
+                        self._answer(down, sid, problem[0], problem[1])
+                    return
             up = cluster.pick()
             if up is None:
                 if cluster.connecting and len(cluster.parked) < MAX_PARKED:
                     # a connection is on its way (e.g. replacing one that got
                     # GOAWAY): hold the request until it is up
-                    cluster.parked.append((down, bytes(mv[off : off + size]), now))
-                    stats.error("parked")
+                    since = self._replaying_since
+                    cluster.parked.append((down, bytes(mv[off : off + size]), now if since is None else since))
+                    if since is None:
+                        stats.error("parked")
                     return
                 stats.rejected("unavailable")
                 if not oneway:
@@ -462,9 +485,10 @@ class Engine:
         log.warning("protocol error on %s: %s (%s); closing it", link.name, exc, exc.status.name)
         if link.kind == DOWNSTREAM and exc.stream_id is not None:
             self._answer(link, exc.stream_id, exc.status, str(exc))
-        else:
-            link.out += encode_frame(_GOAWAY, 0, encode_header(status=exc.status, error=str(exc)))
-            self._mark(link)
+        # and send nothing more on this connection: it closes once what is owed is answered
+        link.out += encode_frame(_GOAWAY, 0, encode_header(status=exc.status, error=str(exc)))
+        link.goaway_sent = True
+        self._mark(link)
 
     def goaway(self, link: Link, reason: str) -> None:
         """Tell a downstream peer to send nothing new on ``link``."""
@@ -484,14 +508,18 @@ class Engine:
             return
         parked = cluster.parked
         cluster.parked = []
-        for down, raw, _t in parked:
-            if down.closed:
-                continue
-            scanner = self.new_scanner(down)
-            buf = bytearray(raw)
-            n = scanner.scan(buf)
-            with memoryview(buf) as mv:
-                relay_requests(self, down, scanner, n, mv, now)
+        try:
+            for down, raw, t in parked:
+                if down.closed:
+                    continue
+                self._replaying_since = t  # a request parked again keeps its first park time
+                scanner = self.new_scanner(down)
+                buf = bytearray(raw)
+                n = scanner.scan(buf)
+                with memoryview(buf) as mv:
+                    relay_requests(self, down, scanner, n, mv, now)
+        finally:
+            self._replaying_since = None
 
     def release_unrouted(self, service: str, found: bool, now: float) -> None:
         """A lazy subscription ended: route the waiting requests, or answer NO_ROUTE."""
@@ -501,17 +529,25 @@ class Engine:
         for down, raw, _t in waiting:
             if down.closed:
                 continue
-            if not found:
-                self.stats.rejected("no_route")
-                if raw[3] == _REQUEST:
-                    sid = _U64.unpack_from(raw, 8)[0]
-                    self._answer(down, sid, Status.NO_ROUTE, f"no route for service {service!r}: no endpoints known")
-                continue
             scanner = self.new_scanner(down)
             buf = bytearray(raw)
             n = scanner.scan(buf)
+            if not found or scanner.frame(0)[6] < 0:
+                # no endpoints, or the service is known but not this method
+                # (a static route for another method): never queue it again
+                self.stats.rejected("no_route")
+                if raw[3] == _REQUEST:
+                    sid = _U64.unpack_from(raw, 8)[0]
+                    why = "no endpoints known" if not found else "no route for this method"
+                    self._answer(down, sid, Status.NO_ROUTE, f"no route for service {service!r}: {why}")
+                continue
             with memoryview(buf) as mv:
                 relay_requests(self, down, scanner, n, mv, now)
+
+    def _expire_unrouted(self, now: float) -> None:
+        for service, waiting in list(self.unrouted.items()):
+            if waiting and now - waiting[0][2] > self.unrouted_timeout:
+                self.release_unrouted(service, False, now)
 
     def _expire_parked(self, now: float) -> None:
         for cluster in self.clusters.values():
@@ -527,19 +563,39 @@ class Engine:
                         self._answer(down, sid, Status.UNAVAILABLE, f"no connection to cluster {cluster.name!r} in time")
                 cluster.parked = keep
 
-    def abort_all(self, reason: str) -> int:
-        """Answer every request in flight UNAVAILABLE (end of a drain). Returns how many."""
+    def abort_all(self, reason: str, links: Iterable[Link] = ()) -> int:
+        """Answer everything still waiting UNAVAILABLE (end of a drain). Returns how many.
+
+        Args:
+            reason: the error text.
+            links: every upstream link still open, including the ones already
+                out of their cluster's pool (GOAWAY, endpoint removed); the
+                links in the pools are always included.
+        """
         n = 0
+        every: dict[int, Link] = {id(link): link for link in links}
         for cluster in list(self.clusters.values()) + ([self.inbound_cluster] if self.inbound_cluster else []):
-            for links in cluster.links.values():
-                for up in links:
-                    pending = up.pending
-                    up.pending = {}
-                    for p in pending.values():
-                        self._settle(p)
-                        self.stats.finished(p.stats, Status.UNAVAILABLE, 0.0)
-                        self._answer(p.down, p.down_sid, Status.UNAVAILABLE, reason)
-                        n += 1
+            for cluster_links in cluster.links.values():
+                for link in cluster_links:
+                    every[id(link)] = link
+            parked, cluster.parked = cluster.parked, []
+            for down, raw, _t in parked:
+                if raw[3] == _REQUEST:
+                    self._answer(down, _U64.unpack_from(raw, 8)[0], Status.UNAVAILABLE, reason)
+                    n += 1
+        for service in list(self.unrouted):
+            for down, raw, _t in self.unrouted.pop(service):
+                if raw[3] == _REQUEST:
+                    self._answer(down, _U64.unpack_from(raw, 8)[0], Status.UNAVAILABLE, reason)
+                    n += 1
+        for up in every.values():
+            pending = up.pending
+            up.pending = {}
+            for p in pending.values():
+                self._settle(p)
+                self.stats.finished(p.stats, Status.UNAVAILABLE, 0.0)
+                self._answer(p.down, p.down_sid, Status.UNAVAILABLE, reason)
+                n += 1
         return n
 
     # ------------------------------------------------------------ time
@@ -551,6 +607,8 @@ class Engine:
             The next deadline, or None when nothing is pending.
         """
         self._expire_parked(now)
+        if self.unrouted:
+            self._expire_unrouted(now)
         keys = self.timer_keys
         wheel = self.timer_wheel
         # compare bucket times exactly as they are returned below: the timer

@@ -85,8 +85,9 @@ class Channel:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-        trio.lowlevel.notify_closing(self.sock)
-        self.sock.close()
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
 
 
 # ------------------------------------------------------------------ parent
@@ -135,6 +136,7 @@ async def _handle_child(proxy: Proxy, chan: Channel) -> None:
             return
         machine.fire(ParentEvent.HELLO)
         proxy.handover_finished = trio.Event()
+        proxy.handover_channel = chan
         log.info("hot restart: handing listeners to pid %s (generation %d)", hello["pid"], proxy.generation + 1)
         names, socks = proxy.listener_sockets()
         await chan.send(
@@ -150,7 +152,9 @@ async def _handle_child(proxy: Proxy, chan: Channel) -> None:
         try:
             with trio.fail_after(proxy.config.proxy.hot_restart_timeout + 5):
                 msg, _ = await chan.recv()
-        except (EOFError, OSError) as exc:
+        except (EOFError, OSError, trio.ClosedResourceError) as exc:
+            if machine.state is not ParentState.HANDING_OVER:
+                return  # aborted by a shutdown request
             machine.fire(ParentEvent.CHILD_LOST)
             log.warning("hot restart: new process went away before ready (%s); still serving", exc)
             proxy.stats.error("hot_restart_aborted")
@@ -173,11 +177,13 @@ async def _handle_child(proxy: Proxy, chan: Channel) -> None:
         machine.fire(ParentEvent.DRAINED)
         with trio.move_on_after(2):
             await chan.send(encode("done", stats=proxy.stats.registry.snapshot()))
-    except (HotRestartError, EOFError, OSError, trio.TooSlowError) as exc:
+    except (HotRestartError, EOFError, OSError, trio.TooSlowError, trio.ClosedResourceError) as exc:
         log.warning("hot restart: hand-over failed: %s", exc)
         if machine.state == ParentState.HANDING_OVER:
             machine.fire(ParentEvent.CHILD_LOST)
     finally:
+        if proxy.handover_channel is chan:
+            proxy.handover_channel = None
         chan.close()
         proxy.handover_finished.set()
 

@@ -200,7 +200,13 @@ class Conn:
             self.on_close(self)
 
     async def close_after_flush(self, reason: str, timeout: float = 1.0) -> None:
-        """Send what is queued (bounded in time), then close."""
+        """Send what is queued, then close gracefully (bounded in time).
+
+        After the last byte, shut down our sending side and read (and drop)
+        what the peer still sends until it closes: closing a socket with
+        unread input resets the connection, and a reset can destroy responses
+        the peer has not read yet.
+        """
         with trio.move_on_after(timeout):
             while self.link.out and not self._closing:
                 if not self.blocked:
@@ -208,6 +214,18 @@ class Conn:
                     if not self.link.out:
                         break
                 await self.drained.wait()
+            if not self._closing:
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                    while True:
+                        await trio.lowlevel.wait_readable(self.sock)
+                        try:
+                            if not self.sock.recv(65536):
+                                break
+                        except BlockingIOError:
+                            continue
+                except (OSError, trio.ClosedResourceError):
+                    pass
         self.lost(reason)
 
 

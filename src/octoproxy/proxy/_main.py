@@ -101,8 +101,15 @@ async def _warm_up(proxy: Proxy, chan: Channel) -> bool:
     with trio.move_on_after(timeout):
         while not proxy.ready_state()["ready"]:
             await trio.sleep(0.02)
+        # READY first: if the parent is gone or aborted the hand-over, the
+        # send fails and we give up before accepting a single connection
+        try:
+            await chan.send(encode("ready"))
+        except OSError as exc:
+            log.error("hot restart: the running proxy went away or aborted the hand-over (%s); giving up", exc)
+            chan.close()
+            return False
         proxy.start_accepting()
-        await chan.send(encode("ready"))
         log.info("hot restart: warm and accepting (generation %d); the previous generation drains", proxy.generation)
         return True
     reason = f"not ready within {timeout}s: {proxy.ready_state()}"
@@ -125,7 +132,11 @@ async def _follow_parent(proxy: Proxy, chan: Channel, handover_stats: dict[str, 
     except (EOFError, OSError, HotRestartError) as exc:
         log.warning("hot restart: lost the previous generation before DONE (%s); using its hand-over counters", exc)
     finally:
-        proxy.stats.registry.restore(final if final is not None else handover_stats)
+        try:
+            proxy.stats.registry.restore(final if final is not None else handover_stats)
+        except ValueError as exc:  # e.g. a metric relabelled by the upgrade
+            log.error("hot restart: could not carry the previous generation's counters over: %s", exc)
+            proxy.stats.error("counters_not_carried_over")
         proxy.parent_alive = False
         proxy.keep_socket_files = False
         chan.close()

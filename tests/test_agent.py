@@ -391,3 +391,56 @@ async def test_invalid_agent_config_is_refused_naming_the_key() -> None:
         )  # fmt: skip
         assert res.returncode == 2
         assert "agent.health_interval: expected a positive number, got 'x'" in res.stderr.decode()
+
+
+async def test_sigkilled_provider_proxy_fails_over_then_is_restarted() -> None:
+    """Two providers; the agent supervises provider 1's proxy. SIGKILL it under
+    load: new calls go to provider 2 meanwhile, the agent restarts it, and
+    provider 1 serves again. Only calls in flight on the killed proxy fail."""
+    with trio.fail_after(90), short_tmpdir() as d:
+        p1, p2 = free_port(), free_port()
+        (d / "p1.toml").write_text(provider_toml(d, p1, d / "app1.sock", name="p1"))
+        (d / "caller.toml").write_text(caller_toml(d, [p1, p2], lb="round_robin"))
+        async with provider(d, d / "app1.sock", "app1"), provider(d, d / "app2.sock", "app2"):
+            async with proxy(d, "p2", provider_toml(d, p2, d / "app2.sock", name="p2")) as pp2, run_agent(
+                d, agent_toml(proxy_config="p1.toml", backoff_initial=0.2)
+            ) as a, proxy(d, "caller", (d / "caller.toml").read_text()) as cp:
+                await wait_ready(cp)
+                ok, failed, statuses = 0, 0, list[str]()
+                stop = trio.Event()
+
+                async def worker(client: sdk.Client) -> None:
+                    nonlocal ok, failed
+                    while not stop.is_set():
+                        try:
+                            assert await client.call("echo", "echo", b"x", timeout=5.0) == b"x"
+                            ok += 1
+                        except sdk.CallError as exc:
+                            failed += 1
+                            statuses.append(exc.status.name)
+                        await trio.sleep(0.001)
+
+                async with sdk.open_client(d / "caller.sock") as client, trio.open_nursery() as n:
+                    for _ in range(8):
+                        n.start_soon(worker, client)
+                    await trio.sleep(0.5)
+                    old = (await a.status())["pid"]
+                    os.kill(old, signal.SIGKILL)
+                    served_by_2 = await pp2.metric('octoproxy_requests_total{direction="inbound"')
+                    before = ok
+                    await trio.sleep(0.3)
+                    assert ok > before + 20  # calls keep succeeding: provider 2 takes them
+                    assert await pp2.metric('octoproxy_requests_total{direction="inbound"') > served_by_2
+                    st = await a.wait_status(lambda s: s["restarts"] == 1 and s["state"] == "running" and s["pid"] != old)
+                    # provider 1 is back in the caller's pool
+                    with trio.fail_after(10):
+                        while True:
+                            eps = (await cp.json("/clusters"))["echo"]["endpoints"]  # type: ignore[index]
+                            if all(e["connections"] for e in eps):
+                                break
+                            await trio.sleep(0.05)
+                    await trio.sleep(0.3)
+                    stop.set()
+                assert st["pid"] != old
+                assert failed <= 8 and set(statuses) <= {"UNAVAILABLE"}, statuses  # in flight at the kill only
+                assert ok > 200

@@ -190,6 +190,9 @@ def test_scanner_returns_good_frames_before_bad(impl: ModuleType) -> None:
     assert s.scan(data) == 2
     with pytest.raises(RemoteProtocolError):
         s.scan(data, s.consumed)
+    assert s.count == 0  # nothing from the failed scan is valid
+    with pytest.raises(IndexError):
+        s.frame(0)
 
 
 def test_scanner_routes_swap(impl: ModuleType) -> None:

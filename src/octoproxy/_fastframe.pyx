@@ -457,8 +457,14 @@ cdef class Scanner:
         if not 0 <= i < self.count:
             raise IndexError(i)
         cdef KeyRange* kr = &self.keys[i]
-        b = bytes(self._buf)
-        return b[kr.s0:kr.s1], b[kr.m0:kr.m1]
+        cdef Py_buffer view
+        PyObject_GetBuffer(self._buf, &view, PyBUF_SIMPLE)
+        try:
+            p = <const char*>view.buf
+            return (PyBytes_FromStringAndSize(p + kr.s0, kr.s1 - kr.s0),
+                    PyBytes_FromStringAndSize(p + kr.m0, kr.m1 - kr.m0))
+        finally:
+            PyBuffer_Release(&view)
 
 
 # ---------------------------------------------------------------- decoder

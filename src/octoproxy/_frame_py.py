@@ -252,6 +252,7 @@ class Scanner:
         if start < 0 or start > end:
             raise ValueError("start out of range")
         self._buf = buf
+        self.count = 0  # as the compiled twin: nothing valid until this scan returns
         info = self._info
         keys = self._keys
         info.clear()

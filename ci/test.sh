@@ -16,7 +16,9 @@ $PY -m mypy
 
 echo "== octoproxy --version"
 # run from outside the checkout so that the installed package is imported
-(cd / && octoproxy --version) | tee /dev/stderr | grep -q "frame codec: cython"
+version=$(cd / && octoproxy --version)
+echo "$version"
+case "$version" in *"frame codec: cython"*) ;; *) echo "the compiled codec did not load" >&2; exit 1 ;; esac
 
 echo "== test suite (compiled codec)"
 $PY -m pytest -q -p no:cacheprovider

@@ -11,13 +11,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
+from octoproxy import Status, sdk
 from octoproxy._admin import http_request
 
 HERE = Path(__file__).resolve().parent
@@ -221,3 +222,44 @@ async def wait_ready(p: Proc, timeout: float = 10.0) -> None:
             if status == 200:
                 return
             await trio.sleep(0.02)
+
+
+class Load:
+    """Closed-loop echo calls on a client until :meth:`stop`; counts successes and failures."""
+
+    def __init__(self, body: bytes = b"x", pause: float = 0.002) -> None:
+        self.body = body
+        self.pause = pause
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = trio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def worker(self, client: sdk.Client) -> None:
+        while not self._stop.is_set():
+            try:
+                assert await client.call("echo", "echo", self.body, timeout=5) == self.body
+                self.ok += 1
+            except sdk.CallError as exc:
+                self.failures.append(repr(exc))
+            await trio.sleep(self.pause)
+
+
+async def statuses_of_slow_calls(client: sdk.Client, n: int, kill: Callable[[], None], seconds: bytes = b"20") -> list[Status]:
+    """Start ``n`` calls that sleep at the provider, ``kill()`` something mid-call, return their error statuses."""
+    statuses: list[Status] = []
+
+    async def slow() -> None:
+        try:
+            await client.call("echo", "sleep", seconds, timeout=25)
+        except sdk.CallError as exc:
+            statuses.append(exc.status)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(slow)
+        await trio.sleep(0.5)
+        kill()
+    return statuses

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from e2e import Proc, free_port, provider, proxy_argv, short_tmpdir, start_process, stop
+from e2e import Load, Proc, free_port, provider, proxy_argv, short_tmpdir, start_process, stop
 from octoproxy import Status, sdk
 
 pytestmark = pytest.mark.e2e
@@ -97,23 +97,11 @@ async def test_discovery_end_to_end() -> None:
                 assert state["discovery"]["subscriptions"] == ["echo"]
                 assert json.loads((d / "caller.sock.subscriptions.json").read_text()) == {"services": ["echo"]}
 
-                failures: list[str] = []
-                ok = 0
-                stop_load = trio.Event()
-
-                async def load(client: sdk.Client) -> None:
-                    nonlocal ok
-                    while not stop_load.is_set():
-                        try:
-                            assert await client.call("echo", "echo", b"x", timeout=5) == b"x"
-                            ok += 1
-                        except sdk.CallError as exc:
-                            failures.append(repr(exc))
-                        await trio.sleep(0.002)
+                load = Load(b"x")
 
                 async with sdk.open_client(d / "caller.sock") as client, trio.open_nursery() as n:
                     for _ in range(8):
-                        n.start_soon(load, client)
+                        n.start_soon(load.worker, client)
                     await trio.sleep(0.5)
                     # a second provider comes: traffic spreads over both
                     pb_ = await start_process(proxy_argv(provider_cfg(d, "pb", "echo", cp_port, free_port())), "octoproxy ready", d, "pb")
@@ -136,9 +124,9 @@ async def test_discovery_end_to_end() -> None:
                         return not (await get_json(caller, "/ready"))["discovery"]["control_plane"]["connected"]
 
                     await until(cp_down)
-                    before = ok
+                    before = load.ok
                     await trio.sleep(1.0)
-                    assert ok > before
+                    assert load.ok > before
                     assert await caller.metric("octoproxy_control_plane_connected") == 0
                     # it comes back (no snapshot): providers re-register, proxies resubscribe
                     cp2 = await start_process(cp_argv(cp_port), "octoproxy control-plane ready", d, "cp2")
@@ -149,9 +137,9 @@ async def test_discovery_end_to_end() -> None:
 
                     await until(cp_up)
                     await trio.sleep(1.0)
-                    stop_load.set()
-                assert failures == [], failures[:5]
-                assert ok > 100
+                    load.stop()
+                assert load.failures == [], load.failures[:5]
+                assert load.ok > 100
                 clusters = await get_json(caller, "/clusters")
                 assert [e["address"] for e in clusters["echo"]["endpoints"]] == [pb_.addresses["inbound"]]
 

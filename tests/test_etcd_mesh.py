@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from e2e import free_port, provider, proxy_argv, short_tmpdir, start_process, stop
+from e2e import Load, free_port, provider, proxy_argv, short_tmpdir, start_process, stop
 from octoproxy import sdk
 from test_controlplane import kill
 from test_etcd import Member, etcd_bin, etcd_cluster, replicas  # noqa: F401  (fixtures)
@@ -42,23 +42,11 @@ async def test_mesh_over_etcd_survives_replica_and_member_loss(etcd_cluster: lis
                 with trio.fail_after(10):
                     while (await sdk.subscribe(cp.admin, ["echo"], timeout=5)) != {"echo": 1}:
                         await trio.sleep(0.1)
-                failures: list[str] = []
-                ok = 0
-                stop_load = trio.Event()
-
-                async def load(client: sdk.Client) -> None:
-                    nonlocal ok
-                    while not stop_load.is_set():
-                        try:
-                            assert await client.call("echo", "echo", b"e", timeout=5) == b"e"
-                            ok += 1
-                        except sdk.CallError as exc:
-                            failures.append(repr(exc))
-                        await trio.sleep(0.002)
+                load = Load(b"e")
 
                 async with sdk.open_client(d / "c.sock") as client, trio.open_nursery() as n:
                     for _ in range(8):
-                        n.start_soon(load, client)
+                        n.start_soon(load.worker, client)
                     await trio.sleep(0.5)
                     await kill(cp_b)  # the caller's replica: it fails over to A
                     with trio.fail_after(15):
@@ -68,11 +56,11 @@ async def test_mesh_over_etcd_survives_replica_and_member_loss(etcd_cluster: lis
                     assert proc is not None
                     await kill(proc)  # one etcd member of three
                     await trio.sleep(3.0)  # longer than the lease: registrations must be kept alive
-                    before = ok
+                    before = load.ok
                     await trio.sleep(0.5)
-                    stop_load.set()
-                assert ok > before > 0
-                assert failures == [], failures[:5]
+                    load.stop()
+                assert load.ok > before > 0
+                assert load.failures == [], load.failures[:5]
                 clusters = await cp.json("/clusters")
                 assert len(clusters["echo"]["endpoints"]) == 1  # type: ignore[index]
             finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from e2e import Proc, caller_toml, free_port, provider, provider_toml, proxy, short_tmpdir, wait_ready
+from e2e import Proc, caller_toml, statuses_of_slow_calls, free_port, provider, provider_toml, proxy, short_tmpdir, wait_ready
 from octoproxy import Flags, FrameType, Status, sdk
 from octoproxy.frame import FrameDecoder, encode_frame, encode_request
 
@@ -145,40 +145,21 @@ async def test_timeout() -> None:
 async def test_provider_proxy_killed_mid_call_answers_unavailable_at_once() -> None:
     with trio.fail_after(30):
         async with mesh() as m, sdk.open_client(m.sock) as client:
-            statuses: list[Status] = []
+            killed_at: list[float] = []
 
-            async def slow() -> None:
-                try:
-                    await client.call("echo", "sleep", b"20", timeout=25)
-                except sdk.CallError as exc:
-                    statuses.append(exc.status)
-
-            async with trio.open_nursery() as n:
-                for _ in range(20):
-                    n.start_soon(slow)
-                await trio.sleep(0.5)
-                t0 = trio.current_time()
+            def kill() -> None:
+                killed_at.append(trio.current_time())
                 os.killpg(m.prov_proxy.process.pid, signal.SIGKILL)
+
+            statuses = await statuses_of_slow_calls(client, 20, kill)
             assert statuses == [Status.UNAVAILABLE] * 20
-            assert trio.current_time() - t0 < 3  # not left to time out
+            assert trio.current_time() - killed_at[0] < 3  # not left to time out
 
 
 async def test_provider_app_killed_mid_call() -> None:
     with trio.fail_after(30):
         async with mesh() as m, sdk.open_client(m.sock) as client:
-            statuses: list[Status] = []
-
-            async def slow() -> None:
-                try:
-                    await client.call("echo", "sleep", b"20", timeout=25)
-                except sdk.CallError as exc:
-                    statuses.append(exc.status)
-
-            async with trio.open_nursery() as n:
-                for _ in range(5):
-                    n.start_soon(slow)
-                await trio.sleep(0.5)
-                os.killpg(m.app.process.pid, signal.SIGKILL)
+            statuses = await statuses_of_slow_calls(client, 5, lambda: os.killpg(m.app.process.pid, signal.SIGKILL))
             assert statuses == [Status.UNAVAILABLE] * 5
             # the provider proxy keeps serving its admin API and reports not ready
             assert (await m.prov_proxy.get("/ready"))[0] == 503

@@ -211,28 +211,54 @@ class RegisterAck(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., error: _Optional[str] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("discovery", "register", "deregister", "set_status", "keepalive", "put_route_rules")
+    __slots__ = ("discovery", "register", "deregister", "set_status", "keepalive", "put_route_rules", "certificate_request")
     DISCOVERY_FIELD_NUMBER: _ClassVar[int]
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     DEREGISTER_FIELD_NUMBER: _ClassVar[int]
     SET_STATUS_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     PUT_ROUTE_RULES_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_REQUEST_FIELD_NUMBER: _ClassVar[int]
     discovery: DiscoveryRequest
     register: Register
     deregister: Deregister
     set_status: SetStatus
     keepalive: LeaseKeepAlive
     put_route_rules: PutRouteRules
-    def __init__(self, discovery: _Optional[_Union[DiscoveryRequest, _Mapping]] = ..., register: _Optional[_Union[Register, _Mapping]] = ..., deregister: _Optional[_Union[Deregister, _Mapping]] = ..., set_status: _Optional[_Union[SetStatus, _Mapping]] = ..., keepalive: _Optional[_Union[LeaseKeepAlive, _Mapping]] = ..., put_route_rules: _Optional[_Union[PutRouteRules, _Mapping]] = ...) -> None: ...
+    certificate_request: CertificateRequest
+    def __init__(self, discovery: _Optional[_Union[DiscoveryRequest, _Mapping]] = ..., register: _Optional[_Union[Register, _Mapping]] = ..., deregister: _Optional[_Union[Deregister, _Mapping]] = ..., set_status: _Optional[_Union[SetStatus, _Mapping]] = ..., keepalive: _Optional[_Union[LeaseKeepAlive, _Mapping]] = ..., put_route_rules: _Optional[_Union[PutRouteRules, _Mapping]] = ..., certificate_request: _Optional[_Union[CertificateRequest, _Mapping]] = ...) -> None: ...
+
+class CertificateRequest(_message.Message):
+    __slots__ = ("request_id", "csr_pem")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    csr_pem: str
+    def __init__(self, request_id: _Optional[int] = ..., csr_pem: _Optional[str] = ...) -> None: ...
+
+class CertificateResponse(_message.Message):
+    __slots__ = ("request_id", "error", "certificate_chain_pem", "trust_bundle_pem", "not_after_unix_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    error: str
+    certificate_chain_pem: str
+    trust_bundle_pem: str
+    not_after_unix_ms: int
+    def __init__(self, request_id: _Optional[int] = ..., error: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., trust_bundle_pem: _Optional[str] = ..., not_after_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("response", "ack")
+    __slots__ = ("response", "ack", "certificate")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     response: DiscoveryResponse
     ack: RegisterAck
-    def __init__(self, response: _Optional[_Union[DiscoveryResponse, _Mapping]] = ..., ack: _Optional[_Union[RegisterAck, _Mapping]] = ...) -> None: ...
+    certificate: CertificateResponse
+    def __init__(self, response: _Optional[_Union[DiscoveryResponse, _Mapping]] = ..., ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., certificate: _Optional[_Union[CertificateResponse, _Mapping]] = ...) -> None: ...
 
 class StoreSnapshot(_message.Message):
     __slots__ = ("registrations", "routes")

@@ -15,8 +15,8 @@ __all__ = ["DEFAULT_TRUST_DOMAIN", "CONTROL_PLANE_PATH", "spiffe_id", "parse_spi
 
 DEFAULT_TRUST_DOMAIN = "octoproxy.local"
 CONTROL_PLANE_PATH = "/controlplane"
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?$")
-_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")  # as check_service_name (MAX_NAME_LENGTH 253)
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?\Z")
+_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}\Z")  # as check_service_name (MAX_NAME_LENGTH 253)
 
 
 def check_trust_domain(td: str) -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "RegistryView",
     "Listener",
     "resource_version",
+    "TYPE_TOKENS",
 ]
 
 logger = logging.getLogger("octoproxy.controlplane.store")
@@ -71,6 +72,9 @@ class Lease:
 
 Listener = Callable[[StoreChange], None]
 
+#: ``StoreChange.type_url`` of a join token (name = token id); never sent to proxies
+TYPE_TOKENS = "octoproxy.v1.JoinToken"
+
 
 def resource_version(body: bytes) -> str:
     """Return the version of a canonically encoded resource (a content hash)."""
@@ -86,6 +90,8 @@ class RegistryView:
     def __init__(self) -> None:
         self.services: dict[str, dict[str, pb.Endpoint]] = {}
         self.routes: dict[str, pb.RouteRules] = {}
+        #: join tokens by id (hashes only)
+        self.tokens: dict[str, pb.JoinToken] = {}
         self.revision = 0
         self._listeners: list[Listener] = []
         self._cache: dict[tuple[str, str], tuple[str, bytes] | None] = {}
@@ -154,7 +160,30 @@ class RegistryView:
         self._changed(TYPE_ROUTES, service)
         return True
 
-    def replace_all(self, services: Mapping[str, Mapping[str, pb.Endpoint]], routes: Mapping[str, pb.RouteRules]) -> int:
+    def set_token(self, token: pb.JoinToken) -> bool:
+        """Add or replace a join token (by id). Returns True if it changed."""
+        old = self.tokens.get(token.id)
+        if old is not None and old == token:
+            return False
+        new = pb.JoinToken()
+        new.CopyFrom(token)
+        self.tokens[token.id] = new
+        self._changed(TYPE_TOKENS, token.id)
+        return True
+
+    def remove_token(self, token_id: str) -> bool:
+        """Forget a join token. Returns True if there was one."""
+        if self.tokens.pop(token_id, None) is None:
+            return False
+        self._changed(TYPE_TOKENS, token_id)
+        return True
+
+    def replace_all(
+        self,
+        services: Mapping[str, Mapping[str, pb.Endpoint]],
+        routes: Mapping[str, pb.RouteRules],
+        tokens: Mapping[str, pb.JoinToken] | None = None,
+    ) -> int:
         """Make the view equal to the given content, notifying per changed name.
 
         Returns:
@@ -173,6 +202,11 @@ class RegistryView:
             n += self.remove_routes(service)
         for rules in routes.values():
             n += self.set_routes(rules)
+        if tokens is not None:
+            for tid in set(self.tokens) - set(tokens):
+                n += self.remove_token(tid)
+            for token in tokens.values():
+                n += self.set_token(token)
         return n
 
     def lookup(self, type_url: str, name: str) -> tuple[str, bytes] | None:
@@ -267,6 +301,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def put_route_rules(self, rules: pb.RouteRules) -> None:
         """Replace a service's route rules; no rules deletes them (never leased).
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def put_token(self, token: pb.JoinToken) -> None:
+        """Store a join token record (its hash, never the token).
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def delete_token(self, token_id: str) -> bool:
+        """Delete a join token record. Returns False if there was none.
 
         Raises:
             StoreUnavailable: if the backing store cannot be reached.

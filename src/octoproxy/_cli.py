@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("control-plane", help="run a control-plane server (discovery over WebSocket)")
     cp.add_argument("--listen", default="127.0.0.1:15010", help="host:port of the WebSocket listener")
     cp.add_argument("--store", choices=["embedded", "etcd"], default="embedded", help="where state lives")
-    cp.add_argument("--snapshot", help="embedded store: snapshot file (restored at start, kept up to date)")
+    cp.add_argument("--snapshot", help="embedded store: snapshot file (restored at start, kept up to date; default STATE_DIR/snapshot.json)")
     cp.add_argument("--etcd-endpoints", default="http://127.0.0.1:2379", help="etcd store: comma-separated client URLs")
     cp.add_argument("--etcd-prefix", default="/octoproxy/", help="etcd store: key prefix")
     cp.add_argument("--admin", help="host:port or unix:/path of the admin API (octoproxy ctl; GET /healthz, GET /sessions)")

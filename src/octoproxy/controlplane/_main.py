@@ -260,7 +260,9 @@ def run_from_cli(
                 key_file=etcd_key_file,
             )
         else:
-            backend = EmbeddedStore(snapshot)
+            # join tokens live in the store: without a snapshot a restart would lock every proxy out
+            state_dir = (options or Options()).state_dir
+            backend = EmbeddedStore(snapshot if snapshot is not None else os.path.join(state_dir, "snapshot.json"))
         trio.run(functools.partial(serve, backend, listen, admin=admin, options=options))
     except (OSError, ValueError, CertificateError, ssl.SSLError) as exc:
         print(f"octoproxy control-plane: {exc}", file=sys.stderr)

@@ -231,9 +231,9 @@ class XdsServerSession:
             raise DiscoveryError(f"node_id longer than {MAX_NAME_LENGTH} chars")
         after = len(st.subscribed.union(req.subscribe).difference(req.unsubscribe))
         if after > self.max_subscriptions and after > len(st.subscribed):
-            raise LimitExceeded(
-                f"too many subscriptions on one session ({after} names of {req.type_url}, "
-                f"limit {self.max_subscriptions}: raise it with --max-subscriptions)"
+            raise LimitExceeded(  # (the option first: a WebSocket close reason holds 123 bytes)
+                f"too many subscriptions on one session (limit {self.max_subscriptions}, "
+                f"raise it with --max-subscriptions): {after} names of {req.type_url}"
             )
         if req.node_id:
             self.node_id = req.node_id

@@ -45,7 +45,7 @@ log = logging.getLogger("octoproxy.controlplane.admin")
 
 #: largest page of GET /sessions
 MAX_PAGE = 1000
-_SHOWN_NAMES = 20
+_SHOWN_NAMES = 10
 
 
 def _json(msg: Any) -> dict[str, Any]:

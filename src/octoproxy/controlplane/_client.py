@@ -92,6 +92,9 @@ class _Pending:
 TokenSource = Union[str, Callable[[], "str | None"], None]
 
 
+MESSAGE_TOO_BIG = 1009
+
+
 def _refusal(leaves: list[BaseException]) -> str:
     """Why the control plane refused us (401/403/429, or a 1008 close), or ``""``."""
     for e in leaves:
@@ -100,6 +103,8 @@ def _refusal(leaves: list[BaseException]) -> str:
             return f"HTTP {e.status_code}: {body[:200]}"
         if isinstance(e, ConnectionClosed) and e.reason is not None and e.reason.code == POLICY_VIOLATION:
             return f"session closed: {e.reason.reason}"
+        if isinstance(e, ConnectionClosed) and e.reason is not None and e.reason.code == MESSAGE_TOO_BIG:
+            return f"session closed: {e.reason.reason} (the control plane's --max-message-size)"
     return ""
 
 
@@ -417,13 +422,21 @@ class DiscoveryClient:
                 await self._run_connection(url)
             except BaseException as exc:  # (no except* here: Python 3.10 is supported)
                 leaves = exception_leaves(exc)
+                expected = (*_CONNECTION_ERRORS, DiscoveryError, DecodeError)
+                if isinstance(exc, BaseExceptionGroup) and any(not isinstance(e, Exception) for e in leaves):
+                    # cancelled while the connection also broke: the break is moot, let the
+                    # cancellation alone propagate (the cancel scope that caused it absorbs it)
+                    cancelled, rest = exc.split(lambda e: not isinstance(e, (Exception, BaseExceptionGroup)))
+                    if cancelled is not None and (rest is None or all(isinstance(e, expected) for e in exception_leaves(rest))):
+                        raise cancelled from None
+                    raise
                 refused = _refusal(leaves)
                 if refused:
                     self.refused = refused
                     logger.warning("control plane %s refused this proxy: %s", url, refused)
                 elif all(isinstance(e, _CONNECTION_ERRORS) for e in leaves):
                     logger.info("control plane %s: %s", url, _describe(exc))
-                elif all(isinstance(e, (*_CONNECTION_ERRORS, DiscoveryError, DecodeError)) for e in leaves):
+                elif all(isinstance(e, expected) for e in leaves):
                     logger.warning("control plane %s: protocol error: %s", url, _describe(exc))
                 else:
                     raise

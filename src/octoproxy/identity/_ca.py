@@ -93,7 +93,7 @@ def _utc(t: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc)
 
 
-def _hash_for(key: _SigningKey) -> hashes.HashAlgorithm | None:
+def _hash_for(key: _SigningKey) -> hashes.SHA256 | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 

@@ -160,6 +160,8 @@ async def test_a_service_changes_only_its_own_endpoints(cp: CP) -> None:
     eps = cp.store.view.services["echo"]
     assert set(eps) == {"127.0.0.1:9001"} and eps["127.0.0.1:9001"].status == pb.Endpoint.HEALTHY
     assert cp.store.view.routes == {}
+    with pytest.raises(DiscoveryError, match="permission denied"):
+        await rogue.register("échø", ep("127.0.0.1:6667"), ttl=5)  # a non-ASCII name is refused, not a crash
     # its own service: fine; an operator: anything
     await rogue.register("rogue", ep("127.0.0.1:7000"), ttl=5)
     await watcher.set_status("echo", "127.0.0.1:9001", pb.Endpoint.STOPPING)

@@ -72,7 +72,7 @@ class Principal:
 
     def may_write(self, service: str) -> bool:
         """May this principal register, deregister or set the status of ``service``'s endpoints?"""
-        return self.is_operator or (self.kind == "service" and hmac.compare_digest(self.service, service))
+        return self.is_operator or (self.kind == "service" and self.service == service)
 
     def describe(self) -> str:
         if self.is_operator:
@@ -184,11 +184,11 @@ class Authenticator:
             return Principal("operator", via="insecure")
         token = bearer(authorization)
         if token is not None:
-            if hmac.compare_digest(hash_token(token), self._operator_hash):
+            if hmac.compare_digest(hash_token(token).encode(), self._operator_hash.encode()):
                 return OPERATOR
             tid = token_id(token)
             record = self._tokens().get(tid) if tid is not None else None
-            if record is None or not hmac.compare_digest(hash_token(token), record.sha256_hex):
+            if record is None or not hmac.compare_digest(hash_token(token).encode(), record.sha256_hex.encode()):
                 return "unknown or revoked token"
             if record.expires_unix_ms and now * 1000 >= record.expires_unix_ms:
                 return f"join token {tid} expired"

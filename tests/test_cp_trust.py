@@ -301,6 +301,7 @@ async def test_memory_comes_back_after_sessions_close(cp: CP) -> None:
         await wait_for(lambda: not cp.server.sessions)
     gc.collect()
     assert cp.server._by_name == {} and cp.server._per_peer == {}
+    assert cp.store.view._cache == {}  # names merely subscribed to (absent) are not cached
     assert sum(r() is not None for r in refs) == 0, "closed sessions are still referenced"
 
 

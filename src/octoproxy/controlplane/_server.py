@@ -80,7 +80,7 @@ MAX_MESSAGE_SIZE = 16 << 20
 #: what the server accepts from one client message by default
 DEFAULT_MAX_CLIENT_MESSAGE = 4 << 20
 DEFAULT_MAX_REGISTRATIONS = 16
-DEFAULT_MAX_SESSIONS_PER_PEER = 256
+DEFAULT_MAX_SESSIONS_PER_PEER = 64
 #: WebSocket close code for "you went over a limit / lost your credentials"
 POLICY_VIOLATION = 1008
 

@@ -94,7 +94,7 @@ class RegistryView:
         self.tokens: dict[str, pb.JoinToken] = {}
         self.revision = 0
         self._listeners: list[Listener] = []
-        self._cache: dict[tuple[str, str], tuple[str, bytes] | None] = {}
+        self._cache: dict[tuple[str, str], tuple[str, bytes]] = {}
 
     @contextmanager
     def listen(self, listener: Listener) -> Iterator[None]:
@@ -212,18 +212,21 @@ class RegistryView:
     def lookup(self, type_url: str, name: str) -> tuple[str, bytes] | None:
         """Return ``(version, canonical encoding)`` of a resource, or ``None`` if absent."""
         key = (type_url, name)
-        if key in self._cache:
-            return self._cache[key]
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         msg: pb.ClusterLoadAssignment | pb.RouteRules | None = None
         if type_url == TYPE_ENDPOINTS and name in self.services:
             eps = self.services[name]
             msg = pb.ClusterLoadAssignment(service=name, endpoints=[eps[a] for a in sorted(eps)])
         elif type_url == TYPE_ROUTES and name in self.routes:
             msg = self.routes[name]
-        value = None
-        if msg is not None:
-            body = msg.SerializeToString(deterministic=True)
-            value = (resource_version(body), body)
+        if msg is None:
+            # not cached: names anyone may subscribe to must not pin memory (issue 10)
+            self._cache.pop(key, None)
+            return None
+        body = msg.SerializeToString(deterministic=True)
+        value = (resource_version(body), body)
         self._cache[key] = value
         return value
 

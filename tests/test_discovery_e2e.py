@@ -273,3 +273,31 @@ async def test_hot_restart_keeps_registration_and_subscriptions() -> None:
         finally:
             for p in procs:
                 await stop(p)
+
+
+async def test_proxies_over_a_tls_control_plane() -> None:
+    """``--tls``: proxies verify the control plane with its CA (``discovery.ca_file``) and authenticate by join token."""
+    with trio.fail_after(60), short_tmpdir() as d:
+        cp_port = free_port()
+        cp = await start_process([*cp_argv(cp_port, d), "--tls"], "octoproxy control-plane ready", d, "cp")
+        assert cp.addresses.get("tls") == "1"
+        procs = [cp]
+        try:
+            for service in ("caller-app", "echo"):
+                await join_token(d, cp, service)
+            tls = f'ca_file = "{d / "cp-state" / "ca.crt"}"\n'
+            wss = (f'ws://127.0.0.1:{cp_port}/v1/discovery', f'wss://127.0.0.1:{cp_port}/v1/discovery')
+            async with provider(d, d / "pa-app.sock", "app-a"):
+                pcfg = provider_cfg(d, "pa", "echo", cp_port, free_port())
+                pcfg.write_text(pcfg.read_text().replace(*wss) + tls)
+                procs.append(await start_process(proxy_argv(pcfg), "octoproxy ready", d, "pa"))
+                ccfg = caller_cfg(d, cp_port, tls)
+                ccfg.write_text(ccfg.read_text().replace(*wss))
+                caller = await start_process(proxy_argv(ccfg), "octoproxy ready", d, "caller")
+                procs.append(caller)
+                assert await sdk.subscribe(caller.admin, ["echo"], timeout=5) == {"echo": 1}
+                async with sdk.open_client(d / "caller.sock") as client:
+                    assert await client.call("echo", "echo", b"tls") == b"tls"
+        finally:
+            for p in procs:
+                await stop(p)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -537,3 +538,18 @@ def test_trust_cores_are_sans_io(name: str) -> None:
     for clock in ("time.time(", "time.monotonic(", "trio.current_time("):
         assert clock not in text
 
+
+
+async def test_a_fifo_as_join_token_file_does_not_hang_the_proxy() -> None:
+    from octoproxy.testing import open_mesh
+
+    with trio.fail_after(30):
+        async with open_mesh() as mesh:
+            fifo = mesh.directory / "token.fifo"
+            os.mkfifo(fifo)
+            web = await mesh.add_caller("web", config={"discovery": {"join_token_file": str(fifo)}})
+            disc = web.proxy.discovery
+            assert disc is not None
+            await wait_for(lambda: "401" in disc.client.refused)  # no token read: refused, and retrying
+            status, _, _ = await http_request(web.admin, "GET", "/healthz")
+            assert status == 200  # the event loop was never blocked

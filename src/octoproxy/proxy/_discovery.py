@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import ssl
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,7 +89,11 @@ class Discovery:
         self.engine = proxy.engine
         node = cfg.node_id or f"{proxy.config.proxy.service or 'octoproxy'}@{socket.gethostname()}:{os.getpid()}"
         self.client = DiscoveryClient(
-            list(cfg.control_plane), node, self._on_change, token=self._join_token, ssl_context=_control_plane_tls(cfg.ca_file)
+            list(cfg.control_plane),
+            node,
+            self._on_change,
+            token=self._join_token,
+            ssl_context=_control_plane_tls(cfg.ca_file) if any(u.startswith("wss:") for u in cfg.control_plane) else None,
         )
         self.path = proxy.config.subscriptions_path
         #: service -> when it was subscribed / last seen used
@@ -98,6 +103,7 @@ class Discovery:
         self._lazy: set[str] = set()
         self.restored = trio.Event()
         self.registered_address: str | None = None
+        self._token_mode_warned = False
         self._nursery: trio.Nursery | None = None
         self.route_timeout = cfg.route_timeout or proxy.config.upstream.default_timeout
 
@@ -297,8 +303,20 @@ class Discovery:
         if path is None:
             return None
         try:
-            with open(path, "rb") as f:  # a few bytes: read on the loop, capped
-                return f.read(4096).decode("ascii", "replace").strip() or None
+            # A few bytes, read on the loop: non-blocking open and regular files only, so
+            # a FIFO or a device at that path cannot hang or bloat the proxy.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    log.error("discovery.join_token_file %s is not a regular file", path)
+                    return None
+                if st.st_mode & 0o077 and not self._token_mode_warned:
+                    self._token_mode_warned = True
+                    log.warning("discovery.join_token_file %s is readable by others (mode %o): chmod 600 it", path, st.st_mode & 0o777)
+                return os.read(fd, 4096).decode("ascii", "replace").strip() or None
+            finally:
+                os.close(fd)
         except OSError as exc:
             log.error("cannot read discovery.join_token_file %s: %s", path, exc)
             return None

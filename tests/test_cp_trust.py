@@ -553,3 +553,23 @@ async def test_a_fifo_as_join_token_file_does_not_hang_the_proxy() -> None:
             await wait_for(lambda: "401" in disc.client.refused)  # no token read: refused, and retrying
             status, _, _ = await http_request(web.admin, "GET", "/healthz")
             assert status == 200  # the event loop was never blocked
+
+
+async def test_a_mesh_proxy_obtains_a_certificate_of_its_service() -> None:
+    from octoproxy import sdk
+    from octoproxy.testing import open_mesh
+
+    async def echo(req: sdk.Request) -> bytes:
+        return req.body
+
+    with trio.fail_after(30):
+        async with open_mesh() as mesh:
+            p = await mesh.add_provider("echo", echo)
+            disc = p.proxy.discovery
+            assert disc is not None
+            await disc.client.wait_connected(STEP)
+            resp = await disc.client.request_certificate(make_key_and_csr("echo")[1], timeout=STEP)
+            leaf = x509.load_pem_x509_certificate(resp.certificate_chain_pem.encode())
+            leaf.verify_directly_issued_by(mesh.ca.cert)
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://octoproxy.local/svc/echo"]

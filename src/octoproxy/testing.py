@@ -89,6 +89,7 @@ from . import sdk
 from ._config import ProxyConfig, parse_config
 from .controlplane import ControlPlaneServer, EmbeddedStore
 from .controlplane._auth import make_join_token
+from .identity import DEFAULT_TRUST_DOMAIN, CertificateAuthority
 from .proxy._handover import Channel
 from .proxy._hot_restart import HotRestartError
 from .proxy._main import complete_hand_over, take_over_proxy
@@ -280,6 +281,8 @@ class Mesh:
             registrations).
         control_plane: the control-plane server.
         control_plane_url: its discovery URL, as in ``discovery.control_plane``.
+        ca: the control plane's certificate authority (it answers the
+            proxies' ``CertificateRequest`` s; trust domain ``octoproxy.local``).
         operator_token: the control plane's operator token (for
             :class:`~octoproxy.controlplane.DiscoveryClient` s or admin calls
             a test makes as an operator).
@@ -308,6 +311,8 @@ class Mesh:
         self.control_plane_url = control_plane_url
         self.nodes: dict[str, MeshProxy] = {}
         self.operator_token = control_plane.operator_token or ""
+        assert control_plane.ca is not None
+        self.ca: CertificateAuthority = control_plane.ca
         self._lease_ttl = lease_ttl
         self._drain_time = drain_time
         self._tokens: dict[str, Path] = {}
@@ -787,7 +792,8 @@ async def open_mesh(
             async with trio.open_nursery() as nursery:
                 store = EmbeddedStore()
                 await nursery.start(store.run)
-                server = ControlPlaneServer(store)
+                # a CA of its own, as a real control plane has: proxies can obtain certificates
+                server = ControlPlaneServer(store, ca=CertificateAuthority.generate(DEFAULT_TRUST_DOMAIN, time.time()))
                 host, port = await nursery.start(server.serve, "127.0.0.1", 0)
                 mesh = Mesh(
                     nursery,

@@ -530,7 +530,7 @@ async def test_insecure_mode_is_explicit_and_loud(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- layering
-@pytest.mark.parametrize("name", ["identity/_ca.py", "identity/_csr.py", "controlplane/_auth.py"])
+@pytest.mark.parametrize("name", ["identity/_ca.py", "identity/_csr.py", "controlplane/_auth.py", "controlplane/_issuance.py"])
 def test_trust_cores_are_sans_io(name: str) -> None:
     path = SRC / name
     assert not imported_modules(path) & {"trio", "socket", "selectors", "asyncio"}
@@ -573,3 +573,27 @@ async def test_a_mesh_proxy_obtains_a_certificate_of_its_service() -> None:
             leaf.verify_directly_issued_by(mesh.ca.cert)
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://octoproxy.local/svc/echo"]
+
+
+def test_issuance_decisions() -> None:
+    from octoproxy.controlplane._auth import Principal
+    from octoproxy.controlplane._issuance import answer_certificate_request
+
+    ca = CertificateAuthority.generate("octoproxy.local", time.time())
+    req = pb.CertificateRequest(request_id=7, csr_pem=make_key_and_csr("orders")[1])
+    now = time.time()
+
+    def uris(resp: pb.CertificateResponse) -> list[str]:
+        leaf = x509.load_pem_x509_certificate(resp.certificate_chain_pem.encode())
+        return leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier
+        )
+
+    ok = answer_certificate_request(ca, Principal("service", "echo", "join-token"), "octoproxy.local", 60, req, now)
+    assert ok.request_id == 7 and not ok.error and uris(ok) == ["spiffe://octoproxy.local/svc/echo"]
+    insecure = answer_certificate_request(ca, Principal("operator", via="insecure"), "octoproxy.local", 60, req, now)
+    assert uris(insecure) == ["spiffe://octoproxy.local/svc/orders"]  # only then does the CSR's name count
+    op = answer_certificate_request(ca, Principal("operator", via="operator-token"), "octoproxy.local", 60, req, now)
+    assert "operators have no service identity" in op.error and not op.certificate_chain_pem
+    none = answer_certificate_request(None, Principal("service", "echo", "join-token"), "octoproxy.local", 60, req, now)
+    assert "without a CA" in none.error

@@ -64,9 +64,10 @@ from .._xds_server import (
     check_route_rules,
     check_service_name,
 )
-from ..identity import DEFAULT_LEAF_TTL, CertificateAuthority, CertificateError, parse_spiffe_id
+from ..identity import DEFAULT_LEAF_TTL, CertificateAuthority, parse_spiffe_id
 from ..proto import octoproxy_discovery_pb2 as pb
 from ._auth import Authenticator, Principal, RateLimitedLog
+from ._issuance import answer_certificate_request
 from ._store import TYPE_TOKENS, LeaseNotFound, Store, StoreChange, StoreError
 
 __all__ = ["ControlPlaneServer", "DISCOVERY_PATH"]
@@ -434,32 +435,7 @@ class _Session:
     def _certificate(self, req: pb.CertificateRequest) -> pb.CertificateResponse:
         """Sign the CSR for this session's service (never for a name the CSR asks)."""
         srv = self.server
-        principal = self.principal
-        service = principal.service
-        if srv.ca is None:
-            error = "this control plane issues no certificates (it was started without a CA)"
-        elif principal.via == "insecure":
-            service = _requested_service(req.csr_pem, srv.auth.trust_domain) or ""
-            error = "" if service else "insecure mode: the CSR must carry a spiffe://<td>/svc/<service> URI SAN"
-        elif principal.kind != "service":
-            error = "operators have no service identity: authenticate with the service's join token"
-        else:
-            error = ""
-        if error:
-            return pb.CertificateResponse(request_id=req.request_id, error=error)
-        assert srv.ca is not None
-        try:
-            issued = srv.ca.sign_csr(req.csr_pem, service, time.time(), srv.leaf_ttl)
-        except (CertificateError, ValueError) as exc:
-            logger.warning("certificate for %s refused: %s", principal.describe(), exc)
-            return pb.CertificateResponse(request_id=req.request_id, error=f"CSR refused: {exc}")
-        logger.info("issued a certificate to %s (serial %x)", principal.describe(), issued.serial)
-        return pb.CertificateResponse(
-            request_id=req.request_id,
-            certificate_chain_pem=issued.chain_pem,
-            trust_bundle_pem=issued.trust_bundle_pem,
-            not_after_unix_ms=issued.not_after_unix_ms,
-        )
+        return answer_certificate_request(srv.ca, self.principal, srv.auth.trust_domain, srv.leaf_ttl, req, time.time())
 
     def _forbidden(self, what: str, service: str) -> str | None:
         if self.principal.may_write(service):
@@ -595,19 +571,3 @@ class _Session:
                 except StoreError as exc:  # retried next round; the TTL leaves some slack
                     logger.warning("keeping %s/%s alive failed: %s", *key, exc)
 
-
-def _requested_service(csr_pem: str, trust_domain: str) -> str | None:
-    """The service a CSR's SPIFFE URI SAN asks for (``--insecure-no-auth`` only)."""
-    from cryptography import x509
-
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem.encode())
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
-        return None
-    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        try:
-            return parse_spiffe_id(uri, trust_domain)
-        except ValueError:
-            continue
-    return None

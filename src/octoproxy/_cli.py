@@ -47,35 +47,36 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--admin", help="host:port or unix:/path of the admin API (octoproxy ctl; GET /healthz, GET /sessions)")
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_control_plane_trust_args(cp)
-    from .controlplane._ctl import add_ctl_parser
+    from .ctl import add_ctl_parser  # light: argparse only
 
     add_ctl_parser(sub)
     return p
 
 
 def _add_control_plane_trust_args(cp: argparse.ArgumentParser) -> None:
-    """``octoproxy control-plane``: authentication, CA, TLS, limits (docs/control-plane.md)."""
-    from .controlplane._auth import default_state_dir
-    from .controlplane._server import DEFAULT_MAX_CLIENT_MESSAGE, DEFAULT_MAX_REGISTRATIONS, DEFAULT_MAX_SESSIONS_PER_PEER
-    from ._xds_server import DEFAULT_MAX_SUBSCRIPTIONS
+    """``octoproxy control-plane``: authentication, CA, TLS, limits (docs/control-plane.md).
 
+    Defaults are ``None`` here (the control plane's ``Options`` holds them), so
+    building the parser imports nothing heavy.
+    """
     g = cp.add_argument_group("trust")
-    g.add_argument("--state-dir", default=default_state_dir(), help="operator token, CA, admin.url (default %(default)s)")
+    g.add_argument("--state-dir", help="operator token, CA, admin.url, snapshot (default $OCTOPROXY_STATE_DIR, "
+                   "else ~/.local/state/octoproxy/control-plane)")
     g.add_argument("--operator-token-file", help="the operator's bearer token (default: STATE_DIR/operator.token, made at first start)")
     g.add_argument("--insecure-no-auth", action="store_true", help="DEVELOPMENT ONLY: accept every session as an operator")
-    g.add_argument("--trust-domain", default="octoproxy.local", help="SPIFFE trust domain of issued certificates")
+    g.add_argument("--trust-domain", help="SPIFFE trust domain of issued certificates (default octoproxy.local)")
     g.add_argument("--ca-cert", help="operator-supplied CA certificate (PEM; issuers after it); default: STATE_DIR/ca.crt")
     g.add_argument("--ca-key", help="its private key (PEM)")
-    g.add_argument("--cert-ttl", type=float, default=24 * 3600.0, help="lifetime of issued certificates, seconds (default 86400)")
+    g.add_argument("--cert-ttl", type=float, help="lifetime of issued certificates, seconds (default 86400)")
     g.add_argument("--tls", action="store_true", help="serve wss:// with a certificate from the CA (client certificates authenticate)")
     g.add_argument("--tls-san", action="append", default=[], help="extra DNS name or IP for the listener's certificate")
     g.add_argument("--allow-endpoint-cidr", action="append", default=[], metavar="CIDR",
                    help="accept endpoint addresses in CIDR even if link-local, unspecified, multicast or broadcast")
-    g.add_argument("--max-registrations-per-session", type=int, default=DEFAULT_MAX_REGISTRATIONS)
-    g.add_argument("--max-subscriptions", type=int, default=DEFAULT_MAX_SUBSCRIPTIONS, help="names per session and type")
-    g.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_CLIENT_MESSAGE, help="bytes per client message")
-    g.add_argument("--max-sessions-per-peer", type=int, default=DEFAULT_MAX_SESSIONS_PER_PEER, help="sessions per IP address")
-    g.add_argument("--lease-grace", type=float, default=2.0, help="seconds before a closed session's leases are revoked")
+    g.add_argument("--max-registrations-per-session", type=int, help="endpoints one session may register (default 16)")
+    g.add_argument("--max-subscriptions", type=int, help="names per session and type (default 10000)")
+    g.add_argument("--max-message-size", type=int, help="bytes per client message (default 4194304)")
+    g.add_argument("--max-sessions-per-peer", type=int, help="sessions per IP address (default 64)")
+    g.add_argument("--lease-grace", type=float, help="seconds before a closed session's leases are revoked (default 2)")
     g.add_argument("--etcd-ca-file", help="etcd store over https://: CA to verify etcd with")
     g.add_argument("--etcd-cert-file", help="etcd store over https://: client certificate")
     g.add_argument("--etcd-key-file", help="etcd store over https://: client key")
@@ -95,22 +96,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .controlplane._main import Options
         from .controlplane._main import run_from_cli as run_control_plane
 
+        given = {
+            name: getattr(args, name)
+            for name in (
+                "state_dir", "operator_token_file", "trust_domain", "ca_cert", "ca_key", "cert_ttl",
+                "max_registrations_per_session", "max_subscriptions", "max_message_size", "max_sessions_per_peer",
+                "lease_grace",
+            )
+            if getattr(args, name) is not None
+        }
         options = Options(
-            state_dir=args.state_dir,
-            operator_token_file=args.operator_token_file,
             insecure_no_auth=args.insecure_no_auth,
-            trust_domain=args.trust_domain,
-            ca_cert=args.ca_cert,
-            ca_key=args.ca_key,
-            cert_ttl=args.cert_ttl,
             tls=args.tls,
             tls_san=tuple(args.tls_san),
             allow_endpoint_cidr=tuple(args.allow_endpoint_cidr),
-            max_registrations_per_session=args.max_registrations_per_session,
-            max_subscriptions=args.max_subscriptions,
-            max_message_size=args.max_message_size,
-            max_sessions_per_peer=args.max_sessions_per_peer,
-            lease_grace=args.lease_grace,
+            **given,
         )
         return run_control_plane(
             args.listen,
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options=options,
         )
     if args.command == "ctl":
-        from .controlplane._ctl import run_ctl
+        from .ctl import run_ctl
 
         return run_ctl(args)
     if args.command == "demo":

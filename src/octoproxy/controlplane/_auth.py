@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .._xds_server import check_service_name
+from ..ctl._paths import default_state_dir as default_state_dir
 from ..proto import octoproxy_discovery_pb2 as pb
 
 __all__ = [
@@ -224,16 +224,3 @@ class RateLimitedLog:
         self._next = now + self.interval
         self.emit(text)
 
-
-def default_state_dir() -> str:
-    """Where the control plane keeps its CA and operator token by default.
-
-    ``$OCTOPROXY_STATE_DIR``, else ``$XDG_STATE_HOME/octoproxy/control-plane``,
-    else ``~/.local/state/octoproxy/control-plane``. ``octoproxy ctl`` looks
-    for ``operator.token`` and ``admin.url`` there too.
-    """
-    explicit = os.environ.get("OCTOPROXY_STATE_DIR")
-    if explicit:
-        return explicit
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "octoproxy", "control-plane")

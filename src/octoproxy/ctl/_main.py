@@ -1,7 +1,7 @@
 """``octoproxy ctl``: the operator's command line for a running control plane.
 
 It talks to the control plane's admin HTTP API (``--admin`` of
-``octoproxy control-plane``; see :mod:`~octoproxy.controlplane._admin_api`)
+``octoproxy control-plane``; see :mod:`octoproxy.controlplane._admin_api`)
 with the operator's bearer token, one request per command. By default it
 finds both where a control plane on this machine left them: ``admin.url``
 and ``operator.token`` in the control plane's state directory
@@ -10,7 +10,9 @@ and ``operator.token`` in the control plane's state directory
 Adding a command group (``policy``, ``config`` ...): write a function that
 takes the ``ctl`` sub-parsers object, adds its group with one sub-parser per
 action, each with ``set_defaults(run=<async function (api, args) -> int>)``,
-and append it to :data:`GROUPS`.
+and append it to :data:`GROUPS`. Imports of Trio and the HTTP client are
+deferred to when a command runs: this module is imported to build the
+``octoproxy`` parser for every subcommand.
 """
 
 from __future__ import annotations
@@ -25,10 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import trio
-
-from .._admin import http_request
-from ._auth import default_state_dir
+from ._paths import default_state_dir
 
 __all__ = ["add_ctl_parser", "run_ctl", "GROUPS", "Api", "CtlError", "parse_duration"]
 
@@ -82,6 +81,10 @@ class Api:
         Raises:
             CtlError: if the control plane cannot be reached or answers an error.
         """
+        import trio
+
+        from .._admin import http_request
+
         data = json.dumps(body).encode() if body is not None else b""
         headers = [("Authorization", f"Bearer {self.token}"), ("Content-Type", "application/json")]
         try:
@@ -295,6 +298,8 @@ def run_ctl(args: argparse.Namespace) -> int:
             raise CtlError(f"cannot read the operator token: {exc} (pass --token-file)") from None
         api = Api(url, token, args.timeout)
         run: Run = args.run
+        import trio
+
         return trio.run(run, api, args)
     except CtlError as exc:
         print(f"octoproxy ctl: {exc}", file=sys.stderr)

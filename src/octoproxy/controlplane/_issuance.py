@@ -10,12 +10,14 @@ there is nothing better to go by (that mode trusts everyone by definition).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-
-from ..identity import CertificateAuthority, CertificateError, parse_spiffe_id
+from ..identity import parse_spiffe_id
 from ..proto import octoproxy_discovery_pb2 as pb
 from ._auth import Principal
+
+if TYPE_CHECKING:  # cryptography is imported when a certificate is requested, not by every proxy
+    from ..identity import CertificateAuthority
 
 __all__ = ["answer_certificate_request"]
 
@@ -24,6 +26,8 @@ logger = logging.getLogger("octoproxy.controlplane.issuance")
 
 def _requested_service(csr_pem: str, trust_domain: str) -> str | None:
     """The service a CSR's SPIFFE URI SAN asks for (``--insecure-no-auth`` only)."""
+    from cryptography import x509
+
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -63,6 +67,8 @@ def answer_certificate_request(
         error = ""
     if error or ca is None:
         return pb.CertificateResponse(request_id=req.request_id, error=error)
+    from ..identity import CertificateError
+
     try:
         issued = ca.sign_csr(req.csr_pem, service, now, leaf_ttl)
     except (CertificateError, ValueError) as exc:

@@ -47,7 +47,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 from google.protobuf.message import DecodeError
@@ -64,11 +64,14 @@ from .._xds_server import (
     check_route_rules,
     check_service_name,
 )
-from ..identity import DEFAULT_LEAF_TTL, CertificateAuthority, parse_spiffe_id
+from ..identity import DEFAULT_LEAF_TTL, parse_spiffe_id
 from ..proto import octoproxy_discovery_pb2 as pb
 from ._auth import Authenticator, Principal, RateLimitedLog
 from ._issuance import answer_certificate_request
 from ._store import TYPE_TOKENS, LeaseNotFound, Store, StoreChange, StoreError
+
+if TYPE_CHECKING:  # (cryptography is imported when a CA is made, not by every proxy)
+    from ..identity import CertificateAuthority
 
 __all__ = ["ControlPlaneServer", "DISCOVERY_PATH"]
 

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .._errors import OctoproxyError
-from ._names import CONTROL_PLANE_PATH, check_trust_domain, spiffe_id
+from ._names import CONTROL_PLANE_PATH, DEFAULT_LEAF_TTL, check_trust_domain, spiffe_id
 
 __all__ = [
     "CertificateAuthority",
@@ -50,8 +50,6 @@ __all__ = [
     "check_public_key",
 ]
 
-#: default lifetime of a leaf certificate (Linkerd's): renewed at two thirds
-DEFAULT_LEAF_TTL = 24 * 3600.0
 #: lifetime of a CA this module generates
 CA_VALIDITY = 10 * 365 * 24 * 3600.0
 #: a CSR larger than this is refused before parsing

@@ -14,8 +14,9 @@ ejected (the multiplier) and, while ejected, until when. The shell feeds it:
   restores endpoints whose ejection time is over, and at each ``interval`` it
   runs the failure-rate sweep (endpoints with at least ``request_volume``
   requests this interval, when at least ``minimum_hosts`` have that many, are
-  ejected if their failure percentage is at least ``threshold``), decays the
-  multiplier of endpoints that stayed in, and starts a new interval.
+  ejected if their failure percentage is at least ``threshold``), decays by one
+  the multiplier of endpoints back in rotation for a whole interval, and starts
+  a new interval.
 
 An ejection lasts ``base_ejection * times_ejected``, at most ``max_ejection``.
 At most ``max_ejection_percent`` of the cluster is ejected at once, but always
@@ -287,6 +288,7 @@ class OutlierDetector:
                     self._fire(h, Event.EJECTION_EXPIRED)
                     self._ejected -= 1
                     h.consecutive = 0
+                    h.ejected_until = now_ms  # from now on: when it came back (multiplier decay)
                     changes.append((h.address, False))
         if now_ms >= self._next_sweep:
             self._sweep(now_ms, changes)
@@ -310,7 +312,9 @@ class OutlierDetector:
         for h in self._hosts.values():
             h.requests = 0
             h.failures = 0
-            if h.state is State.RECOVERING:
+            # one step of decay per whole interval spent back in rotation
+            if h.state is State.RECOVERING and now_ms - h.ejected_until >= c.interval_ms:
+                h.ejected_until = now_ms
                 h.times_ejected -= 1
                 if h.times_ejected <= 0:
                     h.times_ejected = 0

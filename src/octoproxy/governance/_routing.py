@@ -358,6 +358,8 @@ class Router:
                     return t
                 inside = {id(m) for m in subset}
                 members = [m for m in members if id(m) not in inside]
+            else:
+                members = subset
         usable = [m for m in members if self._usable(m) and weight(m) > 0]
         chosen = [m for m in usable if not m.backup] or [m for m in usable if m.backup]
         t = _Table(self._epoch, _NEVER)

@@ -404,6 +404,12 @@ def _service(r: _Reader, v: object, key: str, service: str) -> ServicePolicy | N
     t = r.table(v, key, _SERVICE_KEYS)
     if t is None:
         return None
+    # parsed in a fixed order, so errors come out in a stable order
+    routing = _routing(r, t["routing"], f"{key}.routing", service) if "routing" in t else None
+    outlier = _outlier(r, t["outlier"], f"{key}.outlier") if "outlier" in t else None
+    breaker = _breaker(r, t["breaker"], f"{key}.breaker") if "breaker" in t else None
+    retry = _retry(r, t["retry"], f"{key}.retry") if "retry" in t else None
+    rate_limits = _rate_limits(r, t, key, service)
     tracing = None
     if "tracing" in t:
         tk = f"{key}.tracing"
@@ -419,11 +425,11 @@ def _service(r: _Reader, v: object, key: str, service: str) -> ServicePolicy | N
             access_log = AccessLogConfig(rate) if rate > 0 else None
     return ServicePolicy(
         service=service,
-        routing=_routing(r, t["routing"], f"{key}.routing", service) if "routing" in t else None,
-        outlier=_outlier(r, t["outlier"], f"{key}.outlier") if "outlier" in t else None,
-        breaker=_breaker(r, t["breaker"], f"{key}.breaker") if "breaker" in t else None,
-        retry=_retry(r, t["retry"], f"{key}.retry") if "retry" in t else None,
-        rate_limits=_rate_limits(r, t, key, service),
+        routing=routing,
+        outlier=outlier,
+        breaker=breaker,
+        retry=retry,
+        rate_limits=rate_limits,
         tracing=tracing,
         access_log=access_log,
     )

@@ -15,9 +15,22 @@ TID = "4bf92f3577b34da6a3ce929d0e0e4736"
 VALID = f"00-{TID}-00f067aa0ba902b7-01"
 
 
+def words(first: list[int], config: TraceConfig | None = None) -> Tracer:
+    """A tracer whose random 64-bit words are ``first``, then 1, 2, 3, ... (span ids in order)."""
+    it = itertools.chain(first, itertools.count(1))
+
+    def randbits(k: int) -> int:
+        assert k % 64 == 0
+        v = 0
+        for _ in range(k // 64):
+            v = (v << 64) | next(it)
+        return v
+
+    return Tracer(config or TraceConfig(), randbits)
+
+
 def counter_rand() -> Tracer:
-    c = itertools.count(1)
-    return Tracer(TraceConfig(), lambda: next(c))
+    return words([])
 
 
 @pytest.mark.parametrize(
@@ -70,8 +83,7 @@ def test_later_version_is_downgraded_to_00() -> None:
 
 
 def test_new_trace_when_absent() -> None:
-    c = iter([0, 0, 5, 6, 0, 7])  # zero draws are skipped
-    t = Tracer(TraceConfig(sampled=False), lambda: next(c))
+    t = words([0, 0, 5, 6, 0, 7], TraceConfig(sampled=False))  # zero words are skipped
     out, state = t.next_hop(None, "dropped=1")
     assert out == "00-00000000000000050000000000000006-0000000000000007-00" and state is None
     assert parse_traceparent(out) is not None
@@ -89,8 +101,7 @@ def test_default_random_source() -> None:
 
 @given(st.text(max_size=80))
 def test_any_input_yields_a_valid_traceparent(value: str) -> None:
-    rng = random.Random(1)
-    t = Tracer(TraceConfig(), lambda: rng.getrandbits(64))
+    t = Tracer(TraceConfig(), random.Random(1).getrandbits)
     out, _ = t.next_hop(value)
     assert parse_traceparent(out) is not None and len(out) == 55
 
@@ -99,3 +110,11 @@ def test_any_input_yields_a_valid_traceparent(value: str) -> None:
 def test_any_bytes_yield_a_valid_traceparent(value: bytes) -> None:
     out, _ = counter_rand().next_hop_bytes(value)
     assert parse_traceparent(out.decode()) is not None
+
+
+def test_span_ids_differ_per_hop_and_are_reproducible() -> None:
+    a = Tracer(TraceConfig(), random.Random(3).getrandbits)
+    b = Tracer(TraceConfig(), random.Random(3).getrandbits)
+    outs = [a.next_hop(VALID)[0] for _ in range(100)]  # more than one pool refill
+    assert outs == [b.next_hop(VALID)[0] for _ in range(100)]
+    assert len({o.split("-")[2] for o in outs}) == 100

@@ -261,6 +261,12 @@ class OutlierDetector:
 
     def record_status(self, address: str, status: int, now_ms: int) -> bool:
         """:meth:`record` from a response status."""
+        if status == 0:  # OK: the common case, inlined
+            h = self._hosts.get(address)
+            if h is not None:
+                h.requests += 1
+                h.consecutive = 0
+            return False
         return self.record(address, 0 <= status < 256 and _FAILURE_TABLE[status], now_ms)
 
     def next_deadline(self) -> int:

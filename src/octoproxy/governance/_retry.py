@@ -122,7 +122,8 @@ class RetryBudget:
         Args:
             now_ms: the current time.
         """
-        s = self._advance(now_ms)
+        cur = self._bucket
+        s = cur % self._m if now_ms // self._width <= cur else self._advance(now_ms)
         self._req[s] += 1
         self._req_sum += 1
 

@@ -447,7 +447,10 @@ class Router:
             subset is empty) or UNAVAILABLE (nothing usable, or nothing left
             outside ``exclude``).
         """
-        t = self._table(self.match(service, method, metadata) if self._policy.rules else -1, now_ms)
+        index = self.match(service, method, metadata) if self._policy.rules else -1
+        t = self._tables.get(index)
+        if t is None or t.epoch != self._epoch or now_ms >= t.valid_until:
+            t = self._tables[index] = self._build(index, now_ms)
         if t.verdict is not None:
             return t.verdict
         eps = t.endpoints

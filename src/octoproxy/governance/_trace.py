@@ -11,8 +11,8 @@ lowercase hex only; version ``ff`` is invalid; version ``00`` is exactly 55
 characters; a later version may be longer, with a ``-`` after the first four
 fields; an all-zero trace id or parent id is invalid. Output is always
 version ``00``. Both ``str`` (decoded metadata) and ``bytes`` (raw header
-ranges) forms are provided. Randomness comes from an injectable callable that
-returns 64 random bits, so tests are reproducible.
+ranges) forms are provided. Randomness comes from an injectable
+``randbits(k)`` callable, so tests are reproducible.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ __all__ = ["TraceConfig", "TraceContext", "Tracer", "parse_traceparent", "TRACEP
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 
-_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_RE_B = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_RE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_RE_B = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
+_ZERO_TRACE_B = b"0" * 32
+_ZERO_SPAN_B = b"0" * 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +79,9 @@ def parse_traceparent(value: str) -> TraceContext | None:
     Returns:
         The context, or ``None`` when the value is not valid.
     """
-    m = _RE.match(value)
-    if m is None:
+    if _RE.match(value) is None:
         return None
-    version, trace_id, parent_id, flags = m.groups()
+    version, trace_id, parent_id, flags = value[:2], value[3:35], value[36:52], value[53:55]
     if version == "ff" or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
         return None
     if len(value) != 55 and (version == "00" or value[55] != "-"):
@@ -88,42 +89,47 @@ def parse_traceparent(value: str) -> TraceContext | None:
     return TraceContext(version, trace_id, parent_id, int(flags, 16))
 
 
+_POOL = 32  # span ids drawn per refill of the hex pool
+
+
 class Tracer:
     """Builds the ``traceparent`` of the next hop.
 
+    Span ids are cut from a pool of hex digits filled by one large random draw
+    every 32 ids, so a hop costs a slice, not a draw and a format.
+
     Args:
         config: the route's tracing settings.
-        rand64: returns 64 random bits; a fresh ``random.Random`` (seeded from
-            the OS) when omitted.
+        randbits: ``randbits(k)`` returns ``k`` random bits (``random.Random.getrandbits``
+            fits); a fresh ``random.Random`` (seeded from the OS) when omitted.
     """
 
-    __slots__ = ("config", "_rand64", "_new_flags")
+    __slots__ = ("config", "_randbits", "_new_flags", "_pool", "_pos")
 
-    def __init__(self, config: TraceConfig, rand64: Callable[[], int] | None = None) -> None:
+    def __init__(self, config: TraceConfig, randbits: Callable[[int], int] | None = None) -> None:
         self.config = config
-        if rand64 is None:
-            rng = random.Random()
-
-            def rand64() -> int:
-                return rng.getrandbits(64)
-
-        self._rand64: Callable[[], int] = rand64
+        self._randbits: Callable[[int], int] = randbits if randbits is not None else random.Random().getrandbits
         self._new_flags = "01" if config.sampled else "00"
+        self._pool = ""
+        self._pos = 16 * _POOL
 
-    def _span(self) -> int:
-        r = self._rand64
-        span = r()
-        while not span:
-            span = r()
-        return span
+    def _span(self) -> str:
+        while True:
+            pos = self._pos
+            if pos >= 16 * _POOL:
+                self._pool = f"{self._randbits(64 * _POOL):0{16 * _POOL}x}"
+                pos = 0
+            self._pos = pos + 16
+            span = self._pool[pos : pos + 16]
+            if span != _ZERO_SPAN:
+                return span
 
     def new_traceparent(self) -> str:
         """A ``traceparent`` that starts a new trace."""
-        r = self._rand64
-        hi, lo = r(), r()
-        while not (hi or lo):
-            hi, lo = r(), r()
-        return f"00-{hi:016x}{lo:016x}-{self._span():016x}-{self._new_flags}"
+        trace_id = self._span() + self._span()
+        while trace_id == _ZERO_TRACE:  # pragma: no cover - each half is non-zero already
+            trace_id = self._span() + self._span()
+        return f"00-{trace_id}-{self._span()}-{self._new_flags}"
 
     def next_hop(self, traceparent: str | None, tracestate: str | None = None) -> tuple[str, str | None]:
         """The trace headers to send on for one forwarded request.
@@ -136,32 +142,26 @@ class Tracer:
             ``(traceparent, tracestate)`` to send: the same trace with a new
             parent id and ``tracestate`` kept, or a new trace and ``None``.
         """
-        if traceparent is not None:
-            m = _RE.match(traceparent)
-            if m is not None:
-                version = m.group(1)
-                n = len(traceparent)
-                if (
-                    version != "ff"
-                    and (n == 55 or (version != "00" and n > 55 and traceparent[55] == "-"))
-                    and m.group(2) != _ZERO_TRACE
-                    and m.group(3) != _ZERO_SPAN
-                ):
-                    return f"00-{m.group(2)}-{self._span():016x}-{m.group(4)}", tracestate
+        if traceparent is not None and _RE.match(traceparent) is not None:
+            n = len(traceparent)
+            if (
+                (n == 55 or (n > 55 and traceparent[55] == "-" and traceparent[:2] != "00"))
+                and traceparent[:2] != "ff"
+                and traceparent[3:35] != _ZERO_TRACE
+                and traceparent[36:52] != _ZERO_SPAN
+            ):
+                return "00" + traceparent[2:36] + self._span() + traceparent[52:55], tracestate
         return self.new_traceparent(), None
 
     def next_hop_bytes(self, traceparent: bytes | None, tracestate: bytes | None = None) -> tuple[bytes, bytes | None]:
         """:meth:`next_hop` over raw bytes (metadata ranges of an undecoded header)."""
-        if traceparent is not None:
-            m = _RE_B.match(traceparent)
-            if m is not None:
-                version = m.group(1)
-                n = len(traceparent)
-                if (
-                    version != b"ff"
-                    and (n == 55 or (version != b"00" and n > 55 and traceparent[55] == 0x2D))
-                    and m.group(2) != b"0" * 32
-                    and m.group(3) != b"0" * 16
-                ):
-                    return b"00-%s-%016x-%s" % (m.group(2), self._span(), m.group(4)), tracestate
+        if traceparent is not None and _RE_B.match(traceparent) is not None:
+            n = len(traceparent)
+            if (
+                (n == 55 or (n > 55 and traceparent[55] == 0x2D and traceparent[:2] != b"00"))
+                and traceparent[:2] != b"ff"
+                and traceparent[3:35] != _ZERO_TRACE_B
+                and traceparent[36:52] != _ZERO_SPAN_B
+            ):
+                return b"00" + traceparent[2:36] + self._span().encode("ascii") + traceparent[52:55], tracestate
         return self.new_traceparent().encode("ascii"), None

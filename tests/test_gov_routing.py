@@ -237,3 +237,26 @@ def test_weighted_pick_distribution(weights: list[int], seed: int) -> None:
         p = w / total
         sd = (n * p * (1 - p)) ** 0.5
         assert abs(got[f"e{i}"] - n * p) <= 5 * sd + 1, (weights, got)
+
+
+# ---------------------------------------------------------------- from the discovery messages
+
+def test_conversion_from_proto() -> None:
+    from octoproxy.governance._proto import member_from_proto, rules_from_proto
+    from octoproxy.proto import octoproxy_discovery_pb2 as pb
+
+    msg = pb.RouteRules(service="svc", rules=[
+        pb.RouteRule(name="blue", method="Get*", match_metadata={"swimlane": "blue"}, endpoint_tags={"swimlane": "blue"},
+                     weight_overrides={"a:1": 0}, timeout_ms=250),
+        pb.RouteRule(name="soft", endpoint_tags={"v": "2"}, fallback_to_all=True),
+    ])
+    blue, soft = rules_from_proto(msg)
+    assert blue == RouteRule("blue", "svc", "Get*", (("swimlane", "blue"),), (("swimlane", "blue"),), {"a:1": 0}, True, 250)
+    assert not soft.force  # fallback_to_all: fall back to the rest
+    m = member_from_proto(pb.Endpoint(address="a:1", region="bj", idc="yf", tags={"swimlane": "blue"}, warmup_start_unix_ms=5))
+    assert (m.endpoint.address, m.endpoint.weight, m.endpoint.healthy, m.warmup_start_ms) == ("a:1", 100, True, 5)
+    assert not member_from_proto(pb.Endpoint(address="b:1", weight=7, status=pb.Endpoint.STARTING)).endpoint.healthy
+    r = router([m, member_from_proto(pb.Endpoint(address="b:1"))], RoutingPolicy(rules=(blue, soft)))
+    # the rule overrides a:1 (the only blue endpoint) to weight 0: the subset is empty and the rule forces
+    v = r.pick("svc", "GetX", {"swimlane": "blue"}, 0)
+    assert isinstance(v, Verdict) and v.status is Status.NO_ROUTE

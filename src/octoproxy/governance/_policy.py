@@ -238,7 +238,7 @@ def _routing(r: _Reader, v: object, key: str, service: str) -> RoutingPolicy | N
     names: set[str] = set()
     for i, rv in enumerate(r.array(t, key, "rules")):
         rk = f"{key}.rules[{i}]"
-        rt = r.table(rv, rk, ("name", "method", "match_metadata", "endpoint_tags", "weight_overrides", "force"))
+        rt = r.table(rv, rk, ("name", "method", "match_metadata", "endpoint_tags", "weight_overrides", "force", "timeout"))
         if rt is None:
             continue
         name = r.string(rt, rk, "name", f"rule{i}")
@@ -261,6 +261,7 @@ def _routing(r: _Reader, v: object, key: str, service: str) -> RoutingPolicy | N
                 endpoint_tags=r.pairs(rt, rk, "endpoint_tags"),
                 weight_overrides=overrides,
                 force=r.boolean(rt, rk, "force", False),
+                timeout_ms=r.millis(rt, rk, "timeout", 0, allow_zero=True),
             )
         )
     slow = SlowStart()

@@ -130,6 +130,7 @@ class RouteRule:
         endpoint_tags: the subset: endpoints whose tags contain all these pairs.
         weight_overrides: endpoint address -> weight (0 = no traffic) under this rule.
         force: an empty subset answers NO_ROUTE instead of falling back to the rest.
+        timeout_ms: request timeout of matching requests; 0 = the route's own.
     """
 
     name: str
@@ -139,6 +140,7 @@ class RouteRule:
     endpoint_tags: tuple[tuple[str, str], ...] = ()
     weight_overrides: Mapping[str, int] = field(default_factory=dict)
     force: bool = False
+    timeout_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -188,3 +188,22 @@ def test_diagram_is_generated_from_the_table() -> None:
         for event, nxt in row.items():
             assert f"{state.name} --> {nxt.name}: {event.value}" in text
     assert text.count("-->") == sum(len(r) for r in TRANSITIONS.values()) + 1
+
+
+def test_set_config_keeps_state() -> None:
+    d = detector()
+    a = ADDRS[0]
+    for _ in range(5):
+        d.record(a, True, 0)
+    d.set_config(OutlierConfig(consecutive_failures=2, base_ejection_ms=1_000))
+    assert d.is_ejected(a) and d.tick(29_999) == []  # the running ejection keeps its end
+    assert d.tick(30_000) == [(a, False)]
+    b = ADDRS[1]
+    assert not d.record(b, True, 30_000) and d.record(b, True, 30_000)  # the new limit: 2
+
+
+def test_docs_diagram_matches_the_table() -> None:
+    import pathlib
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "governance.md").read_text()
+    assert diagram() in doc, "regenerate the outlier diagram in docs/governance.md from octoproxy.governance._outlier.diagram()"

@@ -171,6 +171,17 @@ class OutlierDetector:
         self._next_sweep = now_ms + config.interval_ms
         self._limit = config.consecutive_failures if config.consecutive_failures > 0 else 1 << 62
 
+    def set_config(self, config: OutlierConfig) -> None:
+        """Install new settings (a pushed update) without forgetting any endpoint's state.
+
+        Ejections in progress keep their end time; the new times apply to the next ejection.
+
+        Args:
+            config: the new settings.
+        """
+        self.config = config
+        self._limit = config.consecutive_failures if config.consecutive_failures > 0 else 1 << 62
+
     # ---------------------------------------------------------------- membership
 
     def update(self, addresses: Iterable[str]) -> None:

@@ -132,3 +132,13 @@ def test_keys_without_rule_are_bounded_too() -> None:
     for i in range(10_000):
         assert rl.check("s", "Free", f"c{i}", 0) is CONTINUE
     assert len(rl) == 10
+
+
+def test_second_chance_finds_an_idle_key_behind_busy_ones() -> None:
+    rl = RateLimiter([RateLimitRule("r", rate=1.0, burst=1), RateLimitRule("free", method="Free", rate=1e6)], Direction.INBOUND, max_keys=3)
+    assert rl.check("s", "m", "busy", 0) is CONTINUE  # drained: busy until 1 s later
+    assert rl.check("s", "Other", "x", 0) is CONTINUE  # drained too
+    rl._keys[("s", "Free", "idle")] = None  # a key with no bucket: free to drop
+    assert rl.check("s", "m", "new", 10) is CONTINUE
+    assert set(rl._keys) == {("s", "m", "busy"), ("s", "Other", "x"), ("s", "m", "new")}
+    assert rl.check("s", "m", "busy", 10) is not CONTINUE  # not reset by the newcomer

@@ -118,3 +118,25 @@ def test_span_ids_differ_per_hop_and_are_reproducible() -> None:
     outs = [a.next_hop(VALID)[0] for _ in range(100)]  # more than one pool refill
     assert outs == [b.next_hop(VALID)[0] for _ in range(100)]
     assert len({o.split("-")[2] for o in outs}) == 100
+
+
+_HEXISH = st.sampled_from("0123456789abcdefA0")
+
+
+@given(
+    version=st.sampled_from(["00", "01", "fe", "ff", "0A"]),
+    trace_id=st.one_of(st.just("0" * 32), st.text(_HEXISH, min_size=31, max_size=33)),
+    span=st.one_of(st.just("0" * 16), st.text(_HEXISH, min_size=16, max_size=16)),
+    flags=st.sampled_from(["00", "01", "ff", "0g"]),
+    tail=st.sampled_from(["", "-x", "x"]),
+)
+def test_fast_and_general_paths_agree(version: str, trace_id: str, span: str, flags: str, tail: str) -> None:
+    value = f"{version}-{trace_id}-{span}-{flags}{tail}"
+    ctx = parse_traceparent(value)  # the general validator
+    out, state = counter_rand().next_hop(value, "s=1")
+    outb, _ = counter_rand().next_hop_bytes(value.encode(), b"s=1")
+    assert outb.decode() == out
+    if ctx is None:
+        assert state is None and out.split("-")[1] != trace_id
+    else:
+        assert out == f"00-{ctx.trace_id}-0000000000000001-{ctx.flags:02x}" and state == "s=1"

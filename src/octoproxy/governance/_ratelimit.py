@@ -15,17 +15,17 @@ integers in nano-tokens and the refill per millisecond is rounded down, so the
 guarantee is exact: over any interval of ``d`` ms a bucket grants at most
 ``burst + rate * d / 1000`` tokens.
 
-The key space is bounded (``max_keys``): entries live in LRU order; when full,
-the least recently used entry is dropped only if dropping it loses nothing (no
-rule, or its bucket has refilled to full); otherwise the new key shares one
-overflow bucket of its rule. A flood of distinct callers therefore neither pins
+The key space is bounded (``max_keys``). When it is full, a new key looks at up
+to 8 of the oldest entries (a CLOCK-style second chance: a hit costs nothing,
+a busy entry goes to the back) and drops the first whose dropping loses
+nothing (no rule, or its bucket has refilled to full); when all 8 are busy the
+new key shares one overflow bucket of its rule. A flood of distinct callers therefore neither pins
 memory nor resets anyone's bucket.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -172,7 +172,7 @@ class RateLimiter:
         self._instances = max(1, instances)
         self._rules = tuple(r for r in rules if r.direction is direction)
         self._limits = [Limit(r, self._instances) for r in self._rules]
-        self._keys: OrderedDict[tuple[str, str, str], TokenBucket | None] = OrderedDict()
+        self._keys: dict[tuple[str, str, str], TokenBucket | None] = {}
         self._overflow: dict[int, TokenBucket] = {}
         self._max_keys = max(1, max_keys)
 
@@ -222,8 +222,6 @@ class RateLimiter:
             bucket = keys[key]
         except KeyError:
             bucket = self._admit(key, now_ms)
-        else:
-            keys.move_to_end(key)
         if bucket is None or bucket.take(now_ms):
             return CONTINUE
         return bucket.limit.verdict
@@ -232,10 +230,15 @@ class RateLimiter:
         keys = self._keys
         limit = self.limit_for(*key)
         if len(keys) >= self._max_keys:
-            old_key, old = next(iter(keys.items()))
-            if old is None or old.is_full(now_ms):
-                del keys[old_key]
-            else:  # everything tracked is busy: share the rule's overflow bucket
+            # CLOCK-style second chance: look at a few of the oldest keys; drop the
+            # first idle one, send busy ones to the back (hits cost nothing)
+            for _ in range(8):
+                old_key = next(iter(keys))
+                old = keys.pop(old_key)
+                if old is None or old.is_full(now_ms):
+                    break
+                keys[old_key] = old
+            else:  # everything looked at is busy: share the rule's overflow bucket
                 if limit is None:
                     return None
                 idx = self._limits.index(limit)

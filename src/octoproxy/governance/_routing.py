@@ -449,7 +449,19 @@ class Router:
             subset is empty) or UNAVAILABLE (nothing usable, or nothing left
             outside ``exclude``).
         """
-        index = self.match(service, method, metadata) if self._policy.rules else -1
+        index = -1
+        if self._policy.rules:  # match() inlined: this is the per-request path
+            by_method = self._by_service.get(service)
+            found = by_method.get(method) if by_method is not None else None
+            if found is None:
+                found = self._candidates(service, method)
+            for i, pairs in found:
+                for k, v in pairs:
+                    if metadata.get(k) != v:
+                        break
+                else:
+                    index = i
+                    break
         t = self._tables.get(index)
         if t is None or t.epoch != self._epoch or now_ms >= t.valid_until:
             t = self._tables[index] = self._build(index, now_ms)

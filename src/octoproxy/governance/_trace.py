@@ -29,6 +29,8 @@ TRACESTATE = "tracestate"
 
 _RE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _RE_B = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# the common case in one C call: version 00, exactly 55 characters, non-zero ids
+_RE00 = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _ZERO_TRACE_B = b"0" * 32
@@ -142,7 +144,19 @@ class Tracer:
             ``(traceparent, tracestate)`` to send: the same trace with a new
             parent id and ``tracestate`` kept, or a new trace and ``None``.
         """
-        if traceparent is not None and _RE.match(traceparent) is not None:
+        if traceparent is None:
+            return self.new_traceparent(), None
+        if _RE00.fullmatch(traceparent) is not None:
+            pos = self._pos
+            if pos < 16 * _POOL:
+                self._pos = pos + 16
+                span = self._pool[pos : pos + 16]
+                if span == _ZERO_SPAN:
+                    span = self._span()
+            else:
+                span = self._span()
+            return traceparent[:36] + span + traceparent[52:], tracestate
+        if _RE.match(traceparent) is not None:
             n = len(traceparent)
             if (
                 (n == 55 or (n > 55 and traceparent[55] == "-" and traceparent[:2] != "00"))

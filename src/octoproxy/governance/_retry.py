@@ -203,11 +203,12 @@ _NO_DEADLINE = RetryDecision(False, "not retried: deadline too close")
 _NO_BUDGET = RetryDecision(False, "not retried: retry budget exhausted")
 
 
+_NAMES = {int(s): s.name for s in Status}
+
+
 def _status_name(status: int) -> str:
-    try:
-        return Status(status).name
-    except ValueError:
-        return f"status {status}"
+    name = _NAMES.get(status)
+    return name if name is not None else f"status {status}"
 
 
 def decide(

@@ -181,7 +181,14 @@ def main() -> None:
         for _ in range(k):
             h(None, None)
 
+    counter = [0]
+
+    def calibrate(k: int) -> None:
+        for _ in range(k):
+            counter[0] += 1
+
     base = timed(empty, n, repeat)
+    calib = timed(calibrate, n, repeat)
     rows = [
         ("baseline: RoundRobin.pick (10 eps, ungoverned)", rr_pick, False),
         ("baseline: WeightedRandom.pick (10 eps)", wr_pick, False),
@@ -200,6 +207,7 @@ def main() -> None:
         ("trace: new trace (absent)", trace_new, False),
     ]
     print(f"# governance cores, {sys.implementation.name} {sys.version.split()[0]}, best of {repeat} x {n}, loop overhead {base:.1f} ns subtracted")
+    print(f"# calibration: one `x[0] += 1` loop iteration {calib:.0f} ns (compare runs by it: higher = a busier machine)")
     total = 0.0
     pick_ns = 0.0
     for label, fn, governed in rows:

@@ -18,7 +18,8 @@ proxy's own :class:`Locality`. For a request (service, method, metadata) it
 4. scales weights by locality (the best tier present among same IDC, same
    center, same region, any keeps full weight; the others keep x0.001 in the
    same region and x0.000001 elsewhere, or nothing when ``enforce``) and by
-   warm-up (Envoy's slow start: ``max(min%, (t / window) ** (1 / aggression))``);
+   warm-up (Envoy's slow start: ``max(min%, (t / window) ** (1 / aggression))``,
+   with ``t`` taken at the start of the current time step);
 5. draws from cumulative weights with one ``random()`` and one ``bisect``.
 
 Steps 2-4 depend only on (members, health, rule, time bucket), so their result
@@ -371,15 +372,17 @@ class Router:
             return t
         factors = self._locality_factors(chosen)
         slow = policy.slow_start
+        # warm-up weights are taken at the start of the current step, so a table
+        # is the same whichever request in the step builds it
+        step = max(1, slow.step_ms)
+        at = now_ms // step * step
         total = 0.0
         for m, f in zip(chosen, factors):
             if f <= 0.0:
                 continue
-            if slow.window_ms > 0 and m.warmup_start_ms > 0 and now_ms - m.warmup_start_ms < slow.window_ms:
-                f *= slow_start_factor(slow, m.warmup_start_ms, now_ms)
-                # the weight moves: valid until the next step boundary (or the window's end)
-                step = max(1, slow.step_ms)
-                t.valid_until = min(t.valid_until, (now_ms // step + 1) * step, m.warmup_start_ms + slow.window_ms)
+            if slow.window_ms > 0 and m.warmup_start_ms > 0 and at - m.warmup_start_ms < slow.window_ms:
+                f *= slow_start_factor(slow, m.warmup_start_ms, at)
+                t.valid_until = at + step  # the weight moves at the next step
             total += weight(m) * f
             t.endpoints.append(m.endpoint)
             t.cum.append(total)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from octoproxy._protocol import Status
 from octoproxy.governance import OutlierConfig, OutlierDetector, OutlierError, is_failure
@@ -207,3 +209,38 @@ def test_docs_diagram_matches_the_table() -> None:
 
     doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "governance.md").read_text()
     assert diagram() in doc, "regenerate the outlier diagram in docs/governance.md from octoproxy.governance._outlier.diagram()"
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    pct=st.sampled_from([0, 10, 30, 100]),
+    consecutive=st.sampled_from([0, 1, 3, 5]),
+    events=st.lists(st.tuples(st.integers(0, 11), st.booleans(), st.integers(0, 4_000), st.booleans()), max_size=300),
+)
+def test_invariants_over_random_traffic(n: int, pct: int, consecutive: int, events: list[tuple[int, bool, int, bool]]) -> None:
+    cfg = OutlierConfig(consecutive_failures=consecutive, interval_ms=5_000, base_ejection_ms=3_000, max_ejection_ms=9_000,
+                        max_ejection_percent=pct, failure_rate_request_volume=3, failure_rate_minimum_hosts=2, failure_rate_threshold=50)
+    d = OutlierDetector("c", cfg, 0)
+    addrs = [f"h{i}" for i in range(n)]
+    d.update(addrs)
+    now = 0
+    for host, failed, gap, tick in events:
+        now += gap
+        a = addrs[host % n]
+        was = d.is_ejected(a)
+        ejected_now = d.record(a, failed, now)
+        assert ejected_now <= (failed and not was)
+        if tick:
+            changes = d.tick(now)
+            for addr, ej in changes:
+                assert d.is_ejected(addr) == ej
+            # nothing stays ejected past its end once ticked
+            assert all(h.ejected_until > now for h in d._hosts.values() if h.state is State.EJECTED)
+        states = [d.state(x) for x in addrs]
+        count = states.count(State.EJECTED)
+        assert count == d.ejected_count
+        assert count <= max(1, n * pct // 100) and (count < n or n == 0)
+        for h in d._hosts.values():
+            if h.state is State.EJECTED:
+                assert h.ejected_until - now <= cfg.max_ejection_ms

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from octoproxy._errors import ConfigError
 from octoproxy._protocol import Status
@@ -172,3 +174,60 @@ def test_absent_or_disabled_sections_are_off() -> None:
 def test_disabled_section_is_still_validated() -> None:
     with pytest.raises(PolicyError, match="outlier.interval"):
         parse_policy_set({"services": {"s": {"outlier": {"enabled": False, "interval": -1}}}})
+
+
+def test_dump_round_trips() -> None:
+    import json
+
+    from octoproxy.governance import dump_policy_set
+
+    ps = parse_policy_set(tomllib.loads(FULL)["governance"])
+    data = dump_policy_set(ps)
+    assert parse_policy_set(json.loads(json.dumps(data))) == ps  # JSON-able, and equal after the trip
+    assert data["services"]["bare"] == {"breaker": {"max_connections": 1024, "max_pending": 1024, "max_requests": 1024, "max_retries": 3}}
+
+
+_secs = st.integers(10, 600_000).map(lambda ms: ms / 1000)
+_section = st.fixed_dictionaries(
+    {},
+    optional={
+        "routing": st.fixed_dictionaries({}, optional={
+            "locality": st.sampled_from(["off", "prefer", "enforce"]),
+            "rules": st.lists(st.fixed_dictionaries({"name": st.uuids().map(str)}, optional={
+                "method": st.sampled_from(["", "*", "Get*", "Put"]),
+                "match_metadata": st.dictionaries(st.sampled_from(["lane", "env"]), st.text("ab", min_size=1, max_size=2)),
+                "endpoint_tags": st.dictionaries(st.sampled_from(["lane", "env"]), st.text("ab", min_size=1, max_size=2)),
+                "weight_overrides": st.dictionaries(st.sampled_from(["a:1", "b:2"]), st.integers(0, 1000)),
+                "force": st.booleans(),
+                "timeout": _secs,
+            }), max_size=3, unique_by=lambda r: r["name"]),
+            "slow_start": st.fixed_dictionaries({}, optional={"window": _secs, "aggression": st.sampled_from([0.5, 1.0, 3.0]),
+                                                              "min_weight_percent": st.sampled_from([0.0, 10.0, 100.0])}),
+        }),
+        "outlier": st.fixed_dictionaries({}, optional={"consecutive_failures": st.integers(0, 50), "interval": _secs,
+                                                       "max_ejection_percent": st.integers(0, 100)}),
+        "breaker": st.fixed_dictionaries({}, optional={"max_requests": st.integers(0, 5000), "max_retries": st.integers(0, 10)}),
+        "retry": st.fixed_dictionaries({}, optional={
+            "max_attempts": st.integers(1, 10),
+            "idempotent_methods": st.lists(st.sampled_from(["Get*", "Ping", "*"]), max_size=3),
+            "retry_on": st.lists(st.sampled_from(["unavailable", "timeout", "overloaded"]), max_size=3),
+            "per_try_timeout": _secs,
+            "budget": st.fixed_dictionaries({}, optional={"ratio": st.sampled_from([0.0, 0.2, 1.5]), "window": _secs}),
+        }),
+        "rate_limits": st.lists(st.builds(
+            lambda i, d, rate, cl: {"name": f"l{i}", "direction": d, **({"cluster_rate": rate} if cl else {"rate": rate})},
+            st.integers(0, 3), st.just("inbound"), st.sampled_from([0.5, 10.0, 1e6]), st.booleans()),
+            max_size=3, unique_by=lambda r: r["name"]),
+        "tracing": st.fixed_dictionaries({}, optional={"sampled": st.booleans()}),
+        "access_log": st.fixed_dictionaries({"sample_rate": st.sampled_from([0.5, 1.0])}),
+    },
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(services=st.dictionaries(st.sampled_from(["echo", "pay", "user"]), _section, max_size=3), version=st.text(max_size=5))
+def test_parse_dump_parse_is_identity(services: dict[str, object], version: str) -> None:
+    from octoproxy.governance import dump_policy_set
+
+    ps = parse_policy_set({"version": version, "services": services})
+    assert parse_policy_set(dump_policy_set(ps)) == ps

@@ -18,6 +18,7 @@ from ._policy import AccessLogConfig as AccessLogConfig
 from ._policy import PolicyError as PolicyError
 from ._policy import PolicySet as PolicySet
 from ._policy import ServicePolicy as ServicePolicy
+from ._policy import dump_policy_set as dump_policy_set
 from ._policy import parse_policy_set as parse_policy_set
 from ._ratelimit import Direction as Direction
 from ._ratelimit import RateLimiter as RateLimiter

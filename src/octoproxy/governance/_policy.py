@@ -43,7 +43,7 @@ from ._retry import BudgetConfig, RetryPolicy
 from ._routing import LocalityMode, RouteRule, RoutingPolicy, SlowStart
 from ._trace import TraceConfig
 
-__all__ = ["AccessLogConfig", "ServicePolicy", "PolicySet", "PolicyError", "parse_policy_set"]
+__all__ = ["AccessLogConfig", "ServicePolicy", "PolicySet", "PolicyError", "parse_policy_set", "dump_policy_set"]
 
 _MISSING: Any = object()
 
@@ -470,3 +470,84 @@ def parse_policy_set(data: Mapping[str, object], *, prefix: str = "governance") 
     if r.errors:
         raise PolicyError(r.errors)
     return PolicySet(version=version, services=services)
+
+
+def _s(ms: int) -> float:
+    return ms / 1000.0
+
+
+def _dump_service(p: ServicePolicy) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if p.routing is not None:
+        ro = p.routing
+        rules = []
+        for r in ro.rules:
+            rules.append({
+                "name": r.name,
+                "method": r.method,
+                "match_metadata": dict(r.match_metadata),
+                "endpoint_tags": dict(r.endpoint_tags),
+                "weight_overrides": dict(r.weight_overrides),
+                "force": r.force,
+                "timeout": _s(r.timeout_ms),
+            })  # fmt: skip
+        sl = ro.slow_start
+        out["routing"] = {
+            "locality": ro.locality.value,
+            "same_region_factor": ro.same_region_factor,
+            "other_region_factor": ro.other_region_factor,
+            "rules": rules,
+            "slow_start": {"window": _s(sl.window_ms), "aggression": sl.aggression,
+                           "min_weight_percent": sl.min_weight_percent, "step": _s(sl.step_ms)},
+        }  # fmt: skip
+    if p.outlier is not None:
+        o = p.outlier
+        out["outlier"] = {
+            "consecutive_failures": o.consecutive_failures,
+            "interval": _s(o.interval_ms),
+            "base_ejection_time": _s(o.base_ejection_ms),
+            "max_ejection_time": _s(o.max_ejection_ms),
+            "max_ejection_percent": o.max_ejection_percent,
+            "failure_rate_threshold": o.failure_rate_threshold,
+            "failure_rate_minimum_hosts": o.failure_rate_minimum_hosts,
+            "failure_rate_request_volume": o.failure_rate_request_volume,
+        }
+    if p.breaker is not None:
+        b = p.breaker
+        out["breaker"] = {"max_connections": b.max_connections, "max_pending": b.max_pending,
+                          "max_requests": b.max_requests, "max_retries": b.max_retries}  # fmt: skip
+    if p.retry is not None:
+        rt = p.retry
+        names = {v: k for k, v in _RETRY_ON.items()}
+        out["retry"] = {
+            "max_attempts": rt.max_attempts,
+            "idempotent_methods": list(rt.idempotent_methods),
+            "retry_on": sorted(names[x] for x in rt.retry_on),
+            "per_try_timeout": _s(rt.per_try_timeout_ms),
+            "min_try_time": _s(rt.min_try_ms),
+            "budget": {"ratio": rt.budget.ratio, "min_per_second": rt.budget.min_per_second, "window": _s(rt.budget.window_ms)},
+        }
+    if p.rate_limits:
+        out["rate_limits"] = [
+            {"name": r.name, "direction": r.direction.value, "method": r.method, "caller": r.caller,
+             "rate": r.rate, "cluster_rate": r.cluster_rate, "burst": r.burst}
+            for r in p.rate_limits
+        ]  # fmt: skip
+    if p.tracing is not None:
+        out["tracing"] = {"enabled": True, "sampled": p.tracing.sampled}
+    if p.access_log is not None:
+        out["access_log"] = {"sample_rate": p.access_log.sample_rate}
+    return out
+
+
+def dump_policy_set(ps: PolicySet) -> dict[str, Any]:
+    """Serialise a policy set to plain data (``/config_dump``; a control-plane resource body).
+
+    Args:
+        ps: the policy set.
+
+    Returns:
+        A JSON-able mapping, every default spelled out, that
+        :func:`parse_policy_set` turns back into an equal policy set.
+    """
+    return {"version": ps.version, "services": {name: _dump_service(p) for name, p in ps.services.items()}}

@@ -244,3 +244,15 @@ def test_invariants_over_random_traffic(n: int, pct: int, consecutive: int, even
         for h in d._hosts.values():
             if h.state is State.EJECTED:
                 assert h.ejected_until - now <= cfg.max_ejection_ms
+
+
+def test_restored_endpoint_is_not_judged_on_stale_counts() -> None:
+    # found by the invariants property: restored and re-ejected in the same tick
+    d = OutlierDetector("c", OutlierConfig(consecutive_failures=1, interval_ms=5_000, base_ejection_ms=3_000,
+                                           failure_rate_request_volume=1, failure_rate_minimum_hosts=1,
+                                           failure_rate_threshold=50, max_ejection_percent=50), 0)
+    d.update(["a", "b"])
+    assert d.record("b", True, 0)
+    d.record("b", True, 100)  # a late failure while ejected
+    assert d.tick(5_000) == [("b", False)]  # restored; the sweep does not re-eject it on old counts
+    assert not d.is_ejected("b")

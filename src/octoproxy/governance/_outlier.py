@@ -242,6 +242,7 @@ class OutlierDetector:
         self._ejected += 1
         h.times_ejected += 1
         h.consecutive = 0
+        h.requests = h.failures = 0  # judged afresh when it comes back
         c = self.config
         h.ejected_until = now_ms + min(c.base_ejection_ms * h.times_ejected, max(c.max_ejection_ms, c.base_ejection_ms))
         return True
@@ -305,6 +306,7 @@ class OutlierDetector:
                     self._fire(h, Event.EJECTION_EXPIRED)
                     self._ejected -= 1
                     h.consecutive = 0
+                    h.requests = h.failures = 0  # late responses from before do not count
                     h.ejected_until = now_ms  # from now on: when it came back (multiplier decay)
                     changes.append((h.address, False))
         if now_ms >= self._next_sweep:

@@ -70,3 +70,15 @@ def test_lower_limit_applies_to_new_acquires_only() -> None:
 def test_zero_limit_refuses_everything() -> None:
     b = CircuitBreaker("c", BreakerLimits(max_retries=0))
     assert b.acquire(Resource.RETRIES).status is Status.OVERLOADED
+
+
+def test_hold_pending_holds_until_max_pending() -> None:
+    from octoproxy.governance import Kind
+
+    b = CircuitBreaker("pay", BreakerLimits(max_pending=2))
+    h1, h2, over = b.hold_pending(), b.hold_pending(), b.hold_pending()
+    assert h1.kind is Kind.HOLD and h1 is h2 and "'pay'" in h1.reason
+    assert over.kind is Kind.ANSWER and over.status is Status.OVERLOADED and "max_pending" in over.reason
+    assert b.in_use(Resource.PENDING) == 2
+    b.release(Resource.PENDING)
+    assert b.hold_pending().kind is Kind.HOLD

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .._errors import OctoproxyError
 from .._protocol import Status
-from ._verdict import CONTINUE, Verdict, answer
+from ._verdict import CONTINUE, Verdict, answer, hold
 
 __all__ = ["BreakerLimits", "Resource", "BreakerError", "CircuitBreaker"]
 
@@ -63,7 +63,7 @@ class CircuitBreaker:
         limits: the limits.
     """
 
-    __slots__ = ("cluster", "limits", "_used", "_max", "_overflow", "_answers")
+    __slots__ = ("cluster", "limits", "_used", "_max", "_overflow", "_answers", "_hold")
 
     def __init__(self, cluster: str, limits: BreakerLimits) -> None:
         self.cluster = cluster
@@ -71,6 +71,7 @@ class CircuitBreaker:
         self._overflow = [0, 0, 0, 0]
         self._max = [0, 0, 0, 0]
         self._answers: tuple[Verdict, ...] = ()
+        self._hold = hold(f"waiting for a connection to cluster {cluster!r}")
         self.limits = limits
         self.set_limits(limits)
 
@@ -115,6 +116,21 @@ class CircuitBreaker:
         if self._used[i] <= 0:
             raise BreakerError(f"circuit breaker: cluster {self.cluster!r}: release of {_LIMIT_NAMES[i]} without acquire")
         self._used[i] -= 1
+
+    def hold_pending(self) -> Verdict:
+        """Park a request that has no ready connection: take a ``PENDING`` unit.
+
+        Returns:
+            A HOLD verdict (the unit is taken; release it when the request
+            leaves the held queue, forwarded or timed out), or the OVERLOADED
+            answer naming ``max_pending``.
+        """
+        used = self._used
+        if used[1] >= self._max[1]:
+            self._overflow[1] += 1
+            return self._answers[1]
+        used[1] += 1
+        return self._hold
 
     # The request path calls these two for every request: no enum conversion.
     def acquire_request(self) -> Verdict:

@@ -231,3 +231,15 @@ def test_parse_dump_parse_is_identity(services: dict[str, object], version: str)
 
     ps = parse_policy_set({"version": version, "services": services})
     assert parse_policy_set(dump_policy_set(ps)) == ps
+
+
+def test_the_documented_example_parses() -> None:
+    import pathlib
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "governance.md").read_text()
+    block = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    ps = parse_policy_set(tomllib.loads(block)["governance"])
+    p = ps.services["echo"]
+    assert ps.version == "42" and p.routing is not None and p.outlier == OutlierConfig() and p.breaker == BreakerLimits()
+    assert [r.name for r in p.routing.rules] == ["blue", "drain-a"] and p.routing.rules[0].timeout_ms == 500
+    assert p.retry is not None and len(p.rate_limits) == 1 and p.tracing is not None and p.access_log is None

@@ -15,14 +15,19 @@ Shape (TOML)::
     version = "42"
     [governance.services.echo.routing]
     locality = "prefer"                    # off | prefer | enforce
-    rules = [{ name = "blue", method = "Get*", match_metadata = { swimlane = "blue" },
-               endpoint_tags = { swimlane = "blue" }, force = false }]
     slow_start = { window = 30.0, aggression = 1.0, min_weight_percent = 10.0 }
+    [[governance.services.echo.routing.rules]]
+    name = "blue"
+    method = "Get*"
+    match_metadata = { swimlane = "blue" }
+    endpoint_tags = { swimlane = "blue" }
     [governance.services.echo.outlier]     # Envoy's defaults when present
     [governance.services.echo.breaker]     # max_connections, max_pending, max_requests, max_retries
     [governance.services.echo.retry]       # max_attempts, idempotent_methods, retry_on, per_try_timeout, budget
     [[governance.services.echo.rate_limits]]
-    name = "per-caller"; direction = "inbound"; caller = "*"; rate = 100.0
+    name = "per-caller"
+    caller = "*"
+    rate = 100.0
     [governance.services.echo.tracing]     # enabled, sampled
     [governance.services.echo.access_log]  # sample_rate (0 = off)
 """

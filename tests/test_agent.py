@@ -90,8 +90,12 @@ class Agent:
     def stderr(self) -> str:
         return (self.dir / "agent.stderr").read_text(errors="replace")
 
+    @property
+    def token(self) -> str:
+        return (self.dir / "agent-admin.token").read_text().strip()  # the default, next to agent.toml
+
     async def status(self) -> dict[str, Any]:
-        code, _h, body = await http_request(self.admin, "GET", "/status")
+        code, _h, body = await http_request(self.admin, "GET", "/status", token=self.token)
         assert code == 200
         data: dict[str, Any] = json.loads(body)
         return data
@@ -103,7 +107,7 @@ class Agent:
 
     async def upgrade(self, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         raw = json.dumps(body).encode() if body is not None else b""
-        code, _h, reply = await http_request(self.admin, "POST", "/upgrade", raw, timeout=30)
+        code, _h, reply = await http_request(self.admin, "POST", "/upgrade", raw, timeout=30, token=self.token)
         return code, json.loads(reply)
 
     async def wait_status(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 15.0) -> dict[str, Any]:
@@ -272,7 +276,8 @@ async def test_upgrade_to_an_invalid_config_rolls_back() -> None:
             assert await proxy_get(st, "/healthz") == 200
             # the same through the command-line client: exit status 1
             cli = await trio.run_process(
-                [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--config", str(d / "bad.toml")],
+                [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--config", str(d / "bad.toml"),
+                 "--token-file", str(d / "agent-admin.token")],
                 capture_stdout=True, capture_stderr=True, check=False,
             )  # fmt: skip
             assert cli.returncode == 1, cli.stderr
@@ -351,14 +356,20 @@ async def test_upgrade_never_runs_a_command_from_the_request() -> None:
             code, res = await a.upgrade({"version": "same", "config": "allowed/next.toml"})
             assert code == 200 and res["outcome"] == "succeeded", res
             assert res["version"] == "same" and res["config"] == str((allowed / "next.toml").resolve())
-            # and the command-line client names a version
+            # and the command-line client names a version, with the agent's token
+            tok = ["--token-file", str(d / "agent-admin.token")]
             cli = await trio.run_process(
-                [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--version", "nope"],
+                [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--version", "nope", *tok],
                 capture_stdout=True, capture_stderr=True, check=False,
             )  # fmt: skip
             assert cli.returncode == 1 and b"is not in the agent's [upgrade] versions" in cli.stderr
             cli = await trio.run_process(
                 [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--version", "same"],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            assert cli.returncode == 1 and b"agent answered 401" in cli.stderr  # no token
+            cli = await trio.run_process(
+                [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--version", "same", *tok],
                 capture_stdout=True, capture_stderr=True, check=False,
             )  # fmt: skip
             assert cli.returncode == 0, cli.stderr

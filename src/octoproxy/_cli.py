@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument(
         "--config", dest="proxy_config", metavar="PATH", help="new proxy configuration file (one the agent's [upgrade] table allows)"
     )
+    upgrade.add_argument("--token-file", metavar="PATH", help="the agent's admin token file (default: agent.token_file of -c)")
     demo = sub.add_parser("demo", help="run the whole mesh on this machine with traffic and hot restarts")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default 20)")
     demo.add_argument("--workers", type=int, default=32, help="calls in flight (default 32)")

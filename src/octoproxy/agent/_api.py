@@ -22,9 +22,12 @@ if TYPE_CHECKING:
     from ._config import UpgradeSettings
     from ._supervisor import Agent
 
-__all__ = ["admin_routes", "post_upgrade", "resolve_upgrade", "UpgradeClientError"]
+__all__ = ["ADMIN_PUBLIC", "admin_routes", "post_upgrade", "resolve_upgrade", "UpgradeClientError"]
 
 _PROM = "text/plain; version=0.0.4; charset=utf-8"
+#: open without the agent's token: the probes and the metrics scrape. GET /status (it shows the
+#: command and config paths) and POST /upgrade need it.
+ADMIN_PUBLIC = frozenset({("GET", "/healthz"), ("GET", "/metrics")})
 _SLACK = 5.0  # beyond the agent's own deadlines, for the HTTP exchange
 
 
@@ -156,6 +159,7 @@ async def post_upgrade(
     *,
     version: str | None = None,
     config: str | None = None,
+    token: str | bytes | None = None,
     timeout: float = 120.0,
 ) -> dict[str, Any]:
     """Ask a running agent to upgrade its proxy, and wait for the outcome.
@@ -167,6 +171,7 @@ async def post_upgrade(
         config: the new proxy config path, one the agent's ``[upgrade]`` table
             allows; give an absolute path (a relative one is resolved by the
             agent, against its ``proxy_config``'s directory).
+        token: the agent's admin token (``agent.token_file``).
         timeout: deadline of the whole exchange.
 
     Returns:
@@ -183,7 +188,9 @@ async def post_upgrade(
         body["config"] = config
     headers = [("Content-Type", "application/json")]
     try:
-        status, _h, raw = await http_request(admin, "POST", "/upgrade", json.dumps(body).encode(), headers=headers, timeout=timeout)
+        status, _h, raw = await http_request(
+            admin, "POST", "/upgrade", json.dumps(body).encode(), headers=headers, timeout=timeout, token=token
+        )
     except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError) as exc:
         raise UpgradeClientError(f"cannot reach the agent at {admin}: {exc!r}") from exc
     try:

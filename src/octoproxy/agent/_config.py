@@ -8,6 +8,7 @@ validation, errors that name the key, and the reference in ``docs/agent.md``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping
@@ -102,6 +103,17 @@ class AgentSettings:
     log_file: Path | None = _optional(
         _PATH, "File the proxy's stderr is appended to (relative to the agent file).", default_doc="the agent's stderr"
     )
+    token_file: Path | None = _optional(
+        _PATH,
+        "Bearer token `POST /upgrade` and `GET /status` require (mode 0600, owned by the agent's user); "
+        "created with a random token if missing.",
+        default_doc="`agent-admin.token` next to the agent file",
+    )
+    proxy_token_file: Path | None = _optional(
+        _PATH,
+        "The proxy's admin token file, for the agent's own calls to it (`GET /config_dump`).",
+        default_doc="the `admin_token_file=` of the proxy's ready line",
+    )
 
     def policy(self) -> PolicyConfig:
         """The :class:`~octoproxy.agent._policy.PolicyConfig` these settings describe."""
@@ -160,6 +172,9 @@ def parse_agent_config(data: Mapping[str, object], *, base_dir: Path | None = No
             or ``backoff_max < backoff_initial``; the message starts with the key.
     """
     cfg: AgentConfig = _parse_table(AgentConfig, data, "", base_dir)
+    if cfg.agent.token_file is None:
+        default = (base_dir or Path()) / "agent-admin.token"
+        cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, token_file=default))
     a = cfg.agent
     if a.backoff_max < a.backoff_initial:
         raise ConfigError(f"agent.backoff_max: must be >= agent.backoff_initial ({a.backoff_initial}), got {a.backoff_max}")

@@ -17,9 +17,11 @@ old process reaped after a hot restart, a killed candidate).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import secrets
 import signal
 import sys
 import time
@@ -30,7 +32,8 @@ from typing import Any
 
 import trio
 
-from .._admin import serve_admin
+from .._admin import AdminAuth, serve_admin
+from .._secretfile import load_or_create_secret
 from .._errors import OctoproxyError
 from .._metrics import Registry
 from ._child import REAP_BOUND, ChildRunner, ProxyChild, kv
@@ -153,6 +156,7 @@ class Agent:
             health_interval=settings.health_interval,
             health_timeout=settings.health_timeout,
             log_file=settings.log_file,
+            proxy_token_file=settings.proxy_token_file,
         )
 
     # ------------------------------------------------------------ public
@@ -177,12 +181,23 @@ class Agent:
 
         Raises:
             OSError: if the admin address cannot be bound.
+            SecretFileError: if ``token_file`` is unsafe or cannot be created.
         """
-        from ._api import admin_routes
+        from ._api import ADMIN_PUBLIC, admin_routes
 
+        token_file = self.settings.token_file
+        if token_file is None:  # built in code without a file: a token nobody knows (peers of our uid on a UDS only)
+            token = secrets.token_urlsafe(32).encode()
+        else:
+            token, created = load_or_create_secret(token_file)
+            if created:
+                log.info(kv("admin_token_created", path=token_file))
+        auth = AdminAuth(token, ADMIN_PUBLIC)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.admin_address = await nursery.start(serve_admin, self.settings.admin, admin_routes(self))
+            self.admin_address = await nursery.start(
+                functools.partial(serve_admin, self.settings.admin, admin_routes(self), auth=auth)
+            )
             log.info(kv("agent_listening", admin=self.admin_address, pid=os.getpid()))
             if self._handle_signals:
                 await nursery.start(self._watch_signals)

@@ -12,6 +12,7 @@ import trio
 
 from .._config import ProxyConfig, load_config
 from .._errors import ConfigError
+from .._secretfile import SecretFileError
 from ._handover import Channel, take_over
 from ._hot_restart import HotRestartError, encode
 from ._server import Proxy
@@ -67,7 +68,11 @@ async def serve(proxy: Proxy, handover: tuple[Channel, dict[str, Any]] | None = 
                     return status
             # one line on stdout that tools (tests, the agent) can wait for
             addrs = " ".join(f"{k}={v}" for k, v in sorted(proxy.addresses.items()) if k != "hot_restart")
-            print(f"octoproxy ready {addrs} generation={proxy.generation} pid={os.getpid()}", flush=True)
+            token_file = proxy.config.admin_token_path  # the path, never the token
+            print(
+                f"octoproxy ready {addrs} generation={proxy.generation} pid={os.getpid()} admin_token_file={token_file}",
+                flush=True,
+            )
             await done.wait()
             nursery.cancel_scope.cancel()
     return status
@@ -154,7 +159,7 @@ def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
         if hot_restart:
             return trio.run(_hot_restart_main, config)
         return trio.run(serve, Proxy(config))
-    except (OSError, HotRestartError) as exc:
+    except (OSError, HotRestartError, SecretFileError) as exc:
         print(f"octoproxy: {exc}", file=sys.stderr)
         return 1
 

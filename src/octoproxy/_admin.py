@@ -480,8 +480,10 @@ class _Server:
             body=bytes(body),
         )
         refusal = self._guard(event.target, request, info)
-        response = refusal if refusal is not None else await self._dispatch(request)
-        await self._respond(stream, conn, response, head=method == "HEAD")
+        if refusal is not None:  # and close: a refused peer gets nothing more on this connection
+            await self._respond(stream, conn, refusal, head=method == "HEAD", close=True)
+            return True
+        await self._respond(stream, conn, await self._dispatch(request), head=method == "HEAD")
         return True
 
     async def _dispatch(self, request: Request) -> Response:

@@ -106,6 +106,15 @@ async def _warm_up(proxy: Proxy, chan: Channel) -> bool:
     with trio.move_on_after(timeout):
         while not proxy.ready_state()["ready"]:
             await trio.sleep(0.02)
+        try:
+            proxy.arm_hot_restart()  # the secret the generation after us must show
+        except SecretFileError as exc:
+            reason = f"cannot write the hand-over secret: {exc}"
+            log.error("hot restart: %s; giving up, the running proxy keeps serving", reason)
+            with trio.move_on_after(1):
+                await chan.send(encode("failed", reason=reason))
+            chan.close()
+            return False
         # READY first: if the parent is gone or aborted the hand-over, the
         # send fails and we give up before accepting a single connection
         try:
@@ -186,7 +195,7 @@ async def take_over_proxy(config: ProxyConfig) -> tuple[Proxy, Channel, dict[str
     """
     path = str(config.hot_restart_path)
     try:
-        chan, msg, socks = await take_over(path)
+        chan, msg, socks = await take_over(path, config.hot_restart_secret_path)
     except OSError as exc:
         raise HotRestartError(f"hot restart: no running proxy answers on {path}: {exc}") from None
     log.info("hot restart: took %s from the running proxy (generation %d)", ", ".join(sorted(socks)), msg["generation"])

@@ -32,7 +32,7 @@ from .._admin import AdminAuth, Request, Response, serve_admin
 from .._balancer import Endpoint
 from .._config import ProxyConfig, split_host_port
 from .._metrics import Registry
-from .._secretfile import load_or_create_secret
+from .._secretfile import load_or_create_secret, write_fresh_secret
 from .._unix import bind_unix, remove_stale_socket
 from .._version import __version__
 from ._discovery import MAX_SUBSCRIPTIONS as _MAX_SUBSCRIPTIONS
@@ -115,6 +115,8 @@ class Proxy:
         self.force_closed = 0
         #: the admin bearer token (read or created at start; never logged)
         self.admin_token: bytes = b""
+        #: this generation's hand-over secret (see :meth:`arm_hot_restart`)
+        self.hot_restart_secret: bytes = b""
         self.stats = ProxyStats(registry)
         up = config.upstream
         clusters = []
@@ -187,6 +189,8 @@ class Proxy:
             self.listeners["hot_restart"] = bind_unix(str(cfg.hot_restart_path), 0o600, 16)
         for name, sock in self.listeners.items():
             self.addresses[name] = _sock_address(sock)
+        if self._accepting.is_set():  # a hot-restarted one arms itself once warm, before it says READY
+            self.arm_hot_restart()
         try:
             async with trio.open_nursery() as root:
                 async with trio.open_nursery() as pools:
@@ -235,6 +239,19 @@ class Proxy:
                     self.generation,
                     " ".join(f"{k}={v}" for k, v in sorted(self.addresses.items())),
                 )
+
+    def arm_hot_restart(self) -> None:
+        """Write this generation's hand-over secret next to the hot-restart socket.
+
+        Done before the proxy reports ready, so that the next generation,
+        started as soon as it does, reads the secret this one checks.
+
+        Raises:
+            SecretFileError: it cannot be written.
+        """
+        path = self.config.hot_restart_secret_path
+        self.hot_restart_secret = write_fresh_secret(path)
+        log.info("hot restart: hand-over secret written to %s (mode 0600)", path)
 
     def start_accepting(self) -> None:
         """Begin accepting (a hot-restarted proxy calls this once warm)."""

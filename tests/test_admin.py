@@ -300,7 +300,7 @@ async def test_bad_addresses(bad: str) -> None:
         ("127.0.0.1", None, True), ("127.9.9.9:1", None, True), ("[::1]:80", None, True), ("::1", None, True),
         ("10.0.0.5:9901", "10.0.0.5", True), ("10.0.0.5", "10.0.0.6", False), ("[::ffff:127.0.0.1]", None, True),
         ("evil.example", "10.0.0.5", False), ("localhost.evil.example", None, False), ("", None, False),
-        ("127.0.0.1.evil.example", None, False), ("0.0.0.0", "0.0.0.0", True), ("[fe80::1]", None, False),
+        ("127.0.0.1.evil.example", None, False), ("0.0.0.0:9901", "127.0.0.1", False), ("[fe80::1]", None, False),
     ],
 )  # fmt: skip
 def test_host_check(host: str, local_ip: str | None, ok: bool) -> None:

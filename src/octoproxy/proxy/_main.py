@@ -104,29 +104,34 @@ async def wait_until_ready(proxy: Proxy, done: trio.Event) -> bool:
             return True
         now = trio.current_time()
         if now >= next_warning:
-            log.warning("not ready after %.0fs: waiting for %s", now - start, "; ".join(missing))
+            if proxy.config.inbound is not None and "app_uds" in missing:
+                problem = await trio.to_thread.run_sync(_socket_problem, proxy.config.inbound.app_uds)
+                missing["app_uds"] += f" ({problem})"
+            log.warning("not ready after %.0fs: waiting for %s", now - start, "; ".join(missing.values()))
             next_warning = now + READY_WARN_EVERY
         await trio.sleep(0.05)
     return False
 
 
-def local_blockers(proxy: Proxy) -> list[str]:
-    """What keeps this proxy from being ready, upstream clusters aside (one phrase each)."""
+def local_blockers(proxy: Proxy) -> dict[str, str]:
+    """What keeps this proxy from being ready, upstream clusters aside: a phrase per condition."""
     state = proxy.ready_state()
-    missing = []
+    missing = {}
     discovery = state.get("discovery")
     if discovery is not None and not discovery["restored"]:
-        missing.append(f"the subscriptions in {proxy.config.subscriptions_path} to be restored (discovery.subscriptions_file)")
+        missing["subscriptions"] = (
+            f"the subscriptions in {proxy.config.subscriptions_path} to be restored (discovery.subscriptions_file)"
+        )
     app = state.get("local_app")
     if app is not None and not app["connected"] and proxy.config.inbound is not None:
-        path = proxy.config.inbound.app_uds
-        missing.append(f"the local app on inbound.app_uds {path} ({_socket_problem(path)})")
+        missing["app_uds"] = f"the local app on inbound.app_uds {proxy.config.inbound.app_uds}"
     if state["healthcheck_failed"]:
-        missing.append("POST /healthcheck/ok (the health check was failed by hand)")
+        missing["healthcheck"] = "POST /healthcheck/ok (the health check was failed by hand)"
     return missing
 
 
 def _socket_problem(path: Path) -> str:
+    """Why nothing accepts on ``path``, as far as the file system tells (blocking: run in a thread)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:

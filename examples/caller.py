@@ -26,97 +26,106 @@ from octoproxy import sdk
 STARTING = (sdk.Status.UNAVAILABLE, sdk.Status.NO_ROUTE)
 
 
-async def wait_for_service(args: argparse.Namespace) -> sdk.Client | None:
-    """Connect and make call #0, retrying for up to ``--wait`` seconds while the mesh starts.
+class Caller:
+    """Makes ``args.n`` calls; counts what it did for the summary (or the Ctrl-C line)."""
 
-    The proxy's socket may not exist yet, and a proxy that has just started may
-    answer UNAVAILABLE (its peer or the provider app is not up yet) or NO_ROUTE
-    (discovery has not found the service yet): retried every 0.2 s until
-    ``--wait`` runs out, then the last error stands. Returns None when it ran out.
-    """
-    deadline = trio.current_time() + args.wait
-    said = False
-    while True:
+    def __init__(self, args: argparse.Namespace, nursery: trio.Nursery) -> None:
+        self.args = args
+        self.nursery = nursery
+        self.done = 0
+        self.failures = 0
+
+    async def run(self) -> int:
+        args = self.args
+        if args.n <= 0:
+            return 0
+        client = await self.wait_for_service()
+        if client is None:
+            return 1
         try:
-            client = await sdk.connect(args.nursery, args.path, connect_timeout=1.0)
-        except OSError as exc:
-            error: str = f"cannot connect to {args.path}: {exc.strerror or exc}"
-        else:
+            if args.parallel:
+                async with trio.open_nursery() as nursery:
+                    for i in range(1, args.n):
+                        nursery.start_soon(self.one, i, client)
+            else:
+                for i in range(1, args.n):
+                    await self.one(i, client)
+            print(f"{args.n - self.failures}/{args.n} ok, ping {await client.ping() * 1000:.2f} ms, "
+                  f"connections opened {client.connections_opened}, hot-restart resends {client.resends}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+        return 1 if self.failures else 0
+
+    async def wait_for_service(self) -> sdk.Client | None:
+        """Connect and make call #0, retrying for up to ``--wait`` seconds while the mesh starts.
+
+        The proxy's socket may not exist yet, and a proxy that has just started
+        may answer UNAVAILABLE (its peer or the provider app is not up yet) or
+        NO_ROUTE (discovery has not found the service yet): retried every 0.2 s
+        until ``--wait`` runs out. Returns None (after saying why) if it ran out.
+        """
+        args = self.args
+        deadline = trio.current_time() + args.wait
+        said = False
+        while True:
             try:
-                await one(args, 0, client, quiet_if=STARTING)
-                return client
-            except sdk.CallError as exc:
-                error = str(exc)
-            await client.aclose()
-        if trio.current_time() >= deadline:
-            print(f"gave up waiting after {args.wait:g}s: {error}", file=sys.stderr)
-            return None
-        if not said:
-            print(f"waiting up to {args.wait:g}s for {args.service} through {args.path} ({error})", file=sys.stderr)
-            said = True
-        await trio.sleep(0.2)
+                client = await sdk.connect(self.nursery, args.path, connect_timeout=1.0)
+            except OSError as exc:
+                error = f"cannot connect to {args.path}: {exc.strerror or exc}"
+            else:
+                try:
+                    await self.one(0, client, retry_on=STARTING)
+                    return client
+                except sdk.CallError as exc:
+                    error = str(exc)
+                await client.aclose()
+            if trio.current_time() >= deadline:
+                print(f"gave up waiting after {args.wait:g}s: {error}", file=sys.stderr)
+                return None
+            if not said:
+                print(f"waiting up to {args.wait:g}s for {args.service} through {args.path} ({error})", file=sys.stderr)
+                said = True
+            await trio.sleep(0.2)
 
-
-async def one(args: argparse.Namespace, i: int, client: sdk.Client, quiet_if: tuple[sdk.Status, ...] = ()) -> None:
-    body = f"{args.body} #{i}".encode()
-    start = trio.current_time()
-    try:
-        reply = await client.call(args.service, args.method, body, timeout=args.timeout)
-    except sdk.CallError as exc:
-        if exc.status in quiet_if:
-            raise
-        args.failures += 1
-        print(f"{i}: {exc}")
-    else:
-        print(f"{i}: {reply!r} ({(trio.current_time() - start) * 1000:.2f} ms)")
+    async def one(self, i: int, client: sdk.Client, retry_on: tuple[sdk.Status, ...] = ()) -> None:
+        """Call #i and print the outcome; an error whose status is in ``retry_on`` is raised instead."""
+        args = self.args
+        body = f"{args.body} #{i}".encode()
+        start = trio.current_time()
+        try:
+            reply = await client.call(args.service, args.method, body, timeout=args.timeout)
+        except sdk.CallError as exc:
+            if exc.status in retry_on:
+                raise
+            self.failures += 1
+            print(f"{i}: {exc}")
+        else:
+            print(f"{i}: {reply!r} ({(trio.current_time() - start) * 1000:.2f} ms)")
+        self.done += 1
 
 
 async def main(args: argparse.Namespace) -> int:
-    args.failures = 0
-    args.done = 0
+    """Run the calls; Ctrl-C (or SIGTERM) stops them with one line and status 130 (143)."""
+    interrupted: int | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            args.nursery = nursery
 
             async def watch() -> None:
+                nonlocal interrupted
                 async for signum in signals:
-                    args.interrupted = signum
+                    interrupted = signum
                     nursery.cancel_scope.cancel()
                     return
 
-            args.interrupted = None
             nursery.start_soon(watch)
-            status = await calls(args)
+            caller = Caller(args, nursery)
+            status = await caller.run()
             nursery.cancel_scope.cancel()
-    if args.interrupted is not None:
-        print(f"interrupted after {args.done}/{args.n} calls ({args.failures} failed)", file=sys.stderr)
-        return 128 + int(args.interrupted)
+    if interrupted is not None:
+        print(f"interrupted after {caller.done}/{args.n} calls ({caller.failures} failed)", file=sys.stderr)
+        return 128 + interrupted
     return status
-
-
-async def calls(args: argparse.Namespace) -> int:
-    if args.n <= 0:
-        return 0
-    client = await wait_for_service(args)
-    if client is None:
-        return 1
-    args.done = 1
-    try:
-        if args.parallel:
-            async with trio.open_nursery() as nursery:
-                for i in range(1, args.n):
-                    nursery.start_soon(one, args, i, client)
-        else:
-            for i in range(1, args.n):
-                await one(args, i, client)
-                args.done += 1
-        args.done = args.n
-        print(f"{args.n - args.failures}/{args.n} ok, ping {await client.ping() * 1000:.2f} ms, "
-              f"connections opened {client.connections_opened}, hot-restart resends {client.resends}")
-    finally:
-        with trio.CancelScope(shield=True):
-            await client.aclose()
-    return 1 if args.failures else 0
 
 
 def cli() -> None:

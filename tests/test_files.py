@@ -200,3 +200,26 @@ def test_write_atomic_replaces_whole_file_with_mode(tmp_path: Path) -> None:
     assert read_subscriptions_file(path) == ["b"]
     assert [p.name for p in tmp_path.iterdir()] == ["subs.json"]  # no temp file left
     assert read_subscriptions_file(tmp_path / "absent.json") == []
+
+
+async def test_call_to_an_invalid_service_name_is_not_subscribed() -> None:
+    """A call naming a service the control plane would refuse: NO_ROUTE at once, nothing saved."""
+    from octoproxy import Status, sdk
+
+    with short_tmpdir() as d:
+        cfg = d / "p.toml"
+        cfg.write_text(proxy_toml(d))
+        with trio.fail_after(25):
+            p = await start_process(proxy_argv(cfg), "octoproxy ready", d, "proxy")
+            try:
+                async with sdk.open_client(d / "out.sock") as client:
+                    for name in ["bad name", "-dash", "x" * 300]:
+                        start = trio.current_time()
+                        with pytest.raises(sdk.CallError) as info:
+                            await client.call(name, "m", b"", timeout=5)
+                        assert info.value.status == Status.NO_ROUTE, info.value
+                        assert trio.current_time() - start < 0.4  # not the 0.5 s subscribe_timeout
+                assert not subs_path(d).exists()
+                assert (await ready_json(p))["discovery"]["subscriptions"] == []
+            finally:
+                await stop(p)

@@ -330,6 +330,9 @@ class Discovery:
         """The engine saw a request for an unknown service: subscribe, then release it."""
         if service in self._lazy or self._nursery is None:
             return
+        if check_service_name(service) is not None:  # the control plane would refuse it: NO_ROUTE, nothing saved
+            self.engine.release_unrouted(service, False, trio.current_time())
+            return
         if len(self.subscribed) >= MAX_SUBSCRIPTIONS:
             # callers naming ever new services must not grow us without bound
             log.warning("not subscribing to %s: already %d subscriptions", service, len(self.subscribed))
@@ -347,8 +350,6 @@ class Discovery:
             log.info("lazy subscription to %s: %d endpoints", service, counts.get(service, 0))
         except trio.TooSlowError:
             log.warning("lazy subscription to %s: no answer within %.1fs", service, self.cfg.subscribe_timeout)
-        except ValueError as exc:  # a name the control plane would refuse: no route, nothing saved
-            log.info("not subscribing to %r: %s", service[:100], exc)
         finally:
             self._lazy.discard(service)
             found = found and any(r.service == service for r in self.engine.routes)

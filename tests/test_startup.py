@@ -28,6 +28,9 @@ from e2e import free_port, provider, proxy_argv, short_tmpdir, start_process, st
 from octoproxy._admin import http_request
 from octoproxy._startup import _why
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
+
 pytestmark = pytest.mark.e2e
 
 
@@ -185,3 +188,17 @@ async def test_ready_line_waits_for_the_local_app() -> None:
                         proc.kill()
                     await proc.wait()
         assert "Traceback" not in errpath.read_text()
+
+
+def test_other_errors_are_not_turned_into_a_line(tmp_path: Path) -> None:
+    """Only a failed bind of a known listener becomes one line; anything else keeps its traceback."""
+    from octoproxy._startup import describe_listen_failure
+
+    listeners = [("outbound.uds", str(tmp_path / "out.sock")), ("admin.listen", "127.0.0.1:0")]
+    assert describe_listen_failure(ValueError("bug"), listeners) is None
+    assert describe_listen_failure(ExceptionGroup("g", [OSError(errno.EMFILE, "Too many open files")]), listeners) is None
+    assert describe_listen_failure(ExceptionGroup("g", [OSError(errno.EADDRINUSE, "in use"), KeyError("x")]), listeners) is None
+    assert not (tmp_path / "out.sock").exists(), "a trial bind left its socket file"
+    missing = OSError(errno.ENOENT, "No such file or directory")
+    line = describe_listen_failure(ExceptionGroup("g", [missing]), [("outbound.uds", str(tmp_path / "no" / "out.sock"))])
+    assert line == f"outbound.uds = {tmp_path}/no/out.sock: the directory {tmp_path}/no does not exist (create it, or point the key at one that does)"

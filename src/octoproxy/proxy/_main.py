@@ -146,7 +146,7 @@ def _socket_problem(path: Path) -> str:
 
 
 async def _warn_unconnected_clusters(proxy: Proxy) -> None:
-    """After the ready line: name the static clusters still without a connected endpoint."""
+    """After the ready line: name the clusters still without a connected endpoint (their peers run elsewhere)."""
     await trio.sleep(proxy.config.upstream.connect_timeout + 0.5)
     for name, cluster in proxy.ready_state()["clusters"].items():
         if cluster["endpoints"] and not cluster["connected"]:

@@ -229,10 +229,10 @@ def readme_pair_block() -> str:
 def shell_env(bin_dir: Path) -> dict[str, str]:
     """PATH with ``python`` and ``octoproxy`` meaning this interpreter, whatever the machine calls them."""
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    wrapper = bin_dir / "octoproxy"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m octoproxy "$@"\n')
-    wrapper.chmod(0o755)
+    for name, command in (("python", f'"{sys.executable}"'), ("octoproxy", f'"{sys.executable}" -m octoproxy')):
+        wrapper = bin_dir / name
+        wrapper.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        wrapper.chmod(0o755)
     return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONDONTWRITEBYTECODE="1")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from e2e import Proc, free_port, proxy_argv, short_tmpdir, start_process, stop
 
 from octoproxy._admin import http_request
@@ -223,3 +224,15 @@ async def test_call_to_an_invalid_service_name_is_not_subscribed() -> None:
                 assert (await ready_json(p))["discovery"]["subscriptions"] == []
             finally:
                 await stop(p)
+
+
+async def test_file_io_under_autojump_clock_does_not_move_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
+    """In a worker thread, a disk wait would look idle to autojump and jump virtual time
+    past every deadline (octoproxy.testing meshes run under it): run_blocking stays inline there."""
+    import time
+
+    from octoproxy.proxy._discovery import run_blocking
+
+    start = trio.current_time()
+    await run_blocking(time.sleep, 0.05)
+    assert trio.current_time() == start

@@ -267,6 +267,10 @@ def test_cli_prints_every_error_and_exits_2(tmp_path: Path) -> None:
         "  proxy.drain_time: expected a positive number, got 'x'",
         "  outbound.usd: unknown key",
     ]
+    missing = tmp_path / "missing.toml"
+    proc = subprocess.run([sys.executable, "-m", "octoproxy", "run", "-c", str(missing)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"octoproxy: {missing}: cannot read: No such file or directory"]
     cfg.write_text("[proxy]\nshutdown_time = 3\n")
     proc = subprocess.run([sys.executable, "-m", "octoproxy", "run", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "shutdown_time" in proc.stderr and "drain_time, whose default is 5.0" in proc.stderr

@@ -229,7 +229,9 @@ def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
         config = load_config(config_path)
     except ConfigError as exc:
         errors = config_errors(exc)
-        if len(errors) == 1:
+        if len(errors) == 1 and errors[0].startswith(f"{config_path}: "):  # cannot read, or not TOML
+            print(f"octoproxy: {errors[0]}", file=sys.stderr)
+        elif len(errors) == 1:
             print(f"octoproxy: invalid configuration {config_path}: {errors[0]}", file=sys.stderr)
         else:
             print(f"octoproxy: invalid configuration {config_path}: {len(errors)} errors", file=sys.stderr)

@@ -202,3 +202,31 @@ def test_other_errors_are_not_turned_into_a_line(tmp_path: Path) -> None:
     missing = OSError(errno.ENOENT, "No such file or directory")
     line = describe_listen_failure(ExceptionGroup("g", [missing]), [("outbound.uds", str(tmp_path / "no" / "out.sock"))])
     assert line == f"outbound.uds = {tmp_path}/no/out.sock: the directory {tmp_path}/no does not exist (create it, or point the key at one that does)"
+
+
+def test_hot_restart_peer_that_hangs_up_is_one_line() -> None:
+    """`run --hot-restart` against something that accepts and closes: one line, no traceback."""
+    import threading
+
+    with short_tmpdir() as d:
+        (d / "p.toml").write_text('[outbound]\nuds = "out.sock"\n')
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(d / "out.sock.hotrestart"))
+        server.listen()
+
+        def hang_up() -> None:
+            conn, _ = server.accept()
+            conn.recv(4096)
+            conn.close()
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        try:
+            proc = octoproxy("run", "-c", str(d / "p.toml"), "--hot-restart")
+        finally:
+            server.close()
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"octoproxy: hot restart: the process on proxy.hot_restart_uds = {d}/out.sock.hotrestart "
+            "closed the connection instead of handing its listeners over"
+        ]

@@ -246,6 +246,11 @@ def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
     except (OSError, HotRestartError) as exc:
         print(f"octoproxy: {exc}", file=sys.stderr)
         return 1
+    except (EOFError, trio.TooSlowError) as exc:  # take_over_proxy: the other side went quiet or away
+        how = "closed the connection" if isinstance(exc, EOFError) else "did not answer in time"
+        print(f"octoproxy: hot restart: the process on proxy.hot_restart_uds = {config.hot_restart_path} {how} "
+              "instead of handing its listeners over", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 async def take_over_proxy(config: ProxyConfig) -> tuple[Proxy, Channel, dict[str, Any]]:

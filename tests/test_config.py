@@ -444,3 +444,16 @@ def test_example_provider() -> None:
     assert cfg.outbound.uds == ROOT / "examples" / "provider-outbound.sock"
     assert cfg.admin.listen == "127.0.0.1:9902"
     assert cfg.routes == ()
+
+
+def test_agent_cli_prints_every_error_and_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\nbogus = 1\nhealth_interval = "x"\n')
+    proc = subprocess.run([sys.executable, "-m", "octoproxy", "agent", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"octoproxy agent: invalid configuration {cfg}: 3 errors",
+        "  agent.bogus: unknown key",
+        "  agent.proxy_config: required key missing",
+        "  agent.health_interval: expected a positive number, got 'x'",
+    ]

@@ -42,6 +42,7 @@ __all__ = [
     "ProxyConfig", "ProxySettings", "OutboundConfig", "InboundConfig", "AdminConfig", "UpstreamConfig",
     "RouteConfig", "ClusterConfig", "EndpointConfig",
     "load_config", "parse_config", "render_config_reference", "split_host_port", "config_errors",
+    "describe_config_error",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -60,6 +61,21 @@ class _Bad(Exception):
 def config_errors(exc: ConfigError) -> list[str]:
     """The single errors a :class:`ConfigError` reports (one per line of its message)."""
     return str(exc).splitlines()
+
+
+def describe_config_error(exc: ConfigError, path: str | os.PathLike[str], prog: str) -> str:
+    """The lines a command prints for an invalid configuration file.
+
+    One line for one error (``prog: invalid configuration FILE: key: what``, or
+    ``prog: FILE: cannot read: ...``); for several, a heading and one indented
+    line per error.
+    """
+    errors = config_errors(exc)
+    if len(errors) == 1 and errors[0].startswith(f"{path}: "):  # cannot read, or not TOML
+        return f"{prog}: {errors[0]}"
+    if len(errors) == 1:
+        return f"{prog}: invalid configuration {path}: {errors[0]}"
+    return "\n".join([f"{prog}: invalid configuration {path}: {len(errors)} errors"] + [f"  {e}" for e in errors])
 
 
 class _Errors:

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from .._config import ProxyConfig, config_errors, load_config
+from .._config import ProxyConfig, describe_config_error, load_config
 from .._errors import ConfigError
 from ._handover import Channel, take_over
 from ._hot_restart import HotRestartError, encode
@@ -228,15 +228,7 @@ def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        errors = config_errors(exc)
-        if len(errors) == 1 and errors[0].startswith(f"{config_path}: "):  # cannot read, or not TOML
-            print(f"octoproxy: {errors[0]}", file=sys.stderr)
-        elif len(errors) == 1:
-            print(f"octoproxy: invalid configuration {config_path}: {errors[0]}", file=sys.stderr)
-        else:
-            print(f"octoproxy: invalid configuration {config_path}: {len(errors)} errors", file=sys.stderr)
-            for error in errors:
-                print(f"  {error}", file=sys.stderr)
+        print(describe_config_error(exc, config_path, "octoproxy"), file=sys.stderr)
         return 2
     setup_logging(config.proxy.log_level)
     try:

@@ -171,7 +171,7 @@ class DiscoveryClient:
         self.backoff = backoff
         self.token = token
         self.ssl_context = ssl_context
-        #: why the last connection attempt or session was refused ("" if it was not)
+        #: why the last connection attempt or session was refused ("" once the control plane answers again)
         self.refused = ""
         self.core = XdsClient(node_id)
         #: the URL of the current connection, ``None`` while disconnected
@@ -464,7 +464,6 @@ class DiscoveryClient:
                     extra_headers=self._token_header(),
                     ssl_context=self.ssl_context if url.startswith("wss:") else None,
                 )
-            self.refused = ""
             try:
                 outbox = deque(self.core.on_reconnect())
                 for (service, _), reg in self._registrations.items():
@@ -528,6 +527,7 @@ class DiscoveryClient:
             if isinstance(data, str):
                 raise DiscoveryError("text message on the discovery stream")
             msg = pb.ServerMessage.FromString(data)
+            self.refused = ""  # the control plane answers: whatever refused us before is over
             kind = msg.WhichOneof("message")
             if kind == "response":
                 outgoing, changes = self.core.on_response(msg, self.validate)

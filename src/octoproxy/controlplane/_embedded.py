@@ -156,7 +156,7 @@ class EmbeddedStore(Store):
         try:
             data = await trio.to_thread.run_sync(_read_file, path)
         except FileNotFoundError:
-            logger.info("no snapshot at %s: starting empty", path)
+            logger.debug("no snapshot at %s: starting empty", path)
             return
         snap = pb.StoreSnapshot()
         try:

@@ -102,7 +102,7 @@ def read_or_create_token(path: str | os.PathLike[str], *, create: bool) -> str:
         else:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(32) + "\n")
-            log.info("made the operator token %s (mode 0600)", p)
+            log.debug("made the operator token %s (mode 0600)", p)  # (the ready line names the state dir)
     mode = p.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ValueError(f"{p} is readable by others (mode {stat.filemode(mode)}): chmod 600 it")

@@ -72,7 +72,7 @@ class Request:
         stream_id: the request's stream id on this connection.
         deadline: when the caller stops waiting, on the serving front end's
             clock (``trio.current_time()``, the asyncio loop's ``time()``,
-            ``time.monotonic()`` for threads), or ``None`` if it sent no timeout.
+            the monotonic clock for threads), or ``None`` if it sent no timeout.
         oneway: True for a ONEWAY request (nobody reads the result).
     """
 

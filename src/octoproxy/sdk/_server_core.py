@@ -71,8 +71,8 @@ class Request:
         metadata: trace context, routing tags, credentials.
         stream_id: the request's stream id on this connection.
         deadline: when the caller stops waiting, on the serving front end's
-            clock (``trio.current_time()``, the asyncio loop's ``time()``,
-            the monotonic clock for threads), or ``None`` if it sent no timeout.
+            clock (Trio's clock, the asyncio loop's clock, the monotonic clock
+            for threads), or ``None`` if it sent no timeout.
         oneway: True for a ONEWAY request (nobody reads the result).
     """
 

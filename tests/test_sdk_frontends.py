@@ -1,0 +1,356 @@
+"""One suite, three SDK front ends: Trio (``octoproxy.sdk``), asyncio (``octoproxy.sdk.aio``)
+and threads (``octoproxy.sdk.sync``), each as client and as provider.
+
+Most cases run through real proxies: a caller-side ``octoproxy run`` and a
+provider-side one (subprocesses, loopback, temp-dir sockets), in front of a
+provider app served in this process by the front end under test. The last
+case hot-restarts both proxies under load and expects 0 failed calls.
+
+The drivers in ``sdk_drivers.py`` give the three front ends one synchronous
+face, so each case is written once. The tests are plain (not Trio) functions:
+each front end runs its own loop on its own thread, as in an app.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from e2e import caller_toml, free_port, provider_toml, proxy_argv, short_tmpdir
+from octoproxy.sdk import CallError, ClientClosedError, NoProxyError, Status
+from sdk_drivers import DRIVERS, Load, driver
+
+FRONT_ENDS = sorted(DRIVERS)
+
+
+# ---------------------------------------------------------------- real proxies (synchronous helpers)
+
+
+@dataclass
+class Proxy:
+    proc: subprocess.Popen[bytes]
+    addresses: dict[str, str] = field(default_factory=dict)
+
+    def get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{self.addresses['admin']}{path}", timeout=5) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:  # e.g. reset while the admin server starts
+            return 0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_proxy(config: Path, workdir: Path, name: str, hot_restart: bool = False, timeout: float = 20.0) -> Proxy:
+    with open(workdir / f"{name}.stderr", "ab") as err:
+        proc = subprocess.Popen(proxy_argv(config, hot_restart), stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+    p = Proxy(proc)
+    assert proc.stdout is not None
+    buf = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while b"octoproxy ready" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                p.kill()
+                raise AssertionError(f"{name} not ready: {(workdir / f'{name}.stderr').read_text()[-2000:]}")
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                p.kill()
+                raise AssertionError(f"{name} exited: {(workdir / f'{name}.stderr').read_text()[-2000:]}")
+            buf += chunk
+    line = next(line for line in buf.decode().splitlines() if line.startswith("octoproxy ready"))
+    for word in line.split()[2:]:
+        if "=" in word:
+            k, v = word.split("=", 1)
+            p.addresses[k] = v
+    deadline = time.monotonic() + 10
+    while p.get("/ready") != 200:
+        assert time.monotonic() < deadline, f"{name} never ready"
+        time.sleep(0.02)
+    return p
+
+
+def hot_restart(config: Path, workdir: Path, name: str, old: Proxy) -> Proxy:
+    """A new generation with --hot-restart; the old one drains and exits 0 by itself."""
+    new = start_proxy(config, workdir, name, hot_restart=True)
+    assert old.proc.wait(15) == 0
+    old.kill()
+    return new
+
+
+@dataclass
+class Mesh:
+    """caller app (front end under test) -> caller proxy -> provider proxy -> provider app (same front end)."""
+
+    driver: object
+    workdir: Path
+    caller_cfg: Path
+    provider_cfg: Path
+    caller: Proxy
+    provider: Proxy
+
+    @property
+    def outbound(self) -> str:
+        return str(self.workdir / "caller.sock")
+
+
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    with driver(request.param) as d, short_tmpdir() as tmp:
+        port = free_port()
+        app_uds = tmp / "app.sock"
+        stop_app = d.serve(str(app_uds))
+        caller_cfg = tmp / "caller.toml"
+        caller_cfg.write_text(caller_toml(tmp, [port], drain_time="2.0"))
+        provider_cfg = tmp / "provider.toml"
+        provider_cfg.write_text(provider_toml(tmp, port, app_uds, drain_time="2.0"))
+        pp = start_proxy(provider_cfg, tmp, "provider-proxy")
+        try:
+            cp = start_proxy(caller_cfg, tmp, "caller-proxy")
+        except BaseException:
+            pp.kill()
+            raise
+        m = Mesh(d, tmp, caller_cfg, provider_cfg, cp, pp)
+        try:
+            yield m
+        finally:
+            m.caller.kill()
+            m.provider.kill()
+            stop_app()
+
+
+@pytest.fixture(params=FRONT_ENDS)
+def front_end(request: pytest.FixtureRequest) -> Iterator[object]:
+    with driver(request.param) as d:
+        yield d
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    with short_tmpdir() as d:
+        yield d
+
+
+# ---------------------------------------------------------------- direct: every client against every provider
+
+
+@pytest.mark.parametrize("server_name", FRONT_ENDS)
+def test_every_client_against_every_provider(front_end: object, server_name: str, sock_dir: Path) -> None:
+    path = str(sock_dir / "p.sock")
+    with driver(server_name) as server:
+        stop = server.serve(path)
+        try:
+            client = front_end.client(path)  # type: ignore[attr-defined]
+            try:
+                assert client.call("svc", "echo", b"hello", timeout=5) == b"hello"
+                with pytest.raises(CallError) as info:
+                    client.call("svc", "fail", b"bob", timeout=5)
+                assert info.value.status == Status.APPLICATION_ERROR and info.value.message == "failed: bob"
+                with pytest.raises(CallError) as info:
+                    client.call("svc", "boom", timeout=5)
+                assert info.value.message == "internal error: ZeroDivisionError"
+                big = os.urandom(4 << 20)
+                assert client.call("svc", "echo", big, timeout=10) == big
+                start = time.monotonic()
+                with pytest.raises(CallError) as info:
+                    client.call("svc", "sleep", b"5", timeout=0.3)
+                assert info.value.status == Status.TIMEOUT
+                assert 0.25 < time.monotonic() - start < 3
+            finally:
+                client.close()
+        finally:
+            stop()
+
+
+# ---------------------------------------------------------------- through real proxies
+
+
+def test_call_returns_the_result(mesh: Mesh) -> None:
+    client = mesh.driver.client(mesh.outbound)  # type: ignore[attr-defined]
+    try:
+        assert client.call("echo", "echo", b"hello", timeout=5) == b"hello"
+        assert client.call("echo", "echo", b"", timeout=5) == b""
+        assert client.connections_opened == 1 and client.resends == 0
+    finally:
+        client.close()
+
+
+def test_application_error(mesh: Mesh) -> None:
+    client = mesh.driver.client(mesh.outbound)  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(CallError) as info:
+            client.call("echo", "fail", b"bob", timeout=5)
+        assert info.value.status == Status.APPLICATION_ERROR
+        assert info.value.message == "failed: bob"
+        assert str(info.value) == "APPLICATION_ERROR: failed: bob"
+        with pytest.raises(CallError) as info:
+            client.call("echo", "boom", timeout=5)
+        assert info.value.status == Status.APPLICATION_ERROR and info.value.message == "internal error: ZeroDivisionError"
+        assert client.call("echo", "echo", b"still fine", timeout=5) == b"still fine"
+    finally:
+        client.close()
+
+
+def test_timeout(mesh: Mesh) -> None:
+    client = mesh.driver.client(mesh.outbound)  # type: ignore[attr-defined]
+    try:
+        start = time.monotonic()
+        with pytest.raises(CallError) as info:
+            client.call("echo", "sleep", b"3", timeout=0.4)
+        assert info.value.status == Status.TIMEOUT
+        assert 0.3 < time.monotonic() - start < 2.5
+        assert client.call("echo", "echo", b"after", timeout=5) == b"after"
+    finally:
+        client.close()
+
+
+def test_no_route(mesh: Mesh) -> None:
+    client = mesh.driver.client(mesh.outbound)  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(CallError) as info:
+            client.call("no-such-service", "m", b"x", timeout=5)
+        assert info.value.status == Status.NO_ROUTE
+    finally:
+        client.close()
+
+
+def test_many_calls_in_flight_on_one_connection(mesh: Mesh) -> None:
+    client = mesh.driver.client(mesh.outbound)  # type: ignore[attr-defined]
+    try:
+        calls = [("echo", "echo", b"%d" % i) for i in range(500)]
+        assert client.call_many(calls, timeout=20) == [b for _s, _m, b in calls]
+        assert client.connections_opened == 1
+    finally:
+        client.close()
+
+
+def test_big_bodies(mesh: Mesh) -> None:
+    client = mesh.driver.client(mesh.outbound)  # type: ignore[attr-defined]
+    try:
+        body = os.urandom(1 << 20)
+        assert client.call("echo", "echo", body, timeout=20) == body
+        assert client.call("echo", "big", b"%d" % (3 << 20), timeout=20) == b"b" * (3 << 20)
+    finally:
+        client.close()
+
+
+def test_request_over_max_frame_size_refused_locally(mesh: Mesh) -> None:
+    client = mesh.driver.client(mesh.outbound, max_frame_size=1024)  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(CallError) as info:
+            client.call("echo", "echo", bytes(2000), timeout=5)
+        assert info.value.status == Status.FRAME_TOO_LARGE
+        assert client.call("echo", "echo", b"small", timeout=5) == b"small"
+    finally:
+        client.close()
+
+
+def test_closed_client_raises_client_closed_error(mesh: Mesh) -> None:
+    client = mesh.driver.client(mesh.outbound)  # type: ignore[attr-defined]
+    assert client.call("echo", "echo", b"x", timeout=5) == b"x"
+    client.close()
+    with pytest.raises(ClientClosedError) as info:
+        client.call("echo", "echo", b"x", timeout=5)
+    if mesh.driver.name == "trio":  # type: ignore[attr-defined]
+        assert isinstance(info.value, trio.ClosedResourceError)
+
+
+def test_hot_restarts_under_load_fail_no_call(mesh: Mesh) -> None:
+    """Both proxies hot-restart (caller side twice, provider side once) under load: 0 failed calls."""
+    client = mesh.driver.client(mesh.outbound)  # type: ignore[attr-defined]
+    newcomers_done = threading.Event()
+    load = Load()
+    try:
+        join = client.load(load, workers=16)
+        time.sleep(0.3)
+        for i, side in enumerate(["caller", "provider", "caller"]):
+            before = load.ok
+            if side == "caller":
+                mesh.caller = hot_restart(mesh.caller_cfg, mesh.workdir, f"caller-proxy-{i + 1}", mesh.caller)
+            else:
+                mesh.provider = hot_restart(mesh.provider_cfg, mesh.workdir, f"provider-proxy-{i + 1}", mesh.provider)
+            time.sleep(0.2)
+            assert load.ok > before, f"no progress across the {side} restart"
+        load.stopped.set()
+        join()
+        newcomers_done.set()
+        assert load.failures == [], load.failures[:5]
+        assert load.ok > 100
+        assert client.connections_opened >= 3  # one per caller-proxy generation
+        assert client.call("echo", "echo", b"after", timeout=5) == b"after"
+    finally:
+        load.stopped.set()
+        client.close()
+
+
+# ---------------------------------------------------------------- errors a new user can act on
+
+
+def test_no_proxy_names_the_path(front_end: object, sock_dir: Path) -> None:
+    path = str(sock_dir / "outbound.sock")
+    with pytest.raises(NoProxyError) as info:
+        front_end.client(path)  # type: ignore[attr-defined]
+    err = info.value
+    assert isinstance(err, CallError) and err.status == Status.UNAVAILABLE
+    assert isinstance(err, FileNotFoundError) and err.errno == errno.ENOENT  # code that caught OSError still does
+    assert str(err).startswith(f"UNAVAILABLE: no octoproxy listening on {path} (is the proxy running? outbound.uds in its config)")
+    # a stale socket file: nobody listens
+    stop = front_end.serve(path)  # type: ignore[attr-defined]
+    stop()
+    if os.path.exists(path):
+        with pytest.raises(NoProxyError) as info:
+            front_end.client(path)  # type: ignore[attr-defined]
+        assert isinstance(info.value, ConnectionRefusedError)
+
+
+def test_wait_for_the_proxy_to_come_up(front_end: object, sock_dir: Path) -> None:
+    path = str(sock_dir / "late.sock")
+    stops: list[object] = []
+    with driver("blocking") as server:
+        timer = threading.Timer(0.4, lambda: stops.append(server.serve(path)))
+        timer.start()
+        start = time.monotonic()
+        client = front_end.client(path, wait=10)  # type: ignore[attr-defined]
+        try:
+            assert time.monotonic() - start >= 0.3
+            assert client.call("svc", "echo", b"up", timeout=5) == b"up"
+        finally:
+            client.close()
+            timer.join()
+            for stop in stops:
+                stop()  # type: ignore[operator]
+
+
+def test_no_proxy_one_line_from_a_script(sock_dir: Path) -> None:
+    """An app that does not catch the error still gets the path and the fix in the last line."""
+    path = sock_dir / "missing.sock"
+    code = f"from octoproxy.sdk import sync\nsync.connect({str(path)!r})\n"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert f"no octoproxy listening on {path}" in last and "outbound.uds" in last

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -34,7 +35,7 @@ from ._core import CallCore, CallError, ClientCore, ConnectionCore, Pending, con
 from ._server_core import TIMEOUT_OUTCOME, Request, ServerConnectionCore, check_body, check_server_args, expired, outcome_of_exception
 from ._sockets import bind_replacing_stale
 
-__all__ = ["Client", "Handler", "Server", "connect", "open_client", "serve", "start_server", "subscribe"]
+__all__ = ["Client", "Handler", "Server", "connect", "open_client", "run_provider", "serve", "start_server", "subscribe"]
 
 T = TypeVar("T")
 
@@ -603,6 +604,38 @@ async def serve(path: str | os.PathLike[str], handler: Handler, **kwargs: Any) -
         await asyncio.Event().wait()
     finally:
         await server.aclose()
+
+
+def run_provider(path: str | os.PathLike[str], handler: Handler, **kwargs: Any) -> None:
+    """Serve ``handler`` on ``path`` in a new event loop until Ctrl-C or SIGTERM; then return.
+
+    The one-line asyncio provider: ``aio.run_provider("/run/app/inbound.sock", handler)``.
+    On SIGINT or SIGTERM the server stops accepting, running handlers are
+    cancelled, and the function returns normally (no traceback).
+
+    Args:
+        path: the socket path (a stale socket file there is removed first).
+        handler: ``async def handler(request: Request) -> bytes``.
+        **kwargs: as :func:`start_server`.
+    """
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            async with await start_server(path, handler, **kwargs):
+                await stop.wait()
+                logger.info("stopping the provider on %s", os.fspath(path))
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:  # a Ctrl-C before the handlers were installed
+        pass
 
 
 # ---------------------------------------------------------------- discovery

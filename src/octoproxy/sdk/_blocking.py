@@ -56,7 +56,7 @@ from ._core import (
 from ._server_core import TIMEOUT_OUTCOME, Request, ServerConnectionCore, check_body, check_server_args, expired, outcome_of_exception
 from ._sockets import bind_replacing_stale
 
-__all__ = ["Client", "Handler", "Server", "connect", "serve", "start_server", "subscribe"]
+__all__ = ["Client", "Handler", "Server", "connect", "run_provider", "serve", "start_server", "subscribe"]
 
 #: ``def handler(request: Request) -> bytes`` (runs in a worker thread)
 Handler = Callable[[Request], bytes]
@@ -662,6 +662,10 @@ def serve(path: str | os.PathLike[str], handler: Handler, *, workers: int = 8, *
         logger.info("Ctrl-C: stopping the provider on %s", server.path)
     finally:
         server.close()
+
+
+#: the same as :func:`serve` (which already returns on Ctrl-C), named as in the other front ends
+run_provider = serve
 
 
 # ---------------------------------------------------------------- discovery

@@ -11,7 +11,7 @@ same sans-IO core: HOT_RESTART resends, GOAWAY and reconnects behave the same::
     async def handler(request: aio.Request) -> bytes:
         return request.body
 
-    asyncio.run(aio.serve("/run/app/inbound.sock", handler))
+    aio.run_provider("/run/app/inbound.sock", handler)  # until Ctrl-C or SIGTERM
 
 See docs/sdk.md.
 """
@@ -24,6 +24,7 @@ from ._asyncio import Handler as Handler
 from ._asyncio import Server as Server
 from ._asyncio import connect as connect
 from ._asyncio import open_client as open_client
+from ._asyncio import run_provider as run_provider
 from ._asyncio import serve as serve
 from ._asyncio import start_server as start_server
 from ._asyncio import subscribe as subscribe
@@ -47,6 +48,7 @@ __all__ = [
     "Status",
     "connect",
     "open_client",
+    "run_provider",
     "serve",
     "start_server",
     "subscribe",

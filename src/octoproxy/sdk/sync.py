@@ -23,6 +23,7 @@ from ._blocking import Client as Client
 from ._blocking import Handler as Handler
 from ._blocking import Server as Server
 from ._blocking import connect as connect
+from ._blocking import run_provider as run_provider
 from ._blocking import serve as serve
 from ._blocking import start_server as start_server
 from ._blocking import subscribe as subscribe
@@ -45,6 +46,7 @@ __all__ = [
     "Server",
     "Status",
     "connect",
+    "run_provider",
     "serve",
     "start_server",
     "subscribe",

@@ -34,7 +34,7 @@ async def main(args: argparse.Namespace) -> int:
         else:
             print(f"{i}: {reply!r} ({(trio.current_time() - start) * 1000:.2f} ms)")
 
-    async with sdk.open_client(args.path) as client:
+    async with sdk.open_client(args.path, wait=args.wait) as client:
         if args.parallel:
             async with trio.open_nursery() as nursery:
                 for i in range(args.n):
@@ -56,11 +56,15 @@ def cli() -> None:
     parser.add_argument("--body", default="hello", help='request body prefix (default "hello")')
     parser.add_argument("--timeout", type=float, default=1.0, help="per-call timeout in seconds (default 1)")
     parser.add_argument("--parallel", action="store_true", help="make the calls concurrently")
+    parser.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the proxy's socket to appear (default 10)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
         sys.exit(trio.run(main, args))
+    except sdk.NoProxyError as exc:  # one line naming the path and the config key
+        print(exc, file=sys.stderr)
+        sys.exit(2)
     except OSError as exc:
         sys.exit(f"cannot connect to {args.path}: {exc}")
 

@@ -59,8 +59,8 @@ from ._trio import Client as Client
 from ._trio import Handler as Handler
 from ._trio import connect as connect
 from ._trio import open_client as open_client
-from ._trio import run_provider as run_provider
-from ._trio import serve as serve
+from ._trio_server import run_provider as run_provider
+from ._trio_server import serve as serve
 from ._trio import subscribe as subscribe
 
 __all__ = [

@@ -17,7 +17,12 @@ Figures, each a median over ``--rounds`` rounds (front ends interleaved):
   number of callers (``--concurrency``: tasks, or threads for blocking), 100-byte
   bodies, on one client (one multiplexed connection);
 * single-thread, one-at-a-time call latency (mean µs over ``--latency-calls``)
-  of the asyncio and the blocking clients.
+  of the three clients, and of "inline": a bare socket that writes a request
+  and reads its response in the calling thread (the floor of a blocking client
+  without a reader thread, to weigh that design choice).
+
+Client CPU µs per call (``time.process_time``) is printed beside each figure:
+on a loaded machine it moves less than wall-clock figures do.
 
 Each client runs in a fresh process of its own (``--worker MODE``). The
 installed package is used (no ``src/`` on ``sys.path``). Targets: asyncio
@@ -167,7 +172,35 @@ def worker_blocking(path: str, mode: str, concurrency: int, warmup: float, durat
         return {"cps": sum(counts) / elapsed, "cpu_us": cpu / max(sum(counts), 1) * 1e6}
 
 
-WORKERS = {"trio": worker_trio, "asyncio": worker_asyncio, "blocking": worker_blocking}
+def worker_inline(path: str, mode: str, concurrency: int, warmup: float, duration: float, calls: int) -> dict[str, float]:
+    """Reference for the blocking design: no reader thread, the caller reads its own response
+    (the floor of a "whoever waits reads" client: one socket, the codec, nothing else)."""
+    import socket as _socket
+
+    from octoproxy.frame import FrameDecoder, encode_request
+
+    assert mode == "latency"
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.connect(path)
+    dec = FrameDecoder()
+
+    def one(sid: int) -> None:
+        sock.sendall(encode_request(sid, "echo", "echo", BODY, timeout_ms=5000))
+        while (f := dec.next_frame()) is None:
+            dec.receive_data(sock.recv(65536))
+        assert bytes(f.body) == BODY
+
+    for i in range(200):
+        one(i + 1)
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(calls):
+        one(i + 1000)
+    result = {"us": (time.perf_counter() - start) / calls * 1e6, "cpu_us": (time.process_time() - cpu) / calls * 1e6}
+    sock.close()
+    return result
+
+
+WORKERS = {"trio": worker_trio, "asyncio": worker_asyncio, "blocking": worker_blocking, "inline": worker_inline}
 
 
 # ---------------------------------------------------------------- the harness
@@ -284,7 +317,7 @@ def main() -> int:
               f"{args.duration}s x {args.rounds} rounds", flush=True)
         cps: dict[str, list[float]] = {k: [] for k in ("trio", "asyncio", "blocking")}
         cps_cpu: dict[str, list[float]] = {k: [] for k in cps}
-        lat: dict[str, list[float]] = {k: [] for k in ("trio", "asyncio", "blocking")}
+        lat: dict[str, list[float]] = {k: [] for k in ("trio", "asyncio", "blocking", "inline")}
         lat_cpu: dict[str, list[float]] = {k: [] for k in lat}
         for r in range(args.rounds):
             for fe in ("trio", "asyncio", "blocking"):
@@ -292,7 +325,7 @@ def main() -> int:
                 cps[fe].append(v)
                 cps_cpu[fe].append(c)
                 print(f"round {r + 1}: {fe:9s} {v:9.0f} calls/s     (client CPU {c:6.1f} µs per call)", flush=True)
-            for fe in ("trio", "asyncio", "blocking"):
+            for fe in ("trio", "asyncio", "blocking", "inline"):
                 v, c = measure(path, fe, "latency", args, client_cpu)
                 lat[fe].append(v)
                 lat_cpu[fe].append(c)
@@ -304,6 +337,8 @@ def main() -> int:
         for fe in ("trio", "asyncio", "blocking"):
             print(f"{fe:10s} {med[fe]:9.0f} {med[fe] / med['trio']:7.2f}x {statistics.median(cps_cpu[fe]):19.1f} "
                   f"{mlat[fe]:20.1f} {statistics.median(lat_cpu[fe]):14.1f}")
+        print(f"{'(inline)':10s} {'':9s} {'':8s} {'':19s} {mlat['inline']:20.1f} {statistics.median(lat_cpu['inline']):14.1f}"
+              "   <- raw socket in the calling thread: the floor of a client without a reader thread")
         ok_cps = med["asyncio"] >= 0.8 * med["trio"]
         ok_lat = mlat["blocking"] <= mlat["asyncio"] + 50
         print(f"target asyncio calls/s within 20 % of trio: {'met' if ok_cps else 'NOT met'}; "

@@ -204,6 +204,9 @@ class TrioDriver:
     def client(self, path: str, **kw: Any) -> TrioClient:
         return TrioClient(self.loop, path, kw)
 
+    def subscribe(self, admin: str, services: list[str], **kw: Any) -> dict[str, int]:
+        return self.loop.run(lambda: sdk.subscribe(admin, services, **kw))
+
     def serve(self, path: str) -> Callable[[], None]:
         scope_box: list[trio.CancelScope] = []
 
@@ -287,6 +290,9 @@ class AsyncioDriver:
     def client(self, path: str, **kw: Any) -> AsyncioClient:
         return AsyncioClient(self.loop, path, kw)
 
+    def subscribe(self, admin: str, services: list[str], **kw: Any) -> dict[str, int]:
+        return asyncio.run_coroutine_threadsafe(aio.subscribe(admin, services, **kw), self.loop).result(60)
+
     def serve(self, path: str) -> Callable[[], None]:
         server = asyncio.run_coroutine_threadsafe(aio.start_server(path, asyncio_handler), self.loop).result(10)
         return lambda: asyncio.run_coroutine_threadsafe(server.aclose(), self.loop).result(10)
@@ -353,6 +359,9 @@ class BlockingDriver:
 
     def client(self, path: str, **kw: Any) -> BlockingClient:
         return BlockingClient(path, kw)
+
+    def subscribe(self, admin: str, services: list[str], **kw: Any) -> dict[str, int]:
+        return sync.subscribe(admin, services, **kw)
 
     def serve(self, path: str) -> Callable[[], None]:
         server = sync.start_server(path, thread_handler, workers=16)

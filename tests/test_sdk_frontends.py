@@ -308,6 +308,66 @@ def test_hot_restarts_under_load_fail_no_call(mesh: Mesh) -> None:
         client.close()
 
 
+# ---------------------------------------------------------------- discovery
+
+
+def test_subscribe_without_discovery_is_no_route(mesh: Mesh) -> None:
+    with pytest.raises(CallError) as info:
+        mesh.driver.subscribe(mesh.caller.addresses["admin"], ["echo"], timeout=2, retry_for=5)  # type: ignore[attr-defined]
+    assert info.value.status == Status.NO_ROUTE
+
+
+def test_subscribe_gives_up_when_no_proxy_answers(front_end: object) -> None:
+    start = time.monotonic()
+    with pytest.raises(CallError) as info:
+        front_end.subscribe(f"127.0.0.1:{free_port()}", ["echo"], timeout=1, retry_for=0.5)  # type: ignore[attr-defined]
+    assert info.value.status == Status.UNAVAILABLE and "no proxy answered" in info.value.message
+    assert time.monotonic() - start < 5
+
+
+def test_subscribe_waits_for_the_proxy_then_holds_the_service(front_end: object, sock_dir: Path) -> None:
+    """Started before its proxy (as an app next to it): retried until the proxy answers."""
+    cp_port, admin_port = free_port(), free_port()
+    cp = subprocess.Popen(
+        [sys.executable, "-m", "octoproxy", "control-plane", "--listen", f"127.0.0.1:{cp_port}", "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    cfg = sock_dir / "caller.toml"
+    cfg.write_text(
+        f"""
+[proxy]
+service = "caller-app"
+drain_time = 1.0
+shutdown_time = 2.0
+[outbound]
+uds = "{sock_dir}/caller.sock"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+[discovery]
+control_plane = ["ws://127.0.0.1:{cp_port}/v1/discovery"]
+subscribe_timeout = 3.0
+"""
+    )
+    proxies: list[Proxy] = []
+    try:
+        assert cp.stdout is not None and b"ready" in cp.stdout.readline()
+        timer = threading.Timer(0.5, lambda: proxies.append(start_proxy(cfg, sock_dir, "caller")))
+        timer.start()
+        try:
+            counts = front_end.subscribe(f"127.0.0.1:{admin_port}", ["svc", "svc"], timeout=3, retry_for=20)  # type: ignore[attr-defined]
+        finally:
+            timer.join()
+        assert counts == {"svc": 0}  # held as absent: nobody registered it yet
+    finally:
+        for p in proxies:
+            p.kill()
+        os.killpg(cp.pid, signal.SIGKILL)
+        cp.wait(10)
+        cp.stdout.close()  # type: ignore[union-attr]
+
+
 # ---------------------------------------------------------------- errors a new user can act on
 
 

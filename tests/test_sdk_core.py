@@ -5,6 +5,7 @@ for each decision the front ends delegate to them."""
 from __future__ import annotations
 
 import errno
+import pickle
 
 import pytest
 
@@ -227,6 +228,13 @@ def test_dial_failures(exc: OSError, no_proxy: bool, also: type[BaseException] |
         assert err.message.startswith(f"no octoproxy listening on {PATH} (is the proxy running? outbound.uds in its config)")
     else:
         assert err.message == f"cannot connect to {PATH}: Permission denied"
+
+
+def test_no_proxy_error_pickles_as_itself() -> None:
+    err = no_proxy_error(PATH, ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"))
+    back = pickle.loads(pickle.dumps(err))
+    assert isinstance(back, NoProxyError) and isinstance(back, ConnectionRefusedError)
+    assert (back.status, back.message, back.errno, back.path) == (err.status, err.message, errno.ECONNREFUSED, PATH)
 
 
 def test_calls_queued_behind_a_failed_dial_share_its_failure() -> None:

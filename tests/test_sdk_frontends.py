@@ -413,7 +413,10 @@ def test_no_proxy_one_line_from_a_script(sock_dir: Path) -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]
-    assert f"no octoproxy listening on {path}" in last and "outbound.uds" in last
+    assert last == (
+        f"octoproxy.sdk.NoProxyError: UNAVAILABLE: no octoproxy listening on {path} "
+        "(is the proxy running? outbound.uds in its config); cannot connect: No such file or directory"
+    )
 
 
 def test_example_caller_says_no_proxy_in_one_line(sock_dir: Path) -> None:

@@ -112,25 +112,42 @@ class NoProxyError(CallError, ConnectionError):
         path: the socket path that was dialled.
     """
 
+    __module__ = "octoproxy.sdk"  # a traceback's last line reads "octoproxy.sdk.NoProxyError: ..."
+
     def __init__(self, path: str, reason: str = "") -> None:
         message = f"no octoproxy listening on {path} (is the proxy running? outbound.uds in its config)"
         if reason:
             message += f"; cannot connect: {reason}"
         CallError.__init__(self, Status.UNAVAILABLE, message)
         self.path = path
+        self.reason = reason
         self.filename = path
         self.strerror = message
 
     def __repr__(self) -> str:
         return f"NoProxyError({self.message!r})"
 
+    def __reduce__(self) -> tuple[object, ...]:  # pickles (e.g. across a process pool) as what it is
+        return _rebuild_no_proxy, (self.path, self.reason, self.errno)
+
 
 class _NoSocketFile(NoProxyError, FileNotFoundError):
-    pass
+    __module__ = "octoproxy.sdk"
+    __qualname__ = "NoProxyError"
 
 
 class _Refused(NoProxyError, ConnectionRefusedError):
-    pass
+    __module__ = "octoproxy.sdk"
+    __qualname__ = "NoProxyError"
+
+
+_NO_PROXY_CLASSES: dict[int | None, type[NoProxyError]] = {_errno.ENOENT: _NoSocketFile, _errno.ECONNREFUSED: _Refused}
+
+
+def _rebuild_no_proxy(path: str, reason: str, errno: int | None) -> NoProxyError:
+    err = _NO_PROXY_CLASSES.get(errno, NoProxyError)(path, reason)
+    err.errno = errno
+    return err
 
 
 def no_proxy_error(path: str, exc: OSError) -> CallError:
@@ -139,10 +156,7 @@ def no_proxy_error(path: str, exc: OSError) -> CallError:
         return exc
     reason = exc.strerror or repr(exc)
     if exc.errno in _NO_PROXY_ERRNOS:
-        cls: type[NoProxyError] = {_errno.ENOENT: _NoSocketFile, _errno.ECONNREFUSED: _Refused}.get(exc.errno, NoProxyError)
-        err = cls(path, reason)
-        err.errno = exc.errno
-        return err
+        return _rebuild_no_proxy(path, reason, exc.errno)
     return CallError(Status.UNAVAILABLE, f"cannot connect to {path}: {reason}")
 
 

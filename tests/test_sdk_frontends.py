@@ -17,6 +17,7 @@ import errno
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -428,3 +429,67 @@ def test_example_caller_says_no_proxy_in_one_line(sock_dir: Path) -> None:
         f"UNAVAILABLE: no octoproxy listening on {path} (is the proxy running? outbound.uds in its config); "
         "cannot connect: No such file or directory"
     ]
+
+
+# ---------------------------------------------------------------- providers, seen from raw frames
+
+
+def raw_exchange(path: str, data: bytes, n: int, timeout: float = 10.0) -> list:  # type: ignore[type-arg]
+    """Send ``data`` on a fresh connection; return the first ``n`` frames that come back."""
+    from octoproxy.frame import FrameDecoder
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    dec = FrameDecoder()
+    out = []
+    try:
+        sock.sendall(data)
+        while len(out) < n:
+            while (f := dec.next_frame()) is not None:
+                out.append(f)
+            if len(out) >= n:
+                break
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            dec.receive_data(chunk)
+    finally:
+        sock.close()
+    return out
+
+
+def test_provider_answers_timeout_at_the_deadline(front_end: object, sock_dir: Path) -> None:
+    from octoproxy.frame import FrameType, encode_request
+
+    path = str(sock_dir / "p.sock")
+    stop = front_end.serve(path)  # type: ignore[attr-defined]
+    try:
+        start = time.monotonic()
+        (resp,) = raw_exchange(path, encode_request(7, "s", "sleep", b"1.0", timeout_ms=300), 1)
+        elapsed = time.monotonic() - start
+        assert (resp.type, resp.stream_id, resp.header.status) == (FrameType.RESPONSE, 7, Status.TIMEOUT)
+        if front_end.name == "blocking":  # type: ignore[attr-defined]
+            assert 0.9 < elapsed < 5  # a thread cannot be cancelled: answered when the handler returns
+        else:
+            assert 0.25 < elapsed < 0.9  # cancelled at the deadline
+    finally:
+        stop()
+
+
+def test_provider_refuses_a_malformed_request_then_goaway(front_end: object, sock_dir: Path) -> None:
+    from octoproxy.frame import FrameType, encode_frame, encode_request
+
+    path = str(sock_dir / "p.sock")
+    stop = front_end.serve(path)  # type: ignore[attr-defined]
+    try:
+        bad = encode_frame(FrameType.REQUEST, 5, b"\x0a\x01s\x12\x01m\x1a\x02\xff\xfe", b"")  # caller is not UTF-8
+        ping = encode_frame(FrameType.PING, 99)
+        frames_back = raw_exchange(path, ping + encode_request(1, "s", "sleep", b"0.3") + bad, 4)
+        kinds = [(f.type, f.stream_id) for f in frames_back]
+        # the request before the bad frame is still served, after the refusal and the GOAWAY
+        assert sorted(kinds) == sorted([(FrameType.PONG, 99), (FrameType.RESPONSE, 5), (FrameType.GOAWAY, 0), (FrameType.RESPONSE, 1)])
+        assert kinds.index((FrameType.GOAWAY, 0)) < kinds.index((FrameType.RESPONSE, 1))
+        assert frames_back[kinds.index((FrameType.RESPONSE, 5))].header.status == Status.PROTOCOL_ERROR
+    finally:
+        stop()

@@ -163,11 +163,15 @@ class Server:
         """Stop accepting, cancel running handlers, close every connection."""
         if self._server is not None:
             self._server.close()
+        tasks: list[asyncio.Task[None]] = []
         for conn in list(self.connections):
-            for task in list(conn.tasks):
+            tasks += conn.tasks
+            for task in conn.tasks:
                 task.cancel()
             if conn.transport is not None:
                 conn.transport.abort()
+        if tasks:  # let them finish unwinding (no "Task was destroyed but it is pending")
+            await asyncio.wait(tasks, timeout=5.0)
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -76,8 +76,8 @@ class _ServerConnection:
                         return
                 out = core.data_to_send()
                 if core.error is not None:
-                    self._wait_idle()  # running handlers write their responses first
-                    self.write(out)  # a refusal and the GOAWAY
+                    self.write(out)  # a refusal and the GOAWAY, at once: the peer stops sending
+                    self._wait_idle()  # running handlers still write the responses we owe
                     self._drain()
                     break
                 self.write(out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -207,7 +208,7 @@ class TrioDriver:
     def subscribe(self, admin: str, services: list[str], **kw: Any) -> dict[str, int]:
         return self.loop.run(lambda: sdk.subscribe(admin, services, **kw))
 
-    def serve(self, path: str) -> Callable[[], None]:
+    def serve(self, path: str, **kw: Any) -> Callable[[], None]:
         scope_box: list[trio.CancelScope] = []
 
         async def start() -> None:
@@ -215,7 +216,7 @@ class TrioDriver:
                 with trio.CancelScope() as scope:
                     scope_box.append(scope)
                     async with trio.open_nursery() as n:
-                        await n.start(sdk.serve, path, trio_handler)
+                        await n.start(functools.partial(sdk.serve, path, trio_handler, **kw))
                         task_status.started()
 
             assert self.loop.nursery is not None
@@ -293,8 +294,8 @@ class AsyncioDriver:
     def subscribe(self, admin: str, services: list[str], **kw: Any) -> dict[str, int]:
         return asyncio.run_coroutine_threadsafe(aio.subscribe(admin, services, **kw), self.loop).result(60)
 
-    def serve(self, path: str) -> Callable[[], None]:
-        server = asyncio.run_coroutine_threadsafe(aio.start_server(path, asyncio_handler), self.loop).result(10)
+    def serve(self, path: str, **kw: Any) -> Callable[[], None]:
+        server = asyncio.run_coroutine_threadsafe(aio.start_server(path, asyncio_handler, **kw), self.loop).result(10)
         return lambda: asyncio.run_coroutine_threadsafe(server.aclose(), self.loop).result(10)
 
     def close(self) -> None:
@@ -363,8 +364,8 @@ class BlockingDriver:
     def subscribe(self, admin: str, services: list[str], **kw: Any) -> dict[str, int]:
         return sync.subscribe(admin, services, **kw)
 
-    def serve(self, path: str) -> Callable[[], None]:
-        server = sync.start_server(path, thread_handler, workers=16)
+    def serve(self, path: str, **kw: Any) -> Callable[[], None]:
+        server = sync.start_server(path, thread_handler, **{"workers": 16, **kw})
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
 

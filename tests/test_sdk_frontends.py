@@ -493,3 +493,20 @@ def test_provider_refuses_a_malformed_request_then_goaway(front_end: object, soc
         assert frames_back[kinds.index((FrameType.RESPONSE, 5))].header.status == Status.PROTOCOL_ERROR
     finally:
         stop()
+
+
+def test_provider_max_concurrency_bounds_running_handlers(front_end: object, sock_dir: Path) -> None:
+    path = str(sock_dir / "p.sock")
+    stop = front_end.serve(path, max_concurrency=2)  # type: ignore[attr-defined]
+    try:
+        client = front_end.client(path)  # type: ignore[attr-defined]
+        try:
+            start = time.monotonic()
+            got = client.call_many([("s", "sleep", b"0.3")] * 6, timeout=10)
+            elapsed = time.monotonic() - start
+        finally:
+            client.close()
+        assert got == [b"slept"] * 6
+        assert 0.85 < elapsed < 5  # three waves of two
+    finally:
+        stop()

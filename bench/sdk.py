@@ -272,6 +272,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=32, help="callers in flight (tasks or threads)")
     ap.add_argument("--latency-calls", type=int, default=3000)
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the proxy and the client to CPUs")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=["cps", "latency"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -283,7 +284,7 @@ def main() -> int:
     import octoproxy
     from octoproxy import frame
 
-    two_cpus = len(os.sched_getaffinity(0)) >= 2
+    two_cpus = len(os.sched_getaffinity(0)) >= 2 and not args.no_pin
     proxy_cpu, client_cpu = (0, 1) if two_cpus else (None, None)
     d = Path(tempfile.mkdtemp(prefix="octo-bsdk-", dir="/tmp"))
     procs: list[subprocess.Popen[bytes]] = []

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -510,3 +510,122 @@ def test_provider_max_concurrency_bounds_running_handlers(front_end: object, soc
         assert 0.85 < elapsed < 5  # three waves of two
     finally:
         stop()
+
+
+# ---------------------------------------------------------------- hot restart and GOAWAY against fakes (deterministic)
+
+
+class FakeProxies:
+    """A Unix listener whose first connection is the old, draining proxy and whose
+    later connections are the new one (it echoes, prefixed ``new:``).
+
+    On the old connection a request with method ``in-flight`` is held (answer it
+    with :meth:`answer_held`); any other request gets ``on_new_request``: a
+    HOT_RESTART answer, or nothing.
+    """
+
+    def __init__(self, path: str, hot_restart_new_requests: bool) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.hot_restart_new_requests = hot_restart_new_requests
+        self.held: list[int] = []
+        self.old: socket.socket | None = None
+        self.old_got_new_requests = 0
+        self.served_new: list[bytes] = []
+        self.old_closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        first = True
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if first:
+                self.old = conn
+            threading.Thread(target=self._serve, args=(conn, first), daemon=True).start()
+            first = False
+
+    def _serve(self, conn: socket.socket, old: bool) -> None:
+        from octoproxy.frame import Flags, FrameDecoder, FrameType, encode_response
+
+        dec = FrameDecoder()
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                dec.receive_data(data)
+                while (f := dec.next_frame()) is not None:
+                    if f.type != FrameType.REQUEST:
+                        continue
+                    if not old:
+                        self.served_new.append(bytes(f.body))
+                        conn.sendall(encode_response(f.stream_id, b"new:" + bytes(f.body)))
+                    elif f.method == "in-flight":
+                        self.held.append(f.stream_id)
+                    else:
+                        self.old_got_new_requests += 1
+                        if self.hot_restart_new_requests:
+                            conn.sendall(encode_response(f.stream_id, flags=Flags.HOT_RESTART, status=Status.UNAVAILABLE))
+        if old:
+            self.old_closed.set()
+
+    def send_old(self, data: bytes) -> None:
+        assert self.old is not None
+        self.old.sendall(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _wait(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["hot-restart-answer", "goaway"])
+def test_draining_proxy_new_calls_move_in_flight_calls_finish(front_end: object, sock_dir: Path, how: str) -> None:
+    """The old proxy answers new requests HOT_RESTART (resent on a new connection), or
+    sends GOAWAY (new calls go to a new connection); the call in flight on the old
+    connection still gets its answer there, and then the client closes it."""
+    from octoproxy.frame import FrameType, encode_frame, encode_header, encode_response
+
+    path = str(sock_dir / "p.sock")
+    fake = FakeProxies(path, hot_restart_new_requests=how == "hot-restart-answer")
+    client = front_end.client(path)  # type: ignore[attr-defined]
+    try:
+        results: list[object] = []
+        in_flight = threading.Thread(target=lambda: results.append(client.call("s", "in-flight", b"A", timeout=10)))
+        in_flight.start()
+        _wait(lambda: bool(fake.held))
+        if how == "goaway":
+            fake.send_old(encode_frame(FrameType.GOAWAY, 0, encode_header(error="hot restart")))
+            time.sleep(0.2)  # let the client read it
+        assert client.call("s", "new", b"B", timeout=5) == b"new:B"
+        assert client.connections_opened == 2
+        if how == "goaway":
+            assert client.resends == 0 and fake.old_got_new_requests == 0  # nothing new was sent on the old one
+        else:
+            assert client.resends == 1 and fake.old_got_new_requests == 1
+        assert not fake.old_closed.is_set()  # A is still outstanding there
+        fake.send_old(encode_response(fake.held[0], b"old:A"))
+        in_flight.join(10)
+        assert results == [b"old:A"]
+        assert fake.old_closed.wait(5)  # drained: the client closed it
+        assert client.call("s", "new", b"C", timeout=5) == b"new:C"
+        assert fake.served_new == [b"B", b"C"] and client.connections_opened == 2
+    finally:
+        client.close()
+        fake.close()

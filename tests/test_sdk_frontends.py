@@ -420,17 +420,6 @@ def test_no_proxy_one_line_from_a_script(sock_dir: Path) -> None:
     )
 
 
-def test_example_caller_says_no_proxy_in_one_line(sock_dir: Path) -> None:
-    path = sock_dir / "caller-outbound.sock"
-    caller = Path(__file__).resolve().parent.parent / "examples" / "caller.py"
-    p = subprocess.run([sys.executable, str(caller), str(path), "--wait", "0.2"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [
-        f"UNAVAILABLE: no octoproxy listening on {path} (is the proxy running? outbound.uds in its config); "
-        "cannot connect: No such file or directory"
-    ]
-
-
 # ---------------------------------------------------------------- providers, seen from raw frames
 
 

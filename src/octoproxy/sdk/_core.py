@@ -122,7 +122,7 @@ class NoProxyError(CallError, ConnectionError):
         self.path = path
         self.reason = reason
         self.filename = path
-        self.strerror = message
+        self.strerror = reason or message  # as an OSError: the dial's own text
 
     def __repr__(self) -> str:
         return f"NoProxyError({self.message!r})"

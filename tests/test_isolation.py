@@ -327,16 +327,17 @@ async def test_closed_connection_is_freed_by_refcount() -> None:
         flusher = Flusher(engine)
         a, b = socket.socketpair()
         link = Link(DOWNSTREAM, "x", listener="outbound")
-        conn = Conn(a, link, flusher, max_buffer=1 << 20)
-        assert conn.big is None and conn.rest == b""  # nothing allocated per connection at accept
-        ref = weakref.ref(conn)
         async with trio.open_nursery() as n:
-            n.start_soon(conn.writer)
+            conn = Conn(a, link, flusher, max_buffer=1 << 20, spawn=n.start_soon)
+            assert conn.big is None and conn.rest == b""  # nothing allocated per connection at accept
+            ref = weakref.ref(conn)
             n.start_soon(conn.reader)
             await trio.sleep(0.01)
+            b.sendall(encode_request(1, "nobody", "m") + encode_request(2, "nobody", "m")[:10])  # a frame and the start of another
+            await trio.sleep(0.05)
+            assert conn.rest and conn.big is None
             b.close()
-            await conn.closed_event.wait()
-            n.cancel_scope.cancel()
+        assert conn.closed
         del conn, link, n
         assert ref() is None
     finally:

@@ -50,6 +50,8 @@ SHARED_RECEIVE_BUFFER = 256 * 1024
 SMALL_FRAME = 64 * 1024
 _EMPTY = b""
 _NOTHING: list[Link] = []
+_DONE = trio.Event()
+_DONE.set()
 
 
 class Budget:
@@ -95,11 +97,23 @@ class Conn:
 
     __slots__ = (
         "sock", "link", "engine", "flusher", "scanner", "rest", "big", "big_fill", "big_charge", "skip", "started",
-        "blocked", "wake", "drained", "max_buffer", "out_charge", "low_event", "closed_event", "on_close", "_closing",
-        "linger", "last_active", "__weakref__",
+        "blocked", "spawn", "writing", "wake", "drained", "max_buffer", "out_charge", "low_event", "on_close",
+        "_closing", "linger", "last_active", "__weakref__",
     )  # fmt: skip
 
-    def __init__(self, sock: socket.socket, link: Link, flusher: Flusher, *, max_buffer: int, on_close: Callable[[Conn], None] | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        link: Link,
+        flusher: Flusher,
+        *,
+        max_buffer: int,
+        on_close: Callable[[Conn], None] | None = None,
+        spawn: Callable[..., object] | None = None,
+    ) -> None:
+        """``spawn`` (a nursery's ``start_soon``) starts a writer task on each
+        partial send, so an idle connection has no writer task; without it,
+        run :meth:`writer` alongside :meth:`reader`."""
         sock.setblocking(False)
         self.sock = sock
         self.link = link
@@ -119,9 +133,11 @@ class Conn:
         self.started = 0.0
         #: a partial send happened: the writer task owns the output until it drains
         self.blocked = False
-        self.wake = trio.Event()
-        self.drained = trio.Event()
-        self.drained.set()
+        self.spawn = spawn
+        self.writing = False
+        self.wake: trio.Event | None = None if spawn is not None else trio.Event()
+        #: set once the output is drained (shared, already set, while nothing waits)
+        self.drained = _DONE
         #: output bytes above which this link counts as full (downstream: the
         #: reader is paused and the excess is charged to the budget; upstream:
         #: its writers are paused)
@@ -129,7 +145,6 @@ class Conn:
         self.out_charge = 0
         #: set when the output falls to half of ``max_buffer`` (made on demand)
         self.low_event: trio.Event | None = None
-        self.closed_event = trio.Event()
         self.on_close = on_close
         self._closing = False
         #: after a protocol error: how long to wait for responses still owed
@@ -165,7 +180,12 @@ class Conn:
             return
         self.blocked = True
         self.drained = trio.Event()
-        self.wake.set()
+        if self.spawn is not None:
+            if not self.writing:
+                self.writing = True
+                self.spawn(self._write_out)
+        elif self.wake is not None:
+            self.wake.set()
 
     def _charge(self) -> bool:
         """Charge the output above ``max_buffer`` to the budget; cut the connection off if it does not fit."""
@@ -187,39 +207,55 @@ class Conn:
         self.lost("not reading: " + why)
 
     async def writer(self) -> None:
-        """Drain the output buffer whenever a non-blocking send was partial."""
-        timeout = self.flusher.budget.frame_timeout
+        """Without ``spawn``: drain the output buffer whenever a non-blocking send was partial."""
+        assert self.wake is not None
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
-            out = self.link.out
-            while out and not self._closing:
-                try:
-                    # the peer must take some of what is queued in time
-                    with trio.move_on_after(timeout) as scope:
-                        await trio.lowlevel.wait_writable(self.sock)
-                except trio.ClosedResourceError:
-                    return
-                if scope.cancelled_caught:
-                    self._cut_off(f"took none of {len(out)} queued bytes in {timeout:g}s")
-                    return
-                try:
-                    n = self.sock.send(out)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    self.lost(f"send failed: {exc.strerror or exc}")
-                    return
-                del out[:n]
-                if self.out_charge:
-                    self._charge()
-                if self.low_event is not None and len(out) <= self.max_buffer // 2:
-                    self.low_event.set()
-                    self.low_event = None
-            self.blocked = False
-            self.drained.set()
-            if self._closing:
+            if await self._drain_out():
                 return
+
+    async def _write_out(self) -> None:
+        """With ``spawn``: one writer task per partial send, until the output is drained."""
+        try:
+            await self._drain_out()
+        finally:
+            self.writing = False
+
+    async def _drain_out(self) -> bool:
+        """Send the queue as the socket takes it; True when the connection is closing."""
+        timeout = self.flusher.budget.frame_timeout
+        out = self.link.out
+        while out and not self._closing:
+            try:
+                # the peer must take some of what is queued in time
+                with trio.move_on_after(timeout) as scope:
+                    await trio.lowlevel.wait_writable(self.sock)
+            except trio.ClosedResourceError:
+                return True
+            if scope.cancelled_caught:
+                self._cut_off(f"took none of {len(out)} queued bytes in {timeout:g}s")
+                return True
+            try:
+                n = self.sock.send(out)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self.lost(f"send failed: {exc.strerror or exc}")
+                return True
+            del out[:n]
+            if self.out_charge:
+                self._charge()
+            if self.low_event is not None and len(out) <= self.max_buffer // 2:
+                self.low_event.set()
+                self.low_event = None
+        self.blocked = False
+        self.drained.set()
+        return self._closing
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
 
     def full(self) -> bool:
         """More than ``max_buffer`` queued: whoever writes to this link should wait."""
@@ -364,7 +400,8 @@ class Conn:
         self.big_charge = self.out_charge = 0
         self.big = None
         self.rest = _EMPTY
-        self.wake.set()
+        if self.wake is not None:
+            self.wake.set()
         self.drained.set()
         if self.low_event is not None:
             self.low_event.set()
@@ -378,7 +415,6 @@ class Conn:
         link.io = None
         link.on_idle = None
         link.on_goaway = None
-        self.closed_event.set()
         if self.on_close is not None:
             self.on_close(self)
 

@@ -18,6 +18,7 @@ left UNAVAILABLE, then cancels the tree.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -312,7 +313,7 @@ class Proxy:
                 link.reject = True
                 self.stats.error("connection_limit")
                 log.warning("%s: connection limit %d reached, none idle; answering OVERLOADED on %s", name, max_conns, link.name)
-            conn = Conn(sock, link, self.flusher, max_buffer=max_buffer)
+            conn = Conn(sock, link, self.flusher, max_buffer=max_buffer, spawn=self._conn_nursery.start_soon)
             self._conn_nursery.start_soon(self._serve_downstream, conn)
 
     def _log_accept_error(self, name: str, exc: OSError) -> None:
@@ -394,10 +395,8 @@ class Proxy:
             conn.lost("closed")
 
     async def _run_conn(self, conn: Conn) -> None:
-        async with trio.open_nursery() as n:
-            n.start_soon(conn.writer)
-            await conn.reader()
-            n.cancel_scope.cancel()
+        # one task per connection: its writer is started only on a partial send
+        await conn.reader()
 
     # ------------------------------------------------------------ upstream pools
 
@@ -488,7 +487,7 @@ class Proxy:
                 # this, last_rx = 0.0 on Trio's clock makes the pinger ping it at
                 # once and close it ping_timeout later if the peer is slow
                 link.last_rx = trio.current_time()
-                conn = Conn(sock, link, self.flusher, max_buffer=self.budget.high_water)
+                conn = Conn(sock, link, self.flusher, max_buffer=self.budget.high_water, spawn=self._pool_nursery.start_soon)
                 link.on_idle = lambda _link, c=conn: c.lost("drained after GOAWAY")
                 replace = trio.Event()
 
@@ -571,8 +570,11 @@ class Proxy:
                 conn.lost(f"frame not complete within {frame_timeout:g}s")
             self.flusher.flush()
             if budget.closes >= 32 and now - last_trim >= 2.0:
+                # after a burst of closes: collect what trio's per-task cycles
+                # still hold, then give the freed pages back to the system
                 budget.closes = 0
                 last_trim = now
+                gc.collect()
                 trim_memory()
 
     async def _pinger(self) -> None:

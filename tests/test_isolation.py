@@ -342,3 +342,35 @@ async def test_closed_connection_is_freed_by_refcount() -> None:
         assert ref() is None
     finally:
         gc.enable()
+
+
+async def test_admin_listener_bounds_its_connections() -> None:
+    """Idle admin connections beyond admin.max_connections get 503 at once; the slots come back as they close."""
+    with trio.fail_after(30), short_tmpdir() as d:
+        toml = f"""
+[proxy]
+service = "x"
+[outbound]
+uds = "{d}/out.sock"
+[admin]
+listen = "127.0.0.1:0"
+max_connections = 4
+"""
+        async with proxy(d, "proxy", toml) as p:
+            host, port = p.admin.rsplit(":", 1)
+            idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
+            await trio.sleep(0.3)
+            extra = socket.create_connection((host, int(port)), timeout=5)
+            reply = await trio.to_thread.run_sync(extra.recv, 200)
+            assert reply.startswith(b"HTTP/1.1 503"), reply
+            extra.close()
+            for s in idle:
+                s.close()
+            with trio.fail_after(5):
+                while True:
+                    try:
+                        if (await p.get("/healthz"))[0] == 200:
+                            break
+                    except OSError:
+                        pass
+                    await trio.sleep(0.1)

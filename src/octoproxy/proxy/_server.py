@@ -139,8 +139,8 @@ class Proxy:
         #: data connections allowed by the fd limit (set in run(); see _fd_room)
         self._fd_base = 0
         self._fd_limit = 1 << 30
-        self._accept_errors = 0
-        self._accept_logged = -1e9
+        #: rate-limited log lines: kind -> (last logged, left out since)
+        self._log_state: dict[str, tuple[float, int]] = {}
         self.discovery: Discovery | None = None
         if config.discovery is not None:
             # imported here: it brings the control plane's client and WebSocket
@@ -307,8 +307,10 @@ class Proxy:
             # out of connection slots or of fds: make room by shedding the
             # oldest idle connection (overload mode), not by refusing this one
             full = len(self.conns[name]) >= max_conns
-            if (full or not self._fd_room()) and self._shed_idle(name if full else None):
+            no_fds = not self._fd_room()
+            while (full or no_fds) and self._shed_idle(None if no_fds else name):
                 full = len(self.conns[name]) >= max_conns
+                no_fds = not self._fd_room()
             try:
                 sock, _addr = lsock.accept()
             except BlockingIOError:
@@ -316,7 +318,9 @@ class Proxy:
             except OSError as exc:
                 if is_transient_accept_error(exc):
                     self.stats.error("accept_failed")
-                    self._log_accept_error(name, exc)
+                    self._log_limited(
+                        "accept", logging.ERROR, "accept on %s failed: %s; shedding idle connections, backing off", name, exc.strerror or exc
+                    )
                     if not self._shed_idle(None):
                         await trio.sleep(0.1)
                     continue
@@ -325,26 +329,26 @@ class Proxy:
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             link = Link(DOWNSTREAM, f"{name}#{int(accepted.value)}", listener=name)
-            if full:
+            if full or no_fds:
                 link.reject = True
                 self.stats.error("connection_limit")
-                log.warning("%s: connection limit %d reached, none idle; answering OVERLOADED on %s", name, max_conns, link.name)
+                why = f"connection limit {max_conns}" if full else f"file descriptor limit (fd_reserve {cfg.proxy.fd_reserve} kept free)"
+                self._log_limited("limit", logging.WARNING, "%s: %s reached, none idle; answering OVERLOADED on %s", name, why, link.name)
             conn = Conn(sock, link, self.flusher, max_buffer=max_buffer, spawn=self._conn_nursery.start_soon)
+            self.conns[name].add(conn)  # counted at once: the limits above see it before its task runs
             self._conn_nursery.start_soon(self._serve_downstream, conn)
 
-    def _log_accept_error(self, name: str, exc: OSError) -> None:
-        """One log line per 10 s at most for a run of accept failures (EMFILE and the like)."""
-        self._accept_errors += 1
+    def _log_limited(self, kind: str, level: int, msg: str, *args: object) -> None:
+        """Log one line per ``kind`` per 10 s at most, with how many were left out (accept failures, refusals)."""
         now = trio.current_time()
-        if now - self._accept_logged >= 10.0:
-            log.error(
-                "accept on %s failed: %s (%d failures since the last report); shedding idle connections, backing off",
-                name,
-                exc.strerror or exc,
-                self._accept_errors,
-            )
-            self._accept_logged = now
-            self._accept_errors = 0
+        last, skipped = self._log_state.get(kind, (-1e9, 0))
+        if now - last < 10.0:
+            self._log_state[kind] = (last, skipped + 1)
+            return
+        if skipped:
+            msg += f" ({skipped} more like this in the last 10 s)"
+        log.log(level, msg, *args)
+        self._log_state[kind] = (now, 0)
 
     def _set_fd_limit(self) -> None:
         """Leave ``proxy.fd_reserve`` fds below RLIMIT_NOFILE for admin, hot restart and upstreams."""

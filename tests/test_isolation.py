@@ -27,7 +27,7 @@ from e2e import Proc, caller_toml, free_port, provider, provider_toml, proxy, sh
 from octoproxy import FrameType, Status, sdk
 from octoproxy.frame import FrameDecoder, encode_request
 from octoproxy.proxy._engine import DOWNSTREAM, Engine, Link
-from octoproxy.proxy._io import Conn, Flusher
+from octoproxy.proxy._io import Budget, Conn, Flusher
 
 pytestmark = pytest.mark.e2e
 
@@ -374,3 +374,61 @@ max_connections = 4
                     except OSError:
                         pass
                     await trio.sleep(0.1)
+
+
+async def test_frame_over_budget_is_refused_and_skipped_connection_stays() -> None:
+    """A frame the budget cannot take: OVERLOADED for that request, its bytes skipped, the next request served."""
+    engine = Engine()
+    flusher = Flusher(engine, Budget(total=128 * 1024, per_connection=64 * 1024))
+    a, b = socket.socketpair()
+    link = Link(DOWNSTREAM, "x", listener="outbound")
+    big = encode_request(1, "svc", "m", bytes(300 * 1024))
+    async with trio.open_nursery() as n:
+        conn = Conn(a, link, flusher, max_buffer=1 << 20, spawn=n.start_soon)
+        n.start_soon(conn.reader)
+
+        def send() -> None:
+            b.sendall(big + encode_request(2, "nobody", "m"))
+
+        await trio.to_thread.run_sync(send)
+        b.settimeout(5)
+        got = await trio.to_thread.run_sync(_read_n, b, 2)
+        assert [(f.stream_id, f.header.status) for f in got] == [(1, Status.OVERLOADED), (2, Status.NO_ROUTE)]
+        assert "memory budget" in got[0].header.error
+        assert not conn.closed and conn.big is None and conn.skip == 0 and flusher.budget.used == 0
+        b.close()
+    assert engine.stats.error_count("frame_over_budget") == 1
+
+
+def _read_n(s: socket.socket, n: int) -> list:
+    dec = FrameDecoder()
+    out: list = []
+    while len(out) < n:
+        data = s.recv(1 << 16)
+        if not data:
+            break
+        dec.receive_data(data)
+        out.extend(dec)
+    return out
+
+
+async def test_big_frame_within_budget_is_relayed_and_released() -> None:
+    """A frame larger than the per-connection limit but within the budget is buffered, relayed, and its charge returned."""
+    engine = Engine()
+    flusher = Flusher(engine, Budget(total=1 << 20, per_connection=64 * 1024))
+    a, b = socket.socketpair()
+    link = Link(DOWNSTREAM, "x", listener="outbound")
+    big = encode_request(1, "nobody", "m", bytes(300 * 1024))
+    async with trio.open_nursery() as n:
+        conn = Conn(a, link, flusher, max_buffer=1 << 20, spawn=n.start_soon)
+        n.start_soon(conn.reader)
+        half = len(big) // 2
+        b.sendall(big[:half])
+        await trio.sleep(0.1)
+        assert conn.big is not None and flusher.budget.used == len(big) and conn.started
+        b.sendall(big[half:])
+        b.settimeout(5)
+        (resp,) = await trio.to_thread.run_sync(_read_n, b, 1)
+        assert resp.stream_id == 1 and resp.header.status == Status.NO_ROUTE
+        assert conn.big is None and flusher.budget.used == 0 and not conn.started
+        b.close()

@@ -354,9 +354,10 @@ class Conn:
                 # back-pressure per destination: wait for the upstream links
                 # this read filled up, and for our own unread responses
                 for up in touched:
-                    if up.kind == UPSTREAM and up.io is not None and up.io.full():
-                        await up.io.wait_low()
-                if self.full():
+                    io = up.io
+                    if io is not None and len(up.out) > io.max_buffer and up.kind == UPSTREAM:
+                        await io.wait_low()
+                if len(link.out) > self.max_buffer:
                     await self.wait_low()
 
     def _keep_rest(self, buf: bytearray, consumed: int, fill: int, now: float) -> None:

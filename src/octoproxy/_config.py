@@ -506,7 +506,9 @@ class DiscoveryConfig:
     )
     lb: str = _opt(_choice(BALANCERS), "round_robin", "Load-balancing policy of discovered clusters.")
     route_timeout: float | None = _optional(
-        _POSITIVE, "Request deadline cap of discovered routes.", default_doc="`upstream.default_timeout`"
+        _POSITIVE,
+        "Request deadline cap of discovered routes (and their deadline when the frame gives none).",
+        default_doc="no cap; `upstream.default_timeout` when the frame gives none",
     )
     register: bool = _opt(_BOOL, True, "With `[inbound]`: register the local app's endpoint once its UDS answers.")
     advertise: str = _opt(_STR, "", "Address registered for this proxy's inbound side; default `inbound.listen`.")

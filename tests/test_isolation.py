@@ -432,3 +432,25 @@ async def test_big_frame_within_budget_is_relayed_and_released() -> None:
         assert resp.stream_id == 1 and resp.header.status == Status.NO_ROUTE
         assert conn.big is None and flusher.budget.used == 0 and not conn.started
         b.close()
+
+
+async def test_trickled_frame_gets_its_own_buffer() -> None:
+    """A frame trickled in small pieces is copied at most CARRY_LIMIT bytes per read, then read in place."""
+    engine = Engine()
+    flusher = Flusher(engine)
+    a, b = socket.socketpair()
+    link = Link(DOWNSTREAM, "x", listener="outbound")
+    frame = encode_request(1, "nobody", "m", bytes(20000))
+    async with trio.open_nursery() as n:
+        conn = Conn(a, link, flusher, max_buffer=1 << 20, spawn=n.start_soon)
+        n.start_soon(conn.reader)
+        for i in range(0, 6000, 1000):
+            b.sendall(frame[i : i + 1000])
+            await trio.sleep(0.01)
+        assert conn.big is not None and len(conn.big) == len(frame) and len(conn.rest) == 0
+        b.sendall(frame[6000:])
+        b.settimeout(5)
+        (resp,) = await trio.to_thread.run_sync(_read_n, b, 1)
+        assert resp.stream_id == 1 and resp.header.status == Status.NO_ROUTE
+        assert conn.big is None
+        b.close()

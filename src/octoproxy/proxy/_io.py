@@ -45,9 +45,13 @@ __all__ = ["Budget", "Conn", "Flusher", "trim_memory", "tune_malloc"]
 
 #: the receive buffer shared by every connection of a proxy
 SHARED_RECEIVE_BUFFER = 256 * 1024
-#: an incomplete frame up to this size is carried between reads as bytes;
-#: a larger one gets a buffer of its own, of exactly its size
+#: an incomplete frame up to this size is carried between reads as bytes
+#: (copied in front of the next read) while its received part is at most
+#: CARRY_LIMIT; otherwise it gets a buffer of its own, of exactly its size, so
+#: that a peer trickling a frame byte by byte never costs more than
+#: CARRY_LIMIT of copying per read
 SMALL_FRAME = 64 * 1024
+CARRY_LIMIT = 4096
 _EMPTY = b""
 _NOTHING: list[Link] = []
 _DONE = trio.Event()
@@ -366,7 +370,7 @@ class Conn:
             self.started = now  # a new frame began
         rest = fill - consumed
         size = self.scanner.next_size
-        if size <= SMALL_FRAME or rest < PREFIX_SIZE:
+        if rest < PREFIX_SIZE or not size or (size <= SMALL_FRAME and rest <= CARRY_LIMIT):
             self.rest = bytes(buf[consumed:fill])
             return
         self.rest = _EMPTY

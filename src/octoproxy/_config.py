@@ -326,7 +326,10 @@ def _dump_table(obj: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 _STR, _NAME, _POSITIVE = _string(), _string(nonempty=True), _seconds()
-_BUFFER_DOC = "Per-connection output buffer, in bytes, before a slow {} is cut off."
+_BUFFER_DOC = (
+    "Per-connection output buffer, in bytes: beyond it a {} is not read until it takes half of its queue, and the "
+    "excess is charged to `proxy.memory_budget`."
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -364,9 +367,8 @@ class ProxySettings:
     frame_timeout: float = _opt(
         _POSITIVE,
         30.0,
-        "A frame whose first bytes arrived must be complete within this time, and a connection with more than its "
-        "`max_buffer` queued must take some of it within this time; otherwise that connection alone is closed and its "
-        "buffers released.",
+        "A frame whose first bytes arrived must be complete within this time, and a connection with output queued "
+        "must take some of it within this time; otherwise that connection alone is closed and its buffers released.",
     )
     fd_reserve: int = _opt(
         _integer(0, 1 << 20),

@@ -401,3 +401,19 @@ def test_parked_requests_keep_their_first_park_time() -> None:
         c.connecting = 2
         e.expire(t + 0.05)
     assert frames(d)[0].header.status == Status.UNAVAILABLE
+
+
+def test_full_upstream_link_takes_no_new_request() -> None:
+    """Back-pressure per destination: a link over the high watermark is skipped, or the caller gets OVERLOADED."""
+    engine, (a, b) = make(links_per_endpoint=2, high_watermark=1000)
+    d = down()
+    a.out += bytes(2000)  # a is not taking what it has
+    feed(engine, d, b"".join(encode_request(i, "echo", "m") for i in range(4)))
+    assert len(frames(b)) == 4 and len(a.pending) == 0  # all went to b
+    a.out += bytes(2000)
+    b.out += bytes(2000)
+    feed(engine, d, encode_request(9, "echo", "m"))
+    (resp,) = frames(d)
+    assert resp.stream_id == 9 and resp.header.status == Status.OVERLOADED
+    assert "not taking requests" in resp.header.error
+    assert 'service="echo",method="m",status="OVERLOADED"} 1' in engine.stats.render()

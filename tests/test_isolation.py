@@ -103,7 +103,8 @@ endpoints = [ {{ address = "127.0.0.1:{other_port}" }} ]
 
 
 async def test_back_pressure_is_per_destination() -> None:
-    """With the echo provider stopped and a client pushing 400 x 64 KB at it, calls to another service keep flowing."""
+    """With the echo provider stopped and a client pushing 400 x 64 KB at it, calls to another service keep
+    flowing, on the very same SDK connection too; only the echo calls wait or get OVERLOADED, with a reason."""
     with trio.fail_after(90), short_tmpdir() as d:
         p1, p2 = free_port(), free_port()
         async with provider(d, d / "app1.sock", "app1"), provider(d, d / "app2.sock", "app2"):
@@ -112,40 +113,48 @@ async def test_back_pressure_is_per_destination() -> None:
                     async with proxy(d, "caller", two_service_caller_toml(d, p1, p2)) as cp:
                         for p in (echo_proxy, other_proxy, cp):
                             await wait_ready(p)
-                        async with sdk.open_client(d / "caller.sock") as pusher, sdk.open_client(d / "caller.sock") as good:
-                            assert await good.call("other", "echo", b"x") == b"x"
+                        async with sdk.open_client(d / "caller.sock") as shared, sdk.open_client(d / "caller.sock") as own:
+                            assert await shared.call("other", "echo", b"x") == b"x"
                             os.kill(echo_proxy.process.pid, signal.SIGSTOP)
                             try:
-                                pushed: list[Status] = []
+                                pushed: list[sdk.CallError] = []
                                 good_ok = 0
                                 good_failed: list[str] = []
                                 body = b"p" * 64000
 
                                 async def push() -> None:
                                     try:
-                                        await pusher.call("echo", "echo", body, timeout=4)
+                                        await shared.call("echo", "echo", body, timeout=4)
                                     except sdk.CallError as exc:
-                                        pushed.append(exc.status)
+                                        pushed.append(exc)
+
+                                async def good(client: sdk.Client, end: float) -> None:
+                                    nonlocal good_ok
+                                    while trio.current_time() < end:
+                                        try:
+                                            assert await client.call("other", "echo", b"y", timeout=1) == b"y"
+                                            good_ok += 1
+                                        except sdk.CallError as exc:
+                                            good_failed.append(repr(exc))
+                                        await trio.sleep(0.01)
 
                                 async with trio.open_nursery() as n:
                                     for _ in range(400):
                                         n.start_soon(push)
                                     await trio.sleep(0.2)
                                     end = trio.current_time() + 4.0
-                                    while trio.current_time() < end:
-                                        try:
-                                            assert await good.call("other", "echo", b"y", timeout=1) == b"y"
-                                            good_ok += 1
-                                        except sdk.CallError as exc:
-                                            good_failed.append(repr(exc))
-                                        await trio.sleep(0.01)
+                                    n.start_soon(good, shared, end)  # the pusher's own connection
+                                    n.start_soon(good, own, end)
                                 assert not good_failed, good_failed[:3]
                                 assert good_ok >= 50
-                                # only the callers of the stalled destination waited, and were told why
-                                assert pushed and set(pushed) <= {Status.TIMEOUT, Status.OVERLOADED}
+                                statuses = {exc.status for exc in pushed}
+                                assert statuses and statuses <= {Status.TIMEOUT, Status.OVERLOADED}, statuses
+                                overloaded = [exc for exc in pushed if exc.status == Status.OVERLOADED]
+                                assert overloaded and "not taking requests" in str(overloaded[0])
                             finally:
                                 os.kill(echo_proxy.process.pid, signal.SIGCONT)
-                            assert await good.call("other", "echo", b"z") == b"z"
+                            assert await shared.call("other", "echo", b"z") == b"z"
+                            assert await shared.call("echo", "echo", b"back") == b"back"
 
 
 def _partial_frame(size: int) -> bytes:

@@ -435,8 +435,8 @@ class UpstreamConfig:
     high_watermark: int = _opt(
         _integer(65536),
         4 * 1024 * 1024,
-        "Bytes queued on one upstream connection above which the connections that wrote to it are not read until it "
-        "drains below half of this (back-pressure per destination, as Envoy's watermarks).",
+        "Bytes queued on one upstream connection above which it takes no new request: another connection of the "
+        "cluster does, or the caller gets OVERLOADED (back-pressure per destination, as Envoy's watermarks).",
     )
 
 

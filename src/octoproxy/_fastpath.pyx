@@ -154,13 +154,14 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
     cdef bint inbound
     cdef double route_timeout = 0.0, max_timeout = 0.0
     cdef list route_clusters, route_timeouts, route_max_timeouts
-    cdef Py_ssize_t max_pending, stamp_len, max_size, off
+    cdef Py_ssize_t max_pending, stamp_len, max_size, off, high
     cdef const uchar* buf
     if down.reject or engine.drain_mode is not None:
         for i in range(n):
             engine.slow_request(down, scanner, i, mv, now)
         return
     inbound = down.listener == "inbound"
+    high = engine.high_watermark
     stamp_len = 0 if inbound else len(<bytes>engine.stamp)
     max_size = engine.max_frame_size - stamp_len
     route_clusters = engine._route_clusters
@@ -193,7 +194,7 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
                 engine.slow_request(down, scanner, i, mv, now)
                 continue
             up = cluster.pick()
-            if up is None:
+            if up is None or PyByteArray_GET_SIZE(<bytearray>up.out) > high:  # no link, or a full one
                 engine.slow_request(down, scanner, i, mv, now)
                 continue
             _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, max_timeout, False)

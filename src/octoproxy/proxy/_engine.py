@@ -210,6 +210,8 @@ class Engine:
         max_pending: requests in flight through this proxy; beyond, OVERLOADED.
         default_timeout: deadline of a request whose frame and route give none.
         inbound_max_timeout: cap on the deadline of requests from peers; 0: none.
+        high_watermark: bytes queued on an upstream link above which it takes
+            no new request: another link of the cluster does, or OVERLOADED.
         max_frame_size: largest frame accepted.
         stats: the metrics the engine updates.
     """
@@ -226,6 +228,7 @@ class Engine:
         stats: ProxyStats | None = None,
         park_timeout: float = 1.0,
         inbound_max_timeout: float = 0.0,
+        high_watermark: int = 4 << 20,
     ) -> None:
         #: how long a request may wait for a connection that is being established
         self.park_timeout = park_timeout
@@ -233,6 +236,7 @@ class Engine:
         self.max_pending = max_pending
         self.default_timeout = default_timeout
         self.inbound_max_timeout = inbound_max_timeout
+        self.high_watermark = high_watermark
         self.max_frame_size = max_frame_size
         self.stats = stats if stats is not None else ProxyStats()
         self.stamp = encode_header(caller=caller) if caller else b""
@@ -453,6 +457,21 @@ class Engine:
                     return
                 self._refuse(down, scanner, i, "unavailable", Status.UNAVAILABLE, f"no healthy endpoint in cluster {cluster.name!r}")
                 return
+            if len(up.out) > self.high_watermark:
+                # back-pressure per destination: this link is not taking what
+                # it has; another link of the cluster may, else the caller is told
+                other = self._least_queued(cluster)
+                if other is None:
+                    self._refuse(
+                        down,
+                        scanner,
+                        i,
+                        "overloaded",
+                        Status.OVERLOADED,
+                        f"cluster {cluster.name!r} is not taking requests: {len(up.out)} bytes queued on {up.name}",
+                    )
+                    return
+                up = other
             if oneway:
                 forward(self, down, up, scanner, i, mv, now, 0.0, 0.0, True)
             else:
@@ -468,6 +487,16 @@ class Engine:
         else:
             stats.error("unexpected_frame")
             log.info("unexpected %s frame from downstream %s dropped", FrameType(ftype).name, down.name)
+
+    def _least_queued(self, cluster: Cluster) -> Link | None:
+        """The cluster's link with the fewest requests pending among those under the high watermark."""
+        best: Link | None = None
+        high = self.high_watermark
+        for links in cluster.links.values():
+            for link in links:
+                if len(link.out) <= high and (best is None or len(link.pending) < len(best.pending)):
+                    best = link
+        return best
 
     def slow_response(self, up: Link, scanner: Scanner, i: int, mv: memoryview, now: float) -> None:
         """Everything about one frame from an upstream link that the fast path does not do."""

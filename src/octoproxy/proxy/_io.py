@@ -19,9 +19,12 @@ proxy-wide :class:`Budget` above ``connection_buffer_limit``. A frame that
 the budget cannot take is answered OVERLOADED and skipped as it arrives. An
 idle connection holds no buffer at all.
 
-Back-pressure is per destination: a downstream reader that wrote to an
-upstream link now above its high watermark waits until that link drains
-below its low watermark; readers that did not write to it go on.
+Back-pressure is per destination: the engine gives no new request to an
+upstream link above its high watermark (another link of the cluster takes
+it, or the caller gets OVERLOADED with the reason), so a stalled destination
+never stops a reader, and calls to other destinations on the same connection
+go on. A downstream connection that does not read its own responses is not
+read until it has taken half of them.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import trio
 
 from .._errors import RemoteProtocolError
 from .._protocol import PREFIX_SIZE
-from ._engine import DOWNSTREAM, UPSTREAM, Engine, Link
+from ._engine import DOWNSTREAM, Engine, Link
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -338,7 +341,7 @@ class Conn:
                         await trio.sleep(0.01)
                 await self.close_after_flush(f"protocol error: {exc}")
                 return
-            touched = flusher.flush()
+            flusher.flush()
             if link.inflight:
                 self.last_active = now
             if big is not None:  # the big frame is done: release it at once
@@ -354,15 +357,10 @@ class Conn:
                 self.started = 0.0
             else:
                 self._keep_rest(buf, consumed, fill, now)
-            if downstream:
-                # back-pressure per destination: wait for the upstream links
-                # this read filled up, and for our own unread responses
-                for up in touched:
-                    io = up.io
-                    if io is not None and len(up.out) > io.max_buffer and up.kind == UPSTREAM:
-                        await io.wait_low()
-                if len(link.out) > self.max_buffer:
-                    await self.wait_low()
+            if downstream and len(link.out) > self.max_buffer:
+                # a client that does not read its responses: read no more
+                # requests from it until it has taken half of them
+                await self.wait_low()
 
     def _keep_rest(self, buf: bytearray, consumed: int, fill: int, now: float) -> None:
         """Keep the incomplete frame at ``buf[consumed:fill]`` for the next reads."""

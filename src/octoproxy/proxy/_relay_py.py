@@ -102,6 +102,7 @@ def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryv
             engine.slow_request(down, scanner, i, mv, now)
         return
     inbound = down.listener == "inbound"
+    high = engine.high_watermark
     stamp_len = 0 if inbound else len(engine.stamp)
     max_size = engine.max_frame_size - stamp_len
     for i in range(n):
@@ -124,7 +125,7 @@ def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryv
             engine.slow_request(down, scanner, i, mv, now)
             continue
         up = cluster.pick()
-        if up is None:
+        if up is None or len(up.out) > high:  # no link, or a full one: the slow path says what to do
             engine.slow_request(down, scanner, i, mv, now)
             continue
         forward(engine, down, up, scanner, i, mv, now, route_timeout, max_timeout, False)

@@ -128,6 +128,7 @@ class Proxy:
             stats=self.stats,
             park_timeout=up.connect_timeout,
             inbound_max_timeout=(config.inbound.max_timeout or 0.0) if config.inbound is not None else 0.0,
+            high_watermark=up.high_watermark,
         )
         if config.inbound is not None:
             app = Cluster("local_app", "least_request", [Endpoint(f"unix:{config.inbound.app_uds}")])

@@ -407,12 +407,19 @@ def test_full_upstream_link_takes_no_new_request() -> None:
     """Back-pressure per destination: a link over the high watermark is skipped, or the caller gets OVERLOADED."""
     engine, (a, b) = make(links_per_endpoint=2, high_watermark=1000)
     d = down()
-    a.out += bytes(2000)  # a is not taking what it has
-    feed(engine, d, b"".join(encode_request(i, "echo", "m") for i in range(4)))
-    assert len(frames(b)) == 4 and len(a.pending) == 0  # all went to b
+    a.out += bytes(2000)  # over the high watermark, but it sent something 0.1 s ago: still taking
+    a.last_tx = 9.9
+    feed(engine, d, encode_request(1, "echo", "m"), now=10.0)
+    assert len(a.pending) + len(b.pending) == 1
+    a.out[:] = bytes(2000)
+    b.out.clear()
+    a.last_tx = 0.0  # a is not taking what it has: stalled for 10 s
+    before = len(a.pending)
+    feed(engine, d, b"".join(encode_request(i, "echo", "m") for i in range(4)), now=10.0)
+    assert len(frames(b)) == 4 and len(a.pending) == before  # all went to b
     a.out += bytes(2000)
     b.out += bytes(2000)
-    feed(engine, d, encode_request(9, "echo", "m"))
+    feed(engine, d, encode_request(9, "echo", "m"), now=10.0)
     (resp,) = frames(d)
     assert resp.stream_id == 9 and resp.header.status == Status.OVERLOADED
     assert "not taking requests" in resp.header.error

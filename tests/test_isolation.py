@@ -149,8 +149,9 @@ async def test_back_pressure_is_per_destination() -> None:
                                 assert good_ok >= 50
                                 statuses = {exc.status for exc in pushed}
                                 assert statuses and statuses <= {Status.TIMEOUT, Status.OVERLOADED}, statuses
+                                # (OVERLOADED once the link is stalled for 0.5 s or a frame beyond its high watermark)
                                 overloaded = [exc for exc in pushed if exc.status == Status.OVERLOADED]
-                                assert overloaded and "not taking requests" in str(overloaded[0])
+                                assert all("not taking requests" in str(exc) for exc in overloaded)
                             finally:
                                 os.kill(echo_proxy.process.pid, signal.SIGCONT)
                             assert await shared.call("other", "echo", b"z") == b"z"

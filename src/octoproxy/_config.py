@@ -435,8 +435,9 @@ class UpstreamConfig:
     high_watermark: int = _opt(
         _integer(65536),
         4 * 1024 * 1024,
-        "Bytes queued on one upstream connection above which it takes no new request: another connection of the "
-        "cluster does, or the caller gets OVERLOADED (back-pressure per destination, as Envoy's watermarks).",
+        "Bytes queued on one upstream connection above which, once it sends nothing for 0.5 s (or holds a whole "
+        "`max_frame_size` more), it takes no new request: another connection of the cluster does, or the caller gets "
+        "OVERLOADED (back-pressure per destination, as Envoy's watermarks).",
     )
 
 

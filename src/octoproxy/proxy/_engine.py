@@ -55,6 +55,9 @@ UPSTREAM = 1
 TIMER_BUCKETS_PER_SECOND = 100
 #: requests held per cluster while its connections are being re-established
 MAX_PARKED = 10000
+#: an upstream link over its high watermark that sent nothing for this long is
+#: "not taking requests" (a link that drains, e.g. a big frame, still takes them)
+STALLED_AFTER = 0.5
 
 _U64 = Struct(">Q")
 _U32 = Struct(">I")
@@ -86,6 +89,7 @@ class Link:
         "reject",
         "awaiting_pong",
         "last_rx",
+        "last_tx",
         "listener",
         "on_idle",
         "on_goaway",
@@ -112,6 +116,8 @@ class Link:
         self.reject = False
         self.awaiting_pong = 0
         self.last_rx = 0.0
+        #: the shell: when a send last made progress while output was queued
+        self.last_tx = 0.0
         self.listener = listener
         #: called by the engine when a draining link has nothing outstanding
         self.on_idle: Callable[[Link], None] | None = None
@@ -457,10 +463,10 @@ class Engine:
                     return
                 self._refuse(down, scanner, i, "unavailable", Status.UNAVAILABLE, f"no healthy endpoint in cluster {cluster.name!r}")
                 return
-            if len(up.out) > self.high_watermark:
+            if len(up.out) > self.high_watermark and self._not_taking(up, now):
                 # back-pressure per destination: this link is not taking what
                 # it has; another link of the cluster may, else the caller is told
-                other = self._least_queued(cluster)
+                other = self._least_queued(cluster, now)
                 if other is None:
                     self._refuse(
                         down,
@@ -488,13 +494,17 @@ class Engine:
             stats.error("unexpected_frame")
             log.info("unexpected %s frame from downstream %s dropped", FrameType(ftype).name, down.name)
 
-    def _least_queued(self, cluster: Cluster) -> Link | None:
-        """The cluster's link with the fewest requests pending among those under the high watermark."""
+    def _not_taking(self, link: Link, now: float) -> bool:
+        """Over the high watermark, and stalled (or more than a whole frame beyond it)."""
+        queued = len(link.out)
+        return queued > self.high_watermark and (now - link.last_tx > STALLED_AFTER or queued > self.high_watermark + self.max_frame_size)
+
+    def _least_queued(self, cluster: Cluster, now: float) -> Link | None:
+        """The cluster's link with the fewest requests pending among those still taking requests."""
         best: Link | None = None
-        high = self.high_watermark
         for links in cluster.links.values():
             for link in links:
-                if len(link.out) <= high and (best is None or len(link.pending) < len(best.pending)):
+                if not self._not_taking(link, now) and (best is None or len(link.pending) < len(best.pending)):
                     best = link
         return best
 

@@ -186,6 +186,7 @@ class Conn:
         if len(out) > self.max_buffer and self.link.kind == DOWNSTREAM and not self._charge():
             return
         self.blocked = True
+        self.link.last_tx = trio.current_time()  # a backlog starts: it must move from now on
         self.drained = trio.Event()
         if self.spawn is not None:
             if not self.writing:
@@ -251,6 +252,8 @@ class Conn:
                 self.lost(f"send failed: {exc.strerror or exc}")
                 return True
             del out[:n]
+            if n:
+                self.link.last_tx = trio.current_time()
             if self.out_charge:
                 self._charge()
             if self.low_event is not None and len(out) <= self.max_buffer // 2:

@@ -74,6 +74,17 @@ async def test_big_bodies_pass_with_defaults_and_never_close_a_shared_connection
                 got = await big.call("echo", "big", str(size).encode(), timeout=30)
                 assert len(got) == size
             assert len(ok) == 40
+            # several big calls at once share the links: none is refused
+            bodies = [os.urandom(5 * MIB) for _ in range(4)]
+            echoed: list[bytes] = []
+
+            async def echo_big(body: bytes) -> None:
+                echoed.append(await big.call("echo", "echo", body, timeout=30))
+
+            async with trio.open_nursery() as n:
+                for body in bodies:
+                    n.start_soon(echo_big, body)
+            assert sorted(echoed) == sorted(bodies)
             assert await cp.metric('octoproxy_errors_total{kind="slow_client_cut_off"}') == 0
             assert await pp.metric('octoproxy_errors_total{kind="slow_client_cut_off"}') == 0
             assert await cp.metric('octoproxy_requests_total{direction="outbound",service="echo",method="echo",status="UNAVAILABLE"}') == 0

@@ -71,8 +71,8 @@ class Budget:
             without drawing on ``total``.
         frame_timeout: a started frame must be complete, and an over-full
             output queue must move, within this many seconds.
-        high_water: bytes queued on one upstream link above which its writers
-            are paused (until it is below half of this).
+        high_water: ``max_buffer`` of upstream connections (the engine's
+            ``high_watermark`` decides when one takes no new request).
     """
 
     __slots__ = ("total", "used", "per_connection", "frame_timeout", "high_water", "closes")
@@ -146,8 +146,7 @@ class Conn:
         #: set once the output is drained (shared, already set, while nothing waits)
         self.drained = _DONE
         #: output bytes above which this link counts as full (downstream: the
-        #: reader is paused and the excess is charged to the budget; upstream:
-        #: its writers are paused)
+        #: reader is paused and the excess is charged to the budget)
         self.max_buffer = max_buffer
         self.out_charge = 0
         #: set when the output falls to half of ``max_buffer`` (made on demand)
@@ -266,10 +265,6 @@ class Conn:
     @property
     def closed(self) -> bool:
         return self._closing
-
-    def full(self) -> bool:
-        """More than ``max_buffer`` queued: whoever writes to this link should wait."""
-        return len(self.link.out) > self.max_buffer
 
     async def wait_low(self) -> None:
         """Wait until the output is down to half of ``max_buffer`` (or the connection is gone)."""

@@ -34,6 +34,8 @@ log = logging.getLogger("octoproxy.hot_restart")
 __all__ = ["Channel", "serve_hot_restart", "take_over"]
 
 _MAX_FDS = 16
+#: hand-over connections served at once (a real hand-over needs one)
+MAX_HANDOVER_CONNECTIONS = 4
 
 
 class Channel:
@@ -97,9 +99,22 @@ async def serve_hot_restart(proxy: Proxy, lsock: socket.socket, nursery: trio.Nu
     """Accept hand-over requests on the hot-restart socket (the parent role).
 
     Each hand-over runs in ``nursery``, so that it outlives this accept loop
-    (which stops when the hand-over begins) until the drain is done.
+    (which stops when the hand-over begins) until the drain is done. At most
+    :data:`MAX_HANDOVER_CONNECTIONS` are served at once (each must say hello
+    within 5 s); more are closed at once. Accept failures (EMFILE...) are
+    logged once per 10 s.
     """
     lsock.setblocking(False)
+    active = 0
+    logged = -1e9
+
+    async def handle(chan: Channel) -> None:
+        nonlocal active
+        try:
+            await _handle_child(proxy, chan)
+        finally:
+            active -= 1
+
     while True:
         await trio.lowlevel.wait_readable(lsock)
         try:
@@ -107,10 +122,17 @@ async def serve_hot_restart(proxy: Proxy, lsock: socket.socket, nursery: trio.Nu
         except BlockingIOError:
             continue
         except OSError as exc:
-            log.error("hot-restart accept failed: %s", exc)
+            if trio.current_time() - logged >= 10.0:
+                logged = trio.current_time()
+                log.error("hot-restart accept failed: %s; backing off", exc)
             await trio.sleep(0.1)
             continue
-        nursery.start_soon(_handle_child, proxy, Channel(sock))
+        if active >= MAX_HANDOVER_CONNECTIONS:
+            proxy.stats.error("hot_restart_connection_limit")
+            sock.close()
+            continue
+        active += 1
+        nursery.start_soon(handle, Channel(sock))
 
 
 async def _handle_child(proxy: Proxy, chan: Channel) -> None:

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import struct
+import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -505,3 +506,22 @@ listen = "127.0.0.1:0"
             for s in held:
                 s.close()
             assert (await p.get("/healthz"))[0] == 200
+            # a message without end: closed once over 16 MiB, well before the 5 s hello deadline
+            big = socket.socket(socket.AF_UNIX)
+            big.connect(path)
+            big.settimeout(5)
+
+            def flood() -> float:
+                t0 = time.monotonic()
+                try:
+                    for _ in range(40):
+                        big.sendall(b"x" * MIB)
+                    big.recv(10)
+                except OSError:
+                    pass
+                return time.monotonic() - t0
+
+            await trio.to_thread.run_sync(flood)
+            big.close()
+            await trio.sleep(0.2)
+            assert f"over {16 * MIB} bytes" in p.stderr()  # refused for its size, not for the deadline

@@ -36,6 +36,8 @@ __all__ = ["Channel", "serve_hot_restart", "take_over"]
 _MAX_FDS = 16
 #: hand-over connections served at once (a real hand-over needs one)
 MAX_HANDOVER_CONNECTIONS = 4
+#: largest hand-over message (a JSON line), in bytes
+MAX_MESSAGE = 16 * 1024 * 1024
 
 
 class Channel:
@@ -79,6 +81,8 @@ class Channel:
             if not data:
                 raise EOFError("hot-restart peer closed the connection")
             self._buf += data
+            if len(self._buf) > MAX_MESSAGE or len(self._fds) > 4 * _MAX_FDS:
+                raise HotRestartError(f"hot-restart message over {MAX_MESSAGE} bytes or {4 * _MAX_FDS} descriptors")
         line, self._buf = self._buf.split(b"\n", 1)
         fds, self._fds = self._fds, []
         return decode(line), fds

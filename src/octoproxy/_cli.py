@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
+from ._startup import describe_listen_failure
 from ._version import __version__
 
 
@@ -33,8 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     target = upgrade.add_mutually_exclusive_group(required=True)
     target.add_argument("--admin", help="the agent's admin address, HOST:PORT or unix:/path")
     target.add_argument("-c", dest="agent_file", metavar="AGENT_TOML", help="the agent's configuration file")
-    upgrade.add_argument("--command", dest="proxy_command", help='new proxy command, e.g. "python -m octoproxy run"')
-    upgrade.add_argument("--config", dest="proxy_config", metavar="PATH", help="new proxy configuration file")
+    upgrade.add_argument(
+        "--version", dest="proxy_version", metavar="NAME", help="new proxy version: a name from the agent's [upgrade] versions"
+    )
+    upgrade.add_argument(
+        "--config", dest="proxy_config", metavar="PATH", help="new proxy configuration file (one the agent's [upgrade] table allows)"
+    )
+    upgrade.add_argument("--token-file", metavar="PATH", help="the agent's admin token file (default: agent.token_file of -c)")
     demo = sub.add_parser("demo", help="run the whole mesh on this machine with traffic and hot restarts")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default 20)")
     demo.add_argument("--workers", type=int, default=32, help="calls in flight (default 32)")
@@ -55,6 +63,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    try:
+        return _dispatch(parser, args)
+    except BaseException as exc:  # the one boundary where start-up failures become one line
+        line = describe_listen_failure(exc, _listeners(args))
+        if line is None:
+            raise
+        if _debug(args):
+            traceback.print_exception(exc)
+        name = "octoproxy" if args.command == "run" else f"octoproxy {args.command}"
+        print(f"{name}: cannot listen on {line}", file=sys.stderr)
+        return 2
+
+
+def _listeners(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The command's listeners, ``(key, address)``, in the order it binds them."""
+    from ._errors import ConfigError
+
+    try:
+        if args.command == "run":
+            from ._config import load_config
+
+            cfg = load_config(args.config)
+            inbound = cfg.inbound.listen if cfg.inbound is not None else ""
+            return [
+                ("outbound.uds", str(cfg.outbound.uds)),
+                ("inbound.listen", inbound),
+                ("admin.listen", cfg.admin.listen),
+                ("proxy.hot_restart_uds", str(cfg.hot_restart_path)),
+            ]
+        if args.command == "control-plane":
+            return [("--listen", args.listen), ("--admin", args.admin or "")]
+        if args.command == "agent" and args.agent_config:
+            from .agent._config import load_agent_config
+
+            return [("agent.admin", load_agent_config(args.agent_config).agent.admin)]
+    except ConfigError:
+        pass
+    return []
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    """Whether a start-up failure also prints its traceback (log level debug)."""
+    if os.environ.get("OCTOPROXY_TRACEBACK", "") not in ("", "0"):
+        return True
+    if getattr(args, "log_level", None) == "debug":
+        return True
+    if args.command == "run":
+        from ._config import load_config
+        from ._errors import ConfigError
+
+        try:
+            return load_config(args.config).proxy.log_level == "debug"
+        except ConfigError:
+            return False
+    return False
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "run":
         from .proxy._main import run_from_cli
 

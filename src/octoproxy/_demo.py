@@ -200,7 +200,7 @@ listen = "127.0.0.1:0"
                 caller = await self.spawn("caller", [py, "-m", "octoproxy", "run", "-c", str(ccfg)], "octoproxy ready")
                 await _wait_ready(caller.info["admin"])
                 counts = await sdk.subscribe(caller.info["admin"], ["echo"], timeout=10)
-                await _wait_endpoints(caller.info["admin"], "echo", 2)
+                await _wait_endpoints(caller.info["admin"], "echo", 2, token=_token(caller.info["admin_token_file"]))
                 self.subscriptions = sorted(counts)
                 self.say(f"[demo] caller subscribed to {', '.join(self.subscriptions)}: 2 providers discovered")
                 self.say(f"[demo] caller: app + octoproxy on {self.dir / 'caller.sock'}; {self.workers} calls in flight for {self.duration:.0f}s")
@@ -248,7 +248,8 @@ listen = "127.0.0.1:0"
         async def upgrades() -> None:
             await trio.sleep(self.duration / 3)
             self.say("[demo] upgrading provider 1's proxy through its agent (hot restart) ...")
-            status, _h, body = await http_request(agent.info["admin"], "POST", "/upgrade", b"{}", timeout=30)
+            token = _token(self.dir / "agent-admin.token")  # agent.token_file's default, next to agent1.toml
+            status, _h, body = await http_request(agent.info["admin"], "POST", "/upgrade", b"{}", timeout=30, token=token)
             outcome = json.loads(body).get("outcome", body.decode(errors="replace")) if body else status
             stats.events.append(f"provider 1 proxy upgraded via agent: {outcome}")
             self.say(f"[demo] ... {outcome}")
@@ -318,11 +319,18 @@ async def _wait_ready(admin: str, timeout: float = 20.0) -> None:
             await trio.sleep(0.05)
 
 
-async def _wait_endpoints(admin: str, service: str, n: int, timeout: float = 20.0) -> None:
+def _token(path: str | Path) -> bytes:
+    """An admin token, from the file its proxy or agent created (mode 0600)."""
+    from ._secretfile import read_secret
+
+    return read_secret(path)
+
+
+async def _wait_endpoints(admin: str, service: str, n: int, timeout: float = 20.0, *, token: bytes | None = None) -> None:
     """Until the proxy has ``n`` connected endpoints for ``service``."""
     with trio.fail_after(timeout):
         while True:
-            _s, _h, body = await http_request(admin, "GET", "/clusters", timeout=2)
+            _s, _h, body = await http_request(admin, "GET", "/clusters", timeout=2, token=token)
             eps = json.loads(body).get(service, {}).get("endpoints", [])
             if sum(1 for e in eps if e["connections"]) >= n:
                 return
@@ -339,18 +347,42 @@ async def _demo_dir() -> AsyncIterator[Path]:
 
 
 async def _main(duration: float, workers: int) -> int:
-    async with _demo_dir() as d:
-        demo = Demo(d, duration, workers)
-        try:
-            return await demo.run()
-        finally:
-            await demo.stop_all()
+    """Run the demo; on SIGINT (Ctrl-C) or SIGTERM stop everything it started, then say so in one line."""
+    interrupted: int | None = None
+    status = 1
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with _demo_dir() as d:
+            demo = Demo(d, duration, workers)
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal interrupted
+                    async for signum in signals:
+                        interrupted = signum
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                try:
+                    status = await demo.run()
+                finally:
+                    await demo.stop_all()  # shielded and bounded; a second Ctrl-C waits for it
+                nursery.cancel_scope.cancel()
+    if interrupted is not None:
+        s = demo.stats
+        print(
+            f"[demo] interrupted after {s.calls} calls ({s.errors} failed); every process and file it made is gone",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + interrupted  # 130 for Ctrl-C, as a shell reports it
+    return status
 
 
 def main(duration: float = 20.0, workers: int = 32) -> int:
-    """Run the demo; returns the exit status (1 if any call failed)."""
+    """Run the demo; returns the exit status (1 if any call failed, 130 on Ctrl-C)."""
     try:
         return trio.run(_main, duration, workers)
-    except KeyboardInterrupt:
-        print("\n[demo] interrupted; everything it started has been stopped", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed
+        print("\n[demo] interrupted", file=sys.stderr)
         return 130

@@ -81,7 +81,7 @@ def _prefix_end(prefix: str) -> str:
     return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode()
 
 
-def _to_json(msg: pb.Endpoint | pb.RouteRules | pb.JoinToken) -> str:
+def _to_json(msg: pb.Endpoint | pb.RouteRules | pb.JoinToken | pb.AppConfigRecord) -> str:
     return str(json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=None, sort_keys=True))
 
 
@@ -284,6 +284,9 @@ class EtcdStore(Store):
             if kind == "tokens":
                 token = json_format.Parse(value, pb.JoinToken(), ignore_unknown_fields=True) if value else None
                 return ("tokens", tail, token)
+            if kind == "appconfig":
+                record = json_format.Parse(value, pb.AppConfigRecord(), ignore_unknown_fields=True) if value else None
+                return ("appconfig", tail, record)
         except json_format.ParseError as exc:
             logger.warning("ignoring undecodable key %s: %s", key, exc)
         return None
@@ -296,6 +299,7 @@ class EtcdStore(Store):
         services: dict[str, dict[str, pb.Endpoint]] = {}
         routes: dict[str, pb.RouteRules] = {}
         tokens: dict[str, pb.JoinToken] = {}
+        app_configs: dict[str, pb.AppConfigRecord] = {}
         for kv in reply.get("kvs", []):
             item = self._decode(_unb64(kv["key"]), _unb64(kv.get("value", "")))
             if item is None:
@@ -307,7 +311,9 @@ class EtcdStore(Store):
                 routes[item[1]] = item[2]
             elif item[0] == "tokens" and item[2] is not None:
                 tokens[item[1]] = item[2]
-        changed = self.view.replace_all(services, routes, tokens)
+            elif item[0] == "appconfig" and item[2] is not None:
+                app_configs[item[1]] = item[2]
+        changed = self.view.replace_all(services, routes, tokens, app_configs)
         revision = int(reply["header"]["revision"])
         logger.info("listed %d services from etcd at revision %d (%d changes)", len(services), revision, changed)
         return revision
@@ -325,6 +331,11 @@ class EtcdStore(Store):
                 self.view.remove_endpoint(service, address)
             else:
                 self.view.set_endpoint(service, ep)
+        elif kind == "appconfig":
+            if payload is None:
+                self.view.remove_app_config(service)
+            else:
+                self.view.set_app_config(payload)
         elif kind == "tokens":
             if payload is None:
                 self.view.remove_token(service)
@@ -503,3 +514,12 @@ class EtcdStore(Store):
         """See :meth:`Store.delete_token`."""
         reply = await self._call("/v3/kv/deleterange", {"key": _b64(f"{self.prefix}tokens/{token_id}")})
         return int(reply.get("deleted", 0)) > 0
+
+    async def put_app_config(self, record: pb.AppConfigRecord) -> None:
+        """See :meth:`Store.put_app_config` (``<prefix>appconfig/<service>.<env>``, never leased).
+
+        Read-modify-write by the admin API of one replica: concurrent writers
+        through two replicas may lose one of two writes (the later one wins).
+        """
+        key = _b64(f"{self.prefix}appconfig/{record.service}.{record.environment}")
+        await self._call("/v3/kv/put", {"key": key, "value": _b64(_to_json(record))})

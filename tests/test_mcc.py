@@ -24,6 +24,7 @@ import pytest
 import trio
 from e2e import Proc, free_port, proxy_argv, short_tmpdir, start_process, stop
 from test_discovery_e2e import cp_argv, join_token
+from test_etcd import etcd_bin, etcd_single  # noqa: F401 (fixtures)
 
 from octoproxy import _appconfig as core
 from octoproxy import sdk
@@ -366,3 +367,42 @@ async def test_watchers_are_bounded_and_a_change_wakes_them(tmp_path: Path, monk
         state.delivered(pb.AppConfig(service="app", environment="default", version="1", values={"a": "b"}), n)
     assert results == [True, True, True] and state.watchers == 0
     assert json.loads((tmp_path / "c.json").read_text())["values"] == {"a": "b"}
+
+
+# ---------------------------------------------------------------- stores
+async def test_records_survive_an_embedded_snapshot(tmp_path: Path) -> None:
+    from octoproxy.controlplane import EmbeddedStore
+
+    record = core.put_version(core.new_record("app", "prod"), {"k": "v"}, 1)
+    async with trio.open_nursery() as n:
+        a = EmbeddedStore(str(tmp_path / "snap.json"), snapshot_delay=0.01)
+        await n.start(a.run)
+        await a.put_app_config(record)
+        await trio.sleep(0.3)
+        n.cancel_scope.cancel()
+    async with trio.open_nursery() as n:
+        b = EmbeddedStore(str(tmp_path / "snap.json"))
+        await n.start(b.run)
+        assert b.view.app_configs == {"app.prod": record}
+        n.cancel_scope.cancel()
+
+
+async def test_records_in_etcd_are_listed_and_watched(etcd_single: Any) -> None:
+    from octoproxy.controlplane import EtcdStore
+
+    url = etcd_single[0].client_url
+    record = core.put_version(core.new_record("app", "default"), {"k": "v"}, 1)
+    async with trio.open_nursery() as n:
+        a, b = EtcdStore([url], prefix="/mcc/"), EtcdStore([url], prefix="/mcc/")
+        await n.start(a.run)
+        await a.put_app_config(record)
+        await n.start(b.run)  # lists what exists
+        assert b.view.app_configs["app.default"] == record
+        newer = core.put_version(record, {"k": "w"}, 2)
+        await a.put_app_config(newer)  # watched
+
+        async def arrived() -> bool:
+            return b.view.app_configs["app.default"] == newer
+
+        await until(arrived)
+        n.cancel_scope.cancel()

@@ -146,6 +146,8 @@ async def test_a_change_is_seen_by_watchers_in_every_sdk() -> None:
             assert (await sdk.get_config(admin)).values == {"greeting": "bonjour"}
             assert (await trio.to_thread.run_sync(sync.get_config, admin)).version == "2"
             assert (await trio.to_thread.run_sync(lambda: asyncio.run(aio.get_config(admin)))).source == "control-plane"
+            ready = await app.json("/ready")
+            assert ready["discovery"]["app_config"] == {"name": "app.default", "version": "2", "source": "control-plane"}  # type: ignore[index]
             status, body = await app.get("/config?watch=2&timeout=0.2")  # unchanged: answered after the timeout
             assert status == 200 and json.loads(body)["version"] == "2"
             for bad in ("/config?watch=x", "/config?watch=1&timeout=600", "/config?watch=1&timeout=nan"):

@@ -256,7 +256,7 @@ def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``ctl`` to the ``octoproxy`` sub-parsers; returns its parser."""
     ctl: argparse.ArgumentParser = sub.add_parser(
         "ctl",
-        help="operate a running control plane: join tokens, endpoints, route rules",
+        help="operate a running control plane: join tokens, endpoints, route rules, app configuration",
         description="Operate a control plane through its admin API, with the operator token.",
     )
     ctl.add_argument(

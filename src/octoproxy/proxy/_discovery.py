@@ -286,7 +286,8 @@ class Discovery:
         if proxy.config.proxy.service and check_service_name(proxy.config.proxy.service) is None:
             from ._appconfig import AppConfigState
 
-            self.appconfig = AppConfigState(proxy.config.proxy.service, proxy.config.proxy.environment, proxy.config.app_config_path)
+            settings = proxy.config.proxy
+            self.appconfig = AppConfigState(settings.service, settings.environment, proxy.config.app_config_path)
 
     # ------------------------------------------------------------ running
 
@@ -633,4 +634,7 @@ class Discovery:
             "subscriptions": sorted(self.subscribed),
             "restored": self.restored.is_set(),
             "registered": self.registered_address,
+            "app_config": None if self.appconfig is None else {
+                "name": self.appconfig.name, "version": self.appconfig.version, "source": self.appconfig.source,
+            },
         }

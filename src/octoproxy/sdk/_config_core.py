@@ -86,7 +86,9 @@ def config_result(status: int, reply: bytes) -> AppConfig:
         except (ValueError, KeyError, TypeError) as exc:
             raise CallError(Status.UNAVAILABLE, f"GET /config: bad answer from the proxy ({exc})") from None
     if status == 404:
-        raise CallError(Status.NO_ROUTE, "GET /config: the proxy has no configuration for the app ([discovery] and proxy.service)")
+        raise CallError(
+            Status.NO_ROUTE, "GET /config: the proxy has no configuration for the app ([discovery] and proxy.service)"
+        )
     if status == 429:
         raise CallError(Status.OVERLOADED, "GET /config: too many configuration watchers on the proxy")
     raise CallError(Status.UNAVAILABLE, f"GET /config: HTTP {status}: {reply[:200]!r}")

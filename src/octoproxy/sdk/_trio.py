@@ -54,7 +54,9 @@ from ._server_core import Request
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Client", "FrameWriter", "Handler", "connect", "drain_and_close", "get_config", "open_client", "subscribe", "watch_config"]
+__all__ = [
+    "Client", "FrameWriter", "Handler", "connect", "drain_and_close", "get_config", "open_client", "subscribe", "watch_config",
+]  # fmt: skip
 
 #: deadline of one shielded ``send_all``; past it the stream is given up
 SEND_TIMEOUT = 30.0
@@ -625,7 +627,8 @@ async def _config_once(admin: str, watch: str | None, poll: float, timeout: floa
     with trio.move_on_after(retry_for):
         while True:
             try:
-                status, _headers, reply = await http_request(admin, "GET", path, b"", timeout=timeout + (poll if watch is not None else 0))
+                wait = timeout + (poll if watch is not None else 0)
+                status, _headers, reply = await http_request(admin, "GET", path, b"", timeout=wait)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 status, reply, last = 0, b"", exc  # the proxy is not up (yet, or it restarts)
             if status not in (0, 429):

@@ -146,6 +146,8 @@ async def test_a_change_is_seen_by_watchers_in_every_sdk() -> None:
             assert (await sdk.get_config(admin)).values == {"greeting": "bonjour"}
             assert (await trio.to_thread.run_sync(sync.get_config, admin)).version == "2"
             assert (await trio.to_thread.run_sync(lambda: asyncio.run(aio.get_config(admin)))).source == "control-plane"
+            got = json.loads(await ctl(d, cp, "get", "app"))
+            assert (got["values"], got["stable"]) == ({"greeting": "bonjour"}, "2")
             ready = await app.json("/ready")
             assert ready["discovery"]["app_config"] == {"name": "app.default", "version": "2", "source": "control-plane"}  # type: ignore[index]
             status, body = await app.get("/config?watch=2&timeout=0.2")  # unchanged: answered after the timeout
@@ -258,7 +260,7 @@ async def test_gradual_release_promote_rollback_and_isolation() -> None:
                 held = clients[nodes[0]].held(TYPE_APPCONFIG)["app.default"]
                 assert dict(held.values) == {"color": "blue"}  # type: ignore[attr-defined]
                 history = await ctl(d, cp, "history", "app")
-                assert history.splitlines()[0].split()[0] == "3" and "rollback to 1" in history
+                assert history.splitlines()[0].split()[0] == "3" and "rollback to 1" in history and "Z " in history
 
                 # a service's proxy cannot read another service's configuration
                 spy = DiscoveryClient([url], "spy", token=other, backoff=(0.05, 0.2), connect_timeout=5.0)

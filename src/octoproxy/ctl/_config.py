@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -51,7 +52,8 @@ async def _history(api: Api, args: argparse.Namespace) -> int:
         mark = " stable" if version == int(rec.get("stable") or 0) else ""
         if version == int(rec.get("candidate") or 0):
             mark = f" released to {rec.get('percent')}%"
-        print(f"{version:>6} {v.get('created_unix_ms', 0)} {len(v.get('values') or {}):>4} keys  {v.get('note', '')}{mark}")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(v.get("created_unix_ms") or 0) / 1000))
+        print(f"{version:>6}  {when}  {len(v.get('values') or {}):>4} keys  {v.get('note', '')}{mark}")
     return 0
 
 

@@ -410,3 +410,62 @@ async def test_records_in_etcd_are_listed_and_watched(etcd_single: Any) -> None:
 
         await until(arrived)
         n.cancel_scope.cancel()
+
+
+async def test_watchers_ride_out_a_proxy_restart() -> None:
+    with trio.fail_after(90), short_tmpdir() as d:
+        cp_port = free_port()
+        cp = await start_process(cp_argv(cp_port, d), "octoproxy control-plane ready", d, "cp")
+        admin_port = free_port()
+        extra_admin = f'listen = "127.0.0.1:{admin_port}"'
+        cfg = app_cfg(d, cp_port)
+        cfg.write_text(cfg.read_text().replace('listen = "127.0.0.1:0"', extra_admin))
+        procs = [cp]
+        try:
+            await join_token(d, cp, "app")
+            await ctl(d, cp, "set", "app", "k", "1")
+            app = await start_process(proxy_argv(cfg), "octoproxy ready", d, "app")
+            procs.append(app)
+            await until(lambda: _version_is(app, "1"))
+            seen: dict[str, list[str]] = {"trio": [], "asyncio": [], "blocking": []}
+
+            async def trio_watcher() -> None:
+                async for c in sdk.watch_config(app.admin, poll=5, retry_for=30):
+                    seen["trio"].append(c.values["k"])
+                    if len(seen["trio"]) == 2:
+                        return
+
+            def blocking_watcher() -> None:
+                for c in sync.watch_config(app.admin, poll=5, retry_for=30):
+                    seen["blocking"].append(c.values["k"])
+                    if len(seen["blocking"]) == 2:
+                        return
+
+            def asyncio_watcher() -> None:
+                async def run() -> None:
+                    watcher = aio.watch_config(app.admin, poll=5, retry_for=30)
+                    async for c in watcher:
+                        seen["asyncio"].append(c.values["k"])
+                        if len(seen["asyncio"]) == 2:
+                            break
+                    await watcher.aclose()  # type: ignore[attr-defined]
+
+                asyncio.run(asyncio.wait_for(run(), 60))
+
+            threads = [threading.Thread(target=f, daemon=True) for f in (asyncio_watcher, blocking_watcher)]
+            async with trio.open_nursery() as n:
+                n.start_soon(trio_watcher)
+                for thread in threads:
+                    thread.start()
+                await until(lambda: _all_have(seen, 1), 20)
+                await stop(app)  # the long polls in flight break
+                await trio.sleep(0.5)
+                app2 = await start_process(proxy_argv(cfg), "octoproxy ready", d, "app2")
+                procs.append(app2)
+                await ctl(d, cp, "set", "app", "k", "2")
+            for thread in threads:
+                await trio.to_thread.run_sync(thread.join, 20)
+            assert seen == {"trio": ["1", "2"], "asyncio": ["1", "2"], "blocking": ["1", "2"]}
+        finally:
+            for p in procs:
+                await stop(p)

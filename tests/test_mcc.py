@@ -409,6 +409,22 @@ async def test_records_in_etcd_are_listed_and_watched(etcd_single: Any) -> None:
             return b.view.app_configs["app.default"] == newer
 
         await until(arrived)
+
+        # writers through two replicas at once: compare-and-swap, no write lost
+        async def writer(store: EtcdStore, tag: str) -> None:
+            for i in range(6):
+                await store.update_app_config("app", "default", lambda r: core.put_version(r, {"w": f"{tag}{i}"}, 3))
+
+        async with trio.open_nursery() as writers:
+            writers.start_soon(writer, a, "a")
+            writers.start_soon(writer, b, "b")
+
+        async def all_written() -> bool:
+            return b.view.app_configs["app.default"].last_version == 2 + 12
+
+        await until(all_written)
+        written = {v.values["w"] for v in b.view.app_configs["app.default"].history[2:]}
+        assert written == {f"{t}{i}" for t in "ab" for i in range(6)}
         n.cancel_scope.cancel()
 
 

@@ -2,8 +2,9 @@
 
 Operators only (the admin API's bearer token), like every write. The record
 logic (versions, limits, gradual release) is the sans-IO
-:mod:`octoproxy._appconfig`; this module reads the record from the store's
-view, applies one operation and writes the record back.
+:mod:`octoproxy._appconfig`; this module applies one operation to the record
+with :meth:`Store.update_app_config` (a compare-and-swap in etcd, so two
+operators writing through two replicas lose nothing).
 
 | method | path | body / query | what |
 |---|---|---|---|
@@ -46,12 +47,11 @@ def _record_json(record: pb.AppConfigRecord) -> dict[str, Any]:
 def appconfig_routes(store: Store) -> dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]:
     """The routes (to be wrapped by the admin API's operator check)."""
 
-    def target(data: dict[str, Any]) -> tuple[str, str, pb.AppConfigRecord]:
+    def target(data: dict[str, Any]) -> tuple[str, str]:
         service = str(data.get("service") or "")
         env = str(data.get("env") or data.get("environment") or core.DEFAULT_ENVIRONMENT)
-        name = core.resource_name(service, env)  # AppConfigError (a ValueError): 400
-        record = store.view.app_configs.get(name) or core.new_record(service, env)
-        return service, env, record
+        core.resource_name(service, env)  # AppConfigError (a ValueError): 400
+        return service, env
 
     def body(req: Request) -> dict[str, Any]:
         data = req.json()
@@ -71,57 +71,63 @@ def appconfig_routes(store: Store) -> dict[tuple[str, str], Callable[[Request], 
             raise core.AppConfigError(f"version must be a positive integer, got {value!r}")
         return value
 
-    async def write(old: pb.AppConfigRecord, new: pb.AppConfigRecord, what: str, dry_run: bool = False) -> Response:
+    async def write(data: dict[str, Any], update: Callable[[pb.AppConfigRecord], pb.AppConfigRecord], what: str) -> Response:
+        """Apply ``update`` (a compare-and-swap in etcd); with ``dry_run``, only show what it would do."""
+        service, env = target(data)
+        if data.get("dry_run"):
+            old = store.view.app_configs.get(f"{service}.{env}") or core.new_record(service, env)
+            new = update(old)
+        else:
+            old, new = await store.update_app_config(service, env, update)
+            log.info("operator: config %s.%s %s -> stable %d, candidate %d at %d%%", service, env, what, new.stable,
+                     new.candidate, new.percent)  # fmt: skip
         before = core.find(old, old.stable)
         after = core.find(new, new.last_version if new.last_version != old.last_version else new.stable)
         lines = core.diff(dict(before.values) if before else {}, dict(after.values) if after else {})
-        if not dry_run:
-            await store.put_app_config(new)
-            log.info("operator: config %s.%s %s -> version %d", new.service, new.environment, what, new.last_version)
-        return Response(200, {"dry_run": dry_run, "diff": lines, "record": _record_json(new)})
+        return Response(200, {"dry_run": bool(data.get("dry_run")), "diff": lines, "record": _record_json(new)})
 
     async def get(req: Request) -> Response:
-        _s, _e, record = target(dict(req.query))
+        service, env = target(dict(req.query))
+        record = store.view.app_configs.get(f"{service}.{env}") or core.new_record(service, env)
         return Response(200, _record_json(record))
 
     async def put(req: Request) -> Response:
         data = body(req)
-        _s, _e, record = target(data)
         values = data.get("values")
         if not isinstance(values, dict):
             raise core.AppConfigError('expected {"values": {"key": "value", ...}}')
-        new = core.put_version(record, values, int(time.time() * 1000), "put", percent_of(data))
-        return await write(record, new, "put", bool(data.get("dry_run")))
+        percent, now = percent_of(data), int(time.time() * 1000)
+        return await write(data, lambda r: core.put_version(r, values, now, "put", percent), "put")
 
     async def set_keys(req: Request) -> Response:
         data = body(req)
-        _s, _e, record = target(data)
-        values = core.head_values(record)
         changes = data.get("set") or {}
         deletes = data.get("delete") or []
         if not isinstance(changes, dict) or not isinstance(deletes, list):
             raise core.AppConfigError('expected {"set": {"key": "value"}, "delete": ["key"]}')
-        values.update(changes)
-        for key in deletes:
-            values.pop(str(key), None)
-        new = core.put_version(record, values, int(time.time() * 1000), "set", percent_of(data))
-        return await write(record, new, "set", bool(data.get("dry_run")))
+        percent, now = percent_of(data), int(time.time() * 1000)
+
+        def edit(record: pb.AppConfigRecord) -> pb.AppConfigRecord:
+            values = core.head_values(record)
+            values.update(changes)
+            for key in deletes:
+                values.pop(str(key), None)
+            return core.put_version(record, values, now, "set", percent)
+
+        return await write(data, edit, "set")
 
     async def release(req: Request) -> Response:
         data = body(req)
-        _s, _e, record = target(data)
-        new = core.release(record, version_of(data), percent_of(data, -1))
-        return await write(record, new, f"release {new.candidate or new.stable} to {new.percent or 100}%")
+        version, percent = version_of(data), percent_of(data, -1)
+        return await write(data, lambda r: core.release(r, version, percent), f"release {version} to {percent}%")
 
     async def promote(req: Request) -> Response:
-        _s, _e, record = target(body(req))
-        return await write(record, core.promote(record), "promote")
+        return await write(body(req), core.promote, "promote")
 
     async def rollback(req: Request) -> Response:
         data = body(req)
-        _s, _e, record = target(data)
-        new = core.rollback(record, version_of(data), int(time.time() * 1000))
-        return await write(record, new, f"rollback to {version_of(data)}")
+        version, now = version_of(data), int(time.time() * 1000)
+        return await write(data, lambda r: core.rollback(r, version, now), f"rollback to {version}")
 
     return {
         ("GET", "/v1/config"): get,

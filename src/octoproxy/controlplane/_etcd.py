@@ -36,7 +36,7 @@ import json
 import logging
 import math
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -79,6 +79,10 @@ def _unb64(s: str) -> str:
 def _prefix_end(prefix: str) -> str:
     raw = prefix.encode()
     return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode()
+
+
+#: compare-and-swap attempts of one configuration write before giving up
+CAS_ATTEMPTS = 8
 
 
 def _to_json(msg: pb.Endpoint | pb.RouteRules | pb.JoinToken | pb.AppConfigRecord) -> str:
@@ -516,10 +520,37 @@ class EtcdStore(Store):
         return int(reply.get("deleted", 0)) > 0
 
     async def put_app_config(self, record: pb.AppConfigRecord) -> None:
-        """See :meth:`Store.put_app_config` (``<prefix>appconfig/<service>.<env>``, never leased).
-
-        Read-modify-write by the admin API of one replica: concurrent writers
-        through two replicas may lose one of two writes (the later one wins).
-        """
+        """See :meth:`Store.put_app_config` (``<prefix>appconfig/<service>.<env>``, never leased)."""
         key = _b64(f"{self.prefix}appconfig/{record.service}.{record.environment}")
         await self._call("/v3/kv/put", {"key": key, "value": _b64(_to_json(record))})
+
+    async def update_app_config(
+        self, service: str, env: str, update: Callable[[pb.AppConfigRecord], pb.AppConfigRecord]
+    ) -> tuple[pb.AppConfigRecord, pb.AppConfigRecord]:
+        """See :meth:`Store.update_app_config`: a compare-and-swap on the key's revision.
+
+        Two operators writing the same record through two replicas at once
+        both succeed, one after the other (the loser reads again and
+        re-applies its change); after :data:`CAS_ATTEMPTS` lost races it
+        gives up with :class:`StoreError`.
+        """
+        key = _b64(f"{self.prefix}appconfig/{service}.{env}")
+        for _ in range(CAS_ATTEMPTS):
+            reply = await self._call("/v3/kv/range", {"key": key})
+            kvs = reply.get("kvs") or []
+            old = pb.AppConfigRecord(service=service, environment=env)
+            revision = 0
+            if kvs:
+                revision = int(kvs[0].get("mod_revision", 0))
+                try:
+                    json_format.Parse(_unb64(kvs[0].get("value", "")), old, ignore_unknown_fields=True)
+                except json_format.ParseError as exc:
+                    raise StoreError(f"undecodable configuration record {service}.{env} in etcd: {exc}") from None
+            new = update(old)
+            compare = {"key": key, "target": "MOD", "mod_revision": str(revision), "result": "EQUAL"}
+            if not revision:
+                compare = {"key": key, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}
+            txn = {"compare": [compare], "success": [{"request_put": {"key": key, "value": _b64(_to_json(new))}}]}
+            if (await self._call("/v3/kv/txn", txn)).get("succeeded"):
+                return old, new
+        raise StoreError(f"configuration {service}.{env}: {CAS_ATTEMPTS} concurrent writes in a row; try again")

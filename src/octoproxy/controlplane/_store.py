@@ -360,6 +360,24 @@ class Store(abc.ABC):
         """
         raise NotImplementedError
 
+    async def update_app_config(
+        self, service: str, env: str, update: Callable[[pb.AppConfigRecord], pb.AppConfigRecord]
+    ) -> tuple[pb.AppConfigRecord, pb.AppConfigRecord]:
+        """Read (service, env)'s record, ``update`` it, write it; return ``(old, new)``.
+
+        ``update`` may raise (nothing is written). The default reads the view
+        and writes with no ``await`` in between that another writer of this
+        process could interleave with; a store shared by several replicas
+        (etcd) overrides it with a compare-and-swap.
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+        old = self.view.app_configs.get(f"{service}.{env}") or pb.AppConfigRecord(service=service, environment=env)
+        new = update(old)
+        await self.put_app_config(new)
+        return old, new
+
     async def get_endpoints(self, service: str) -> tuple[str, pb.ClusterLoadAssignment] | None:
         """Return ``(version, endpoints)`` of ``service``, or ``None`` if it has none."""
         found = self.view.lookup(TYPE_ENDPOINTS, service)

@@ -32,7 +32,7 @@ from .proto import octoproxy_discovery_pb2 as pb
 __all__ = [
     "TYPE_APPCONFIG", "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_KEYS", "MAX_TOTAL_BYTES", "MAX_HISTORY",
     "MAX_HISTORY_BYTES", "AppConfigError", "check_environment", "check_values", "resource_name", "split_name",
-    "bucket", "in_release", "new_record", "put_version", "release", "promote", "rollback", "resolve", "find",
+    "bucket", "in_release", "chosen_version", "new_record", "put_version", "release", "promote", "rollback", "resolve", "find",
     "validate_delivered", "head_values", "diff", "DEFAULT_ENVIRONMENT",
 ]  # fmt: skip
 
@@ -222,13 +222,18 @@ def rollback(record: pb.AppConfigRecord, version: int, now_ms: int) -> pb.AppCon
     return put_version(record, dict(old.values), now_ms, note=f"rollback to {version}")
 
 
+def chosen_version(record: pb.AppConfigRecord, instance: str) -> int:
+    """The version ``instance`` gets: the candidate if it is in the release, else stable (0: none)."""
+    if record.candidate and in_release(record.service, record.environment, instance, record.percent):
+        return int(record.candidate)
+    return int(record.stable)
+
+
 def resolve(record: pb.AppConfigRecord | None, instance: str) -> pb.AppConfig | None:
-    """What ``instance`` gets: the candidate if it is in the release, else stable; ``None``: nothing."""
+    """What ``instance`` gets (see :func:`chosen_version`); ``None``: nothing."""
     if record is None:
         return None
-    version = record.stable
-    if record.candidate and in_release(record.service, record.environment, instance, record.percent):
-        version = record.candidate
+    version = chosen_version(record, instance)
     found = find(record, version) if version else None
     if found is None:
         return None

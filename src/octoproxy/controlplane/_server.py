@@ -173,6 +173,8 @@ class ControlPlaneServer:
         self._refused_log = RateLimitedLog(logger.warning)
         self._limit_log = RateLimitedLog(logger.warning)
         self._nursery: trio.Nursery | None = None
+        #: app configuration bodies by name: (the record they were made from, version -> (hash, body))
+        self._app_configs: dict[str, tuple[pb.AppConfigRecord, dict[int, tuple[str, bytes]]]] = {}
         #: sessions refused at the handshake, by reason (401, 429)
         self.refused = {"unauthenticated": 0, "too_many_sessions": 0}
 
@@ -566,11 +568,23 @@ class _Session:
                 f"session {self.peer} ({self.principal.describe()}): permission denied: configuration of {service!r}",
             )
             return None
-        resolved = _appconfig.resolve(self.store.view.app_configs.get(name), self.core.node_id or self.peer)
-        if resolved is None:
+        record = self.store.view.app_configs.get(name)
+        if record is None:
+            self.server._app_configs.pop(name, None)
             return None
-        body = resolved.SerializeToString(deterministic=True)
-        return resource_version(body), body
+        version = _appconfig.chosen_version(record, self.core.node_id or self.peer)
+        cached = self.server._app_configs.get(name)
+        if cached is None or cached[0] is not record:  # a new record object: a change
+            cached = (record, {})
+            self.server._app_configs[name] = cached
+        found = cached[1].get(version)
+        if found is None:  # encoded once per version, not once per session
+            resolved = _appconfig.resolve(record, self.core.node_id or self.peer)
+            if resolved is None:
+                return None
+            body = resolved.SerializeToString(deterministic=True)
+            found = cached[1][version] = (resource_version(body), body)
+        return found
 
     # ------------------------------------------------------------ leases
     def _period(self) -> float:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import trio
 from e2e import Proc, free_port, proxy_argv, short_tmpdir, start_process, stop
+from test_cp_trust import cp  # noqa: F401 (fixture: an in-process control plane)
 from test_discovery_e2e import cp_argv, join_token
 from test_etcd import etcd_bin, etcd_single  # noqa: F401 (fixtures)
 
@@ -485,3 +486,21 @@ async def test_watchers_ride_out_a_proxy_restart() -> None:
         finally:
             for p in procs:
                 await stop(p)
+
+
+async def test_a_configuration_is_encoded_once_per_version_not_per_session(cp: Any) -> None:
+    record = core.put_version(core.put_version(core.new_record("app", "default"), {"k": "1"}, 0), {"k": "2"}, 0, percent=50)
+    await cp.store.put_app_config(record)
+    clients = [cp.client(f"app-{i}", cp.token("app")) for i in range(12)]
+    for c in clients:
+        await c.subscribe(["app.default"], timeout=10, types=(TYPE_APPCONFIG,))
+    got = {c.node_id: c.held(TYPE_APPCONFIG)["app.default"].version for c in clients}
+    assert got == {f"app-{i}": str(core.chosen_version(record, f"app-{i}")) for i in range(12)}
+    cache = cp.server._app_configs["app.default"]
+    assert cache[0] is cp.store.view.app_configs["app.default"] and set(cache[1]) == {int(v) for v in got.values()}
+    await cp.store.put_app_config(core.promote(record))
+    for c in clients:
+        with trio.fail_after(10):
+            while c.held(TYPE_APPCONFIG)["app.default"].version != "2":
+                await trio.sleep(0.02)
+    assert set(cp.server._app_configs["app.default"][1]) == {2}

@@ -141,3 +141,19 @@ def test_sdk_core_parses_answers() -> None:
     r = HttpReply()
     r.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
     assert r.complete and r.body == b"{}"
+
+
+def test_proxy_environment_and_app_config_file_keys(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from octoproxy._config import parse_config
+    from octoproxy._errors import ConfigError
+
+    cfg = parse_config({"proxy": {"service": "app"}, "outbound": {"uds": "/tmp/x.sock"}})
+    assert cfg.proxy.environment == "default" and cfg.app_config_path == Path("/tmp/x.sock.appconfig.json")
+    cfg = parse_config({"proxy": {"environment": "prod-eu_1"},
+                        "discovery": {"control_plane": ["ws://127.0.0.1:1/v1/discovery"], "app_config_file": "/tmp/c.json"}})  # fmt: skip
+    assert cfg.proxy.environment == "prod-eu_1" and cfg.app_config_path == Path("/tmp/c.json")
+    for bad in ("", "a.b", "-x", "x" * 64, "é"):
+        with pytest.raises(ConfigError, match="proxy.environment"):
+            parse_config({"proxy": {"environment": bad}})

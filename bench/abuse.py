@@ -19,8 +19,10 @@ Cases (each with its own deadline):
                   slow-loris senders, 10 of each against the caller's UDS and the peer port
   big_bodies      another SDK app sends 5 MiB and ~16 MiB bodies through both hops while the
                   good client's small calls flow on the same links
-  head_of_line    echo's app stopped (SIGSTOP); one client sends 400 x 64 KB to echo; the good
-                  client keeps calling `other` only (own cluster, connection and provider)
+  head_of_line    echo's app stopped (SIGSTOP); one client keeps 400 x 64 KB calls to echo in
+                  flight for 10 s (each re-issued when it fails: loopback TCP buffers here take
+                  tens of MB, so 400 calls once may not fill them); the good client keeps
+                  calling `other` only (own cluster, connection and provider)
   memory_pinning  24 raw peer connections each send a 16 MiB frame minus its last byte and
                   stop; held 5 s, then closed
   idle_flood      as many idle raw connections as `max_connections` allows to the peer port and
@@ -74,6 +76,7 @@ PROVIDER_APP = REPO / "tests" / "apps" / "provider.py"
 MIB = 1 << 20
 GOOD_RATE = 20.0  # calls per second per service
 GOOD_TIMEOUT = 3.0
+HOL_SECONDS = 10.0  # the head-of-line flood keeps 400 x 64 KB calls in flight this long
 RUN_DEADLINE = 9 * 60.0
 
 
@@ -422,19 +425,21 @@ async def case_head_of_line(ctx: Ctx) -> dict[str, object]:
     try:
         async with sdk.open_client(ctx.mesh.caller_sock) as flood:
             body = b"h" * 64_000
+            stop_at = trio.current_time() + HOL_SECONDS
 
-            async def one() -> None:
-                try:
-                    await flood.call("echo", "echo", body, timeout=8)
-                    s = "OK"
-                except sdk.CallError as exc:
-                    s = status_name(exc.status)
-                statuses[s] = statuses.get(s, 0) + 1
+            async def sender() -> None:  # one of 400 calls in flight, re-issued until stop_at
+                while trio.current_time() < stop_at:
+                    try:
+                        await flood.call("echo", "echo", body, timeout=5)
+                        s = "OK"
+                    except sdk.CallError as exc:
+                        s = status_name(exc.status)
+                    statuses[s] = statuses.get(s, 0) + 1
 
-            with trio.move_on_after(12):
+            with trio.move_on_after(HOL_SECONDS + 8):
                 async with trio.open_nursery() as n:
                     for _ in range(400):
-                        n.start_soon(one)
+                        n.start_soon(sender)
     finally:
         os.kill(app.process.pid, signal.SIGCONT)
     t1 = trio.current_time()

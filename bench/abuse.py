@@ -52,6 +52,7 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -264,6 +265,56 @@ class Mesh:
     async def stop_all(self) -> None:
         for p in reversed(list(self.procs.values())):
             await stop(p)
+
+
+def last_error_line(text: str) -> str:
+    """The line of a log that best says what went wrong: an exception line, else an ERROR line, else the last."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.lstrip("|+- ").split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Exit", "Group")) and " " not in head:
+            return ln.lstrip("|+- ")[:200]
+    for ln in reversed(lines):
+        if " ERROR " in ln or " CRITICAL " in ln:
+            return ln[:200]
+    return lines[-1][:200] if lines else ""
+
+
+async def spawn_and_watch(argv: list[str], d: Path, name: str, ready_timeout: float, watch: float) -> tuple[str, Proc | None]:
+    """Start a proxy; say how it went: no ready line (then: does SIGTERM end it?), ready then exit, or running."""
+    errpath = d / f"{name}.stderr"
+    with open(errpath, "wb") as err:
+        proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+    p = Proc(proc, errpath)
+    assert proc.stdout is not None
+    buf = b""
+    with trio.move_on_after(ready_timeout):
+        while b"octoproxy ready" not in buf:
+            chunk = await proc.stdout.receive_some(4096)
+            if not chunk:  # stdout closed: it is exiting
+                with trio.move_on_after(5):
+                    await proc.wait()
+                break
+            buf += chunk
+    if b"octoproxy ready" not in buf:
+        if proc.poll() is not None:
+            return f"exit {proc.returncode} before ready: {last_error_line(p.stderr())!r}", p
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(5):
+            await proc.wait()
+        term = f"exits on SIGTERM ({proc.returncode})" if proc.poll() is not None else "SIGTERM ignored for 5 s"
+        return f"no ready line in {ready_timeout:g} s (hangs), {term}", p
+    line = next(ln for ln in buf.decode(errors="replace").splitlines() if ln.startswith("octoproxy ready"))
+    for word in line.split()[2:]:
+        if "=" in word:
+            k, v = word.split("=", 1)
+            p.addresses[k] = v
+    with trio.move_on_after(watch):
+        await proc.wait()
+    if proc.poll() is not None:
+        tb = " with a traceback" if "Traceback" in p.stderr() else ""
+        return f"ready line, then exit {proc.returncode}{tb}: {last_error_line(p.stderr())!r}", p
+    return "running", p
 
 
 def stderr_marks(mesh: Mesh) -> dict[str, int]:
@@ -574,15 +625,10 @@ async def case_subscriptions(ctx: Ctx) -> dict[str, object]:
             if not subs2.exists() or '""' not in subs2.read_text():
                 subs2.write_text('{"services": [""]}')
             res["hot_restart_file"] = subs2.read_text()[:80]
-            try:
-                child = await start_process(proxy_argv(c2cfg, mesh.nofile, hot_restart=True), "octoproxy ready", d, "caller2-gen1", timeout=20)
+            how, child = await spawn_and_watch(proxy_argv(c2cfg, mesh.nofile, hot_restart=True), d, "caller2-gen1", 20, 4.0)
+            if child is not None:
                 procs.append(child)
-                await trio.sleep(4.0)
-                alive = child.process.poll() is None
-                res["hot_restart"] = "child ready, alive 4 s later" if alive else f"child ready, then exit {child.process.returncode}"
-            except (RuntimeError, trio.TooSlowError) as exc:
-                errs = [ln for ln in (d / "caller2-gen1.stderr").read_text(errors="replace").splitlines() if ln.strip()]
-                res["hot_restart"] = f"child failed ({type(exc).__name__}); last line {errs[-1][-160:] if errs else ''!r}"
+            res["hot_restart"] = how
             res["parent_alive"] = c2.process.poll() is None
             await trio.sleep(2.0)
             done.set()
@@ -598,17 +644,11 @@ async def case_subscriptions(ctx: Ctx) -> dict[str, object]:
             else:
                 subs.write_text(content)
             path = cfg(f"cold-{key}", subs)
-            try:
-                p = await start_process(proxy_argv(path, mesh.nofile), "octoproxy ready", d, f"cold-{key}", timeout=8)
-            except (RuntimeError, trio.TooSlowError) as exc:
-                errs = [ln for ln in (d / f"cold-{key}.stderr").read_text(errors="replace").splitlines() if ln.strip()]
-                cold[key] = f"no ready line ({type(exc).__name__}); last {errs[-1][-120:] if errs else ''!r}"
-                return
-            procs.append(p)
-            await trio.sleep(3.0)
-            if p.process.poll() is not None:
-                tb = "Traceback" in p.stderr()
-                cold[key] = f"ready line, then exit {p.process.returncode}" + (" with traceback" if tb else "")
+            how, p = await spawn_and_watch(proxy_argv(path, mesh.nofile), d, f"cold-{key}", 8, 3.0)
+            if p is not None:
+                procs.append(p)
+            if how != "running" or p is None:
+                cold[key] = how
                 return
             st_r, body_r = await p.get("/ready")
             subs_now = ""
@@ -616,11 +656,7 @@ async def case_subscriptions(ctx: Ctx) -> dict[str, object]:
                 subs_now = str(json.loads(body_r).get("discovery", {}).get("subscriptions"))
             except (ValueError, AttributeError):
                 pass
-            p.process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(5):
-                await p.process.wait()
-            term = "exits on SIGTERM" if p.process.poll() is not None else "SIGTERM ignored"
-            cold[key] = f"running, /ready {st_r}, subscriptions {subs_now}, {term}"
+            cold[key] = f"running, /ready {st_r}, subscriptions {subs_now}"
 
         async with trio.open_nursery() as n:
             for k, v in shapes.items():

@@ -29,8 +29,8 @@ Cases (each with its own deadline):
                   to the caller's UDS; a new peer and a new SDK client must still be served
   subscriptions   a caller proxy with discovery: POST /subscribe with "", a hot restart over a
                   bad subscriptions file, cold starts over wrong-shaped files and a FIFO
-  cp_flood        3 control-plane sessions subscribing 20,000 names of 253 characters each;
-                  GET /sessions; sessions closed
+  cp_flood        3 control-plane sessions subscribing 20,000 names of 253 characters each
+                  and 3 subscribing 9,999 (under a 10,000 cap); GET /sessions; sessions closed
 
 Per case one line: RSS (VmRSS from /proc/PID/status) of the caller and the echo provider proxy
 before the case, max during the case and its after-wait, and after the wait (30 s, `--quick` 5 s);
@@ -47,7 +47,9 @@ where idle is caller+provider RSS summed before the first case, max the largest 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import logging
 import os
 import resource
 import shutil
@@ -79,6 +81,8 @@ GOOD_RATE = 20.0  # calls per second per service
 GOOD_TIMEOUT = 3.0
 HOL_SECONDS = 10.0  # the head-of-line flood keeps 400 x 64 KB calls in flight this long
 RUN_DEADLINE = 9 * 60.0
+#: the control plane authenticates sessions (join / operator tokens, docs/control-plane.md)
+CP_AUTH = importlib.util.find_spec("octoproxy.controlplane._auth") is not None
 
 
 def status_name(code: int) -> str:
@@ -212,6 +216,28 @@ class Mesh:
     def caller_sock(self) -> Path:
         return self.dir / "caller.sock"
 
+    @property
+    def cp_state(self) -> Path:
+        return self.dir / "cp-state"
+
+    def operator_headers(self) -> list[tuple[str, str]]:
+        tok = self.cp_state / "operator.token"
+        return [("Authorization", f"Bearer {tok.read_text().strip()}")] if CP_AUTH and tok.exists() else []
+
+    async def join_token(self, service: str) -> Path | None:
+        """A join token for ``service`` in a 0600 file (``octoproxy ctl token create``), if the control plane has auth."""
+        if not CP_AUTH:
+            return None
+        argv = [sys.executable, "-m", "octoproxy", "ctl", "--state-dir", str(self.cp_state), "token", "create", "--service", service]
+        with trio.fail_after(20):
+            out = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"ctl token create: exit {out.returncode}: {last_error_line(out.stderr.decode(errors='replace'))}")
+        path = self.dir / f"{service}.join-token"
+        path.write_text(out.stdout.decode().strip().splitlines()[-1] + "\n")
+        path.chmod(0o600)
+        return path
+
     def pids(self) -> dict[str, int]:
         names = {"caller": "caller", "provider": "echo-proxy", "other": "other-proxy", "cp": "cp"}
         return {k: self.procs[v].process.pid for k, v in names.items() if v in self.procs and self.procs[v].process.returncode is None}
@@ -233,10 +259,10 @@ class Mesh:
             p = await start_process(proxy_argv(cfg, self.nofile), "octoproxy ready", d, name)
             await wait_ready(p)
         elif name == "cp":
-            p = await start_process(
-                [sys.executable, "-m", "octoproxy", "control-plane", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
-                "octoproxy control-plane ready", d, name,
-            )
+            argv = [sys.executable, "-m", "octoproxy", "control-plane", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+            if CP_AUTH:  # authentication landed: a private state dir (operator token made at first start)
+                argv += ["--state-dir", str(self.cp_state)]
+            p = await start_process(argv, "octoproxy control-plane ready", d, name)
         else:
             raise ValueError(name)
         self.procs[name] = p
@@ -265,6 +291,14 @@ class Mesh:
     async def stop_all(self) -> None:
         for p in reversed(list(self.procs.values())):
             await stop(p)
+
+
+def describe_exc(exc: BaseException) -> str:
+    """One line for an exception; the distinct leaves of an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = list(dict.fromkeys(describe_exc(e) for e in exc.exceptions))
+        return f"{len(exc.exceptions)} errors: " + " | ".join(leaves)[:400]
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def last_error_line(text: str) -> str:
@@ -337,6 +371,24 @@ def stderr_news(mesh: Mesh, marks: dict[str, int]) -> dict[str, dict[str, object
         if tb or errors:
             out[n] = {"tracebacks": tb, "error_lines": len(errors), "first_error": (errors[0][-200:] if errors else "")}
     return out
+
+
+class LogTap(logging.Handler):
+    """Collects what this process's octoproxy client code logs (WARNING and up) during a case."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.WARNING)
+        self.logger = logging.getLogger(name)
+        self.messages: dict[str, int] = {}
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()[:160]
+        self.messages[msg] = self.messages.get(msg, 0) + 1
+
+    def close(self) -> dict[str, int]:  # type: ignore[override]
+        self.logger.removeHandler(self)
+        return dict(list(self.messages.items())[:3])
 
 
 # --------------------------------------------------------------------------- the good client
@@ -601,8 +653,11 @@ async def case_subscriptions(ctx: Ctx) -> dict[str, object]:
     url = f"ws://{cp.addresses['listen']}/v1/discovery"
     res: dict[str, object] = {}
 
+    token = await mesh.join_token("abuse-subscriber")
+    token_line = f'join_token_file = "{token}"\n' if token else ""
+
     def cfg(name: str, subs: Path) -> Path:
-        extra = f'\n[discovery]\ncontrol_plane = ["{url}"]\nsubscriptions_file = "{subs}"\nsubscribe_timeout = 2.0\n'
+        extra = f'\n[discovery]\ncontrol_plane = ["{url}"]\nsubscriptions_file = "{subs}"\nsubscribe_timeout = 2.0\n{token_line}'
         path = d / f"{name}.toml"
         path.write_text(caller_config(d, name, mesh.echo_port, mesh.other_port, extra))
         return path
@@ -674,26 +729,57 @@ async def case_cp_flood(ctx: Ctx) -> dict[str, object]:
     cp = ctx.mesh.procs["cp"]
     url = f"ws://{cp.addresses['listen']}/v1/discovery"
     before = rss_mb(cp.process.pid)
+    cp_mark = cp.stderr_path.stat().st_size
+    seen = LogTap("octoproxy")
     outcomes: dict[str, str] = {}
     clients: list[DiscoveryClient] = []
     res: dict[str, object] = {}
+    token_file = await ctx.mesh.join_token("abuse-flooder")
+    kw: dict[str, object] = {"token": token_file.read_text().strip()} if token_file else {}
+    if CP_AUTH:  # a session without a token must be refused
+        anon = DiscoveryClient([url], "abuse-anonymous", backoff=(0.5, 2.0))
+        async with trio.open_nursery() as an:
+            await an.start(anon.run)
+            try:
+                await anon.wait_connected(3)
+                res["unauthenticated_session"] = "ACCEPTED"
+            except trio.TooSlowError:
+                res["unauthenticated_session"] = "refused"
+            an.cancel_scope.cancel()
+    # sessions 0-2 ask for 20,000 names each (over a 10,000 cap, a 5 MB message); 3-5 for 9,999 (at the cap)
+    plan = [20_000] * 3 + [9_999] * 3
+    run_errors: dict[str, int] = {}
+
+    async def keep(c: DiscoveryClient, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await c.run(task_status=task_status)
+        except BaseException as exc:  # DiscoveryClient.run should not raise but Cancelled: the rest is reported
+            errors, rest = (exc.split(Exception) if isinstance(exc, BaseExceptionGroup)
+                            else ((exc, None) if isinstance(exc, Exception) else (None, exc)))
+            if errors is not None:
+                key = describe_exc(errors)[-160:]
+                run_errors[key] = run_errors.get(key, 0) + 1
+            if rest is not None:
+                raise rest from None
+
     async with trio.open_nursery() as n:
-        for i in range(3):
-            c = DiscoveryClient([url], f"abuse-flood-{i}")
+        for i in range(len(plan)):
+            c = DiscoveryClient([url], f"abuse-flood-{i}", **kw)  # type: ignore[arg-type]
             clients.append(c)
-            await n.start(c.run)
+            await n.start(keep, c)
 
         async def flood(i: int, c: DiscoveryClient) -> None:
+            key = f"session{i} x{plan[i]}"
             try:
                 await c.wait_connected(5)
                 prefix = f"s{i}x"
-                names = [f"{prefix}{j:05d}" + "n" * (253 - len(prefix) - 5) for j in range(20_000)]
-                await c.subscribe(names, timeout=20)
-                outcomes[f"session{i}"] = "all 20000 resolved"
+                names = [f"{prefix}{j:05d}" + "n" * (253 - len(prefix) - 5) for j in range(plan[i])]
+                await c.subscribe(names, timeout=15)
+                outcomes[key] = f"all resolved (connections={c.connections})"
             except trio.TooSlowError:
-                outcomes[f"session{i}"] = f"not resolved in time (connections={c.connections})"
+                outcomes[key] = f"not resolved in 15 s (connections={c.connections})"
             except Exception as exc:  # noqa: BLE001 - reported
-                outcomes[f"session{i}"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                outcomes[key] = describe_exc(exc)[:160]
 
         async with trio.open_nursery() as fl:
             for i, c in enumerate(clients):
@@ -701,13 +787,20 @@ async def case_cp_flood(ctx: Ctx) -> dict[str, object]:
         res["sessions"] = outcomes
         try:
             t0 = trio.current_time()
-            st, _h, body = await http_request(cp.addresses["admin"], "GET", "/sessions", timeout=20)
+            st, _h, body = await http_request(cp.addresses["admin"], "GET", "/sessions", headers=ctx.mesh.operator_headers(), timeout=20)
             res["GET /sessions"] = f"HTTP {st}, {len(body) / MIB:.2f} MiB in {trio.current_time() - t0:.1f} s"
         except Exception as exc:  # noqa: BLE001 - reported
             res["GET /sessions"] = f"{type(exc).__name__}"
         res["cp_rss_mb_during"] = rss_mb(cp.process.pid)
         n.cancel_scope.cancel()
     res["cp_rss_mb_before"] = before
+    res["client_run_raised"] = run_errors
+    res["client_side_log"] = seen.close()
+    with open(cp.stderr_path, "rb") as f:
+        f.seek(cp_mark)
+        lines = f.read(4 * MIB).decode(errors="replace").splitlines()
+    warn = [ln.split(": ", 1)[-1][:160] for ln in lines if " WARNING " in ln or " ERROR " in ln]
+    res["cp_log"] = {"warning_or_error_lines": len(warn), "first": list(dict.fromkeys(warn))[:2]}
     return res
 
 
@@ -772,7 +865,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
                         try:
                             detail = await fn(ctx)
                         except Exception as exc:  # noqa: BLE001 - a case that breaks is reported, the run goes on
-                            detail = {"case_error": f"{type(exc).__name__}: {exc}"[:300]}
+                            detail = {"case_error": describe_exc(exc)}
                     if scope.cancelled_caught:
                         detail = {"case_error": f"deadline {deadline:g} s passed"}
                     good.paused.clear()

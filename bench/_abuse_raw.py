@@ -163,13 +163,14 @@ async def garbage(target: Target, kind: str, hold: float) -> str:
             await send_all(s, encode_request(1, "echo", "echo", b"x")[:10])
         elif kind == "truncated":  # a 1 MiB frame, 64 KiB of it, then silence
             await send_all(s, frame_of_size(1 << 20)[: 64 << 10])
-        elif kind == "slow_loris":  # a valid small request, one byte every 0.25 s
+        elif kind == "slow_loris":  # a valid small request, one byte every 0.25 s (a minute for all of it)
             data = encode_request(1, "echo", "echo", b"y" * 200)
             with trio.move_on_after(hold):
                 for i in range(len(data)):
                     if await send_all(s, data[i : i + 1]) < 1:
                         return "closed"
                     await trio.sleep(0.25)
+            return "held"
         else:
             raise ValueError(kind)
         return "closed" if await closed_by_peer(s, hold) else "held"

@@ -9,6 +9,9 @@ import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "src" / "octoproxy"
 CORES = ["identity/_names.py", "_protocol.py", "_errors.py", "_frame.py", "_frame_py.py", "_fastframe.pyx", "_balancer.py", "_config.py", "_metrics.py", "agent/_policy.py", "proxy/_engine.py", "proxy/_hot_restart.py", "proxy/_relay_py.py", "_xds_client.py", "_xds_server.py"]
+# governance policy cores (docs/governance.md)
+CORES += ["governance/__init__.py", "governance/_verdict.py", "governance/_routing.py", "governance/_outlier.py", "governance/_breaker.py",
+          "governance/_retry.py", "governance/_ratelimit.py", "governance/_trace.py", "governance/_policy.py", "governance/_proto.py"]
 FORBIDDEN_MODULES = {"trio", "socket", "selectors", "asyncio"}
 
 

@@ -913,7 +913,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
     finally:
         with trio.CancelScope(shield=True):
             await mesh.stop_all()
-    total_fail = sum(int(r["good"]["failures"]) for r in rows)  # type: ignore[index]
+    total_fail = sum(int(r["good"]["failures"]) for r in rows)  # type: ignore[index, misc]
     after_pair = after.get("caller", 0.0) + after.get("provider", 0.0)
     max_pair = sampler.max_pair_all
     targets = {

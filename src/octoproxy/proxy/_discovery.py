@@ -242,6 +242,8 @@ class Discovery:
         self.registered_address: str | None = None
         self._nursery: trio.Nursery | None = None
         self.route_timeout = cfg.route_timeout or proxy.config.upstream.default_timeout
+        #: an explicit discovery.route_timeout is a cap; unset, the caller's deadline holds
+        self.route_max_timeout = cfg.route_timeout or 0.0
 
     # ------------------------------------------------------------ running
 
@@ -426,7 +428,7 @@ class Discovery:
         if cluster is None:
             cluster = Cluster(service, self.cfg.lb, [])
             engine.clusters[service] = cluster
-            engine.set_routes(list(engine.routes) + [Route(service, "*", service, self.route_timeout)])
+            engine.set_routes(list(engine.routes) + [Route(service, "*", service, self.route_timeout, self.route_max_timeout)])
             log.info("new cluster %s from discovery", service)
         wanted = {ep.address: ep for ep in endpoints}
         current = {ep.address: ep for ep in cluster.endpoints}

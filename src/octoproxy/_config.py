@@ -590,6 +590,17 @@ class DiscoveryConfig:
     idc: str = _opt(_STR, "", "Registered data centre (IDC).")
     tags: Mapping[str, str] = _opt(_STR_MAP, _EMPTY, "Registered routing tags.")
     lease_ttl: float = _opt(_POSITIVE, 10.0, "Registration lease: a dead host's endpoint disappears within this time.")
+    join_token_file: Path | None = _optional(
+        _PATH,
+        "File holding this service's join token (`octoproxy ctl token create --service S`), sent as "
+        "`Authorization: Bearer` to the control plane; read at each connection. Keep it mode 0600.",
+        default_doc="none (the control plane refuses the session unless a client certificate authenticates it)",
+    )
+    ca_file: Path | None = _optional(
+        _PATH,
+        "CA certificates (PEM) to verify a `wss://` control plane with (its `ca.crt`).",
+        default_doc="the system's trust store",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,7 +13,9 @@ CORES = ["identity/_names.py", "_protocol.py", "_errors.py", "_frame.py", "_fram
 CORES += ["governance/__init__.py", "governance/_verdict.py", "governance/_routing.py", "governance/_outlier.py", "governance/_breaker.py",
           "governance/_retry.py", "governance/_ratelimit.py", "governance/_trace.py", "governance/_policy.py", "governance/_proto.py"]
 # the SDK's sans-IO cores (docs/sdk.md)
-CORES += ["sdk/_core.py", "sdk/_server_core.py", "sdk/_subscribe_core.py"]
+CORES += ["sdk/_core.py", "sdk/_server_core.py", "sdk/_subscribe_core.py", "sdk/_config_core.py"]
+# configuration for apps: versions and gradual-release decisions (docs/control-plane.md)
+CORES += ["_appconfig.py"]
 FORBIDDEN_MODULES = {"trio", "socket", "selectors", "asyncio"}
 
 

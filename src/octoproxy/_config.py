@@ -383,6 +383,19 @@ def _dump_table(obj: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 _STR, _NAME, _POSITIVE = _string(), _string(nonempty=True), _seconds()
+
+
+def _environment() -> _Kind[str]:
+    """An environment name of configuration for apps: ``[A-Za-z0-9][A-Za-z0-9_-]*``, at most 63 chars."""
+
+    def convert(v: object, key: str, base_dir: Path | None) -> str:
+        if isinstance(v, str) and 0 < len(v) <= 63 and v[0].isascii() and v[0].isalnum() and all(
+            c.isascii() and (c.isalnum() or c in "_-") for c in v
+        ):
+            return v
+        raise _Bad
+
+    return _Kind("an environment name ([A-Za-z0-9_-], no dot, at most 63 chars)", "string", convert)
 _BUFFER_DOC = (
     "Per-connection output buffer, in bytes: beyond it a {} is not read until it takes half of its queue, and the "
     "excess is charged to `proxy.memory_budget`."
@@ -439,6 +452,12 @@ class ProxySettings:
         64,
         "File descriptors kept free below RLIMIT_NOFILE for the admin and hot-restart sockets and upstream connections; "
         "when data connections reach the rest, the oldest idle one is shed for a new one.",
+    )
+    environment: str = _opt(
+        _environment(),
+        "default",
+        "Environment of the app's configuration (`GET /config`, `sdk.get_config`): the proxy gets "
+        "`proxy.service`'s configuration for this environment from the control plane.",
     )
 
 
@@ -601,6 +620,12 @@ class DiscoveryConfig:
         "CA certificates (PEM) to verify a `wss://` control plane with (its `ca.crt`).",
         default_doc="the system's trust store",
     )
+    app_config_file: Path | None = _optional(
+        _PATH,
+        "Where the last configuration for the app (`GET /config`) is persisted (atomic writes, mode 0600); "
+        "served at start while the control plane is down.",
+        default_doc="`outbound.uds` + `.appconfig.json`",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -636,6 +661,13 @@ class ProxyConfig:
         if self.discovery is not None and self.discovery.subscriptions_file is not None:
             return self.discovery.subscriptions_file
         return self.outbound.uds.with_name(self.outbound.uds.name + ".subscriptions.json")
+
+    @property
+    def app_config_path(self) -> Path:
+        """Where the app's last configuration is persisted (``discovery.app_config_file`` or its default)."""
+        if self.discovery is not None and self.discovery.app_config_file is not None:
+            return self.discovery.app_config_file
+        return self.outbound.uds.with_name(self.outbound.uds.name + ".appconfig.json")
 
     @property
     def hot_restart_path(self) -> Path:

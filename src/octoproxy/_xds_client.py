@@ -36,6 +36,7 @@ from .proto import octoproxy_discovery_pb2 as pb
 __all__ = [
     "TYPE_ENDPOINTS",
     "TYPE_ROUTES",
+    "TYPE_APPCONFIG",
     "RESOURCE_TYPES",
     "INVALID_ARGUMENT",
     "DiscoveryError",
@@ -48,10 +49,14 @@ __all__ = [
 TYPE_ENDPOINTS = "octoproxy.v1.ClusterLoadAssignment"
 #: type_url of the routing rules of a service (:class:`pb.RouteRules`).
 TYPE_ROUTES = "octoproxy.v1.RouteRules"
+#: type_url of an app's configuration (:class:`pb.AppConfig`, name ``"<service>.<environment>"``;
+#: see :mod:`octoproxy._appconfig`).
+TYPE_APPCONFIG = "octoproxy.v1.AppConfig"
 #: type_url -> message class of the resource body.
-RESOURCE_TYPES: dict[str, type[pb.ClusterLoadAssignment] | type[pb.RouteRules]] = {
+RESOURCE_TYPES: dict[str, type[pb.ClusterLoadAssignment] | type[pb.RouteRules] | type[pb.AppConfig]] = {
     TYPE_ENDPOINTS: pb.ClusterLoadAssignment,
     TYPE_ROUTES: pb.RouteRules,
+    TYPE_APPCONFIG: pb.AppConfig,
 }
 #: ``ErrorDetail.code`` of a NACK (gRPC's INVALID_ARGUMENT).
 INVALID_ARGUMENT = 3
@@ -274,7 +279,8 @@ class XdsClient:
                 res = cls.FromString(r.body)
             except DecodeError as exc:
                 raise DiscoveryError(f"resource {r.name!r}: undecodable body: {exc}") from None
-            if res.service != r.name:
+            described = f"{res.service}.{res.environment}" if isinstance(res, pb.AppConfig) else res.service
+            if described != r.name:
                 raise DiscoveryError(f"resource {r.name!r} describes service {res.service!r}")
             if validate is not None:
                 try:

@@ -19,6 +19,7 @@ answers are JSON; endpoints and route rules use the protobuf JSON mapping
 | POST | /v1/endpoints/status | ``{"service", "address", "status"}`` |
 | GET | /v1/routes?service= | the service's route rules |
 | PUT | /v1/routes | a ``RouteRules`` (no rules deletes them) |
+| GET, POST | /v1/config... | configuration for apps (see :mod:`._appconfig`) |
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .._admin import Handler, Request, Response
 from .._xds_client import RESOURCE_TYPES
 from .._xds_server import check_endpoint, check_route_rules, check_service_name
 from ..proto import octoproxy_discovery_pb2 as pb
+from ._appconfig import appconfig_routes
 from ._auth import RateLimitedLog, make_join_token
 from ._server import ControlPlaneServer
 from ._store import StoreError
@@ -221,6 +223,7 @@ def admin_routes(server: ControlPlaneServer) -> dict[tuple[str, str], Handler]:
         ("GET", "/v1/routes"): routes_get,
         ("PUT", "/v1/routes"): routes_put,
     }
+    routes.update(appconfig_routes(store))  # configuration for apps (controlplane/_appconfig.py)
     out: dict[tuple[str, str], Handler] = {k: operator_only(v) for k, v in routes.items()}
     out[("GET", "/healthz")] = healthz
     return out

@@ -150,6 +150,8 @@ class EmbeddedStore(Store):
             snap.routes.append(self.view.routes[service])
         for tid in sorted(self.view.tokens):
             snap.tokens.append(self.view.tokens[tid])
+        for name in sorted(self.view.app_configs):
+            snap.app_configs.append(self.view.app_configs[name])
         return snap
 
     async def _load(self, path: str) -> None:
@@ -170,6 +172,8 @@ class EmbeddedStore(Store):
             await self.put_route_rules(rules)
         for token in snap.tokens:
             self.view.set_token(token)
+        for record in snap.app_configs:
+            self.view.set_app_config(record)
         logger.info(
             "restored %d registrations, %d route rules, %d join tokens from %s",
             len(snap.registrations), len(snap.routes), len(snap.tokens), path,
@@ -261,3 +265,7 @@ class EmbeddedStore(Store):
     async def delete_token(self, token_id: str) -> bool:
         """See :meth:`Store.delete_token`."""
         return self.view.remove_token(token_id)
+
+    async def put_app_config(self, record: pb.AppConfigRecord) -> None:
+        """See :meth:`Store.put_app_config`."""
+        self.view.set_app_config(record)

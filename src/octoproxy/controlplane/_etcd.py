@@ -36,7 +36,7 @@ import json
 import logging
 import math
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -81,7 +81,11 @@ def _prefix_end(prefix: str) -> str:
     return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode()
 
 
-def _to_json(msg: pb.Endpoint | pb.RouteRules | pb.JoinToken) -> str:
+#: compare-and-swap attempts of one configuration write before giving up
+CAS_ATTEMPTS = 8
+
+
+def _to_json(msg: pb.Endpoint | pb.RouteRules | pb.JoinToken | pb.AppConfigRecord) -> str:
     return str(json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=None, sort_keys=True))
 
 
@@ -284,6 +288,9 @@ class EtcdStore(Store):
             if kind == "tokens":
                 token = json_format.Parse(value, pb.JoinToken(), ignore_unknown_fields=True) if value else None
                 return ("tokens", tail, token)
+            if kind == "appconfig":
+                record = json_format.Parse(value, pb.AppConfigRecord(), ignore_unknown_fields=True) if value else None
+                return ("appconfig", tail, record)
         except json_format.ParseError as exc:
             logger.warning("ignoring undecodable key %s: %s", key, exc)
         return None
@@ -296,6 +303,7 @@ class EtcdStore(Store):
         services: dict[str, dict[str, pb.Endpoint]] = {}
         routes: dict[str, pb.RouteRules] = {}
         tokens: dict[str, pb.JoinToken] = {}
+        app_configs: dict[str, pb.AppConfigRecord] = {}
         for kv in reply.get("kvs", []):
             item = self._decode(_unb64(kv["key"]), _unb64(kv.get("value", "")))
             if item is None:
@@ -307,7 +315,9 @@ class EtcdStore(Store):
                 routes[item[1]] = item[2]
             elif item[0] == "tokens" and item[2] is not None:
                 tokens[item[1]] = item[2]
-        changed = self.view.replace_all(services, routes, tokens)
+            elif item[0] == "appconfig" and item[2] is not None:
+                app_configs[item[1]] = item[2]
+        changed = self.view.replace_all(services, routes, tokens, app_configs)
         revision = int(reply["header"]["revision"])
         logger.info("listed %d services from etcd at revision %d (%d changes)", len(services), revision, changed)
         return revision
@@ -325,6 +335,11 @@ class EtcdStore(Store):
                 self.view.remove_endpoint(service, address)
             else:
                 self.view.set_endpoint(service, ep)
+        elif kind == "appconfig":
+            if payload is None:
+                self.view.remove_app_config(service)
+            else:
+                self.view.set_app_config(payload)
         elif kind == "tokens":
             if payload is None:
                 self.view.remove_token(service)
@@ -503,3 +518,39 @@ class EtcdStore(Store):
         """See :meth:`Store.delete_token`."""
         reply = await self._call("/v3/kv/deleterange", {"key": _b64(f"{self.prefix}tokens/{token_id}")})
         return int(reply.get("deleted", 0)) > 0
+
+    async def put_app_config(self, record: pb.AppConfigRecord) -> None:
+        """See :meth:`Store.put_app_config` (``<prefix>appconfig/<service>.<env>``, never leased)."""
+        key = _b64(f"{self.prefix}appconfig/{record.service}.{record.environment}")
+        await self._call("/v3/kv/put", {"key": key, "value": _b64(_to_json(record))})
+
+    async def update_app_config(
+        self, service: str, env: str, update: Callable[[pb.AppConfigRecord], pb.AppConfigRecord]
+    ) -> tuple[pb.AppConfigRecord, pb.AppConfigRecord]:
+        """See :meth:`Store.update_app_config`: a compare-and-swap on the key's revision.
+
+        Two operators writing the same record through two replicas at once
+        both succeed, one after the other (the loser reads again and
+        re-applies its change); after :data:`CAS_ATTEMPTS` lost races it
+        gives up with :class:`StoreError`.
+        """
+        key = _b64(f"{self.prefix}appconfig/{service}.{env}")
+        for _ in range(CAS_ATTEMPTS):
+            reply = await self._call("/v3/kv/range", {"key": key})
+            kvs = reply.get("kvs") or []
+            old = pb.AppConfigRecord(service=service, environment=env)
+            revision = 0
+            if kvs:
+                revision = int(kvs[0].get("mod_revision", 0))
+                try:
+                    json_format.Parse(_unb64(kvs[0].get("value", "")), old, ignore_unknown_fields=True)
+                except json_format.ParseError as exc:
+                    raise StoreError(f"undecodable configuration record {service}.{env} in etcd: {exc}") from None
+            new = update(old)
+            compare = {"key": key, "target": "MOD", "mod_revision": str(revision), "result": "EQUAL"}
+            if not revision:
+                compare = {"key": key, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}
+            txn = {"compare": [compare], "success": [{"request_put": {"key": key, "value": _b64(_to_json(new))}}]}
+            if (await self._call("/v3/kv/txn", txn)).get("succeeded"):
+                return old, new
+        raise StoreError(f"configuration {service}.{env}: {CAS_ATTEMPTS} concurrent writes in a row; try again")

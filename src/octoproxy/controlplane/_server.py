@@ -53,8 +53,9 @@ import trio
 from google.protobuf.message import DecodeError
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
+from .. import _appconfig
 from .._errors import exception_leaves
-from .._xds_client import RESOURCE_TYPES, DiscoveryError
+from .._xds_client import RESOURCE_TYPES, TYPE_APPCONFIG, DiscoveryError
 from .._xds_server import (
     DEFAULT_MAX_SUBSCRIPTIONS,
     LimitExceeded,
@@ -68,7 +69,7 @@ from ..identity import DEFAULT_LEAF_TTL, parse_spiffe_id
 from ..proto import octoproxy_discovery_pb2 as pb
 from ._auth import Authenticator, Principal, RateLimitedLog
 from ._issuance import answer_certificate_request
-from ._store import TYPE_TOKENS, LeaseNotFound, Store, StoreChange, StoreError
+from ._store import TYPE_TOKENS, LeaseNotFound, Store, StoreChange, StoreError, resource_version
 
 if TYPE_CHECKING:  # (cryptography is imported when a CA is made, not by every proxy)
     from ..identity import CertificateAuthority
@@ -172,6 +173,8 @@ class ControlPlaneServer:
         self._refused_log = RateLimitedLog(logger.warning)
         self._limit_log = RateLimitedLog(logger.warning)
         self._nursery: trio.Nursery | None = None
+        #: app configuration bodies by name: (the record they were made from, version -> (hash, body))
+        self._app_configs: dict[str, tuple[pb.AppConfigRecord, dict[int, tuple[str, bytes]]]] = {}
         #: sessions refused at the handshake, by reason (401, 429)
         self.refused = {"unauthenticated": 0, "too_many_sessions": 0}
 
@@ -541,10 +544,47 @@ class _Session:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
             for type_url, names in self.core.take_dirty().items():
-                current = {name: self.store.view.lookup(type_url, name) for name in names}
+                if type_url == TYPE_APPCONFIG:
+                    current = {name: self._app_config(name) for name in names}
+                else:
+                    current = {name: self.store.view.lookup(type_url, name) for name in names}
                 msg = self.core.make_response(type_url, current, str(self.store.view.revision))
                 if msg is not None:
                     await self.send(msg)
+
+    def _app_config(self, name: str) -> tuple[str, bytes] | None:
+        """The configuration ``name`` resolved for this session's instance (its node id).
+
+        A service principal reads only its own service's configuration: any
+        other name is answered as absent (and logged), as if it did not exist.
+        """
+        try:
+            service, _env = _appconfig.split_name(name)
+        except _appconfig.AppConfigError:
+            return None
+        if not self.principal.is_operator and service != self.principal.service:
+            self.server._limit_log(
+                trio.current_time(),
+                f"session {self.peer} ({self.principal.describe()}): permission denied: configuration of {service!r}",
+            )
+            return None
+        record = self.store.view.app_configs.get(name)
+        if record is None:
+            self.server._app_configs.pop(name, None)
+            return None
+        version = _appconfig.chosen_version(record, self.core.node_id or self.peer)
+        cached = self.server._app_configs.get(name)
+        if cached is None or cached[0] is not record:  # a new record object: a change
+            cached = (record, {})
+            self.server._app_configs[name] = cached
+        found = cached[1].get(version)
+        if found is None:  # encoded once per version, not once per session
+            resolved = _appconfig.resolve(record, self.core.node_id or self.peer)
+            if resolved is None:
+                return None
+            body = resolved.SerializeToString(deterministic=True)
+            found = cached[1][version] = (resource_version(body), body)
+        return found
 
     # ------------------------------------------------------------ leases
     def _period(self) -> float:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import trio
 
 from .._errors import OctoproxyError
-from .._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES
+from .._xds_client import TYPE_APPCONFIG, TYPE_ENDPOINTS, TYPE_ROUTES
 from ..proto import octoproxy_discovery_pb2 as pb
 
 __all__ = [
@@ -92,6 +92,8 @@ class RegistryView:
         self.routes: dict[str, pb.RouteRules] = {}
         #: join tokens by id (hashes only)
         self.tokens: dict[str, pb.JoinToken] = {}
+        #: app configuration records by resource name ``"<service>.<env>"`` (octoproxy._appconfig)
+        self.app_configs: dict[str, pb.AppConfigRecord] = {}
         self.revision = 0
         self._listeners: list[Listener] = []
         self._cache: dict[tuple[str, str], tuple[str, bytes]] = {}
@@ -178,11 +180,31 @@ class RegistryView:
         self._changed(TYPE_TOKENS, token_id)
         return True
 
+    def set_app_config(self, record: pb.AppConfigRecord) -> bool:
+        """Add or replace an app configuration record. Returns True if it changed."""
+        name = f"{record.service}.{record.environment}"
+        old = self.app_configs.get(name)
+        if old is not None and old == record:
+            return False
+        new = pb.AppConfigRecord()
+        new.CopyFrom(record)
+        self.app_configs[name] = new
+        self._changed(TYPE_APPCONFIG, name)
+        return True
+
+    def remove_app_config(self, name: str) -> bool:
+        """Forget an app configuration record. Returns True if there was one."""
+        if self.app_configs.pop(name, None) is None:
+            return False
+        self._changed(TYPE_APPCONFIG, name)
+        return True
+
     def replace_all(
         self,
         services: Mapping[str, Mapping[str, pb.Endpoint]],
         routes: Mapping[str, pb.RouteRules],
         tokens: Mapping[str, pb.JoinToken] | None = None,
+        app_configs: Mapping[str, pb.AppConfigRecord] | None = None,
     ) -> int:
         """Make the view equal to the given content, notifying per changed name.
 
@@ -207,6 +229,11 @@ class RegistryView:
                 n += self.remove_token(tid)
             for token in tokens.values():
                 n += self.set_token(token)
+        if app_configs is not None:
+            for name in set(self.app_configs) - set(app_configs):
+                n += self.remove_app_config(name)
+            for record in app_configs.values():
+                n += self.set_app_config(record)
         return n
 
     def lookup(self, type_url: str, name: str) -> tuple[str, bytes] | None:
@@ -324,6 +351,32 @@ class Store(abc.ABC):
         Raises:
             StoreUnavailable: if the backing store cannot be reached.
         """
+
+    async def put_app_config(self, record: pb.AppConfigRecord) -> None:
+        """Store an app configuration record (never leased; see :mod:`octoproxy._appconfig`).
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+        raise NotImplementedError
+
+    async def update_app_config(
+        self, service: str, env: str, update: Callable[[pb.AppConfigRecord], pb.AppConfigRecord]
+    ) -> tuple[pb.AppConfigRecord, pb.AppConfigRecord]:
+        """Read (service, env)'s record, ``update`` it, write it; return ``(old, new)``.
+
+        ``update`` may raise (nothing is written). The default reads the view
+        and writes with no ``await`` in between that another writer of this
+        process could interleave with; a store shared by several replicas
+        (etcd) overrides it with a compare-and-swap.
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+        old = self.view.app_configs.get(f"{service}.{env}") or pb.AppConfigRecord(service=service, environment=env)
+        new = update(old)
+        await self.put_app_config(new)
+        return old, new
 
     async def get_endpoints(self, service: str) -> tuple[str, pb.ClusterLoadAssignment] | None:
         """Return ``(version, endpoints)`` of ``service``, or ``None`` if it has none."""

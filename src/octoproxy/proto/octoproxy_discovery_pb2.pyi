@@ -261,7 +261,7 @@ class ServerMessage(_message.Message):
     def __init__(self, response: _Optional[_Union[DiscoveryResponse, _Mapping]] = ..., ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., certificate: _Optional[_Union[CertificateResponse, _Mapping]] = ...) -> None: ...
 
 class StoreSnapshot(_message.Message):
-    __slots__ = ("registrations", "routes", "tokens")
+    __slots__ = ("registrations", "routes", "tokens", "app_configs")
     class Registration(_message.Message):
         __slots__ = ("service", "endpoint", "lease_ttl_ms")
         SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -274,10 +274,12 @@ class StoreSnapshot(_message.Message):
     REGISTRATIONS_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    APP_CONFIGS_FIELD_NUMBER: _ClassVar[int]
     registrations: _containers.RepeatedCompositeFieldContainer[StoreSnapshot.Registration]
     routes: _containers.RepeatedCompositeFieldContainer[RouteRules]
     tokens: _containers.RepeatedCompositeFieldContainer[JoinToken]
-    def __init__(self, registrations: _Optional[_Iterable[_Union[StoreSnapshot.Registration, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[RouteRules, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[JoinToken, _Mapping]]] = ...) -> None: ...
+    app_configs: _containers.RepeatedCompositeFieldContainer[AppConfigRecord]
+    def __init__(self, registrations: _Optional[_Iterable[_Union[StoreSnapshot.Registration, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[RouteRules, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[JoinToken, _Mapping]]] = ..., app_configs: _Optional[_Iterable[_Union[AppConfigRecord, _Mapping]]] = ...) -> None: ...
 
 class JoinToken(_message.Message):
     __slots__ = ("id", "service", "sha256_hex", "created_unix_ms", "expires_unix_ms")
@@ -292,3 +294,59 @@ class JoinToken(_message.Message):
     created_unix_ms: int
     expires_unix_ms: int
     def __init__(self, id: _Optional[str] = ..., service: _Optional[str] = ..., sha256_hex: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
+
+class AppConfig(_message.Message):
+    __slots__ = ("service", "environment", "version", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    environment: str
+    version: str
+    values: _containers.ScalarMap[str, str]
+    def __init__(self, service: _Optional[str] = ..., environment: _Optional[str] = ..., version: _Optional[str] = ..., values: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class AppConfigVersion(_message.Message):
+    __slots__ = ("version", "values", "created_unix_ms", "note")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    values: _containers.ScalarMap[str, str]
+    created_unix_ms: int
+    note: str
+    def __init__(self, version: _Optional[int] = ..., values: _Optional[_Mapping[str, str]] = ..., created_unix_ms: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+
+class AppConfigRecord(_message.Message):
+    __slots__ = ("service", "environment", "history", "stable", "candidate", "percent", "last_version")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    STABLE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    LAST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    environment: str
+    history: _containers.RepeatedCompositeFieldContainer[AppConfigVersion]
+    stable: int
+    candidate: int
+    percent: int
+    last_version: int
+    def __init__(self, service: _Optional[str] = ..., environment: _Optional[str] = ..., history: _Optional[_Iterable[_Union[AppConfigVersion, _Mapping]]] = ..., stable: _Optional[int] = ..., candidate: _Optional[int] = ..., percent: _Optional[int] = ..., last_version: _Optional[int] = ...) -> None: ...

@@ -41,19 +41,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from .._balancer import Endpoint
+from .._xds_client import TYPE_APPCONFIG
 from .._xds_server import check_service_name
 from ..controlplane import TYPE_ENDPOINTS, DiscoveryClient, ResourceChange
 from ..proto import octoproxy_discovery_pb2 as pb
 from ._engine import Cluster, Route
 
 if TYPE_CHECKING:
+    from ._appconfig import AppConfigState
     from ._server import Proxy
 
 log = logging.getLogger("octoproxy.discovery")
 
 __all__ = [
     "Discovery", "REMOVAL_GRACE", "SUBSCRIPTIONS_FILE_MAX", "SUBSCRIPTIONS_FILE_MODE", "SubscriptionsFileError",
-    "read_subscriptions_file", "service_names", "write_atomic",
+    "read_subscriptions_file", "read_state_file", "service_names", "write_atomic", "run_blocking",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -118,11 +120,36 @@ def read_subscriptions_file(path: Path) -> list[str]:
         SubscriptionsFileError: the file cannot be read, is not a regular
             file, is too big, is not JSON, or is not ``{"services": [names]}``.
     """
+    data = read_state_file(path, SUBSCRIPTIONS_FILE_MAX)
+    if data is None:
+        return []
+    if not isinstance(data, dict) or "services" not in data:
+        raise SubscriptionsFileError(f'{path}: expected {{"services": [names]}}, got {_describe(data)}')
+    try:
+        return service_names(data["services"])
+    except ValueError as exc:
+        raise SubscriptionsFileError(f"{path}: {exc}") from None
+
+
+def read_state_file(path: Path, max_size: int) -> Any:
+    """Read a JSON state file the proxy wrote (subscriptions, the app's configuration).
+
+    Blocking: run it in a worker thread. Only a regular file is read (a FIFO,
+    a device or a symbolic link is refused without blocking: ``O_NONBLOCK |
+    O_NOFOLLOW``, then ``fstat``), and at most ``max_size`` bytes of it.
+
+    Returns:
+        The decoded JSON, or ``None`` if the file does not exist.
+
+    Raises:
+        SubscriptionsFileError: the file cannot be read, is not a regular
+            file, is too big, or is not JSON.
+    """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        return []
+        return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise SubscriptionsFileError(f"{path}: is a symbolic link; only a regular file is read") from None
@@ -131,10 +158,10 @@ def read_subscriptions_file(path: Path) -> list[str]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise SubscriptionsFileError(f"{path}: is not a regular file ({_file_kind(st.st_mode)})")
-        if st.st_size > SUBSCRIPTIONS_FILE_MAX:
-            raise SubscriptionsFileError(f"{path}: {st.st_size} bytes, more than the {SUBSCRIPTIONS_FILE_MAX} allowed")
+        if st.st_size > max_size:
+            raise SubscriptionsFileError(f"{path}: {st.st_size} bytes, more than the {max_size} allowed")
         chunks, size = [], 0
-        while size <= SUBSCRIPTIONS_FILE_MAX:  # bounded even if the file grows while we read
+        while size <= max_size:  # bounded even if the file grows while we read
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 break
@@ -144,18 +171,12 @@ def read_subscriptions_file(path: Path) -> list[str]:
         raise SubscriptionsFileError(f"{path}: cannot read: {exc.strerror}") from None
     finally:
         os.close(fd)
-    if size > SUBSCRIPTIONS_FILE_MAX:
-        raise SubscriptionsFileError(f"{path}: more than the {SUBSCRIPTIONS_FILE_MAX} bytes allowed")
+    if size > max_size:
+        raise SubscriptionsFileError(f"{path}: more than the {max_size} bytes allowed")
     try:
-        data = json.loads(b"".join(chunks))
+        return json.loads(b"".join(chunks))
     except ValueError as exc:  # also bad UTF-8
         raise SubscriptionsFileError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or "services" not in data:
-        raise SubscriptionsFileError(f'{path}: expected {{"services": [names]}}, got {_describe(data)}')
-    try:
-        return service_names(data["services"])
-    except ValueError as exc:
-        raise SubscriptionsFileError(f"{path}: {exc}") from None
 
 
 def _file_kind(mode: int) -> str:
@@ -240,6 +261,7 @@ class Discovery:
             list(cfg.control_plane),
             node,
             self._on_change,
+            validate=self._validate,
             token=self._join_token,
             ssl_context=_control_plane_tls(cfg.ca_file) if any(u.startswith("wss:") for u in cfg.control_plane) else None,
         )
@@ -259,6 +281,13 @@ class Discovery:
         self.route_timeout = cfg.route_timeout or proxy.config.upstream.default_timeout
         #: an explicit discovery.route_timeout is a cap; unset, the caller's deadline holds
         self.route_max_timeout = cfg.route_timeout or 0.0
+        #: the app's configuration (``proxy.service`` set): see proxy/_appconfig.py
+        self.appconfig: AppConfigState | None = None
+        if proxy.config.proxy.service and check_service_name(proxy.config.proxy.service) is None:
+            from ._appconfig import AppConfigState
+
+            settings = proxy.config.proxy
+            self.appconfig = AppConfigState(settings.service, settings.environment, proxy.config.app_config_path)
 
     # ------------------------------------------------------------ running
 
@@ -266,6 +295,9 @@ class Discovery:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.client.run)
+            if self.appconfig is not None:
+                await self.appconfig.restore()  # the last known values, until the control plane answers
+                self.client.subscribe_nowait([self.appconfig.name], types=(TYPE_APPCONFIG,))
             self.engine.on_unknown_service = self._lazy_subscribe
             self.engine.unrouted_timeout = self.cfg.subscribe_timeout + 1.0
             task_status.started()
@@ -410,9 +442,20 @@ class Discovery:
 
     # ------------------------------------------------------------ applying changes
 
+    def _validate(self, type_url: str, name: str, resource: Any) -> None:
+        """Reject (NACK) a delivery of the app's configuration that is not valid."""
+        if type_url == TYPE_APPCONFIG:
+            if self.appconfig is None:
+                raise ValueError("this proxy has no proxy.service: no configuration expected")
+            self.appconfig.validate(name, resource)
+
     def _on_change(self, changes: list[ResourceChange]) -> None:
         now = trio.current_time()
         for change in changes:
+            if change.type_url == TYPE_APPCONFIG:
+                if self.appconfig is not None and change.name == self.appconfig.name and self._nursery is not None:
+                    self.appconfig.delivered(change.resource, self._nursery)
+                continue
             if change.type_url != TYPE_ENDPOINTS or change.name not in self.subscribed:
                 continue  # (not subscribed: our own service, watched by _register)
             if change.resource is None:
@@ -591,4 +634,7 @@ class Discovery:
             "subscriptions": sorted(self.subscribed),
             "restored": self.restored.is_set(),
             "registered": self.registered_address,
+            "app_config": None if self.appconfig is None else {
+                "name": self.appconfig.name, "version": self.appconfig.version, "source": self.appconfig.source,
+            },
         }

@@ -53,6 +53,7 @@ __all__ = ["Proxy", "bind_tcp", "ADMIN_PUBLIC"]
 #: app-facing subscription calls the SDK makes with only the admin address (bounded below)
 ADMIN_PUBLIC = frozenset(
     {("GET", "/healthz"), ("GET", "/ready"), ("GET", "/stats"), ("POST", "/subscribe"), ("POST", "/unsubscribe")}
+    | {("GET", "/config")}  # the app's configuration: read-only, bounded watchers (proxy/_appconfig.py)
 )
 #: POST /subscribe: names per request, and the longest wait a caller may ask for
 _SUBSCRIBE_MAX_NAMES = 1000
@@ -812,6 +813,20 @@ class Proxy:
                 return Response(504, {"error": f"endpoints not all known within {timeout}s; the subscription stays", "services": services})
             return Response(200, {"services": {n: {"endpoints": c} for n, c in counts.items()}})
 
+        async def app_config(req: Request) -> Response:
+            state = self.discovery.appconfig if self.discovery is not None else None
+            if state is None:
+                return Response(404, {"error": "no configuration for the app: needs [discovery] and proxy.service"})
+            from ._appconfig import parse_watch
+
+            try:
+                watch, timeout = parse_watch(dict(req.query))
+            except ValueError as exc:
+                return Response(400, {"error": str(exc)})
+            if watch is not None and not await state.wait_changed(watch, timeout):
+                return Response(429, {"error": "too many configuration watchers on this proxy; retry later"})
+            return Response(200, state.answer())
+
         async def unsubscribe(req: Request) -> Response:
             if self.discovery is None:
                 return Response(404, {"error": "discovery is not configured on this proxy ([discovery] section)"})
@@ -847,6 +862,7 @@ class Proxy:
             ("GET", "/config_dump"): config_dump,
             ("POST", "/drain"): drain,
             ("POST", "/subscribe"): subscribe,
+            ("GET", "/config"): app_config,
             ("POST", "/unsubscribe"): unsubscribe,
             ("POST", "/healthcheck/fail"): hc_fail,
             ("POST", "/healthcheck/ok"): hc_ok,

@@ -62,6 +62,9 @@ from ._trio import open_client as open_client
 from ._trio_server import run_provider as run_provider
 from ._trio_server import serve as serve
 from ._trio import subscribe as subscribe
+from ._trio import get_config as get_config
+from ._trio import watch_config as watch_config
+from ._config_core import AppConfig as AppConfig
 
 __all__ = [
     "MAX_RESENDS",
@@ -78,4 +81,7 @@ __all__ = [
     "run_provider",
     "serve",
     "subscribe",
+    "get_config",
+    "watch_config",
+    "AppConfig",
 ]

@@ -28,11 +28,12 @@ from typing import TypeVar
 
 from .._protocol import DEFAULT_MAX_FRAME_SIZE, FrameType, Status
 from ..frame import encode_frame
+from . import _config_core as cfgcore
 from . import _subscribe_core as subcore
 from ._core import CallCore, CallError, ClientCore, ConnectionCore, Pending, connect_delays, is_no_proxy, logger, no_proxy_error
 from ._server_core import Request
 
-__all__ = ["Client", "Handler", "connect", "open_client", "subscribe"]
+__all__ = ["Client", "Handler", "connect", "get_config", "open_client", "subscribe", "watch_config"]
 
 T = TypeVar("T")
 
@@ -439,3 +440,46 @@ async def subscribe(admin: str, services: Iterable[str], *, timeout: float = 5.0
             continue
         return subcore.subscribe_result(names, timeout, status, reply)
     raise subcore.never_answered(names, admin, retry_for, last)
+
+
+# ---------------------------------------------------------------- configuration for apps
+
+
+async def _config_once(admin: str, watch: str | None, poll: float, timeout: float, retry_for: float) -> cfgcore.AppConfig:
+    loop = asyncio.get_running_loop()
+    request = cfgcore.config_request(admin, cfgcore.config_path(watch, poll))
+    give_up = loop.time() + retry_for
+    delay = subcore.FIRST_DELAY
+    last: BaseException | None = None
+    while loop.time() < give_up:
+        try:
+            wait = timeout + (poll if watch is not None else 0)
+            status, reply = await asyncio.wait_for(_post(admin, request, wait), max(give_up - loop.time(), 0.001) + poll)
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+            status, reply, last = 0, b"", exc  # the proxy is not up (yet, or it restarts)
+        if status not in (0, 429):
+            return cfgcore.config_result(status, reply)
+        logger.info("config: proxy at %s not answering (%r); retrying in %.2fs", admin, last or "429", delay)
+        await asyncio.sleep(min(delay, max(give_up - loop.time(), 0)))
+        delay = subcore.next_delay(delay)
+    raise CallError(Status.UNAVAILABLE, f"GET /config: no proxy answered at {admin} within {retry_for}s ({last})")
+
+
+async def get_config(admin: str, *, timeout: float = 5.0, retry_for: float = 30.0) -> cfgcore.AppConfig:
+    """The app's configuration as its proxy holds it (as :func:`octoproxy.sdk.get_config`)."""
+    return await _config_once(admin, None, 0.0, timeout, retry_for)
+
+
+async def watch_config(
+    admin: str, *, since: str | None = None, poll: float = cfgcore.POLL, retry_for: float = 30.0
+) -> AsyncIterator[cfgcore.AppConfig]:
+    """Yield the configuration now (unless ``since``), then at every change (as :func:`octoproxy.sdk.watch_config`)."""
+    if since is None:
+        current = await get_config(admin, retry_for=retry_for)
+        yield current
+        since = current.version
+    while True:
+        current = await _config_once(admin, since, poll, 5.0, retry_for)
+        if current.version != since:
+            since = current.version
+            yield current

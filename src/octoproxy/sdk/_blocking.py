@@ -26,11 +26,12 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
 from .._protocol import DEFAULT_MAX_FRAME_SIZE, FrameType, Status
 from ..frame import encode_frame
+from . import _config_core as cfgcore
 from . import _subscribe_core as subcore
 from ._core import (
     RECV_SIZE,
@@ -46,7 +47,7 @@ from ._core import (
 )
 from ._server_core import Request
 
-__all__ = ["Client", "Handler", "connect", "subscribe"]
+__all__ = ["Client", "Handler", "connect", "get_config", "subscribe", "watch_config"]
 
 #: ``def handler(request: Request) -> bytes`` (runs in a worker thread)
 Handler = Callable[[Request], bytes]
@@ -485,3 +486,47 @@ def subscribe(admin: str, services: Iterable[str], *, timeout: float = 5.0, retr
             continue
         return subcore.subscribe_result(names, timeout, status, reply)
     raise subcore.never_answered(names, admin, retry_for, last)
+
+
+# ---------------------------------------------------------------- configuration for apps
+
+
+def _config_once(admin: str, watch: str | None, poll: float, timeout: float, retry_for: float) -> cfgcore.AppConfig:
+    request = cfgcore.config_request(admin, cfgcore.config_path(watch, poll))
+    give_up = _now() + retry_for
+    delay = subcore.FIRST_DELAY
+    last: BaseException | None = None
+    while _now() < give_up:
+        try:
+            status, reply = _post(admin, request, timeout + (poll if watch is not None else 0))
+        except (OSError, ValueError) as exc:
+            status, reply, last = 0, b"", exc  # the proxy is not up (yet, or it restarts)
+        if status not in (0, 429):
+            return cfgcore.config_result(status, reply)
+        logger.info("config: proxy at %s not answering (%r); retrying in %.2fs", admin, last or "429", delay)
+        time.sleep(min(delay, max(give_up - _now(), 0)))
+        delay = subcore.next_delay(delay)
+    raise CallError(Status.UNAVAILABLE, f"GET /config: no proxy answered at {admin} within {retry_for}s ({last})")
+
+
+def get_config(admin: str, *, timeout: float = 5.0, retry_for: float = 30.0) -> cfgcore.AppConfig:
+    """The app's configuration as its proxy holds it (as :func:`octoproxy.sdk.get_config`; blocks)."""
+    return _config_once(admin, None, 0.0, timeout, retry_for)
+
+
+def watch_config(
+    admin: str, *, since: str | None = None, poll: float = cfgcore.POLL, retry_for: float = 30.0
+) -> Iterator[cfgcore.AppConfig]:
+    """A generator: the configuration now (unless ``since``), then at every change (blocks between).
+
+    ``for config in watch_config(admin): ...`` in a thread of its own.
+    """
+    if since is None:
+        current = get_config(admin, retry_for=retry_for)
+        yield current
+        since = current.version
+    while True:
+        current = _config_once(admin, since, poll, 5.0, retry_for)
+        if current.version != since:
+            since = current.version
+            yield current

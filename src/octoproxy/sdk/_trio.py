@@ -34,6 +34,7 @@ import trio
 
 from .._protocol import DEFAULT_MAX_FRAME_SIZE, FrameType, Status
 from ..frame import encode_frame
+from . import _config_core as cfgcore
 from . import _subscribe_core as subcore
 from ._core import (
     RECV_SIZE,
@@ -53,7 +54,9 @@ from ._server_core import Request
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Client", "FrameWriter", "Handler", "connect", "drain_and_close", "open_client", "subscribe"]
+__all__ = [
+    "Client", "FrameWriter", "Handler", "connect", "drain_and_close", "get_config", "open_client", "subscribe", "watch_config",
+]  # fmt: skip
 
 #: deadline of one shielded ``send_all``; past it the stream is given up
 SEND_TIMEOUT = 30.0
@@ -610,3 +613,71 @@ async def subscribe(admin: str, services: Iterable[str], *, timeout: float = 5.0
             return subcore.subscribe_result(names, timeout, status, reply)
     raise subcore.never_answered(names, admin, retry_for, last)
 
+
+
+# ---------------------------------------------------------------- configuration for apps
+
+
+async def _config_once(admin: str, watch: str | None, poll: float, timeout: float, retry_for: float) -> cfgcore.AppConfig:
+    from .._admin import http_request
+
+    path = cfgcore.config_path(watch, poll)
+    delay = subcore.FIRST_DELAY
+    last: BaseException | None = None
+    with trio.move_on_after(retry_for):
+        while True:
+            try:
+                wait = timeout + (poll if watch is not None else 0)
+                status, _headers, reply = await http_request(admin, "GET", path, b"", timeout=wait)
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                status, reply, last = 0, b"", exc  # the proxy is not up (yet, or it restarts)
+            if status not in (0, 429):
+                return cfgcore.config_result(status, reply)
+            logger.info("config: proxy at %s not answering (%s); retrying in %.2fs", admin, last or "429", delay)
+            await trio.sleep(delay)
+            delay = subcore.next_delay(delay)
+    raise CallError(Status.UNAVAILABLE, f"GET /config: no proxy answered at {admin} within {retry_for}s ({last})")
+
+
+async def get_config(admin: str, *, timeout: float = 5.0, retry_for: float = 30.0) -> cfgcore.AppConfig:
+    """The app's configuration as its proxy holds it (see docs/sdk.md, "Configuration").
+
+    Args:
+        admin: the proxy's admin address (``host:port`` or ``unix:/path``).
+        timeout: deadline of one request.
+        retry_for: how long to keep retrying while the proxy is not up.
+
+    Raises:
+        CallError: NO_ROUTE if the proxy has no configuration for the app
+            (no ``[discovery]`` or no ``proxy.service``), UNAVAILABLE if no
+            proxy answered within ``retry_for``.
+    """
+    return await _config_once(admin, None, 0.0, timeout, retry_for)
+
+
+async def watch_config(
+    admin: str, *, since: str | None = None, poll: float = cfgcore.POLL, retry_for: float = 30.0
+) -> AsyncIterator[cfgcore.AppConfig]:
+    """Yield the app's configuration now (unless ``since`` is given), then at every change.
+
+    ``async for config in watch_config(admin): ...``. Each change is one long
+    poll of the proxy's ``GET /config?watch=<version>``: no traffic while
+    nothing changes but one request every ``poll`` seconds.
+
+    Args:
+        since: the version the app holds; only versions that differ are yielded.
+        poll: seconds of one long poll (at most 60).
+        retry_for: how long to keep retrying while the proxy does not answer.
+
+    Raises:
+        CallError: as :func:`get_config`.
+    """
+    if since is None:
+        current = await get_config(admin, retry_for=retry_for)
+        yield current
+        since = current.version
+    while True:
+        current = await _config_once(admin, since, poll, 5.0, retry_for)
+        if current.version != since:
+            since = current.version
+            yield current

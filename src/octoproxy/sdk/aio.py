@@ -24,6 +24,9 @@ from ._asyncio import Handler as Handler
 from ._asyncio import connect as connect
 from ._asyncio import open_client as open_client
 from ._asyncio import subscribe as subscribe
+from ._asyncio import get_config as get_config
+from ._asyncio import watch_config as watch_config
+from ._config_core import AppConfig as AppConfig
 from ._asyncio_server import Server as Server
 from ._asyncio_server import run_provider as run_provider
 from ._asyncio_server import serve as serve
@@ -52,4 +55,7 @@ __all__ = [
     "serve",
     "start_server",
     "subscribe",
+    "get_config",
+    "watch_config",
+    "AppConfig",
 ]

@@ -23,6 +23,9 @@ from ._blocking import Client as Client
 from ._blocking import Handler as Handler
 from ._blocking import connect as connect
 from ._blocking import subscribe as subscribe
+from ._blocking import get_config as get_config
+from ._blocking import watch_config as watch_config
+from ._config_core import AppConfig as AppConfig
 from ._blocking_server import Server as Server
 from ._blocking_server import run_provider as run_provider
 from ._blocking_server import serve as serve
@@ -50,4 +53,7 @@ __all__ = [
     "serve",
     "start_server",
     "subscribe",
+    "get_config",
+    "watch_config",
+    "AppConfig",
 ]

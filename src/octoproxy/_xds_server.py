@@ -207,6 +207,17 @@ class XdsServerSession:
         """Nonces sent and not yet ACKed or NACKed."""
         return frozenset(self._pending)
 
+    def release(self) -> int:
+        """Forget every subscription and pending response (the connection ended).
+
+        Returns:
+            How many subscriptions there were (all types).
+        """
+        count = sum(len(st.subscribed) for st in self._types.values())
+        self._types = {t: _TypeState() for t in RESOURCE_TYPES}
+        self._pending.clear()
+        return count
+
     # ------------------------------------------------------------ input
     def on_request(self, req: pb.DiscoveryRequest) -> RequestOutcome:
         """Apply one ``DiscoveryRequest`` from the client.

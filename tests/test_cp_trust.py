@@ -682,7 +682,8 @@ def _rss_mb(pid: int) -> float:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc for RSS")
 async def test_a_subscription_floods_memory_is_returned_after_the_sessions_close(tmp_path: Path) -> None:
     """Issue 10's cp_flood: sessions of thousands of 253-char names; RSS must come back once they close."""
-    argv = [sys.executable, "-m", "octoproxy", "control-plane", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path)]
+    argv = [sys.executable, "-m", "octoproxy", "control-plane", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path),
+            "--max-subscription-bytes", "4000000"]  # (3 MB of names per session: over the default budget)
     proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
@@ -715,3 +716,30 @@ async def test_a_subscription_floods_memory_is_returned_after_the_sessions_close
     finally:
         proc.kill()
         await proc.wait()
+
+
+def test_a_session_has_a_byte_budget_for_names() -> None:
+    from octoproxy._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES
+    from octoproxy._xds_server import LimitExceeded, XdsServerSession
+
+    s = XdsServerSession(max_subscription_bytes=1_000)
+    names = [f"{i}" + "n" * 249 for i in range(5)]
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=names[:2]))
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ROUTES, subscribe=names[:2]))  # both types count
+    assert s.subscription_bytes == 1_000
+    with pytest.raises(LimitExceeded, match="--max-subscription-bytes"):
+        s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=names[2:3]))
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=names[:2]))  # already held: free
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=names[2:3], unsubscribe=names[:1]))
+    assert s.subscription_bytes == 1_000 and s.subscribed(TYPE_ENDPOINTS) == {names[1], names[2]}
+    assert s.release() == 4 and s.subscription_bytes == 0 and s.subscribed(TYPE_ENDPOINTS) == frozenset()
+
+
+async def test_the_name_byte_budget_closes_the_session_with_a_clear_reason(cp: CP) -> None:
+    cp.server.max_subscription_bytes = 4_000
+    c = cp.service("wordy")
+    await c.subscribe([f"w{i}" for i in range(40)], timeout=STEP)  # short names: fine
+    with pytest.raises(trio.TooSlowError):
+        await c.subscribe([f"{i}" + "n" * 240 for i in range(10)], timeout=1.0)  # 2 x 2,410 bytes: over
+    await wait_for(lambda: "--max-subscription-bytes" in c.refused)
+    assert "4000 bytes" in c.refused

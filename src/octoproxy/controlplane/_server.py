@@ -57,6 +57,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from .._errors import exception_leaves
 from .._xds_client import RESOURCE_TYPES, DiscoveryError
 from .._xds_server import (
+    DEFAULT_MAX_SUBSCRIPTION_BYTES,
     DEFAULT_MAX_SUBSCRIPTIONS,
     LimitExceeded,
     Network,
@@ -93,6 +94,8 @@ POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 #: closed sessions' subscriptions (plus 1,000 per session) that make a memory release due
 RELEASE_WEIGHT = 20_000
+#: seconds from a release becoming due to doing it
+RELEASE_DELAY = 0.5
 #: seconds between two memory releases (a full collection and ``malloc_trim``)
 RELEASE_INTERVAL = 2.0
 
@@ -129,6 +132,8 @@ class ControlPlaneServer:
             link-local/unspecified/multicast/broadcast check.
         max_registrations_per_session: endpoints one session may register.
         max_subscriptions: names one session may subscribe to, per type.
+        max_subscription_bytes: total length of the names one session may
+            subscribe to, all types (0: no budget).
         max_message_size: largest client message accepted, bytes.
         max_sessions_per_peer: concurrent sessions from one IP address.
         lease_grace: seconds between a client's connection ending and the
@@ -150,6 +155,7 @@ class ControlPlaneServer:
         allowed_networks: Iterable[str | Network] = (),
         max_registrations_per_session: int = DEFAULT_MAX_REGISTRATIONS,
         max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+        max_subscription_bytes: int = DEFAULT_MAX_SUBSCRIPTION_BYTES,
         max_message_size: int = DEFAULT_MAX_CLIENT_MESSAGE,
         max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER,
         lease_grace: float = 2.0,
@@ -171,6 +177,7 @@ class ControlPlaneServer:
         self.allowed_networks = tuple(ipaddress.ip_network(n) for n in allowed_networks)
         self.max_registrations_per_session = max_registrations_per_session
         self.max_subscriptions = max_subscriptions
+        self.max_subscription_bytes = max_subscription_bytes
         self.max_message_size = max_message_size
         self.max_sessions_per_peer = max_sessions_per_peer
         self.lease_grace = lease_grace
@@ -281,11 +288,14 @@ class ControlPlaneServer:
         a closed session's cycles (Trio tasks, tracebacks, the WebSocket and
         its buffers) with its subscription sets would stay in the old
         generation. Once closed sessions held enough (:data:`RELEASE_WEIGHT`),
-        at most every :data:`RELEASE_INTERVAL` seconds: a full collection,
+        :data:`RELEASE_DELAY` later, at most every :data:`RELEASE_INTERVAL` seconds: a full collection,
         then glibc ``malloc_trim(0)`` so the freed arenas leave the RSS.
         """
         while True:
             await self._release_due.wait()
+            # let the burst finish and trio-websocket tear the connections down
+            # (their buffers become garbage only after our handlers return)
+            await trio.sleep(RELEASE_DELAY)
             self._release_due = trio.Event()
             self._released_weight = 0
             gc.collect()
@@ -424,7 +434,11 @@ class _Session:
         self.peer = str(ws.remote)
         self.scope = trio.CancelScope()
         self.closed_for = ""
-        self.core = XdsServerSession(nonce_prefix=secrets.token_hex(4) + "-", max_subscriptions=server.max_subscriptions)
+        self.core = XdsServerSession(
+            nonce_prefix=secrets.token_hex(4) + "-",
+            max_subscriptions=server.max_subscriptions,
+            max_subscription_bytes=server.max_subscription_bytes,
+        )
         self.indexed: set[str] = set()
         self.registrations: dict[tuple[str, str], _Registration] = {}
         self._wakeup = trio.Event()

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from test_controlplane import STEP, ep, wait_for
 from test_layers import imported_modules
-from trio_websocket import ConnectionRejected, HandshakeError, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
 
 from octoproxy._admin import http_request, serve_admin
 from octoproxy._xds_server import check_address
@@ -276,9 +276,80 @@ async def test_sessions_per_peer_and_message_size(cp: CP) -> None:
     await c.subscribe([f"s{i:0>200}" for i in range(40)], timeout=STEP)  # ~8.5 KB: fine
     with pytest.raises(trio.TooSlowError):
         await c.subscribe([f"t{i:0>240}" for i in range(250)], timeout=1.0)  # ~64 KB: over the limit
-    await wait_for(lambda: "maximum message size" in c.refused)
-    assert "--max-message-size" in c.refused
-    assert c.connections <= 12  # refused sessions back off (0.05..0.2 s here) instead of reconnecting in a loop
+    # the client never sends that message again: it splits it (and is then refused for the 50-name limit)
+    await wait_for(lambda: "too many subscriptions" in c.refused)
+    assert c.core.max_request_bytes <= 64 * 1024 * 7 // 8
+    assert cp.server.oversized_messages == 1
+    connections = c.connections
+    await trio.sleep(2.0)
+    assert c.connections - connections <= 6  # refusals back off exponentially (at most 0.2 s apart before)
+    assert cp.server.oversized_messages == 1
+
+
+async def test_an_oversized_subscription_is_split_not_resent(cp: CP, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 10's cp_flood: a 5 MB subscribe was resent ~10 times in 15 s, and the control plane said nothing."""
+    cp.server.max_subscriptions = 10_000
+    c = cp.service("big")
+    names = [f"t{i:0>240}" for i in range(600)]  # ~150 KB in one request: over the 64 KiB limit
+    await c.subscribe(names, timeout=10)  # split after one refusal, then resolved
+    assert all(c.is_absent(n) for n in names)
+    assert cp.server.oversized_messages == 1
+    server_lines = [r.getMessage() for r in caplog.records if r.name == "octoproxy.controlplane.server"]
+    too_big = [m for m in server_lines if "over the limit" in m]
+    assert len(too_big) == 1 and "65536 bytes" in too_big[0] and "--max-message-size" in too_big[0]
+    assert "big" in too_big[0] and "127.0.0.1" in too_big[0]  # names the peer
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "splitting requests" in errors[0]
+    # the next connection re-subscribes in messages under the limit too
+    before = c.connections
+    for session in list(cp.server.sessions):
+        session.scope.cancel()
+    await wait_for(lambda: c.connections > before and c.connected)
+    await trio.sleep(0.3)
+    assert cp.server.oversized_messages == 1
+
+
+async def test_many_oversized_messages_log_one_line(cp: CP, caplog: pytest.LogCaptureFixture) -> None:
+    headers = [(b"Authorization", f"Bearer {cp.token('echo')}".encode())]
+    for _ in range(5):
+        with trio.fail_after(STEP):
+            async with open_websocket_url(cp.url, extra_headers=headers) as ws:
+                await ws.send_message(b"\0" * (65 * 1024))
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+        assert closed.value.reason.code == 1009
+    await wait_for(lambda: cp.server.oversized_messages == 5)
+    lines = [r.getMessage() for r in caplog.records if "over the limit" in r.getMessage()]
+    assert len(lines) == 1  # rate-limited
+
+
+async def test_an_oversized_request_fails_for_its_caller_and_is_not_resent(
+    cp: CP, caplog: pytest.LogCaptureFixture
+) -> None:
+    op = cp.operator()
+    rules = pb.RouteRules(service="echo", rules=[pb.RouteRule(name=f"r{i:0>200}") for i in range(400)])  # ~80 KB
+    with pytest.raises(DiscoveryError, match="maximum message size"):
+        await op.put_route_rules(rules, timeout=STEP)
+    await wait_for(lambda: op.connected)
+    await trio.sleep(0.5)
+    assert cp.server.oversized_messages == 1 and not op._pending
+    assert any("not sent again" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    await op.put_route_rules(pb.RouteRules(service="echo", rules=[pb.RouteRule(name="small")]), timeout=STEP)
+
+
+def test_requests_are_split_under_the_size_limit() -> None:
+    from octoproxy._xds_client import TYPE_ENDPOINTS, XdsClient
+
+    core = XdsClient("n", max_request_bytes=20_000)
+    names = [f"{i:0>250}" for i in range(300)]
+    msgs = core.subscribe(TYPE_ENDPOINTS, names)
+    assert len(msgs) >= 4 and all(m.ByteSize() <= 20_000 for m in msgs)
+    assert [n for m in msgs for n in m.discovery.subscribe] == sorted(names)
+    again = core.on_reconnect()
+    assert all(m.ByteSize() <= 20_000 for m in again)
+    assert sorted(n for m in again for n in m.discovery.subscribe) == sorted(names)
+    gone = core.unsubscribe(TYPE_ENDPOINTS, names)
+    assert len(gone) >= 4 and all(m.ByteSize() <= 20_000 for m in gone)
 
 
 async def test_memory_comes_back_after_sessions_close(cp: CP) -> None:
@@ -598,3 +669,77 @@ def test_issuance_decisions() -> None:
     assert "operators have no service identity" in op.error and not op.certificate_chain_pem
     none = answer_certificate_request(None, Principal("service", "echo", "join-token"), "octoproxy.local", 60, req, now)
     assert "without a CA" in none.error
+
+
+# ---------------------------------------------------------------- memory of a subscription flood comes back
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")  # pragma: no cover
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc for RSS")
+async def test_a_subscription_floods_memory_is_returned_after_the_sessions_close(tmp_path: Path) -> None:
+    """Issue 10's cp_flood: sessions of thousands of 253-char names; RSS must come back once they close."""
+    argv = [sys.executable, "-m", "octoproxy", "control-plane", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path),
+            "--max-subscription-bytes", "4000000"]  # (3 MB of names per session: over the default budget)
+    proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        with trio.fail_after(15):
+            out = b""
+            while b"\n" not in out:
+                out += await proc.stdout.receive_some(4096)
+        listen = out.split(b"listen=")[1].split()[0].decode()
+        url = f"ws://{listen}/v1/discovery"
+        token = (tmp_path / "operator.token").read_text().strip()
+        await trio.sleep(0.5)
+        before = _rss_mb(proc.pid)
+        async with trio.open_nursery() as nursery:
+            clients = [DiscoveryClient([url], f"flood-{i}", token=token) for i in range(3)]
+            for c in clients:
+                nursery.start_soon(c.run)
+            for i, c in enumerate(clients):
+                await c.wait_connected(STEP)
+                names = [f"s{i}x{j:05d}" + "n" * 244 for j in range(6_000)]
+                await c.subscribe(names, timeout=20)
+            during = _rss_mb(proc.pid)
+            nursery.cancel_scope.cancel()
+        assert during > before + 30, (before, during)  # the flood did cost memory
+        after = during
+        with trio.move_on_after(10):
+            while after > before * 1.1 + 3:
+                await trio.sleep(0.5)
+                after = _rss_mb(proc.pid)
+        assert after <= before * 1.1 + 3, f"RSS {before:.0f} MB before, {during:.0f} during, {after:.0f} MB 10 s after"
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+def test_a_session_has_a_byte_budget_for_names() -> None:
+    from octoproxy._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES
+    from octoproxy._xds_server import LimitExceeded, XdsServerSession
+
+    s = XdsServerSession(max_subscription_bytes=1_000)
+    names = [f"{i}" + "n" * 249 for i in range(5)]
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=names[:2]))
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ROUTES, subscribe=names[:2]))  # both types count
+    assert s.subscription_bytes == 1_000
+    with pytest.raises(LimitExceeded, match="--max-subscription-bytes"):
+        s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=names[2:3]))
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=names[:2]))  # already held: free
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=names[2:3], unsubscribe=names[:1]))
+    assert s.subscription_bytes == 1_000 and s.subscribed(TYPE_ENDPOINTS) == {names[1], names[2]}
+    assert s.release() == 4 and s.subscription_bytes == 0 and s.subscribed(TYPE_ENDPOINTS) == frozenset()
+
+
+async def test_the_name_byte_budget_closes_the_session_with_a_clear_reason(cp: CP) -> None:
+    cp.server.max_subscription_bytes = 4_000
+    c = cp.service("wordy")
+    await c.subscribe([f"w{i}" for i in range(40)], timeout=STEP)  # short names: fine
+    with pytest.raises(trio.TooSlowError):
+        await c.subscribe([f"{i}" + "n" * 240 for i in range(10)], timeout=1.0)  # 2 x 2,410 bytes: over
+    await wait_for(lambda: "--max-subscription-bytes" in c.refused)
+    assert "4000 bytes" in c.refused

@@ -85,6 +85,8 @@ def _add_control_plane_trust_args(cp: argparse.ArgumentParser) -> None:
     g.add_argument("--max-registrations-per-session", type=int, help="endpoints one session may register (default 16)")
     g.add_argument("--max-subscriptions", type=int, help="names per session and type (default 10000)")
     g.add_argument("--max-message-size", type=int, help="bytes per client message (default 4194304)")
+    g.add_argument("--max-subscription-bytes", type=int,
+                   help="total length of the names one session subscribes to, all types (default 2097152; 0: none)")
     g.add_argument("--max-sessions-per-peer", type=int, help="sessions per IP address (default 64)")
     g.add_argument("--lease-grace", type=float, help="seconds before a closed session's leases are revoked (default 2)")
     g.add_argument("--etcd-ca-file", help="etcd store over https://: CA to verify etcd with")
@@ -174,7 +176,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             for name in (
                 "state_dir", "operator_token_file", "trust_domain", "ca_cert", "ca_key", "cert_ttl",
                 "max_registrations_per_session", "max_subscriptions", "max_message_size", "max_sessions_per_peer",
-                "lease_grace",
+                "lease_grace", "max_subscription_bytes",
             )
             if getattr(args, name) is not None
         }

@@ -65,6 +65,10 @@ INVALID_ARGUMENT = 3
 Validator = Callable[[str, str, Message], None]
 
 
+#: requests are split to stay under this (a quarter of the control plane's default message limit)
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+
+
 class DiscoveryError(OctoproxyError):
     """A discovery-protocol fault: a malformed peer message, or a request the
     control plane refused (the message says which)."""
@@ -102,12 +106,19 @@ class XdsClient:
         node_id: identifies this proxy to the control plane (sent in every
             request; used in its logs).
 
+        max_request_bytes: a request with many names is split into several
+            of at most about this size each (a control plane closes a
+            session whose message exceeds its ``--max-message-size``,
+            4 MiB by default).
+
     Attributes:
         last_error: the reason of the last NACK we sent, ``""`` if none.
     """
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.node_id = node_id
+        #: requests (subscribe, unsubscribe, re-subscribe) are split to stay under this many bytes
+        self.max_request_bytes = max_request_bytes
         self.last_error = ""
         self._types: dict[str, _TypeState] = {t: _TypeState() for t in RESOURCE_TYPES}
 
@@ -168,7 +179,7 @@ class XdsClient:
         if not new:
             return []
         st.wanted.update(new)
-        return [self._request(type_url, subscribe=new)]
+        return [self._request(type_url, subscribe=chunk) for chunk in self._chunks(new, {})]
 
     def unsubscribe(self, type_url: str, names: Iterable[str]) -> list[pb.ClientMessage]:
         """Stop wanting ``names``; their resources are forgotten at once.
@@ -187,7 +198,7 @@ class XdsClient:
             st.wanted.discard(name)
             st.held.pop(name, None)
             st.absent.discard(name)
-        return [self._request(type_url, unsubscribe=gone)]
+        return [self._request(type_url, unsubscribe=chunk) for chunk in self._chunks(gone, {})]
 
     def on_reconnect(self) -> list[pb.ClientMessage]:
         """Start over on a new connection.
@@ -201,10 +212,26 @@ class XdsClient:
             st.last_nonce = ""
             if st.wanted:
                 versions = {n: v for n, (v, _) in st.held.items() if n in st.wanted}
-                out.append(
-                    self._request(type_url, subscribe=sorted(st.wanted), initial_resource_versions=versions)
-                )
+                for chunk in self._chunks(sorted(st.wanted), versions):
+                    held = {n: versions[n] for n in chunk if n in versions}
+                    out.append(self._request(type_url, subscribe=chunk, initial_resource_versions=held))
         return out
+
+    def _chunks(self, names: list[str], versions: dict[str, str]) -> list[list[str]]:
+        """Split ``names`` so that each request stays under :attr:`max_request_bytes`."""
+        budget = max(self.max_request_bytes - 512 - len(self.node_id), 1)
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for name in names:
+            cost = len(name.encode()) + 3  # field tag + length
+            if name in versions:
+                cost += 2 * cost + len(versions[name].encode()) + 3  # a map entry: key, value, framing
+            if chunks[-1] and size + cost > budget:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(name)
+            size += cost
+        return chunks
 
     # ------------------------------------------------------------ responses
     def on_response(

@@ -46,6 +46,7 @@ __all__ = [
     "LimitExceeded",
     "MAX_NAME_LENGTH",
     "DEFAULT_MAX_SUBSCRIPTIONS",
+    "DEFAULT_MAX_SUBSCRIPTION_BYTES",
 ]
 
 MAX_NAME_LENGTH = 253
@@ -53,6 +54,10 @@ _SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _ADDRESS_RE = re.compile(r"[^\s/]+:[0-9]{1,5}\Z")
 #: names one session may subscribe to, per resource type
 DEFAULT_MAX_SUBSCRIPTIONS = 10_000
+#: bytes of names (summed over all types) one session may subscribe to: 10,000
+#: names of ~100 characters for both types, but not 10,000 of 253 (~27 MB of
+#: control-plane memory per session)
+DEFAULT_MAX_SUBSCRIPTION_BYTES = 2 << 20
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -178,11 +183,22 @@ class XdsServerSession:
         nonce_prefix: prepended to every nonce (e.g. a per-connection random
             token, so nonces from different connections never collide).
         max_subscriptions: names one session may subscribe to per type.
+        max_subscription_bytes: total length of the names one session may
+            subscribe to, all types together (0: no budget).
     """
 
-    def __init__(self, nonce_prefix: str = "", *, max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS) -> None:
+    def __init__(
+        self,
+        nonce_prefix: str = "",
+        *,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+        max_subscription_bytes: int = DEFAULT_MAX_SUBSCRIPTION_BYTES,
+    ) -> None:
         self.node_id = ""
         self.max_subscriptions = max_subscriptions
+        self.max_subscription_bytes = max_subscription_bytes
+        #: total length of the subscribed names, all types
+        self.subscription_bytes = 0
         self.nacks = 0
         self._prefix = nonce_prefix
         self._counter = 0
@@ -206,6 +222,18 @@ class XdsServerSession:
     def pending_nonces(self) -> frozenset[str]:
         """Nonces sent and not yet ACKed or NACKed."""
         return frozenset(self._pending)
+
+    def release(self) -> int:
+        """Forget every subscription and pending response (the connection ended).
+
+        Returns:
+            How many subscriptions there were (all types).
+        """
+        count = sum(len(st.subscribed) for st in self._types.values())
+        self._types = {t: _TypeState() for t in RESOURCE_TYPES}
+        self.subscription_bytes = 0
+        self._pending.clear()
+        return count
 
     # ------------------------------------------------------------ input
     def on_request(self, req: pb.DiscoveryRequest) -> RequestOutcome:
@@ -235,6 +263,15 @@ class XdsServerSession:
                 f"too many subscriptions on one session (limit {self.max_subscriptions}, "
                 f"raise it with --max-subscriptions): {after} names of {req.type_url}"
             )
+        added = {n for n in req.subscribe if n not in st.subscribed}.difference(req.unsubscribe)
+        dropped = st.subscribed.intersection(req.unsubscribe)
+        size = self.subscription_bytes + sum(map(len, added)) - sum(map(len, dropped))
+        if self.max_subscription_bytes and size > self.max_subscription_bytes and size > self.subscription_bytes:
+            raise LimitExceeded(
+                f"subscribed names too long in total (limit {self.max_subscription_bytes} bytes per session, "
+                f"raise it with --max-subscription-bytes): {size} bytes"
+            )
+        self.subscription_bytes = size
         if req.node_id:
             self.node_id = req.node_id
         first = not st.started

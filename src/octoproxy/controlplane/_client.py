@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import ssl
 import sys
 from collections import deque
@@ -55,7 +56,7 @@ from trio_websocket import (
 from .._errors import exception_leaves
 from .._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES, DiscoveryError, ResourceChange, Validator, XdsClient
 from ..proto import octoproxy_discovery_pb2 as pb
-from ._server import MAX_MESSAGE_SIZE, POLICY_VIOLATION
+from ._server import MAX_MESSAGE_SIZE, MESSAGE_TOO_BIG, POLICY_VIOLATION
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -91,8 +92,8 @@ class _Pending:
 #: ``token``: a join token, or a function returning one (read at each connection)
 TokenSource = Union[str, Callable[[], "str | None"], None]
 
-
-MESSAGE_TOO_BIG = 1009
+#: the smallest request size the client shrinks to after "message too big" closes
+MIN_REQUEST_BYTES = 16 << 10
 
 
 def _refusal(leaves: list[BaseException]) -> str:
@@ -140,6 +141,10 @@ class DiscoveryClient:
             control plane's CA; load this proxy's certificate into it to
             authenticate by certificate). Settable: takes effect on the next
             connection.
+        refusal_backoff: the longest delay, seconds, between attempts while
+            the control plane keeps refusing this client (401/429, or a
+            session closed for a limit or an oversized message); doubles
+            from ``backoff[0]`` on each refusal.
 
     Raises:
         ValueError: if ``urls`` is empty.
@@ -158,6 +163,7 @@ class DiscoveryClient:
         backoff: tuple[float, float] = (0.05, 2.0),
         token: TokenSource = None,
         ssl_context: ssl.SSLContext | None = None,
+        refusal_backoff: float = 30.0,
     ) -> None:
         if not urls:
             raise ValueError("need at least one control-plane URL")
@@ -171,6 +177,7 @@ class DiscoveryClient:
         self.backoff = backoff
         self.token = token
         self.ssl_context = ssl_context
+        self.refusal_backoff = refusal_backoff
         #: why the last connection attempt or session was refused ("" once the control plane answers again)
         self.refused = ""
         self.core = XdsClient(node_id)
@@ -184,6 +191,8 @@ class DiscoveryClient:
         self._outbox: deque[pb.ClientMessage] | None = None  # None while disconnected
         self._outbox_ready = trio.Event()
         self._changed = trio.Event()
+        #: the largest message sent on the current session: (size, message)
+        self._largest: tuple[int, pb.ClientMessage | None] = (0, None)
 
     # ------------------------------------------------------------ state
     @property
@@ -431,6 +440,13 @@ class DiscoveryClient:
                         raise cancelled from None
                     raise
                 refused = _refusal(leaves)
+                too_big = [
+                    e.reason.reason or ""
+                    for e in leaves
+                    if isinstance(e, ConnectionClosed) and e.reason is not None and e.reason.code == MESSAGE_TOO_BIG
+                ]
+                if too_big:
+                    self._too_big(url, too_big[0])
                 if refused:
                     self.refused = refused
                     logger.warning("control plane %s refused this proxy: %s", url, refused)
@@ -449,7 +465,50 @@ class DiscoveryClient:
                 delay = self.backoff[0]
                 continue  # a session worked: fail over to the next URL at once
             await trio.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, self.backoff[1])
+            delay = min(delay * 2, max(self.backoff[1], self.refusal_backoff) if refused else self.backoff[1])
+
+    def _too_big(self, url: str, reason: str) -> None:
+        """The control plane closed the session for a message over its size limit: never resend it as is.
+
+        A subscription request is split into smaller ones from now on (7/8 of
+        the limit the close reason names, else half the size of the largest
+        message sent); any other request (a
+        registration, route rules) fails for its caller with a clear error
+        and is not resent.
+        """
+        size, msg = self._largest
+        self._largest = (0, None)
+        if msg is None:
+            return
+        if msg.WhichOneof("message") == "discovery":
+            said = re.search(r"maximum message size: (\d+) bytes", reason)  # trio-websocket's close reason
+            new = size // 2 if said is None else int(said.group(1)) * 7 // 8
+            new = max(MIN_REQUEST_BYTES, min(self.core.max_request_bytes, new))
+            if new < self.core.max_request_bytes:
+                self.core.max_request_bytes = new
+                logger.error(
+                    "control plane %s refused a %d-byte subscription request (over its --max-message-size): "
+                    "splitting requests into messages of at most %d bytes",
+                    url,
+                    size,
+                    new,
+                )
+            return
+        for request_id, pending in list(self._pending.items()):
+            if pending.message is msg:
+                del self._pending[request_id]
+                kind = msg.WhichOneof("message") or "request"
+                if kind == "register":
+                    key = (msg.register.service, msg.register.endpoint.address)
+                    reg = self._registrations.get(key)
+                    if reg is not None and reg.request_id == request_id:
+                        del self._registrations[key]
+                pending.error = (
+                    f"{kind} message of {size} bytes refused: over the control plane's maximum message size "
+                    "(its --max-message-size)"
+                )
+                logger.error("control plane %s: %s: not sent again", url, pending.error)
+                pending.done.set()
 
     async def _run_connection(self, url: str) -> None:
         async with trio.open_nursery() as nursery:
@@ -476,6 +535,7 @@ class DiscoveryClient:
                     if self._pending[request_id].resendable:
                         outbox.append(self._pending[request_id].message)
                 self._outbox = outbox
+                self._largest = (0, None)
                 self.url = url
                 self.connections += 1
                 self._bump()
@@ -506,7 +566,10 @@ class DiscoveryClient:
         assert outbox is not None
         while True:
             while outbox:
-                data = outbox.popleft().SerializeToString()
+                msg = outbox.popleft()
+                data = msg.SerializeToString()
+                if len(data) > self._largest[0]:
+                    self._largest = (len(data), msg)
                 with trio.CancelScope(shield=True), trio.fail_after(self.ping_timeout + self.connect_timeout):
                     await ws.send_message(data)
             self._outbox_ready = trio.Event()

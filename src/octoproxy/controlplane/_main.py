@@ -39,7 +39,7 @@ from ._server import (
     ControlPlaneServer,
 )
 from ._store import Store
-from .._xds_server import DEFAULT_MAX_SUBSCRIPTIONS
+from .._xds_server import DEFAULT_MAX_SUBSCRIPTION_BYTES, DEFAULT_MAX_SUBSCRIPTIONS
 
 __all__ = ["serve", "run_from_cli", "Options", "tune_gc", "read_or_create_token"]
 
@@ -62,6 +62,7 @@ class Options:
     allow_endpoint_cidr: tuple[str, ...] = ()
     max_registrations_per_session: int = DEFAULT_MAX_REGISTRATIONS
     max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS
+    max_subscription_bytes: int = DEFAULT_MAX_SUBSCRIPTION_BYTES
     max_message_size: int = DEFAULT_MAX_CLIENT_MESSAGE
     max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER
     lease_grace: float = 2.0
@@ -198,6 +199,7 @@ async def serve(store: Store, listen: str, *, admin: str | None = None, options:
         allowed_networks=opts.allow_endpoint_cidr,
         max_registrations_per_session=opts.max_registrations_per_session,
         max_subscriptions=opts.max_subscriptions,
+        max_subscription_bytes=opts.max_subscription_bytes,
         max_message_size=opts.max_message_size,
         max_sessions_per_peer=opts.max_sessions_per_peer,
         lease_grace=opts.lease_grace,

@@ -39,6 +39,7 @@ that stops reading cannot pin the server.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import secrets
@@ -57,6 +58,7 @@ from .. import _appconfig
 from .._errors import exception_leaves
 from .._xds_client import RESOURCE_TYPES, TYPE_APPCONFIG, DiscoveryError
 from .._xds_server import (
+    DEFAULT_MAX_SUBSCRIPTION_BYTES,
     DEFAULT_MAX_SUBSCRIPTIONS,
     LimitExceeded,
     Network,
@@ -67,6 +69,7 @@ from .._xds_server import (
 )
 from ..identity import DEFAULT_LEAF_TTL, parse_spiffe_id
 from ..proto import octoproxy_discovery_pb2 as pb
+from ..proxy._io import trim_memory
 from ._auth import Authenticator, Principal, RateLimitedLog
 from ._issuance import answer_certificate_request
 from ._store import TYPE_TOKENS, LeaseNotFound, Store, StoreChange, StoreError, resource_version
@@ -88,6 +91,14 @@ DEFAULT_MAX_REGISTRATIONS = 16
 DEFAULT_MAX_SESSIONS_PER_PEER = 64
 #: WebSocket close code for "you went over a limit / lost your credentials"
 POLICY_VIOLATION = 1008
+#: WebSocket close code trio-websocket sends for a message over ``max_message_size``
+MESSAGE_TOO_BIG = 1009
+#: closed sessions' subscriptions (plus 1,000 per session) that make a memory release due
+RELEASE_WEIGHT = 20_000
+#: seconds from a release becoming due to doing it
+RELEASE_DELAY = 0.5
+#: seconds between two memory releases (a full collection and ``malloc_trim``)
+RELEASE_INTERVAL = 2.0
 
 
 @dataclass
@@ -122,6 +133,8 @@ class ControlPlaneServer:
             link-local/unspecified/multicast/broadcast check.
         max_registrations_per_session: endpoints one session may register.
         max_subscriptions: names one session may subscribe to, per type.
+        max_subscription_bytes: total length of the names one session may
+            subscribe to, all types (0: no budget).
         max_message_size: largest client message accepted, bytes.
         max_sessions_per_peer: concurrent sessions from one IP address.
         lease_grace: seconds between a client's connection ending and the
@@ -143,6 +156,7 @@ class ControlPlaneServer:
         allowed_networks: Iterable[str | Network] = (),
         max_registrations_per_session: int = DEFAULT_MAX_REGISTRATIONS,
         max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+        max_subscription_bytes: int = DEFAULT_MAX_SUBSCRIPTION_BYTES,
         max_message_size: int = DEFAULT_MAX_CLIENT_MESSAGE,
         max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER,
         lease_grace: float = 2.0,
@@ -164,6 +178,7 @@ class ControlPlaneServer:
         self.allowed_networks = tuple(ipaddress.ip_network(n) for n in allowed_networks)
         self.max_registrations_per_session = max_registrations_per_session
         self.max_subscriptions = max_subscriptions
+        self.max_subscription_bytes = max_subscription_bytes
         self.max_message_size = max_message_size
         self.max_sessions_per_peer = max_sessions_per_peer
         self.lease_grace = lease_grace
@@ -172,6 +187,14 @@ class ControlPlaneServer:
         self._per_peer: defaultdict[str, int] = defaultdict(int)
         self._refused_log = RateLimitedLog(logger.warning)
         self._limit_log = RateLimitedLog(logger.warning)
+        self._too_big_log = RateLimitedLog(logger.warning)
+        #: what closed sessions held since the last memory release (see :meth:`_memory_keeper`)
+        self._released_weight = 0
+        self._release_due = trio.Event()
+        #: sessions closed for a message over ``max_message_size``
+        self.oversized_messages = 0
+        #: memory releases done (full collection + ``malloc_trim``)
+        self.memory_releases = 0
         self._nursery: trio.Nursery | None = None
         #: app configuration bodies by name: (the record they were made from, version -> (hash, body))
         self._app_configs: dict[str, tuple[pb.AppConfigRecord, dict[int, tuple[str, bytes]]]] = {}
@@ -223,6 +246,7 @@ class ControlPlaneServer:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(ws_server.run)
+                nursery.start_soon(self._memory_keeper)
                 task_status.started((bound[0], bound[1]))
         raise AssertionError("WebSocketServer.run returned")  # pragma: no cover
 
@@ -252,6 +276,35 @@ class ControlPlaneServer:
         for name in names - session.indexed:
             self._by_name[name].add(session)
         session.indexed = names
+
+    # ------------------------------------------------------------ memory
+    def _session_closed(self, weight: int) -> None:
+        self._released_weight += weight
+        if self._released_weight >= RELEASE_WEIGHT:
+            self._release_due.set()
+
+    async def _memory_keeper(self) -> None:
+        """Give closed sessions' memory back after a burst of closes (rate-limited).
+
+        The control plane freezes its start-up objects and raises the GC
+        thresholds (``tune_gc``): full collections then almost never run, and
+        a closed session's cycles (Trio tasks, tracebacks, the WebSocket and
+        its buffers) with its subscription sets would stay in the old
+        generation. Once closed sessions held enough (:data:`RELEASE_WEIGHT`),
+        :data:`RELEASE_DELAY` later, at most every :data:`RELEASE_INTERVAL` seconds: a full collection,
+        then glibc ``malloc_trim(0)`` so the freed arenas leave the RSS.
+        """
+        while True:
+            await self._release_due.wait()
+            # let the burst finish and trio-websocket tear the connections down
+            # (their buffers become garbage only after our handlers return)
+            await trio.sleep(RELEASE_DELAY)
+            self._release_due = trio.Event()
+            self._released_weight = 0
+            gc.collect()
+            trim_memory()
+            self.memory_releases += 1
+            await trio.sleep(RELEASE_INTERVAL)
 
     # ------------------------------------------------------------ connections
     def _peer_certificate_service(self, request: WebSocketRequest) -> str | None:
@@ -327,7 +380,15 @@ class ControlPlaneServer:
             client_gone = True
             limit = [e for e in leaves if isinstance(e, LimitExceeded)]
             protocol = [e for e in leaves if isinstance(e, (DiscoveryError, DecodeError))]
-            if all(isinstance(e, (ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError)) for e in leaves):
+            too_big = ws.closed is not None and ws.closed.code == MESSAGE_TOO_BIG
+            if too_big:
+                self.oversized_messages += 1
+                self._too_big_log(
+                    trio.current_time(),
+                    f"session {session.peer} ({principal.describe()}) sent a message over the limit of "
+                    f"{self.max_message_size} bytes: closed (raise it with --max-message-size)",
+                )
+            elif all(isinstance(e, (ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError)) for e in leaves):
                 logger.debug("session %s ended: %r", session.peer, leaves[0])
             elif limit:
                 self._limit_log(trio.current_time(), f"session {session.peer} ({principal.describe()}): {limit[0]}")
@@ -351,6 +412,7 @@ class ControlPlaneServer:
                     del self._by_name[name]
             leases = {r.lease_id for r in session.registrations.values()}
             session.registrations.clear()
+            self._session_closed(1_000 + len(names) + session.core.release())
             if client_gone and leases and self._nursery is not None:
                 self._nursery.start_soon(self._revoke_later, session.peer, leases)
 
@@ -375,7 +437,11 @@ class _Session:
         self.peer = str(ws.remote)
         self.scope = trio.CancelScope()
         self.closed_for = ""
-        self.core = XdsServerSession(nonce_prefix=secrets.token_hex(4) + "-", max_subscriptions=server.max_subscriptions)
+        self.core = XdsServerSession(
+            nonce_prefix=secrets.token_hex(4) + "-",
+            max_subscriptions=server.max_subscriptions,
+            max_subscription_bytes=server.max_subscription_bytes,
+        )
         self.indexed: set[str] = set()
         self.registrations: dict[tuple[str, str], _Registration] = {}
         self._wakeup = trio.Event()

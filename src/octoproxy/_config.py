@@ -430,10 +430,11 @@ class ProxySettings:
     )
     memory_budget: int = _opt(
         _integer(1 << 20),
-        128 * 1024 * 1024,
+        32 * 1024 * 1024,
         "Proxy-wide bytes for incoming frames larger than `connection_buffer_limit` and for responses queued beyond a "
         "connection's `max_buffer`. A frame that does not fit is answered OVERLOADED and skipped (the connection stays); "
-        "a reader whose queue does not fit is cut off.",
+        "a reader whose queue does not fit is cut off. The default takes two `max_frame_size` frames at once "
+        "(docs/operations.md, \"Limits\").",
     )
     connection_buffer_limit: int = _opt(
         _integer(65536),

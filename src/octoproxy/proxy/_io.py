@@ -78,7 +78,7 @@ class Budget:
     __slots__ = ("total", "used", "per_connection", "frame_timeout", "high_water", "closes")
 
     def __init__(
-        self, total: int = 128 << 20, per_connection: int = 1 << 20, frame_timeout: float = 30.0, high_water: int = 4 << 20
+        self, total: int = 32 << 20, per_connection: int = 1 << 20, frame_timeout: float = 30.0, high_water: int = 4 << 20
     ) -> None:
         self.total = total
         self.used = 0
@@ -339,26 +339,38 @@ class Conn:
                         await trio.sleep(0.01)
                 await self.close_after_flush(f"protocol error: {exc}")
                 return
-            flusher.flush()
+            if big is not None:
+                # the big frame is relayed (copied to its destination's queue):
+                # release it and its charge before the flush, so the frame is
+                # held once and a queue charge taken by the flush finds room
+                del buf
+                big = None
+                self._release_big()
+                flusher.flush()
+            else:
+                flusher.flush()
+                if consumed == fill:
+                    if self.rest:
+                        self.rest = _EMPTY
+                    self.started = 0.0
+                else:
+                    self._keep_rest(buf, consumed, fill, now)
             if link.inflight:
                 self.last_active = now
-            if big is not None:  # the big frame is done: release it at once
-                self.big = None
-                budget.give(self.big_charge)
-                budget.closes += 1  # worth a trim_memory() too
-                self.big_charge = 0
-                self.started = 0.0
-                self.scanner.scan(_EMPTY)  # drop the scanner's reference to it
-            elif consumed == fill:
-                if self.rest:
-                    self.rest = _EMPTY
-                self.started = 0.0
-            else:
-                self._keep_rest(buf, consumed, fill, now)
             if downstream and len(link.out) > self.max_buffer:
                 # a client that does not read its responses: read no more
                 # requests from it until it has taken half of them
                 await self.wait_low()
+
+    def _release_big(self) -> None:
+        """The big frame is relayed: free its buffer and return its charge at once."""
+        self.big = None
+        budget = self.flusher.budget
+        budget.give(self.big_charge)
+        budget.closes += 1  # worth a trim_memory() too
+        self.big_charge = 0
+        self.started = 0.0
+        self.scanner.scan(_EMPTY)  # drop the scanner's reference to it
 
     def _keep_rest(self, buf: bytearray, consumed: int, fill: int, now: float) -> None:
         """Keep the incomplete frame at ``buf[consumed:fill]`` for the next reads."""

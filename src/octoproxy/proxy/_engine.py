@@ -88,6 +88,7 @@ class Link:
         "on_idle",
         "on_goaway",
         "io",
+        "peer",
     )
 
     def __init__(self, kind: int, name: str, *, endpoint: Endpoint | None = None, cluster: Cluster | None = None, listener: str = "") -> None:
@@ -117,6 +118,8 @@ class Link:
         self.on_goaway: Callable[[Link], None] | None = None
         #: the shell's object for this link (opaque to the engine)
         self.io: Any = None
+        #: inbound only: who the peer is (an ``_guard.InboundPeer``; None: plaintext)
+        self.peer: Any = None
 
     def __repr__(self) -> str:
         return f"<Link {self.name} {'up' if self.kind else 'down'}{' closed' if self.closed else ''}>"
@@ -235,6 +238,8 @@ class Engine:
         self.drain_mode: str | None = None
         #: inbound: the cluster every request on an inbound link goes to (the local app)
         self.inbound_cluster: Cluster | None = None
+        #: inbound: checks every request from a peer first (``_guard.InboundGuard``)
+        self.inbound_guard: Any = None
         #: deadlines in 10 ms buckets: bucket -> [(link, stream id, deadline)],
         #: plus a heap of the bucket numbers (appending to a bucket is cheaper
         #: than a heap push per request)
@@ -267,6 +272,8 @@ class Engine:
     def new_scanner(self, link: Link) -> Scanner:
         """A scanner for a link: routed for outbound downstream links."""
         routes = self.route_table if link.kind == DOWNSTREAM and link.listener == "outbound" else None
+        if routes is None and link.kind == DOWNSTREAM and self.inbound_guard is not None:
+            routes = self.inbound_guard.routes  # route 0: the one service this proxy serves
         return Scanner(routes, self.max_frame_size, 4096)
 
     # ------------------------------------------------------------ input
@@ -280,6 +287,7 @@ class Engine:
         """
         if link.kind == DOWNSTREAM and link.listener == "outbound":
             scanner.routes = self.route_table  # pick up a swapped table
+        guard = self.inbound_guard if link.kind == DOWNSTREAM and link.listener == "inbound" else None
         start = 0
         mv = memoryview(buf)
         try:
@@ -287,7 +295,9 @@ class Engine:
                 n = scanner.scan(buf, start, end)
                 if not n:
                     return start
-                if link.kind == DOWNSTREAM:
+                if guard is not None:
+                    guard.relay(self, link, scanner, n, buf, mv, now)
+                elif link.kind == DOWNSTREAM:
                     relay_requests(self, link, scanner, n, mv, now)
                 else:
                     relay_responses(self, link, scanner, n, mv, now)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 
 import trio
@@ -28,12 +29,14 @@ log = logging.getLogger("octoproxy.proxy")
 __all__ = ["Conn", "Flusher"]
 
 _INITIAL_BUFFER = 64 * 1024
+#: a non-blocking send or receive that could not proceed now (plain or TLS socket)
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Conn:
     """A socket, the engine's :class:`Link` for it, and its read/write state."""
 
-    __slots__ = ("sock", "link", "engine", "flusher", "scanner", "buf", "blocked", "wake", "drained", "max_buffer", "closed_event", "on_close", "_closing", "linger")
+    __slots__ = ("sock", "link", "engine", "flusher", "scanner", "buf", "blocked", "wake", "drained", "max_buffer", "closed_event", "on_close", "_closing", "linger", "tls")
 
     def __init__(self, sock: socket.socket, link: Link, flusher: Flusher, *, max_buffer: int, on_close: Callable[[Conn], None] | None = None) -> None:
         sock.setblocking(False)
@@ -55,6 +58,8 @@ class Conn:
         self._closing = False
         #: after a protocol error: how long to wait for responses still owed
         self.linger = 30.0
+        #: an mTLS link (proxy/_tls.py made the socket and did the handshake)
+        self.tls = isinstance(sock, ssl.SSLSocket)
 
     # ------------------------------------------------------------ writing
 
@@ -71,7 +76,7 @@ class Conn:
             return
         try:
             n = self.sock.send(out)
-        except BlockingIOError:
+        except _WOULD_BLOCK:
             n = 0
         except OSError as exc:
             self.lost(f"send failed: {exc.strerror or exc}")
@@ -106,7 +111,11 @@ class Conn:
                     return
                 try:
                     n = self.sock.send(out)
-                except BlockingIOError:
+                except ssl.SSLWantReadError:
+                    # TLS must read first (post-handshake message): the reader does
+                    await trio.sleep(0.005)
+                    continue
+                except _WOULD_BLOCK:
                     continue
                 except OSError as exc:
                     self.lost(f"send failed: {exc.strerror or exc}")
@@ -137,13 +146,20 @@ class Conn:
                 if want > max_frame + len(buf):
                     want = max_frame + 16
                 buf.extend(bytes(want - len(buf)))
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError:
-                return  # closed by lost(), from another task
+            if not (self.tls and sock.pending()):  # type: ignore[attr-defined]
+                # TLS may hold decrypted bytes the kernel no longer signals
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    return  # closed by lost(), from another task
             try:
                 n = sock.recv_into(memoryview(buf)[fill:])
-            except BlockingIOError:
+            except ssl.SSLWantWriteError:
+                # TLS must write first (post-handshake message); the writer
+                # task owns wait_writable, so poll briefly
+                await trio.sleep(0.005)
+                continue
+            except _WOULD_BLOCK:
                 continue
             except OSError as exc:
                 self.lost(f"receive failed: {exc.strerror or exc}")

@@ -35,11 +35,14 @@ from .._metrics import Registry
 from .._unix import bind_unix, remove_stale_socket
 from .._version import __version__
 from ._discovery import Discovery
+from ._authz import policy_from_config
 from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+from ._guard import InboundGuard, InboundPeer
 from ._handover import serve_hot_restart
 from ._hot_restart import ParentEvent, ParentState, parent_machine
 from ._io import Conn, Flusher, connect_raw, is_transient_accept_error
 from ._stats import ProxyStats
+from ._tls import CertificateFiles, HandshakeError, accept_tls, connect_tls
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -130,6 +133,19 @@ class Proxy:
             app.endpoints[0].healthy = False
             self.engine.inbound_cluster = app
         self.flusher = Flusher(self.engine)
+        #: mTLS between proxies (None: plaintext); raises ConfigError on bad files
+        self.tls: CertificateFiles | None = None
+        self._tls_failures = 0
+        if config.tls_mode == "mtls":
+            t = config.tls
+            assert t.cert_file is not None and t.key_file is not None and t.ca_file is not None
+            self.tls = CertificateFiles(t.cert_file, t.key_file, t.ca_file, t.trust_domain)
+        if config.inbound is not None:
+            authz = config.authz
+            policy = policy_from_config(config.proxy.service, authz.default, [(r.action, r.callers, r.methods) for r in authz.rules])
+            self.engine.inbound_guard = InboundGuard(config.proxy.service, policy, config.proxy.max_frame_size)
+            if not config.proxy.service:
+                log.warning("[inbound] without proxy.service: every request from peers is answered NO_ROUTE")
         self.discovery = Discovery(self) if config.discovery is not None else None
         self.listeners: dict[str, socket.socket] = dict(listeners or {})
         self.addresses: dict[str, str] = {}
@@ -181,6 +197,8 @@ class Proxy:
                         if self.discovery is not None:
                             await pools.start(self.discovery.run)
                         root.start_soon(self._timer)
+                        if self.tls is not None:
+                            root.start_soon(self.tls.watch, cfg.tls.reload_interval)
                         if cfg.upstream.ping_interval > 0:
                             root.start_soon(self._pinger)
                         root.start_soon(self._listen, root)
@@ -296,8 +314,40 @@ class Proxy:
                 link.reject = True
                 self.stats.error("connection_limit")
                 log.warning("%s: connection limit %d reached; answering OVERLOADED on %s", name, max_conns, link.name)
+            if name == "inbound" and self.tls is not None:
+                self._conn_nursery.start_soon(self._serve_tls_inbound, sock, link, max_buffer)
+                continue
             conn = Conn(sock, link, self.flusher, max_buffer=max_buffer)
             self._conn_nursery.start_soon(self._serve_downstream, conn)
+
+    def _tls_failed(self, what: str, exc: Exception) -> None:
+        self.stats.error("tls_handshake_failed")
+        self._tls_failures += 1
+        n = self._tls_failures
+        if n <= 20 or n % 1000 == 0:
+            log.warning("%s: %s (%d TLS failures so far)", what, exc, n)
+
+    async def _serve_tls_inbound(self, sock: socket.socket, link: Link, max_buffer: int) -> None:
+        """Handshake (mTLS) with a peer proxy, learn its service, then serve it as any connection."""
+        assert self.tls is not None
+        try:
+            tls_sock, caller = await accept_tls(sock, self.tls.contexts, self.config.tls.handshake_timeout)
+        except HandshakeError as exc:
+            self._tls_failed(f"inbound {link.name} refused", exc)
+            return
+        link.peer = InboundPeer(caller)
+        await self._serve_downstream(Conn(tls_sock, link, self.flusher, max_buffer=max_buffer))
+
+    async def _tls_connect(self, sock: socket.socket, cluster: Cluster, address: str) -> socket.socket:
+        """Upstream mTLS: the server must be a service this cluster routes to."""
+        assert self.tls is not None
+        expected = {r.service for r in self.engine.routes if r.cluster == cluster.name}
+        try:
+            tls_sock, _service = await connect_tls(sock, self.tls.contexts, expected, self.config.tls.handshake_timeout)
+        except HandshakeError as exc:
+            self._tls_failed(f"cluster {cluster.name}: {address}", exc)
+            raise
+        return tls_sock
 
     async def _serve_downstream(self, conn: Conn) -> None:
         name = conn.link.listener
@@ -393,7 +443,9 @@ class Proxy:
                 holding = True
                 try:
                     sock = await connect_raw(ep.address, up.connect_timeout)
-                except (OSError, trio.TooSlowError) as exc:
+                    if self.tls is not None and cluster is not self.engine.inbound_cluster:
+                        sock = await self._tls_connect(sock, cluster, ep.address)
+                except (OSError, trio.TooSlowError, HandshakeError) as exc:
                     failures += 1
                     self.stats.error("upstream_connect_failed")
                     if failures == 1 or failures % 100 == 0:
@@ -539,6 +591,11 @@ class Proxy:
         )
         reg.gauge_func("octoproxy_subscriptions", "Services subscribed through discovery.", lambda: float(len(self.subscriptions())))
         reg.gauge_func("octoproxy_hot_restart_generation", "Hot-restart generation of this process (0: first).", lambda: float(self.generation))
+        reg.gauge_func(
+            "octoproxy_tls_certificate_rotations",
+            "Certificates loaded after the first (mTLS), since start.",
+            lambda: float(self.tls.contexts.rotations if self.tls is not None else 0),
+        )
         reg.gauge_func("octoproxy_hot_restart_parent_alive", "1 while the previous generation still drains.", lambda: float(self.parent_alive))
 
     def ready_state(self) -> dict[str, Any]:
@@ -566,6 +623,9 @@ class Proxy:
         }
         if self.discovery is not None:
             detail["discovery"] = self.discovery.state()
+        detail["tls"] = {"mode": self.config.tls_mode}
+        if self.tls is not None:
+            detail["tls"].update(rotations=self.tls.contexts.rotations, not_after=self.tls.not_after())
         if app is not None:
             connected = bool(app.links.get(app.endpoints[0].address))
             detail["local_app"] = {"address": app.endpoints[0].address, "connected": connected}

@@ -51,8 +51,7 @@ STRIPPED_METADATA = "authorization"
 # a map entry's key field: tag 0x0A, length 13, then the 13 bytes
 _KEY_PREFIX = b"\x0a" + bytes([len(STRIPPED_METADATA)])
 _KEY = STRIPPED_METADATA.encode()
-_U32 = Struct(">I")
-_U16 = Struct(">H")
+_PREFIX = Struct(">HBBIQHH")  # magic, version, type, length, stream id, flags, header length
 _REQUEST = 1
 _ONEWAY = 3
 
@@ -153,51 +152,54 @@ class InboundGuard:
         stamp = peer.stamp
         view = self._view(peer)
         frame = scanner.frame
-        if not stamp:
+        # one search over the whole batch: most batches carry no credential at all
+        first = frame(0)[0]
+        last = frame(n - 1)
+        cred = buf.find(_KEY_PREFIX, first, last[0] + last[1]) >= 0
+        if not stamp and view is None:
             # plaintext: a batch that needs no change is forwarded as it is
             for i in range(n):
-                off, size, ftype, _fl, _sid, _t, route, _st = frame(i)
-                if ftype != _REQUEST and ftype != _ONEWAY:
-                    continue
-                if route < 0 or view is not None or _has_credential(buf, off + PREFIX_SIZE, off + PREFIX_SIZE + (buf[off + 18] << 8 | buf[off + 19])):
+                off, _size, ftype, _fl, _sid, _t, route, _st = frame(i)
+                if (ftype == _REQUEST or ftype == _ONEWAY) and (
+                    route < 0 or (cred and _has_credential(buf, off + PREFIX_SIZE, off + PREFIX_SIZE + (buf[off + 18] << 8 | buf[off + 19])))
+                ):
                     break
             else:
                 relay_requests(engine, down, scanner, n, mv, now)
                 return
         slen = len(stamp)
         out = self._out
+        limit = self.max_frame_size
         for i in range(n):
-            off, size, ftype, _fl, sid, _t, route, _st = frame(i)
+            off, size, ftype, flags, sid, _t, route, _st = frame(i)
             if ftype != _REQUEST and ftype != _ONEWAY:
                 out += mv[off : off + size]
                 continue
-            problem = self._problem(scanner, i, route, view)
-            if problem is not None:
-                self._reject(engine, down, ftype, sid, *problem)
-                continue
+            if route < 0 or view is not None:
+                problem = self._problem(scanner, i, route, view)
+                if problem is not None:
+                    self._reject(engine, down, ftype, sid, *problem)
+                    continue
             hstart = off + PREFIX_SIZE
             hend = hstart + (buf[off + 18] << 8 | buf[off + 19])
-            if _has_credential(buf, hstart, hend):
-                header = self._strip(mv[hstart:hend], sid)
+            end = off + size
+            if cred and _has_credential(buf, hstart, hend):
+                header: bytes | memoryview | None = self._strip(mv[hstart:hend], sid)
             else:
                 header = None
-            hlen = (hend - hstart if header is None else len(header)) + slen
-            fsize = PREFIX_SIZE + hlen + (off + size - hend)
-            if fsize > self.max_frame_size or hlen > 0xFFFF:
+            if header is None:
+                header = mv[hstart:hend]
+            hlen = len(header) + slen
+            fsize = PREFIX_SIZE + hlen + (end - hend)
+            if fsize > limit or hlen > 0xFFFF:
                 why = "header" if hlen > 0xFFFF else "frame"
                 self._reject(engine, down, ftype, sid, Status.FRAME_TOO_LARGE, f"{why} too large to carry the caller identity", "too_large")
                 continue
-            o = len(out)
-            if header is None:
-                out += mv[off:hend]
-            else:
-                out += mv[off:hstart]
-                out += header
+            # a new prefix (lengths grow by the stamp), the header, the stamp, the body
+            out += _PREFIX.pack(0xABBA, 1, ftype, fsize - 8, sid, flags, hlen)
+            out += header
             out += stamp
-            out += mv[hend : off + size]
-            if fsize != size:
-                _U32.pack_into(out, o + 4, fsize - 8)
-                _U16.pack_into(out, o + 18, hlen)
+            out += mv[hend:end]
         if not out:
             return
         sc = self._scanner

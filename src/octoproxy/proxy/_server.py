@@ -73,6 +73,11 @@ def _sock_address(sock: socket.socket) -> str:
     return f"{name[0]}:{name[1]}"
 
 
+def _cipher(sock: Any) -> str:
+    c = sock.cipher()
+    return str(c[0]) if c else "none"
+
+
 class Proxy:
     """One sidecar proxy (both sides), configured by a :class:`ProxyConfig`.
 
@@ -136,6 +141,9 @@ class Proxy:
         #: mTLS between proxies (None: plaintext); raises ConfigError on bad files
         self.tls: CertificateFiles | None = None
         self._tls_failures = 0
+        self._tls_handshakes = self.stats.registry.counter(
+            "octoproxy_tls_handshakes_total", "mTLS handshakes completed, by side and cipher suite.", ("side", "cipher")
+        )
         if config.tls_mode == "mtls":
             t = config.tls
             assert t.cert_file is not None and t.key_file is not None and t.ca_file is not None
@@ -336,6 +344,7 @@ class Proxy:
             self._tls_failed(f"inbound {link.name} refused", exc)
             return
         link.peer = InboundPeer(caller)
+        self._tls_handshakes.labels("inbound", _cipher(tls_sock)).inc()
         await self._serve_downstream(Conn(tls_sock, link, self.flusher, max_buffer=max_buffer))
 
     async def _tls_connect(self, sock: socket.socket, cluster: Cluster, address: str) -> socket.socket:
@@ -347,6 +356,7 @@ class Proxy:
         except HandshakeError as exc:
             self._tls_failed(f"cluster {cluster.name}: {address}", exc)
             raise
+        self._tls_handshakes.labels("upstream", _cipher(tls_sock)).inc()
         return tls_sock
 
     async def _serve_downstream(self, conn: Conn) -> None:

@@ -64,6 +64,7 @@ async def tls_mesh(
     provider_cert_service: str = "echo",
     caller_ca: TestCA | None = None,
     lifetime: float = 3600.0,
+    inbound_extra: str = "",
 ) -> AsyncIterator[Mesh]:
     ca = TestCA()
     with short_tmpdir() as d:
@@ -72,7 +73,7 @@ async def tls_mesh(
         app = App()
         async with trio.open_nursery() as nursery:
             await nursery.start(sdk.serve, str(app_uds), app.handler)
-            ptoml = provider_toml(d, port, app_uds)
+            ptoml = provider_toml(d, port, app_uds, inbound=inbound_extra)
             if provider_tls:
                 ptoml += tls_toml(ca.write(d, provider_cert_service, "provider", lifetime=lifetime), reload_interval="0.2", handshake_timeout="1.0")
             else:
@@ -99,7 +100,11 @@ def _client_context(ca_pem: bytes, cert: Path, key: Path) -> ssl.SSLContext:
 def _exchange(port: int, data: bytes, expect: int, ctx: ssl.SSLContext | None) -> list:
     """Blocking: connect (TLS if ``ctx``), send ``data``, read ``expect`` frames (fewer if closed)."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s: socket.socket = ctx.wrap_socket(raw) if ctx is not None else raw
+    try:
+        s: socket.socket = ctx.wrap_socket(raw) if ctx is not None else raw
+    except (ssl.SSLError, ConnectionResetError):
+        raw.close()
+        return []  # refused during the handshake
     try:
         s.sendall(data)
         dec = FrameDecoder()
@@ -202,6 +207,26 @@ async def test_endpoint_impersonating_another_service_is_refused() -> None:
             assert m.app.seen == []
             assert await m.caller.metric('octoproxy_errors_total{kind="tls_handshake_failed"}') >= 1
             assert "impersonation" in m.caller.stderr()
+
+
+async def test_handshakes_under_way_count_towards_the_connection_limit() -> None:
+    """Idle TCP connections that never handshake cannot make the proxy burn CPU on more handshakes."""
+    with trio.fail_after(30):
+        async with tls_mesh(inbound_extra="max_connections = 4") as m, sdk.open_client(m.sock) as client:
+            await wait_ready(m.caller)  # the caller proxy holds 2 of the 4
+            idle = [socket.create_connection(("127.0.0.1", m.port)) for _ in range(2)]
+            try:
+                await trio.sleep(0.3)
+                req = encode_request(1, "echo", "whoami", b"")
+                assert await exchange(m.port, req, 1, peer_ctx(m, "billing")) == []  # closed at once
+                assert await m.provider.metric('octoproxy_errors_total{kind="connection_limit"}') >= 1
+                assert await client.call("echo", "echo", b"still") == b"still"
+                await trio.sleep(1.5)  # handshake_timeout: the idle ones are dropped
+                (resp,) = await exchange(m.port, req, 1, peer_ctx(m, "billing"))
+                assert resp.header.status == Status.OK
+            finally:
+                for s in idle:
+                    s.close()
 
 
 # ---------------------------------------------------------------- the service check (both modes)

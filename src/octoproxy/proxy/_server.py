@@ -141,6 +141,8 @@ class Proxy:
         #: mTLS between proxies (None: plaintext); raises ConfigError on bad files
         self.tls: CertificateFiles | None = None
         self._tls_failures = 0
+        #: inbound TLS handshakes under way (they count towards inbound.max_connections)
+        self._handshaking = 0
         self._tls_handshakes = self.stats.registry.counter(
             "octoproxy_tls_handshakes_total", "mTLS handshakes completed, by side and cipher suite.", ("side", "cipher")
         )
@@ -323,6 +325,13 @@ class Proxy:
                 self.stats.error("connection_limit")
                 log.warning("%s: connection limit %d reached; answering OVERLOADED on %s", name, max_conns, link.name)
             if name == "inbound" and self.tls is not None:
+                if link.reject or len(self.conns[name]) + self._handshaking >= max_conns:
+                    # over the limit: no handshake (its CPU is what a flood wants to burn)
+                    if not link.reject:
+                        self.stats.error("connection_limit")
+                    sock.close()
+                    continue
+                self._handshaking += 1
                 self._conn_nursery.start_soon(self._serve_tls_inbound, sock, link, max_buffer)
                 continue
             conn = Conn(sock, link, self.flusher, max_buffer=max_buffer)
@@ -343,6 +352,8 @@ class Proxy:
         except HandshakeError as exc:
             self._tls_failed(f"inbound {link.name} refused", exc)
             return
+        finally:
+            self._handshaking -= 1
         link.peer = InboundPeer(caller)
         self._tls_handshakes.labels("inbound", _cipher(tls_sock)).inc()
         await self._serve_downstream(Conn(tls_sock, link, self.flusher, max_buffer=max_buffer))

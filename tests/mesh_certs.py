@@ -78,6 +78,26 @@ class TestCA:
         )
         return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
+    def sign_csr(self, csr_pem: str, service: str, *, lifetime: float = 3600.0) -> str:
+        """Sign a CSR as the control plane does: the identity comes from ``service``, not the CSR."""
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(seconds=30))
+            .not_valid_after(now + datetime.timedelta(seconds=lifetime))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{TRUST_DOMAIN}/svc/{service}")]),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
     def write(self, directory: Path, service: str | None, name: str | None = None, **kw: object) -> tuple[Path, Path, Path]:
         """Issue for ``service`` and write cert, key (mode 0600) and CA files; return their paths.
 
@@ -102,3 +122,14 @@ def tls_toml(paths: tuple[Path, Path, Path], **extra: str) -> str:
     lines = [f'cert_file = "{cert}"', f'key_file = "{key}"', f'ca_file = "{ca}"']
     lines += [f"{k} = {v}" for k, v in extra.items()]
     return "[tls]\n" + "\n".join(lines) + "\n"
+
+
+def make_key_and_csr(service: str, trust_domain: str = TRUST_DOMAIN) -> tuple[str, str]:
+    """(key PEM, CSR PEM) for ``service``, as a proxy makes them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
+        .sign(key, hashes.SHA256())
+    )
+    return _pem_key(key).decode(), csr.public_bytes(serialization.Encoding.PEM).decode()

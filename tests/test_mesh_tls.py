@@ -402,3 +402,49 @@ async def start_proxy(d: Path, name: str, toml: str) -> Proc:
     cfg = d / f"{name}.toml"
     cfg.write_text(toml)
     return await start_process(proxy_argv(cfg), "octoproxy ready", d, name)
+
+
+# ---------------------------------------------------------------- certificates from the control plane (the proxy's side)
+
+
+async def test_control_plane_certificates_renew_at_two_thirds(autojump_clock: trio.abc.Clock) -> None:
+    """A new key and CSR per issuance, renewed at 2/3 of the life; a failed request is retried."""
+    import time as _time
+
+    from mesh_certs import make_key_and_csr
+    from octoproxy.proxy._tls import ControlPlaneCertificates
+
+    ca = TestCA()
+    csrs: list[str] = []
+    calls = 0
+
+    @dataclass
+    class Resp:
+        certificate_chain_pem: str
+        trust_bundle_pem: str
+        not_after_unix_ms: int
+        error: str = ""
+
+    async def request(csr_pem: str, timeout: float) -> Resp:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError("control plane unreachable")  # the first renewal fails once
+        csrs.append(csr_pem)
+        return Resp(ca.sign_csr(csr_pem, "echo", lifetime=30), ca.pem.decode(), int((_time.time() + 30) * 1000))
+
+    source = ControlPlaneCertificates("echo", "octoproxy.local", request, make_key_and_csr)
+    assert source.contexts is None
+    async with trio.open_nursery() as n:
+        await n.start(source.run)
+        await source.held.wait()
+        first = source.contexts
+        assert first is not None and first.rotations == 0
+        t0 = trio.current_time()
+        while source.issued < 3:
+            await trio.sleep(0.5)
+        # 30 s certificates: renewed after ~20 s (plus the 0.5 s retry), then again after ~20 s
+        assert 40 <= trio.current_time() - t0 <= 45
+        assert source.contexts is first and first.rotations == 2  # swapped in place
+        assert len(set(csrs)) == 3 and source.failures == 1
+        n.cancel_scope.cancel()

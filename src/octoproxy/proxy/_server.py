@@ -42,7 +42,7 @@ from ._handover import serve_hot_restart
 from ._hot_restart import ParentEvent, ParentState, parent_machine
 from ._io import Conn, Flusher, connect_raw, is_transient_accept_error
 from ._stats import ProxyStats
-from ._tls import CertificateFiles, HandshakeError, accept_tls, connect_tls
+from ._tls import CertificateFiles, ControlPlaneCertificates, HandshakeError, accept_tls, connect_tls
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -139,7 +139,7 @@ class Proxy:
             self.engine.inbound_cluster = app
         self.flusher = Flusher(self.engine)
         #: mTLS between proxies (None: plaintext); raises ConfigError on bad files
-        self.tls: CertificateFiles | None = None
+        self.tls: CertificateFiles | ControlPlaneCertificates | None = None
         self._tls_failures = 0
         #: inbound TLS handshakes under way (they count towards inbound.max_connections)
         self._handshaking = 0
@@ -207,8 +207,10 @@ class Proxy:
                         if self.discovery is not None:
                             await pools.start(self.discovery.run)
                         root.start_soon(self._timer)
-                        if self.tls is not None:
+                        if isinstance(self.tls, CertificateFiles):
                             root.start_soon(self.tls.watch, cfg.tls.reload_interval)
+                        elif isinstance(self.tls, ControlPlaneCertificates):
+                            await root.start(self.tls.run)
                         if cfg.upstream.ping_interval > 0:
                             root.start_soon(self._pinger)
                         root.start_soon(self._listen, root)
@@ -348,7 +350,11 @@ class Proxy:
         """Handshake (mTLS) with a peer proxy, learn its service, then serve it as any connection."""
         assert self.tls is not None
         try:
-            tls_sock, caller = await accept_tls(sock, self.tls.contexts, self.config.tls.handshake_timeout)
+            contexts = self.tls.contexts
+            if contexts is None:
+                sock.close()
+                raise HandshakeError("no certificate yet (waiting for the control plane)")
+            tls_sock, caller = await accept_tls(sock, contexts, self.config.tls.handshake_timeout)
         except HandshakeError as exc:
             self._tls_failed(f"inbound {link.name} refused", exc)
             return
@@ -363,7 +369,14 @@ class Proxy:
         assert self.tls is not None
         expected = {r.service for r in self.engine.routes if r.cluster == cluster.name}
         try:
-            tls_sock, _service = await connect_tls(sock, self.tls.contexts, expected, self.config.tls.handshake_timeout)
+            if isinstance(self.tls, ControlPlaneCertificates) and self.tls.contexts is None:
+                with trio.move_on_after(self.config.upstream.connect_timeout):
+                    await self.tls.held.wait()
+            contexts = self.tls.contexts
+            if contexts is None:
+                sock.close()
+                raise HandshakeError("no certificate yet (waiting for the control plane)")
+            tls_sock, _service = await connect_tls(sock, contexts, expected, self.config.tls.handshake_timeout)
         except HandshakeError as exc:
             self._tls_failed(f"cluster {cluster.name}: {address}", exc)
             raise
@@ -615,7 +628,7 @@ class Proxy:
         reg.gauge_func(
             "octoproxy_tls_certificate_rotations",
             "Certificates loaded after the first (mTLS), since start.",
-            lambda: float(self.tls.contexts.rotations if self.tls is not None else 0),
+            lambda: float(self.tls.contexts.rotations if self.tls is not None and self.tls.contexts is not None else 0),
         )
         reg.gauge_func("octoproxy_hot_restart_parent_alive", "1 while the previous generation still drains.", lambda: float(self.parent_alive))
 
@@ -646,7 +659,11 @@ class Proxy:
             detail["discovery"] = self.discovery.state()
         detail["tls"] = {"mode": self.config.tls_mode}
         if self.tls is not None:
-            detail["tls"].update(rotations=self.tls.contexts.rotations, not_after=self.tls.not_after())
+            contexts = self.tls.contexts
+            detail["tls"].update(rotations=contexts.rotations if contexts else 0, not_after=self.tls.not_after())
+            if contexts is None:
+                detail["ready"] = False  # no certificate yet: nothing to serve peers with
+                detail["tls"]["waiting_for_certificate"] = getattr(self.tls, "last_error", "") or True
         if app is not None:
             connected = bool(app.links.get(app.endpoints[0].address))
             detail["local_app"] = {"address": app.endpoints[0].address, "connected": connected}

@@ -25,9 +25,11 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Collection
+import time
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -36,7 +38,7 @@ from ..identity._tls import MeshContexts, TlsMaterial, load_material, peer_servi
 
 log = logging.getLogger("octoproxy.tls")
 
-__all__ = ["HandshakeError", "handshake", "accept_tls", "connect_tls", "CertificateFiles", "cert_not_after"]
+__all__ = ["HandshakeError", "handshake", "accept_tls", "connect_tls", "CertificateFiles", "ControlPlaneCertificates", "cert_not_after"]
 
 
 class HandshakeError(Exception):
@@ -207,3 +209,95 @@ class CertificateFiles:
         while True:
             await trio.sleep(interval)
             self.check()
+
+
+class ControlPlaneCertificates:
+    """Certificates issued by the control plane, renewed at two thirds of their life.
+
+    The private key is made here for every issuance (a new key each time) and
+    never leaves the process: only the CSR goes to the control plane, which
+    issues a certificate for the service the discovery session authenticated
+    as. Until the first certificate arrives :attr:`contexts` is None (the
+    inbound side refuses peers, upstream connections wait, ``/ready`` is 503).
+
+    Args:
+        service: this proxy's service (the CSR names it; the control plane decides).
+        trust_domain: the SPIFFE trust domain peers must belong to.
+        request: ``await request(csr_pem, timeout)`` -> a ``CertificateResponse``
+            (``DiscoveryClient.request_certificate``).
+        make_key_and_csr: ``make_key_and_csr(service, trust_domain)`` -> ``(key_pem, csr_pem)``.
+        timeout: deadline of one request.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        trust_domain: str,
+        request: Callable[[str, float], Awaitable[Any]],
+        make_key_and_csr: Callable[[str, str], tuple[str, str]],
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        self.service = service
+        self.trust_domain = trust_domain
+        self._request = request
+        self._make = make_key_and_csr
+        self.timeout = timeout
+        self.contexts: MeshContexts | None = None
+        self.held = trio.Event()
+        self.issued = 0
+        self.failures = 0
+        self.not_after_unix = 0.0
+        self.last_error = ""
+
+    def not_after(self) -> float:
+        return self.not_after_unix
+
+    async def obtain(self) -> float:
+        """One issuance: new key, CSR, request, load. Returns the expiry (Unix time).
+
+        Raises:
+            ConfigError: the certificate that came back does not load (nothing changed).
+            Exception: whatever the request raised (not connected, refused, too slow).
+        """
+        key_pem, csr_pem = self._make(self.service, self.trust_domain)
+        resp = await self._request(csr_pem, self.timeout)
+        if getattr(resp, "error", ""):
+            raise ConfigError(f"the control plane refused the certificate request: {resp.error}")
+        material = TlsMaterial(resp.certificate_chain_pem.encode(), key_pem.encode(), resp.trust_bundle_pem.encode())
+        del key_pem
+        if self.contexts is None:
+            self.contexts = MeshContexts(material, self.trust_domain)
+        else:
+            self.contexts.update(material)
+        not_after = resp.not_after_unix_ms / 1000.0 if resp.not_after_unix_ms else cert_not_after(material.cert_pem)
+        self.not_after_unix = not_after
+        self.issued += 1
+        self.held.set()
+        return not_after
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Obtain a certificate, then renew it at two thirds of its remaining life, forever.
+
+        Failures are retried with back-off (0.5 s doubling to 10 s); while a
+        renewal fails the current certificate keeps serving until it expires.
+        """
+        task_status.started()
+        backoff = 0.5
+        while True:
+            try:
+                not_after = await self.obtain()
+            except Exception as exc:  # retried: not connected yet, refused, too slow, bad answer
+                self.failures += 1
+                self.last_error = str(exc) or type(exc).__name__
+                if self.failures == 1 or self.failures % 20 == 0:
+                    log.warning("certificate from the control plane: %s; retrying in %.1fs", self.last_error, backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            life = max(0.0, not_after - time.time())
+            renew_in = max(1.0, life * 2 / 3)  # as Linkerd: renew at two thirds of the lifetime
+            log.info("certificate for %s from the control plane (issue %d), expires in %.0fs; renewing in %.0fs",
+                     self.service, self.issued, life, renew_in)
+            await trio.sleep(renew_in)

@@ -448,3 +448,58 @@ async def test_control_plane_certificates_renew_at_two_thirds(autojump_clock: tr
         assert source.contexts is first and first.rotations == 2  # swapped in place
         assert len(set(csrs)) == 3 and source.failures == 1
         n.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- hot restart over mTLS
+
+
+async def test_hot_restart_over_mtls_with_rotated_certificates_loses_nothing() -> None:
+    """Each new generation loads the certificate files as they are now (rotated in between):
+    GOAWAY, drain and reconnection all happen over TLS, and no call fails."""
+    ca = TestCA()
+    with trio.fail_after(90), short_tmpdir() as d:
+        port = free_port()
+        app_uds = d / "app.sock"
+        app = App()
+
+        def write_configs() -> tuple[Path, Path]:
+            caller_cfg, prov_cfg = d / "caller.toml", d / "provider.toml"
+            caller_cfg.write_text(caller_toml(d, [port], drain_time="5.0") + tls_toml(ca.write(d, "caller-app", "caller")))
+            prov_cfg.write_text(provider_toml(d, port, app_uds, drain_time="5.0") + tls_toml(ca.write(d, "echo", "provider")))
+            return caller_cfg, prov_cfg
+
+        caller_cfg, prov_cfg = write_configs()
+        load = Load(pause=0.001)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sdk.serve, str(app_uds), app.handler)
+            pp = await start_process(proxy_argv(prov_cfg), "octoproxy ready", d, "provider-proxy")
+            cp = await start_process(proxy_argv(caller_cfg), "octoproxy ready", d, "caller-proxy")
+            try:
+                await wait_ready(pp)
+                await wait_ready(cp)
+                async with sdk.open_client(d / "caller.sock") as client, trio.open_nursery() as workers:
+                    for _ in range(16):
+                        workers.start_soon(load.worker, client)
+                    await trio.sleep(0.5)
+                    for i in range(2):
+                        write_configs()  # new certificates (and keys) for the next generations
+                        before = load.ok
+                        cp = await hot_restart(caller_cfg, d, f"caller-proxy-{i + 1}", cp)
+                        pp = await hot_restart(prov_cfg, d, f"provider-proxy-{i + 1}", pp)
+                        await trio.sleep(0.3)
+                        assert load.ok > before, "no progress across a restart"
+                    load.stop()
+                assert load.failures == [], load.failures[:5]
+                assert await pp.metric('octoproxy_tls_handshakes_total{side="inbound"') >= 2
+            finally:
+                await stop(cp)
+                await stop(pp)
+                nursery.cancel_scope.cancel()
+
+
+async def hot_restart(config: Path, workdir: Path, name: str, old: Proc) -> Proc:
+    new = await start_process(proxy_argv(config, hot_restart=True), "octoproxy ready", workdir, name)
+    with trio.fail_after(15):
+        assert await old.process.wait() == 0, old.stderr()[-2000:]
+    await stop(old)
+    return new

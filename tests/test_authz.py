@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from octoproxy import FrameType, Status
@@ -10,6 +12,8 @@ from octoproxy.frame import FrameDecoder, encode_frame, encode_request
 from octoproxy.proxy._authz import Policy, Rule, parse_rules, policy_from_config
 from octoproxy.proxy._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link
 from octoproxy.proxy._guard import InboundGuard, InboundPeer
+
+NO_EXTENSIONS = os.environ.get("OCTOPROXY_NO_EXTENSIONS", "") not in ("", "0")
 
 # ---------------------------------------------------------------- policy
 
@@ -202,3 +206,62 @@ def test_stamp_that_does_not_fit_is_refused() -> None:
     assert not app.out
     (resp,) = frames(d)
     assert resp.header.status == Status.FRAME_TOO_LARGE
+
+
+# ---------------------------------------------------------------- the compiled loops and their twin
+
+
+def _guard_impls() -> list:
+    from octoproxy.proxy import _guard_py
+
+    impls = [_guard_py]
+    if not NO_EXTENSIONS:
+        from octoproxy import _fastguard  # a missing extension is a failure here, as for the codec
+
+        impls.append(_fastguard)
+    return impls
+
+
+def test_compiled_guard_loaded() -> None:
+    from octoproxy.proxy import _guard
+
+    assert _guard.IMPLEMENTATION == ("python" if NO_EXTENSIONS else "cython")
+
+
+BATCHES = [
+    [encode_request(1, "echo", "m", b"x"), encode_request(2, "echo", "n", b"y" * 300, caller="c")],
+    [encode_request(1, "echo", "m", b"x", metadata={"AuthoriZation": "t"}), encode_request(2, "echo", "m")],
+    [encode_request(1, "echo", "m", b"\x0a\x0dauthorization in the body only")],
+    [encode_frame(FrameType.PING, 5), encode_request(2, "other", "m"), encode_request(3, "echo", "m")],
+    [encode_request(1, "echo", "m", bytes(4000))],  # too large for the stamp at a 4 KiB limit
+    [encode_request(1, "echo", "m", oneway=True, metadata={"k": "authorizatioN"}), encode_request(2, "echo", "m", metadata={"authorization": ""})],
+]
+
+
+@pytest.mark.parametrize("batch", range(len(BATCHES)))
+def test_twin_and_compiled_loops_agree(batch: int) -> None:
+    from octoproxy.frame import RouteTable, Scanner
+
+    data = bytearray(b"".join(BATCHES[batch]))
+    stamp = InboundPeer("billing").stamp
+    results = []
+    for impl in _guard_impls():
+        sc = Scanner(RouteTable([("echo", "*", 0)]), 1 << 20, 64)
+        n = sc.scan(data, 0, len(data))
+        out = bytearray()
+        stops = []
+        i = 0
+        while i < n:
+            i = impl.stamp_frames(sc, data, i, n, stamp, out, 4096)
+            stops.append(i)
+            i += 1
+        heads = [(f.stream_id, f.header.caller, dict(f.header.metadata)) for f in FrameDecoder_all(bytes(out))]
+        cred = [impl.has_credential(data, 0, len(data))]
+        results.append((impl.first_unclean(sc, data, 0, n), stops, heads, bytes(out), cred))
+    assert all(r == results[0] for r in results), results
+
+
+def FrameDecoder_all(data: bytes) -> list:
+    dec = FrameDecoder()
+    dec.receive_data(data)
+    return list(dec)

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "src" / "octoproxy"
-CORES = ["identity/_names.py", "_protocol.py", "_errors.py", "_frame.py", "_frame_py.py", "_fastframe.pyx", "_balancer.py", "_config.py", "_metrics.py", "agent/_policy.py", "proxy/_engine.py", "proxy/_hot_restart.py", "proxy/_relay_py.py", "proxy/_authz.py", "proxy/_guard.py", "_xds_client.py", "_xds_server.py"]
+CORES = ["identity/_names.py", "_protocol.py", "_errors.py", "_frame.py", "_frame_py.py", "_fastframe.pyx", "_balancer.py", "_config.py", "_metrics.py", "agent/_policy.py", "proxy/_engine.py", "proxy/_hot_restart.py", "proxy/_relay_py.py", "proxy/_authz.py", "proxy/_guard.py", "proxy/_guard_py.py", "_fastguard.pyx", "_xds_client.py", "_xds_server.py"]
 FORBIDDEN_MODULES = {"trio", "socket", "selectors", "asyncio"}
 
 

@@ -24,7 +24,9 @@ per read, before the engine's fast path forwards it to the local app:
 A batch where nothing changes (plaintext mode, every frame allowed, no
 credential) goes to the fast path as it was read; otherwise the frames that
 survive are rewritten into one scratch buffer, scanned again (C speed) and
-forwarded from there.
+forwarded from there. The per-frame loops (find the first frame that needs
+policy; copy and stamp the others) are compiled (``_fastguard.pyx``, twin
+``_guard_py.py``); only frames that need policy run Python here.
 """
 
 from __future__ import annotations
@@ -35,22 +37,27 @@ from typing import TYPE_CHECKING
 
 from .._errors import RemoteProtocolError
 from .._protocol import PREFIX_SIZE, Status
-from ..frame import RouteTable, Scanner, encode_header, parse_header
+from ..frame import NO_EXTENSIONS, RouteTable, Scanner, encode_header, parse_header
 from ._authz import CallerView, Policy
 from ._relay import relay_requests
+
+if TYPE_CHECKING or NO_EXTENSIONS:
+    from ._guard_py import IMPLEMENTATION, first_unclean, has_credential, stamp_frames
+else:
+    try:
+        from .._fastguard import IMPLEMENTATION, first_unclean, has_credential, stamp_frames  # type: ignore[no-redef]
+    except ImportError:  # pragma: no cover - depends on the build
+        from ._guard_py import IMPLEMENTATION, first_unclean, has_credential, stamp_frames
 
 if TYPE_CHECKING:
     from ._engine import Engine, Link
 
 log = logging.getLogger("octoproxy.proxy")
 
-__all__ = ["InboundGuard", "InboundPeer", "STRIPPED_METADATA"]
+__all__ = ["IMPLEMENTATION", "InboundGuard", "InboundPeer", "STRIPPED_METADATA"]
 
 #: metadata keys (compared in lower case) removed from requests arriving from peers
 STRIPPED_METADATA = "authorization"
-# a map entry's key field: tag 0x0A, length 13, then the 13 bytes
-_KEY_PREFIX = b"\x0a" + bytes([len(STRIPPED_METADATA)])
-_KEY = STRIPPED_METADATA.encode()
 _PREFIX = Struct(">HBBIQHH")  # magic, version, type, length, stream id, flags, header length
 _REQUEST = 1
 _ONEWAY = 3
@@ -75,16 +82,6 @@ class InboundPeer:
 
 
 _PLAINTEXT = InboundPeer(None)
-
-
-def _has_credential(buf: bytearray, start: int, end: int) -> bool:
-    """Might the header ``buf[start:end]`` carry an ``authorization`` metadata key?"""
-    p = buf.find(_KEY_PREFIX, start, end)
-    while p >= 0:
-        if buf[p + 2 : p + 2 + len(_KEY)].lower() == _KEY:
-            return True
-        p = buf.find(_KEY_PREFIX, p + 1, end)
-    return False
 
 
 class InboundGuard:
@@ -151,55 +148,21 @@ class InboundGuard:
         peer: InboundPeer = down.peer if down.peer is not None else _PLAINTEXT
         stamp = peer.stamp
         view = self._view(peer)
-        frame = scanner.frame
-        # one search over the whole batch: most batches carry no credential at all
-        first = frame(0)[0]
-        last = frame(n - 1)
-        cred = buf.find(_KEY_PREFIX, first, last[0] + last[1]) >= 0
-        if not stamp and view is None:
-            # plaintext: a batch that needs no change is forwarded as it is
-            for i in range(n):
-                off, _size, ftype, _fl, _sid, _t, route, _st = frame(i)
-                if (ftype == _REQUEST or ftype == _ONEWAY) and (
-                    route < 0 or (cred and _has_credential(buf, off + PREFIX_SIZE, off + PREFIX_SIZE + (buf[off + 18] << 8 | buf[off + 19])))
-                ):
-                    break
-            else:
-                relay_requests(engine, down, scanner, n, mv, now)
-                return
-        slen = len(stamp)
+        if not stamp and view is None and first_unclean(scanner, buf, 0, n) == n:
+            # plaintext, nothing to change: forwarded as it was read
+            relay_requests(engine, down, scanner, n, mv, now)
+            return
         out = self._out
         limit = self.max_frame_size
-        for i in range(n):
-            off, size, ftype, flags, sid, _t, route, _st = frame(i)
-            if ftype != _REQUEST and ftype != _ONEWAY:
-                out += mv[off : off + size]
-                continue
-            if route < 0 or view is not None:
-                problem = self._problem(scanner, i, route, view)
-                if problem is not None:
-                    self._reject(engine, down, ftype, sid, *problem)
-                    continue
-            hstart = off + PREFIX_SIZE
-            hend = hstart + (buf[off + 18] << 8 | buf[off + 19])
-            end = off + size
-            if cred and _has_credential(buf, hstart, hend):
-                header: bytes | memoryview | None = self._strip(mv[hstart:hend], sid)
-            else:
-                header = None
-            if header is None:
-                header = mv[hstart:hend]
-            hlen = len(header) + slen
-            fsize = PREFIX_SIZE + hlen + (end - hend)
-            if fsize > limit or hlen > 0xFFFF:
-                why = "header" if hlen > 0xFFFF else "frame"
-                self._reject(engine, down, ftype, sid, Status.FRAME_TOO_LARGE, f"{why} too large to carry the caller identity", "too_large")
-                continue
-            # a new prefix (lengths grow by the stamp), the header, the stamp, the body
-            out += _PREFIX.pack(0xABBA, 1, ftype, fsize - 8, sid, flags, hlen)
-            out += header
-            out += stamp
-            out += mv[hend:end]
+        i = 0
+        while i < n:
+            if view is None:
+                # the compiled loop copies and stamps until a frame needs policy
+                i = stamp_frames(scanner, buf, i, n, stamp, out, limit)
+                if i == n:
+                    break
+            self._one(engine, down, scanner, i, buf, mv, stamp, view, out)
+            i += 1
         if not out:
             return
         sc = self._scanner
@@ -209,6 +172,37 @@ class InboundGuard:
                 relay_requests(engine, down, sc, m, omv, now)
         finally:
             out.clear()
+
+    def _one(
+        self, engine: Engine, down: Link, scanner: Scanner, i: int, buf: bytearray, mv: memoryview, stamp: bytes, view: CallerView | None, out: bytearray
+    ) -> None:
+        """One frame the compiled loop left to policy: answer it, or append it rewritten to ``out``."""
+        off, size, ftype, flags, sid, _t, route, _st = scanner.frame(i)
+        if ftype != _REQUEST and ftype != _ONEWAY:
+            out += mv[off : off + size]
+            return
+        problem = self._problem(scanner, i, route, view)
+        if problem is not None:
+            self._reject(engine, down, ftype, sid, *problem)
+            return
+        hstart = off + PREFIX_SIZE
+        hend = hstart + (buf[off + 18] << 8 | buf[off + 19])
+        header: bytes | memoryview | None = None
+        if has_credential(buf, hstart, hend):
+            header = self._strip(mv[hstart:hend], sid)
+        if header is None:
+            header = mv[hstart:hend]
+        hlen = len(header) + len(stamp)
+        fsize = PREFIX_SIZE + hlen + (off + size - hend)
+        if fsize > self.max_frame_size or hlen > 0xFFFF:
+            why = "header" if hlen > 0xFFFF else "frame"
+            self._reject(engine, down, ftype, sid, Status.FRAME_TOO_LARGE, f"{why} too large to carry the caller identity", "too_large")
+            return
+        # a new prefix (lengths grow by the stamp), the header, the stamp, the body
+        out += _PREFIX.pack(0xABBA, 1, ftype, fsize - 8, sid, flags, hlen)
+        out += header
+        out += stamp
+        out += mv[hend : off + size]
 
     def _strip(self, header: memoryview, sid: int) -> bytes | None:
         """The header without its ``authorization`` entries (None: there were none)."""

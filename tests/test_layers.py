@@ -8,7 +8,12 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "src" / "octoproxy"
-CORES = ["identity/_names.py", "_protocol.py", "_errors.py", "_frame.py", "_frame_py.py", "_fastframe.pyx", "_balancer.py", "_config.py", "_metrics.py", "agent/_policy.py", "proxy/_engine.py", "proxy/_hot_restart.py", "proxy/_relay_py.py", "proxy/_authz.py", "proxy/_guard.py", "proxy/_guard_py.py", "_fastguard.pyx", "_xds_client.py", "_xds_server.py"]
+CORES = ["identity/_names.py", "_protocol.py", "_errors.py", "_frame.py", "_frame_py.py", "_fastframe.pyx", "_balancer.py", "_config.py", "_metrics.py", "agent/_policy.py", "proxy/_engine.py", "proxy/_hot_restart.py", "proxy/_relay_py.py", "_xds_client.py", "_xds_server.py"]
+# governance policy cores (docs/governance.md)
+CORES += ["governance/__init__.py", "governance/_verdict.py", "governance/_routing.py", "governance/_outlier.py", "governance/_breaker.py",
+          "governance/_retry.py", "governance/_ratelimit.py", "governance/_trace.py", "governance/_policy.py", "governance/_proto.py"]
+# mesh-tls: authorization and the inbound guard (docs/security.md)
+CORES += ["proxy/_authz.py", "proxy/_guard.py", "proxy/_guard_py.py", "_fastguard.pyx"]
 FORBIDDEN_MODULES = {"trio", "socket", "selectors", "asyncio"}
 
 

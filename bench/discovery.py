@@ -420,8 +420,8 @@ async def _subscribe(admin: str, services: list[str], timeout: float) -> tuple[i
     return status, reply, time.perf_counter() - t0
 
 
-async def _get_json(admin: str, path: str) -> object:
-    status, _, reply = await http_request(admin, "GET", path, timeout=5.0)
+async def _get_json(admin: str, path: str, token: str | None = None) -> object:
+    status, _, reply = await http_request(admin, "GET", path, timeout=5.0, token=token)
     return json.loads(reply) if status == 200 else None
 
 
@@ -487,7 +487,8 @@ def memory_one(size: int, procs: Procs, base: Path, settle: float) -> dict:
             if got != dict.fromkeys(SUBSCRIBED, ENDPOINTS_PER_SERVICE):
                 warnings.append(f"POST /subscribe reported endpoints {got}")
         with contextlib.suppress(Exception):
-            clusters = trio.run(_get_json, admin, "/clusters") or {}
+            token = Path(words["admin_token_file"]).read_text().strip()  # GET /clusters needs the admin token
+            clusters = trio.run(_get_json, admin, "/clusters", token) or {}
             res["proxy_clusters"] = len(clusters)
             res["proxy_cluster_endpoints"] = sum(len(c.get("endpoints", [])) for c in clusters.values())
         with contextlib.suppress(Exception):

@@ -50,15 +50,21 @@ class Proc:
     def admin(self) -> str:
         return self.addresses["admin"]
 
+    @property
+    def token(self) -> str | None:
+        """The admin token (from the file the ready line names), for the endpoints that need it."""
+        path = self.addresses.get("admin_token_file")
+        return Path(path).read_text().strip() if path else None
+
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
     async def get(self, path: str) -> tuple[int, bytes]:
-        status, _h, body = await http_request(self.admin, "GET", path)
+        status, _h, body = await http_request(self.admin, "GET", path, token=self.token)
         return status, body
 
     async def post(self, path: str) -> tuple[int, bytes]:
-        status, _h, body = await http_request(self.admin, "POST", path)
+        status, _h, body = await http_request(self.admin, "POST", path, token=self.token)
         return status, body
 
     async def json(self, path: str) -> object:

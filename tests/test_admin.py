@@ -15,7 +15,17 @@ import pytest
 import trio
 import trio.testing
 
-from octoproxy._admin import Request, Response, Routes, _Server, http_request, open_admin_listeners, serve_admin
+from octoproxy._admin import (
+    AdminAuth,
+    Request,
+    Response,
+    Routes,
+    _Server,
+    host_is_allowed,
+    http_request,
+    open_admin_listeners,
+    serve_admin,
+)
 
 
 async def healthz(request: Request) -> Response:
@@ -278,3 +288,39 @@ async def test_bad_addresses(bad: str) -> None:
         await open_admin_listeners(bad)
     with pytest.raises(ValueError):
         await http_request(bad, "GET", "/")
+
+
+# ---------------------------------------------------------------- local trust (issue 11)
+
+
+@pytest.mark.parametrize(
+    ("host", "local_ip", "ok"),
+    [
+        ("localhost", None, True), ("LOCALHOST:9901", None, True), ("a.localhost", None, True), ("localhost.", None, True),
+        ("127.0.0.1", None, True), ("127.9.9.9:1", None, True), ("[::1]:80", None, True), ("::1", None, True),
+        ("10.0.0.5:9901", "10.0.0.5", True), ("10.0.0.5", "10.0.0.6", False), ("[::ffff:127.0.0.1]", None, True),
+        ("evil.example", "10.0.0.5", False), ("localhost.evil.example", None, False), ("", None, False),
+        ("127.0.0.1.evil.example", None, False), ("0.0.0.0:9901", "127.0.0.1", False), ("[fe80::1]", None, False),
+    ],
+)  # fmt: skip
+def test_host_check(host: str, local_ip: str | None, ok: bool) -> None:
+    assert host_is_allowed(host, local_ip) is ok
+
+
+async def test_token_guards_all_but_public_routes(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    auth = AdminAuth(b"t" * 32, frozenset({("GET", "/healthz")}))
+    assert "tttt" not in repr(auth)
+    with trio.fail_after(10):
+        addr = await nursery.start(partial(serve_admin, auth=auth), "127.0.0.1:0", ROUTES)
+        assert (await http_request(addr, "GET", "/healthz"))[0] == 200
+        assert (await http_request(addr, "HEAD", "/healthz"))[0] == 200
+        with caplog.at_level(logging.WARNING, logger="octoproxy.admin"):
+            for tok in (None, "t" * 31, "t" * 33, "Bearer " + "t" * 32):
+                status, headers, _ = await http_request(addr, "GET", "/stats", token=tok)
+                assert status == 401 and headers["www-authenticate"] == 'Bearer realm="octoproxy-admin"'
+            status, _, _ = await http_request(addr, "POST", "/echo", b"x", headers=[("Authorization", "Basic dDp0")])
+            assert status == 401
+        assert len([r for r in caplog.records if "missing or wrong admin token" in r.getMessage()]) == 1  # rate-limited
+        assert (await http_request(addr, "GET", "/stats", token="t" * 32))[0] == 200
+        assert (await http_request(addr, "GET", "/stats", headers=[("authorization", "bearer " + "t" * 32)]))[0] == 200
+        assert (await http_request(addr, "GET", "/nope"))[0] == 404  # unknown routes: 404, no token asked for

@@ -38,9 +38,18 @@ BAD_PROXY_TOML = "[proxy]\nno_such_key = 1\n"  # fails validation: the proxy exi
 HANG = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
-def agent_toml(admin: str = "127.0.0.1:0", proxy_config: str = "proxy.toml", **keys: object) -> str:
+def agent_toml(
+    admin: str = "127.0.0.1:0", proxy_config: str = "proxy.toml", *, upgrade: dict[str, object] | None = None, **keys: object
+) -> str:
     lines = ["[agent]", f'admin = "{admin}"', f'proxy_config = "{proxy_config}"', "health_interval = 0.2"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    if upgrade:
+        lines.append("[upgrade]")
+        for k, v in upgrade.items():
+            if isinstance(v, dict):
+                lines.append(f"{k} = {{ " + ", ".join(f"{json.dumps(n)} = {json.dumps(c)}" for n, c in v.items()) + " }")
+            else:
+                lines.append(f"{k} = {json.dumps(v)}")
     return "\n".join(lines) + "\n"
 
 
@@ -81,8 +90,12 @@ class Agent:
     def stderr(self) -> str:
         return (self.dir / "agent.stderr").read_text(errors="replace")
 
+    @property
+    def token(self) -> str:
+        return (self.dir / "agent-admin.token").read_text().strip()  # the default, next to agent.toml
+
     async def status(self) -> dict[str, Any]:
-        code, _h, body = await http_request(self.admin, "GET", "/status")
+        code, _h, body = await http_request(self.admin, "GET", "/status", token=self.token)
         assert code == 200
         data: dict[str, Any] = json.loads(body)
         return data
@@ -94,7 +107,7 @@ class Agent:
 
     async def upgrade(self, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         raw = json.dumps(body).encode() if body is not None else b""
-        code, _h, reply = await http_request(self.admin, "POST", "/upgrade", raw, timeout=30)
+        code, _h, reply = await http_request(self.admin, "POST", "/upgrade", raw, timeout=30, token=self.token)
         return code, json.loads(reply)
 
     async def wait_status(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 15.0) -> dict[str, Any]:
@@ -250,7 +263,7 @@ async def test_upgrade_to_an_invalid_config_rolls_back() -> None:
     with trio.fail_after(40), short_tmpdir() as d:
         write_proxy(d)
         (d / "bad.toml").write_text(BAD_PROXY_TOML)
-        async with run_agent(d, agent_toml()) as a:
+        async with run_agent(d, agent_toml(upgrade={"configs": ["bad.toml"]})) as a:
             before = await a.status()
             code, res = await a.upgrade({"config": "bad.toml"})  # relative: next to proxy.toml
             assert code == 200, res
@@ -263,7 +276,8 @@ async def test_upgrade_to_an_invalid_config_rolls_back() -> None:
             assert await proxy_get(st, "/healthz") == 200
             # the same through the command-line client: exit status 1
             cli = await trio.run_process(
-                [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--config", str(d / "bad.toml")],
+                [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--config", str(d / "bad.toml"),
+                 "--token-file", str(d / "agent-admin.token")],
                 capture_stdout=True, capture_stderr=True, check=False,
             )  # fmt: skip
             assert cli.returncode == 1, cli.stderr
@@ -275,12 +289,12 @@ async def test_upgrade_to_an_invalid_config_rolls_back() -> None:
 async def test_upgrade_that_never_gets_ready_is_killed_and_rolled_back() -> None:
     with trio.fail_after(40), short_tmpdir() as d:
         write_proxy(d)
-        async with run_agent(d, agent_toml(upgrade_timeout=1.0)) as a:
+        async with run_agent(d, agent_toml(upgrade_timeout=1.0, upgrade={"versions": {"hang": HANG}})) as a:
             before = await a.status()
             results: list[tuple[int, dict[str, Any]]] = []
 
             async def first() -> None:
-                results.append(await a.upgrade({"command": HANG}))
+                results.append(await a.upgrade({"version": "hang"}))
 
             async with trio.open_nursery() as n:
                 n.start_soon(first)
@@ -290,7 +304,7 @@ async def test_upgrade_that_never_gets_ready_is_killed_and_rolled_back() -> None
                 code, busy = await a.upgrade()  # one at a time
                 assert code == 409 and "already in progress" in busy["error"]
             code, res = results[0]
-            assert code == 200 and res["outcome"] == "rolled_back"
+            assert code == 200 and res["outcome"] == "rolled_back" and res["version"] == "hang"
             assert res["reason"] == "candidate not ready within upgrade_timeout (1.0s)"
             assert 1.0 <= res["duration"] < 5.0
             with trio.fail_after(5):
@@ -299,6 +313,67 @@ async def test_upgrade_that_never_gets_ready_is_killed_and_rolled_back() -> None
             st = await a.status()
             assert st["pid"] == before["pid"] and st["state"] == "running" and st["command"] == before["command"]
             assert await proxy_get(st, "/healthz") == 200
+
+
+async def test_upgrade_never_runs_a_command_from_the_request() -> None:
+    """Issue 11, item 1: `{"command": [...]}` ran any argv as the agent's user. Now the body
+    only names a version or a config file that the agent's own configuration allows."""
+    with trio.fail_after(40), short_tmpdir() as d:
+        write_proxy(d)
+        pwned = d / "pwned"
+        outside = d / "outside"
+        outside.mkdir()
+        (outside / "evil.toml").write_text(PROXY_TOML.format(dir=d))
+        allowed = d / "allowed"
+        allowed.mkdir()
+        (allowed / "escape.toml").symlink_to(outside / "evil.toml")  # a symlink out of config_dir
+        (allowed / "sub").mkdir()
+        toml = agent_toml(upgrade={"versions": {"same": [sys.executable, "-m", "octoproxy", "run"]}, "config_dir": "allowed"})
+        async with run_agent(d, toml) as a:
+            before = await a.status()
+            attacks: list[tuple[dict[str, Any], str]] = [
+                ({"command": ["/bin/sh", "-c", f"id > {pwned}; exit 3"]}, '"command" is not accepted'),
+                ({"command": ["/bin/sh", "-c", f"id > {pwned}"], "version": "same"}, '"command" is not accepted'),
+                ({"version": f"/bin/sh -c 'id > {pwned}'"}, "is not in the agent's [upgrade] versions (same)"),
+                ({"version": ["/bin/sh"]}, "is not in the agent's [upgrade] versions"),
+                ({"config": str(outside / "evil.toml")}, "is not allowed"),
+                ({"config": "allowed/escape.toml"}, "is not allowed"),
+                ({"config": "allowed/../outside/evil.toml"}, "is not allowed"),
+                ({"config": "allowed/sub"}, "is not a regular file"),
+                ({"config": "allowed/missing.toml"}, "No such file or directory"),
+                ({"argv": ["/bin/sh"]}, "argv: unknown key"),
+            ]
+            for body, reason in attacks:
+                code, reply = await a.upgrade(body)
+                assert code == 400 and reason in reply["error"], (body, reply)
+            await trio.sleep(0.5)
+            assert not pwned.exists()
+            st = await a.status()
+            assert (st["pid"], st["generation"], st["upgrading"], st["last_upgrade"]) == (before["pid"], 0, False, None)
+            assert a.stderr().count("event=upgrade_refused") == len(attacks)
+            # what the configuration allows still works: a version by name, a file inside config_dir
+            (allowed / "next.toml").write_text(PROXY_TOML.format(dir=d))
+            code, res = await a.upgrade({"version": "same", "config": "allowed/next.toml"})
+            assert code == 200 and res["outcome"] == "succeeded", res
+            assert res["version"] == "same" and res["config"] == str((allowed / "next.toml").resolve())
+            # and the command-line client names a version, with the agent's token
+            tok = ["--token-file", str(d / "agent-admin.token")]
+            cli = await trio.run_process(
+                [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--version", "nope", *tok],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            assert cli.returncode == 1 and b"is not in the agent's [upgrade] versions" in cli.stderr
+            cli = await trio.run_process(
+                [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--version", "same"],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            assert cli.returncode == 1 and b"agent answered 401" in cli.stderr  # no token
+            cli = await trio.run_process(
+                [sys.executable, "-m", "octoproxy", "agent", "upgrade", "--admin", a.admin, "--version", "same", *tok],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            assert cli.returncode == 0, cli.stderr
+            assert (await a.status())["generation"] == 2
 
 
 async def test_upgrade_through_hot_restart() -> None:

@@ -9,7 +9,9 @@ import re
 import pytest
 
 from octoproxy.agent import _policy
-from octoproxy.agent._config import render_agent_reference
+from octoproxy._errors import ConfigError
+from octoproxy.agent._api import resolve_upgrade
+from octoproxy.agent._config import UpgradeSettings, parse_agent_config, render_agent_reference
 from octoproxy.agent._policy import (
     TRANSITIONS,
     Action,
@@ -305,6 +307,74 @@ def test_docs_state_diagram_is_generated_from_the_table() -> None:
 def test_docs_config_reference_is_generated_from_the_schema() -> None:
     block = _between(DOC.read_text(), "<!-- BEGIN CONFIG -->", "<!-- END CONFIG -->")
     assert block == f"\n{render_agent_reference()}\n", "run: python tests/test_agent_policy.py"
+
+
+# ------------------------------------------------------------ POST /upgrade allow-list
+
+
+def _allowed(tmp: pathlib.Path) -> tuple[UpgradeSettings, pathlib.Path]:
+    (tmp / "proxy.toml").write_text("")
+    (tmp / "other.toml").write_text("")
+    (tmp / "d").mkdir()
+    (tmp / "d" / "ok.toml").write_text("")
+    (tmp / "d" / "loop.toml").symlink_to(tmp / "other.toml")
+    (tmp / "d" / "inside-link.toml").symlink_to(tmp / "d" / "ok.toml")
+    cfg = parse_agent_config(
+        {"agent": {"proxy_config": "proxy.toml"}, "upgrade": {"versions": {"v2": ["/opt/v2/octoproxy", "run"]}, "config_dir": "d"}},
+        base_dir=tmp,
+    )
+    return cfg.upgrade, tmp / "proxy.toml"
+
+
+def test_upgrade_body_names_a_version_never_a_command(tmp_path: pathlib.Path) -> None:
+    allowed, current = _allowed(tmp_path)
+    assert resolve_upgrade(b"", allowed, current) == (None, None, None)
+    assert resolve_upgrade(b'{"version": "v2"}', allowed, current) == ("v2", ("/opt/v2/octoproxy", "run"), None)
+    for body, reason in [
+        (b'{"command": ["/bin/sh", "-c", "id"]}', '"command" is not accepted'),
+        (b'{"version": "v3"}', "'v3' is not in the agent's [upgrade] versions (v2)"),
+        (b'{"version": 2}', "is not in the agent's [upgrade] versions"),
+        (b"[1]", "must be a JSON object"),
+        (b"{", "not JSON"),
+        (b'{"config": ""}', "expected a non-empty path string"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            resolve_upgrade(body, allowed, current)
+    none = parse_agent_config({"agent": {"proxy_config": "p.toml"}}).upgrade
+    with pytest.raises(ValueError, match=re.escape("(none configured)")):
+        resolve_upgrade(b'{"version": "v2"}', none, current)
+
+
+def test_upgrade_config_must_be_allowed_after_resolving_symlinks(tmp_path: pathlib.Path) -> None:
+    allowed, current = _allowed(tmp_path)
+    d = tmp_path / "d"
+    assert resolve_upgrade(b'{"config": "proxy.toml"}', allowed, current)[2] == current.resolve()  # the current one
+    assert resolve_upgrade(b'{"config": "d/ok.toml"}', allowed, current)[2] == (d / "ok.toml").resolve()
+    assert resolve_upgrade(b'{"config": "d/inside-link.toml"}', allowed, current)[2] == (d / "ok.toml").resolve()
+    for path, reason in [
+        ("other.toml", "is not allowed"),
+        ("d/loop.toml", "is not allowed"),  # a symlink out of config_dir
+        ("d/../other.toml", "is not allowed"),
+        (str(tmp_path / "other.toml"), "is not allowed"),
+        ("d", "is not a regular file"),
+        ("d/missing.toml", "No such file or directory"),
+        ("/etc/passwd", "is not allowed"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            resolve_upgrade(f'{{"config": "{path}"}}'.encode(), allowed, current)
+    listed = parse_agent_config({"agent": {"proxy_config": "proxy.toml"}, "upgrade": {"configs": ["other.toml"]}}, base_dir=tmp_path)
+    assert resolve_upgrade(b'{"config": "other.toml"}', listed.upgrade, current)[2] == (tmp_path / "other.toml").resolve()
+
+
+def test_upgrade_table_is_validated() -> None:
+    for upgrade, msg in [
+        ({"versions": {"v": "octoproxy run"}}, "upgrade.versions.v: expected a non-empty array of non-empty strings"),
+        ({"versions": {"v": []}}, "upgrade.versions.v: expected a non-empty array"),
+        ({"configs": "a.toml"}, "upgrade.configs: expected an array of path strings"),
+        ({"command": ["x"]}, "upgrade.command: unknown key"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            parse_agent_config({"agent": {"proxy_config": "p.toml"}, "upgrade": upgrade})
 
 
 def regenerate_docs() -> None:

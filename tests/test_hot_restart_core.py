@@ -92,7 +92,8 @@ def test_messages_round_trip_and_are_checked() -> None:
         encode("listeners", names=[])
     with pytest.raises(HotRestartError):
         encode("nonsense")
-    for bad in (b"not json", b"[1]", b'{"type": "what"}', b'{"type": "hello"}'):
+    # a hello without the hand-over secret does not even parse (issue 11)
+    for bad in (b"not json", b"[1]", b'{"type": "what"}', b'{"type": "hello"}', b'{"type": "hello", "version": 1, "pid": 2}'):
         with pytest.raises(HotRestartError):
             decode(bad)
 

@@ -163,7 +163,7 @@ async def test_second_hot_restart_at_once_is_refused() -> None:
     with trio.fail_after(60), short_tmpdir() as d:
         port = free_port()
         app_uds = d / "app.sock"
-        caller_cfg = write(d / "caller.toml", caller_toml(d, [port]))
+        caller_cfg = write(d / "caller.toml", caller_toml(d, [port], drain_time="5.5"))
         async with provider(d, app_uds):
             pp = await start_process(proxy_argv(write(d / "p.toml", provider_toml(d, port, app_uds))), "octoproxy ready", d, "pp")
             cp = await start_process(proxy_argv(caller_cfg), "octoproxy ready", d, "cp")
@@ -171,7 +171,7 @@ async def test_second_hot_restart_at_once_is_refused() -> None:
                 await wait_ready(cp)
                 # keep a call in flight so that generation 0 stays draining for a while
                 async with sdk.open_client(d / "caller.sock") as client, trio.open_nursery() as n:
-                    n.start_soon(client.call, "echo", "sleep", b"2")
+                    n.start_soon(client.call, "echo", "sleep", b"4.5")  # long enough for a loaded machine
                     await trio.sleep(0.2)
                     g1 = await start_process(proxy_argv(caller_cfg, hot_restart=True), "octoproxy ready", d, "g1")
                     # generation 0 is still draining: a third generation is refused

@@ -18,6 +18,7 @@ import trio
 import trio.testing
 
 from octoproxy import Status, sdk
+from octoproxy._admin import http_request
 from octoproxy.testing import HotRestartError, Mesh, Provider, open_mesh
 
 
@@ -53,8 +54,10 @@ async def test_calls_through_the_mesh() -> None:
             assert caller.metric('octoproxy_requests_total{direction="outbound",service="echo",method="m",status="OK"') == 20
             assert provider.metric('octoproxy_requests_total{direction="inbound"') == 20
             assert caller.endpoints("echo") == 1
-            # the admin API answers like a real proxy's
+            # the admin API answers like a real proxy's, token included
             assert caller.admin.startswith("127.0.0.1:")
+            assert (await http_request(caller.admin, "GET", "/config_dump"))[0] == 401
+            assert (await http_request(caller.admin, "GET", "/config_dump", token=caller.admin_token))[0] == 200
         assert not mesh.directory.exists()
 
 

@@ -11,14 +11,27 @@ that never reads cannot pin us. Peer faults end that connection only: they
 never escape into the accept loop. When we close after a response we send FIN
 first and drain the peer briefly, so unread request bytes do not turn our FIN
 into a RST that would destroy the response before the peer reads it.
+
+Local trust (issue 11; ``docs/security.md``, "Local control"): before any
+route runs, a request must be origin-form (``POST http://evil/x`` is 421), its
+``Host`` must be a loopback name or address or the address the connection
+arrived on (421: DNS rebinding), and an ``Origin`` header, if any, must be
+loopback (403: a web page's cross-site request). With an :class:`AdminAuth`,
+every route not in its ``public`` set also needs ``Authorization: Bearer
+<token>`` (compared in constant time) or, on a Unix socket, a peer whose
+``SO_PEERCRED`` uid is ours or root; else 401 with ``WWW-Authenticate:
+Bearer``, logged at most once a minute per peer.
 """
 
 from __future__ import annotations
 
 import http
+import ipaddress
 import json
 import logging
 import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -27,9 +40,13 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 
+from ._secretfile import same_secret
 from ._unix import remove_stale_socket
 
-__all__ = ["Request", "Response", "Handler", "Routes", "serve_admin", "open_admin_listeners", "http_request"]
+__all__ = [
+    "AdminAuth", "Request", "Response", "Handler", "Routes", "serve_admin", "open_admin_listeners", "http_request",
+    "auth_headers", "host_is_allowed",
+]  # fmt: skip
 
 logger = logging.getLogger("octoproxy.admin")
 
@@ -37,6 +54,114 @@ _RECV_SIZE = 65536
 #: how long a closing server keeps reading, waiting for the peer's FIN
 _DRAIN_TIMEOUT = 1.0
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+#: a refused peer is logged at most once per this many seconds
+_REFUSAL_LOG_INTERVAL = 60.0
+_REFUSAL_LOG_PEERS = 4096  # bound on the rate limiter's memory
+
+
+@dataclass(frozen=True)
+class AdminAuth:
+    """Who may call what on an admin server.
+
+    Attributes:
+        token: the bearer token (``Authorization: Bearer <token>``).
+        public: ``(method, path)`` routes that need no token (read-only
+            probes, app-facing calls); every other route does.
+        trust_peer_uid: on a Unix socket, a peer whose ``SO_PEERCRED`` uid is
+            this process's uid or root needs no token (it could read the
+            token file anyway).
+    """
+
+    token: bytes
+    public: frozenset[tuple[str, str]] = frozenset()
+    trust_peer_uid: bool = True
+
+    def __repr__(self) -> str:  # never show the token
+        return f"AdminAuth(public={sorted(self.public)!r}, trust_peer_uid={self.trust_peer_uid})"
+
+
+def auth_headers(token: str | bytes | None) -> list[tuple[str, str]]:
+    """``[("Authorization", "Bearer <token>")]``, or ``[]`` for no token."""
+    if token is None:
+        return []
+    return [("Authorization", "Bearer " + (token.decode() if isinstance(token, bytes) else token))]
+
+
+def _split_host(value: str) -> str:
+    """The host part of a ``Host`` value (``h``, ``h:p``, ``[v6]:p``), lower-case, no brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    return host.rstrip(".")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def host_is_allowed(host_header: str, local_ip: str | None) -> bool:
+    """Whether a ``Host`` header names this admin server and not some other name (DNS rebinding).
+
+    Args:
+        host_header: the header's value.
+        local_ip: the address the connection arrived on (None: unknown).
+
+    Returns:
+        True for a loopback name or address, or ``local_ip`` itself (any port).
+    """
+    host = _split_host(host_header)
+    if not host:
+        return False
+    if _is_loopback(host):
+        return True
+    if local_ip is None:
+        return False
+    try:
+        return ipaddress.ip_address(host) == ipaddress.ip_address(local_ip.split("%", 1)[0])
+    except ValueError:
+        return False
+
+
+def _origin_is_loopback(origin: str) -> bool:
+    scheme, sep, rest = origin.strip().partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return False  # "null", file:, extensions...
+    return _is_loopback(_split_host(rest.split("/", 1)[0]))
+
+
+@dataclass
+class _ConnInfo:
+    kind: str  # "unix", "tcp" or "other" (memory streams in tests)
+    local_ip: str | None
+    peer: str  # for logs: an IP address, or uid=N on a Unix socket
+    peer_uid: int | None
+
+
+def _conn_info(stream: trio.abc.Stream) -> _ConnInfo:
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return _ConnInfo("other", None, "local", None)
+    try:
+        if sock.family == socket.AF_UNIX:
+            uid = None
+            if hasattr(socket, "SO_PEERCRED"):
+                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                _pid, uid, _gid = struct.unpack("3i", raw)
+            return _ConnInfo("unix", None, f"unix uid={uid}", uid)
+        local = sock.getsockname()
+        peer = sock.getpeername()
+        return _ConnInfo("tcp", str(local[0]), str(peer[0]), None)
+    except OSError:
+        return _ConnInfo("tcp", None, "unknown", None)
 
 
 @dataclass
@@ -173,6 +298,7 @@ async def serve_admin(
     max_body: int = 1 << 20,
     header_timeout: float = 10.0,
     listeners: list[trio.SocketListener] | None = None,
+    auth: AdminAuth | None = None,
 ) -> NoReturn:
     """Serve the admin HTTP/1.1 API until cancelled.
 
@@ -191,6 +317,8 @@ async def serve_admin(
             its body, and for each response write.
         listeners: already-bound listeners to serve instead of binding
             (hot restart); they are closed on exit.
+        auth: the token and the routes open without it (None: no token is
+            asked for; the Host, Origin and request-target checks still apply).
 
     Raises:
         ValueError: if the address is malformed or ``listeners`` is empty.
@@ -200,7 +328,7 @@ async def serve_admin(
         listeners = await open_admin_listeners(address)
     if not listeners:
         raise ValueError("serve_admin needs at least one listener")
-    server = _Server(dict(routes), max_body, header_timeout)
+    server = _Server(dict(routes), max_body, header_timeout, auth)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, server.handle, listeners)
         task_status.started(_listener_address(listeners[0]))
@@ -227,15 +355,70 @@ def _reason(status: int) -> bytes:
 
 
 class _Server:
-    def __init__(self, routes: dict[tuple[str, str], Handler], max_body: int, header_timeout: float) -> None:
+    def __init__(
+        self, routes: dict[tuple[str, str], Handler], max_body: int, header_timeout: float, auth: AdminAuth | None = None
+    ) -> None:
         self.routes = routes
         self.max_body = max_body
         self.timeout = header_timeout
+        self.auth = auth
+        self._uid = os.geteuid()
+        self._logged: dict[str, float] = {}  # peer -> when a refusal was last logged
+
+    def _log_refusal(self, info: _ConnInfo, what: str) -> None:
+        now = trio.current_time()
+        last = self._logged.get(info.peer)
+        if last is not None and now - last < _REFUSAL_LOG_INTERVAL:
+            return
+        if len(self._logged) >= _REFUSAL_LOG_PEERS:
+            self._logged.clear()
+        self._logged[info.peer] = now
+        logger.warning("admin: refused %s from %s (logged once a minute per peer)", what, info.peer)
+
+    def _guard(self, target: bytes, request: Request, info: _ConnInfo) -> Response | None:
+        """The checks every request passes before its route runs (see the module docstring)."""
+        what = f"{request.method} {request.path}"
+        if not target.startswith(b"/"):
+            self._log_refusal(info, f"{what}: request target not in origin-form")
+            return Response(421, "absolute-form request targets are refused: send the path only\n")
+        if info.kind == "tcp":  # a browser cannot reach a Unix socket
+            host = request.header("host")
+            if host is None or not host_is_allowed(host, info.local_ip):
+                self._log_refusal(info, f"{what}: Host {host!r} is not a loopback or local address")
+                return Response(421, "Host must be a loopback name or address, or this server's own address\n")
+        origin = request.header("origin")
+        if origin is not None and not _origin_is_loopback(origin):
+            self._log_refusal(info, f"{what}: Origin {origin!r} is not loopback")
+            return Response(403, "cross-origin requests are refused\n")
+        if (request.header("sec-fetch-site") or "").lower() == "cross-site":
+            self._log_refusal(info, f"{what}: Sec-Fetch-Site cross-site")
+            return Response(403, "cross-site requests are refused\n")
+        auth = self.auth
+        if auth is None or (request.method, request.path) in auth.public:
+            return None
+        if request.method == "HEAD" and ("GET", request.path) in auth.public:
+            return None
+        if (request.method, request.path) not in self.routes and (
+            request.method != "HEAD" or ("GET", request.path) not in self.routes
+        ):
+            return None  # 404/405 follow; they reveal nothing
+        if auth.trust_peer_uid and info.peer_uid is not None and info.peer_uid in (self._uid, 0):
+            return None
+        scheme, _sp, given = (request.header("authorization") or "").strip().partition(" ")
+        if scheme.lower() == "bearer" and same_secret(given.strip(), auth.token):
+            return None
+        self._log_refusal(info, f"{what}: missing or wrong admin token")
+        return Response(
+            401,
+            {"error": "this admin endpoint needs Authorization: Bearer <token> (admin.token_file)"},
+            headers=[("WWW-Authenticate", 'Bearer realm="octoproxy-admin"')],
+        )
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER)
+        info = _conn_info(stream)
         try:
-            while await self._serve_one(stream, conn):
+            while await self._serve_one(stream, conn, info):
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
                 else:
@@ -248,7 +431,7 @@ class _Server:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_one(self, stream: trio.abc.Stream, conn: h11.Connection) -> bool:
+    async def _serve_one(self, stream: trio.abc.Stream, conn: h11.Connection, info: _ConnInfo) -> bool:
         """Serve one request; False if the connection is over with nothing to send."""
         try:
             with trio.move_on_after(self.timeout) as scope:
@@ -296,6 +479,10 @@ class _Server:
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
             body=bytes(body),
         )
+        refusal = self._guard(event.target, request, info)
+        if refusal is not None:  # and close: a refused peer gets nothing more on this connection
+            await self._respond(stream, conn, refusal, head=method == "HEAD", close=True)
+            return True
         await self._respond(stream, conn, await self._dispatch(request), head=method == "HEAD")
         return True
 
@@ -361,6 +548,7 @@ async def http_request(
     *,
     headers: Sequence[tuple[str, str]] = (),
     timeout: float = 5.0,
+    token: str | bytes | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """Send one HTTP/1.1 request on a fresh connection and read the reply.
 
@@ -372,6 +560,7 @@ async def http_request(
         headers: extra request headers; ``Host`` and ``Connection: close`` are
             added unless given.
         timeout: deadline for the whole exchange, in seconds.
+        token: an admin token, sent as ``Authorization: Bearer <token>``.
 
     Returns:
         ``(status, headers, body)``; header names are lower-case and repeated
@@ -385,8 +574,8 @@ async def http_request(
             valid HTTP.
     """
     target = _parse_address(address)
-    names = {k.lower() for k, _ in headers}
-    hdrs = list(headers)
+    hdrs = [*headers, *auth_headers(token)]
+    names = {k.lower() for k, _ in hdrs}
     if "host" not in names:
         hdrs.insert(0, ("Host", "localhost" if isinstance(target, str) else address))
     if "connection" not in names:

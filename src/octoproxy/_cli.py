@@ -33,8 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     target = upgrade.add_mutually_exclusive_group(required=True)
     target.add_argument("--admin", help="the agent's admin address, HOST:PORT or unix:/path")
     target.add_argument("-c", dest="agent_file", metavar="AGENT_TOML", help="the agent's configuration file")
-    upgrade.add_argument("--command", dest="proxy_command", help='new proxy command, e.g. "python -m octoproxy run"')
-    upgrade.add_argument("--config", dest="proxy_config", metavar="PATH", help="new proxy configuration file")
+    upgrade.add_argument(
+        "--version", dest="proxy_version", metavar="NAME", help="new proxy version: a name from the agent's [upgrade] versions"
+    )
+    upgrade.add_argument(
+        "--config", dest="proxy_config", metavar="PATH", help="new proxy configuration file (one the agent's [upgrade] table allows)"
+    )
+    upgrade.add_argument("--token-file", metavar="PATH", help="the agent's admin token file (default: agent.token_file of -c)")
     demo = sub.add_parser("demo", help="run the whole mesh on this machine with traffic and hot restarts")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default 20)")
     demo.add_argument("--workers", type=int, default=32, help="calls in flight (default 32)")

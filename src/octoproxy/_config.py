@@ -348,6 +348,11 @@ class ProxySettings:
     hot_restart_timeout: float = _opt(
         _POSITIVE, 30.0, "A new process must be ready (pools warm) this soon after taking the listeners, or it gives up."
     )
+    hot_restart_hello_timeout: float = _opt(
+        _POSITIVE,
+        2.0,
+        "A peer of the hot-restart socket must present its uid and secret within this, or it is dropped.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -377,6 +382,12 @@ class AdminConfig:
     """``[admin]``: the admin HTTP endpoint (health, stats, config dump, subscribe)."""
 
     listen: str = _opt(_LISTEN, "127.0.0.1:0", "Where the admin HTTP server listens: `host:port` or `unix:/path`.")
+    token_file: Path | None = _optional(
+        _PATH,
+        "File holding the bearer token that endpoints which change behaviour or reveal configuration require "
+        "(mode 0600, owned by the proxy's user); created with a random token if missing.",
+        default_doc="`outbound.uds` + `.admin-token`",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -586,6 +597,19 @@ class ProxyConfig:
         if self.proxy.hot_restart_uds is not None:
             return self.proxy.hot_restart_uds
         return self.outbound.uds.with_name(self.outbound.uds.name + ".hotrestart")
+
+    @property
+    def admin_token_path(self) -> Path:
+        """Where the admin token lives (``admin.token_file`` or its default, next to the sockets)."""
+        if self.admin.token_file is not None:
+            return self.admin.token_file
+        return self.outbound.uds.with_name(self.outbound.uds.name + ".admin-token")
+
+    @property
+    def hot_restart_secret_path(self) -> Path:
+        """The hot-restart secret: next to the hot-restart socket, rewritten by each generation."""
+        path = self.hot_restart_path
+        return path.with_name(path.name + ".secret")
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise to plain data (what ``GET /config_dump`` returns).

@@ -200,7 +200,7 @@ listen = "127.0.0.1:0"
                 caller = await self.spawn("caller", [py, "-m", "octoproxy", "run", "-c", str(ccfg)], "octoproxy ready")
                 await _wait_ready(caller.info["admin"])
                 counts = await sdk.subscribe(caller.info["admin"], ["echo"], timeout=10)
-                await _wait_endpoints(caller.info["admin"], "echo", 2)
+                await _wait_endpoints(caller.info["admin"], "echo", 2, token=_token(caller.info["admin_token_file"]))
                 self.subscriptions = sorted(counts)
                 self.say(f"[demo] caller subscribed to {', '.join(self.subscriptions)}: 2 providers discovered")
                 self.say(f"[demo] caller: app + octoproxy on {self.dir / 'caller.sock'}; {self.workers} calls in flight for {self.duration:.0f}s")
@@ -248,7 +248,8 @@ listen = "127.0.0.1:0"
         async def upgrades() -> None:
             await trio.sleep(self.duration / 3)
             self.say("[demo] upgrading provider 1's proxy through its agent (hot restart) ...")
-            status, _h, body = await http_request(agent.info["admin"], "POST", "/upgrade", b"{}", timeout=30)
+            token = _token(self.dir / "agent-admin.token")  # agent.token_file's default, next to agent1.toml
+            status, _h, body = await http_request(agent.info["admin"], "POST", "/upgrade", b"{}", timeout=30, token=token)
             outcome = json.loads(body).get("outcome", body.decode(errors="replace")) if body else status
             stats.events.append(f"provider 1 proxy upgraded via agent: {outcome}")
             self.say(f"[demo] ... {outcome}")
@@ -318,11 +319,18 @@ async def _wait_ready(admin: str, timeout: float = 20.0) -> None:
             await trio.sleep(0.05)
 
 
-async def _wait_endpoints(admin: str, service: str, n: int, timeout: float = 20.0) -> None:
+def _token(path: str | Path) -> bytes:
+    """An admin token, from the file its proxy or agent created (mode 0600)."""
+    from ._secretfile import read_secret
+
+    return read_secret(path)
+
+
+async def _wait_endpoints(admin: str, service: str, n: int, timeout: float = 20.0, *, token: bytes | None = None) -> None:
     """Until the proxy has ``n`` connected endpoints for ``service``."""
     with trio.fail_after(timeout):
         while True:
-            _s, _h, body = await http_request(admin, "GET", "/clusters", timeout=2)
+            _s, _h, body = await http_request(admin, "GET", "/clusters", timeout=2, token=token)
             eps = json.loads(body).get(service, {}).get("endpoints", [])
             if sum(1 for e in eps if e["connections"]) >= n:
                 return

@@ -151,6 +151,11 @@ class MeshProxy:
         return self.proxy.addresses["admin"]
 
     @property
+    def admin_token(self) -> str:
+        """The admin bearer token, for endpoints that need it (``/config_dump``, ``/drain``, ...)."""
+        return self.proxy.admin_token.decode()
+
+    @property
     def outbound(self) -> Path:
         """The outbound Unix socket an app (the SDK) connects to."""
         return self.config.outbound.uds

@@ -1,12 +1,15 @@
 """The agent's admin HTTP API, and the client side of ``POST /upgrade``.
 
 ``GET /healthz``, ``GET /status`` (JSON), ``GET /metrics`` (Prometheus text),
-``POST /upgrade`` (optional JSON body ``{"command": [...], "config": "path"}``).
+``POST /upgrade`` (optional JSON body ``{"version": "name", "config": "path"}``,
+both checked against the agent's own ``[upgrade]`` table: see :func:`resolve_upgrade`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,35 +19,85 @@ from .._admin import Request, Response, Routes, http_request
 from .._errors import OctoproxyError
 
 if TYPE_CHECKING:
+    from ._config import UpgradeSettings
     from ._supervisor import Agent
 
-__all__ = ["admin_routes", "post_upgrade", "UpgradeClientError"]
+__all__ = ["ADMIN_PUBLIC", "admin_routes", "post_upgrade", "resolve_upgrade", "UpgradeClientError"]
 
 _PROM = "text/plain; version=0.0.4; charset=utf-8"
+#: open without the agent's token: the probes and the metrics scrape. GET /status (it shows the
+#: command and config paths) and POST /upgrade need it.
+ADMIN_PUBLIC = frozenset({("GET", "/healthz"), ("GET", "/metrics")})
 _SLACK = 5.0  # beyond the agent's own deadlines, for the HTTP exchange
 
 
-def _parse_upgrade_body(body: bytes, base_dir: Path) -> tuple[tuple[str, ...] | None, Path | None]:
-    """Validate ``{"command": [...], "config": "path"}`` (both optional)."""
+def resolve_upgrade(body: bytes, allowed: UpgradeSettings, current_config: Path) -> tuple[str | None, tuple[str, ...] | None, Path | None]:
+    """Check a ``POST /upgrade`` body against what the agent's own configuration allows.
+
+    The body names ``{"version": NAME}`` (a key of ``[upgrade] versions``) and/or
+    ``{"config": PATH}``; it never carries a command line. A relative ``config``
+    is resolved against ``current_config``'s directory; symlinks are resolved,
+    and the real path must be ``current_config``, one of ``[upgrade] configs``,
+    or inside ``[upgrade] config_dir``, and a regular file.
+
+    Args:
+        body: the request body (empty: same version, same config).
+        allowed: the agent's ``[upgrade]`` table.
+        current_config: the proxy's configuration file now.
+
+    Returns:
+        ``(version name, command, real config path)``; None for what was not asked.
+
+    Raises:
+        ValueError: with the reason, for anything not allowed (nothing is run).
+    """
     if not body.strip():
-        return None, None
-    data = json.loads(body)
+        return None, None, None
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise ValueError(f"the body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError("the body must be a JSON object")
-    unknown = set(data) - {"command", "config"}
+    if "command" in data:
+        raise ValueError('"command" is not accepted: name a version from the agent\'s [upgrade] versions')
+    unknown = set(data) - {"version", "config"}
     if unknown:
         raise ValueError(f"{sorted(unknown)[0]}: unknown key")
-    command, config = data.get("command"), data.get("config")
-    if command is not None and not (
-        isinstance(command, list) and command and all(isinstance(x, str) and x for x in command)
-    ):
-        raise ValueError(f"command: expected a non-empty array of non-empty strings, got {command!r}")
-    if config is not None and not (isinstance(config, str) and config and "\0" not in config):
-        raise ValueError(f"config: expected a non-empty path string, got {config!r}")
-    path = None if config is None else Path(config).expanduser()
-    if path is not None and not path.is_absolute():
-        path = base_dir / path
-    return (tuple(command) if command is not None else None), path
+    version, config = data.get("version"), data.get("config")
+    command = None
+    if version is not None:
+        if not isinstance(version, str) or version not in allowed.versions:
+            names = ", ".join(sorted(allowed.versions)) or "none configured"
+            raise ValueError(f"version {version!r} is not in the agent's [upgrade] versions ({names})")
+        command = allowed.versions[version]
+    real = None
+    if config is not None:
+        if not (isinstance(config, str) and config and "\0" not in config):
+            raise ValueError(f"config: expected a non-empty path string, got {config!r}")
+        real = _allowed_config(Path(config), allowed, current_config)
+    return version, command, real
+
+
+def _allowed_config(path: Path, allowed: UpgradeSettings, current_config: Path) -> Path:
+    if not path.is_absolute():
+        path = current_config.parent / path
+    try:
+        real = Path(os.path.realpath(path, strict=True))
+        st = os.stat(real)
+    except OSError as exc:
+        raise ValueError(f"config {str(path)!r}: {exc.strerror or exc}") from None
+    ok = real in {Path(os.path.realpath(p)) for p in (current_config, *allowed.configs)}
+    if not ok and allowed.config_dir is not None:
+        ok = real.is_relative_to(os.path.realpath(allowed.config_dir))
+    if not ok:
+        raise ValueError(
+            f"config {str(path)!r} is not allowed: it must be agent.proxy_config, one of [upgrade] configs, "
+            "or inside [upgrade] config_dir (symlinks resolved)"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"config {str(path)!r} is not a regular file")
+    return real
 
 
 def admin_routes(agent: Agent) -> Routes:
@@ -57,8 +110,6 @@ def admin_routes(agent: Agent) -> Routes:
         ``{(method, path): handler}``.
     """
     settings = agent.settings
-    # a relative config in POST /upgrade is relative to where proxy_config lives
-    base_dir = settings.proxy_config.parent
 
     async def healthz(_req: Request) -> Response:
         return Response(200, "ok\n")
@@ -73,11 +124,13 @@ def admin_routes(agent: Agent) -> Routes:
         from ._supervisor import UpgradeBusy
 
         try:
-            command, config = _parse_upgrade_body(req.body, base_dir)
+            # a relative config is relative to where the current proxy config lives
+            version, command, config = resolve_upgrade(req.body, agent.upgrade_settings, agent.config)
         except ValueError as exc:
+            agent.log_refused_upgrade(str(exc))
             return Response(400, {"error": str(exc)})
         try:
-            pending = agent.request_upgrade(command, config, source="api")
+            pending = agent.request_upgrade(command, config, source="api", version=version)
         except UpgradeBusy as exc:
             return Response(409, {"error": str(exc)})
         with trio.move_on_after(settings.upgrade_timeout + settings.stop_grace + _SLACK):
@@ -102,15 +155,23 @@ class UpgradeClientError(OctoproxyError):
 
 
 async def post_upgrade(
-    admin: str, *, command: list[str] | None = None, config: str | None = None, timeout: float = 120.0
+    admin: str,
+    *,
+    version: str | None = None,
+    config: str | None = None,
+    token: str | bytes | None = None,
+    timeout: float = 120.0,
 ) -> dict[str, Any]:
     """Ask a running agent to upgrade its proxy, and wait for the outcome.
 
     Args:
         admin: the agent's admin address (``host:port`` or ``unix:/path``).
-        command: the new proxy command (default: the agent's current one).
-        config: the new proxy config path; give an absolute path (a relative
-            one is resolved by the agent, against its ``proxy_config``'s directory).
+        version: the name of a proxy command in the agent's ``[upgrade] versions``
+            (default: the agent's current command).
+        config: the new proxy config path, one the agent's ``[upgrade]`` table
+            allows; give an absolute path (a relative one is resolved by the
+            agent, against its ``proxy_config``'s directory).
+        token: the agent's admin token (``agent.token_file``).
         timeout: deadline of the whole exchange.
 
     Returns:
@@ -121,13 +182,14 @@ async def post_upgrade(
             any other non-200 answer, or if the agent cannot be reached.
     """
     body: dict[str, Any] = {}
-    if command is not None:
-        body["command"] = command
+    if version is not None:
+        body["version"] = version
     if config is not None:
         body["config"] = config
+    headers = [("Content-Type", "application/json")]
     try:
         status, _h, raw = await http_request(
-            admin, "POST", "/upgrade", json.dumps(body).encode(), headers=[("Content-Type", "application/json")], timeout=timeout
+            admin, "POST", "/upgrade", json.dumps(body).encode(), headers=headers, timeout=timeout, token=token
         )
     except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError) as exc:
         raise UpgradeClientError(f"cannot reach the agent at {admin}: {exc!r}") from exc

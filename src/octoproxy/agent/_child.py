@@ -21,6 +21,7 @@ from typing import BinaryIO
 import trio
 
 from .._admin import http_request
+from .._secretfile import SecretFileError, read_secret
 from ._policy import Event
 
 __all__ = ["ChildRunner", "ProxyChild", "Report", "kv", "parse_ready_line", "READY_PREFIX"]
@@ -109,6 +110,8 @@ class ChildRunner:
         on_check: called with the result of every liveness check.
         health_interval, health_timeout: as in the agent configuration.
         log_file: where the children's stderr is appended (None: inherited).
+        proxy_token_file: the proxy's admin token file (None: the one its
+            ready line names).
     """
 
     def __init__(
@@ -119,7 +122,9 @@ class ChildRunner:
         health_interval: float,
         health_timeout: float,
         log_file: Path | None,
+        proxy_token_file: Path | None = None,
     ) -> None:
+        self.proxy_token_file = proxy_token_file
         self._report = report
         self._on_check = on_check
         self.health_interval = health_interval
@@ -188,8 +193,14 @@ class ChildRunner:
         admin = child.addresses.get("admin")
         if admin is None:
             return
+        token_file = self.proxy_token_file or child.addresses.get("admin_token_file")
         try:
-            status, _h, body = await http_request(admin, "GET", "/config_dump", timeout=self.health_timeout)
+            token = read_secret(token_file) if token_file else None
+        except SecretFileError as exc:
+            log.warning(kv("proxy_token_unreadable", pid=child.pid, error=exc))
+            token = None
+        try:
+            status, _h, body = await http_request(admin, "GET", "/config_dump", timeout=self.health_timeout, token=token)
             data = json.loads(body) if status == 200 else None
         except _PEER_ERRORS:
             return

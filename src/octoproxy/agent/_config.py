@@ -8,13 +8,19 @@ validation, errors that name the key, and the reference in ``docs/agent.md``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._config import _PATH, _Bad, _integer, _Kind, _LISTEN, _opt, _optional, _parse_table, _render_table, _required, _seconds, _table
+import types
+
+from .._config import (
+    _EMPTY, _PATH, _Bad, _integer, _Kind, _LISTEN, _opt, _optional, _parse_table, _render_table, _required,
+    _seconds, _section, _table,
+)
 from .._errors import ConfigError
 from ._policy import PolicyConfig
 
@@ -23,7 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["AgentConfig", "AgentSettings", "DEFAULT_COMMAND", "load_agent_config", "parse_agent_config", "render_agent_reference"]
+__all__ = ["AgentConfig", "AgentSettings", "UpgradeSettings", "DEFAULT_COMMAND", "load_agent_config", "parse_agent_config", "render_agent_reference"]
 
 #: how the proxy is started unless ``agent.command`` says otherwise
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "octoproxy", "run")
@@ -36,6 +42,31 @@ def _convert_command(v: object, key: str, base_dir: Path | None) -> tuple[str, .
 
 
 _COMMAND = _Kind("a non-empty array of non-empty strings", "array of strings", _convert_command, list)
+
+
+def _convert_versions(v: object, key: str, base_dir: Path | None) -> Mapping[str, tuple[str, ...]]:
+    if not isinstance(v, Mapping):
+        raise _Bad
+    out: dict[str, tuple[str, ...]] = {}
+    for name, cmd in v.items():
+        if not name:
+            raise ConfigError(f"{key}: a version name must not be empty")
+        out[name] = _COMMAND.parse(cmd, f"{key}.{name}", base_dir)
+    return types.MappingProxyType(out)
+
+
+def _convert_paths(v: object, key: str, base_dir: Path | None) -> tuple[Path, ...]:
+    if not isinstance(v, list):
+        raise _Bad
+    return tuple(_PATH.parse(x, f"{key}[{i}]", base_dir) for i, x in enumerate(v))
+
+
+_VERSIONS: _Kind[Mapping[str, tuple[str, ...]]] = _Kind(
+    "a table of commands (arrays of strings)", "table of arrays of strings", _convert_versions, lambda m: {k: list(c) for k, c in m.items()}
+)
+_PATHS: _Kind[tuple[Path, ...]] = _Kind(
+    "an array of path strings", "array of paths (relative to the config file)", _convert_paths, lambda t: [str(p) for p in t]
+)
 _POSITIVE = _seconds()
 
 
@@ -72,6 +103,17 @@ class AgentSettings:
     log_file: Path | None = _optional(
         _PATH, "File the proxy's stderr is appended to (relative to the agent file).", default_doc="the agent's stderr"
     )
+    token_file: Path | None = _optional(
+        _PATH,
+        "Bearer token `POST /upgrade` and `GET /status` require (mode 0600, owned by the agent's user); "
+        "created with a random token if missing.",
+        default_doc="`agent-admin.token` next to the agent file",
+    )
+    proxy_token_file: Path | None = _optional(
+        _PATH,
+        "The proxy's admin token file, for the agent's own calls to it (`GET /config_dump`).",
+        default_doc="the `admin_token_file=` of the proxy's ready line",
+    )
 
     def policy(self) -> PolicyConfig:
         """The :class:`~octoproxy.agent._policy.PolicyConfig` these settings describe."""
@@ -87,10 +129,31 @@ class AgentSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UpgradeSettings:
+    """What `POST /upgrade` may ask for. A request names a version (a key of `versions`) and/or a
+    config file; it never carries a command line. `agent.proxy_config` itself is always allowed."""
+
+    versions: Mapping[str, tuple[str, ...]] = _opt(
+        _VERSIONS,
+        _EMPTY,
+        'Proxy commands an upgrade may switch to, by name: `"1.2" = ["/opt/octoproxy-1.2/bin/octoproxy", "run"]`.',
+        default_doc="none: only the current `command`",
+    )
+    configs: tuple[Path, ...] = _opt(_PATHS, (), "Proxy configuration files an upgrade may switch to.")
+    config_dir: Path | None = _optional(
+        _PATH,
+        "A directory whose regular files an upgrade may switch to (symlinks are resolved and must stay inside it); "
+        "it must not be writable by anyone the agent does not trust.",
+        default_doc="none",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """The whole agent file. Build it with :func:`load_agent_config`."""
 
     agent: AgentSettings = _required(_table(AgentSettings, "[agent]"), "The agent and the proxy it supervises.")
+    upgrade: UpgradeSettings = _section(UpgradeSettings, "[upgrade]", "What `POST /upgrade` may switch the proxy to.")
 
 
 def parse_agent_config(data: Mapping[str, object], *, base_dir: Path | None = None) -> AgentConfig:
@@ -109,6 +172,9 @@ def parse_agent_config(data: Mapping[str, object], *, base_dir: Path | None = No
             or ``backoff_max < backoff_initial``; the message starts with the key.
     """
     cfg: AgentConfig = _parse_table(AgentConfig, data, "", base_dir)
+    if cfg.agent.token_file is None:
+        default = (base_dir or Path()) / "agent-admin.token"
+        cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, token_file=default))
     a = cfg.agent
     if a.backoff_max < a.backoff_initial:
         raise ConfigError(f"agent.backoff_max: must be >= agent.backoff_initial ({a.backoff_initial}), got {a.backoff_max}")
@@ -147,4 +213,5 @@ def render_agent_reference() -> str:
     """
     out: list[str] = []
     _render_table(AgentSettings, "[agent]", (AgentSettings.__doc__ or "").strip(), out)
+    _render_table(UpgradeSettings, "[upgrade]", " ".join((UpgradeSettings.__doc__ or "").split()), out)
     return "\n".join(out)

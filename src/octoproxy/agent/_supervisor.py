@@ -17,9 +17,11 @@ old process reaped after a hot restart, a killed candidate).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import secrets
 import signal
 import sys
 import time
@@ -30,11 +32,12 @@ from typing import Any
 
 import trio
 
-from .._admin import serve_admin
+from .._admin import AdminAuth, serve_admin
+from .._secretfile import load_or_create_secret
 from .._errors import OctoproxyError
 from .._metrics import Registry
 from ._child import REAP_BOUND, ChildRunner, ProxyChild, kv
-from ._config import AgentSettings
+from ._config import AgentSettings, UpgradeSettings
 from ._policy import Action, Decision, Event, Policy, State
 
 __all__ = ["Agent", "UpgradeBusy", "UpgradeRequest", "UpgradeResult"]
@@ -59,6 +62,7 @@ class UpgradeResult:
         time: wall-clock time (Unix seconds) of the end.
         duration: seconds from request to end.
         command, config: what was asked for.
+        version: the ``[upgrade] versions`` name asked for, if any.
         pid: the supervised proxy's pid afterwards.
         generation: successful upgrades so far.
     """
@@ -71,11 +75,13 @@ class UpgradeResult:
     config: str
     pid: int | None
     generation: int
+    version: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "outcome": self.outcome, "reason": self.reason, "time": self.time, "duration": round(self.duration, 3),
-            "command": list(self.command), "config": self.config, "pid": self.pid, "generation": self.generation,
+            "command": list(self.command), "config": self.config, "version": self.version, "pid": self.pid,
+            "generation": self.generation,
         }  # fmt: skip
 
 
@@ -87,6 +93,7 @@ class UpgradeRequest:
     config: Path
     source: str
     started_at: float
+    version: str | None = None
     done: trio.Event = field(default_factory=trio.Event)
     result: UpgradeResult | None = None
 
@@ -105,6 +112,8 @@ class Agent:
 
     Args:
         settings: the ``[agent]`` table.
+        upgrade: the ``[upgrade]`` table: what ``POST /upgrade`` may ask for
+            (default: nothing but the current command and config).
         on_ready: called once, with the agent's admin address and the proxy's
             pid, the first time the proxy is ready.
         handle_signals: install SIGTERM/SIGINT (stop) and SIGHUP (upgrade)
@@ -115,10 +124,12 @@ class Agent:
         self,
         settings: AgentSettings,
         *,
+        upgrade: UpgradeSettings | None = None,
         on_ready: Callable[[str, int], None] | None = None,
         handle_signals: bool = True,
     ) -> None:
         self.settings = settings
+        self.upgrade_settings = upgrade if upgrade is not None else UpgradeSettings()
         self.policy = Policy(settings.policy())
         self.command: tuple[str, ...] = settings.command
         self.config: Path = settings.proxy_config
@@ -145,6 +156,7 @@ class Agent:
             health_interval=settings.health_interval,
             health_timeout=settings.health_timeout,
             log_file=settings.log_file,
+            proxy_token_file=settings.proxy_token_file,
         )
 
     # ------------------------------------------------------------ public
@@ -169,12 +181,23 @@ class Agent:
 
         Raises:
             OSError: if the admin address cannot be bound.
+            SecretFileError: if ``token_file`` is unsafe or cannot be created.
         """
-        from ._api import admin_routes
+        from ._api import ADMIN_PUBLIC, admin_routes
 
+        token_file = self.settings.token_file
+        if token_file is None:  # built in code without a file: a token nobody knows (peers of our uid on a UDS only)
+            token = secrets.token_urlsafe(32).encode()
+        else:
+            token, created = load_or_create_secret(token_file)
+            if created:
+                log.info(kv("admin_token_created", path=token_file))
+        auth = AdminAuth(token, ADMIN_PUBLIC)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.admin_address = await nursery.start(serve_admin, self.settings.admin, admin_routes(self))
+            self.admin_address = await nursery.start(
+                functools.partial(serve_admin, self.settings.admin, admin_routes(self), auth=auth)
+            )
             log.info(kv("agent_listening", admin=self.admin_address, pid=os.getpid()))
             if self._handle_signals:
                 await nursery.start(self._watch_signals)
@@ -191,15 +214,25 @@ class Agent:
         self._post(_Msg(Event.STOP))
 
     def request_upgrade(
-        self, command: tuple[str, ...] | None = None, config: Path | None = None, *, source: str = "api"
+        self,
+        command: tuple[str, ...] | None = None,
+        config: Path | None = None,
+        *,
+        source: str = "api",
+        version: str | None = None,
     ) -> UpgradeRequest:
         """Ask for a hot-restart upgrade; await ``.done`` on the result.
+
+        The caller has checked ``command`` and ``config`` against the agent's
+        own configuration (``POST /upgrade`` does, with
+        :func:`~octoproxy.agent._api.resolve_upgrade`): this runs what it is given.
 
         Args:
             command: the new command (default: the current one).
             config: the new proxy config file (default: the current one,
                 which the new process reads afresh).
             source: who asked, for the log.
+            version: the ``[upgrade] versions`` name of ``command``, for the record.
 
         Returns:
             The pending request.
@@ -209,11 +242,15 @@ class Agent:
         """
         if self._upgrade is not None:
             raise UpgradeBusy("an upgrade is already in progress")
-        req = UpgradeRequest(command or self.command, config or self.config, source, trio.current_time())
+        req = UpgradeRequest(command or self.command, config or self.config, source, trio.current_time(), version)
         self._upgrade = req
-        log.info(kv("upgrade_requested", source=source, command=req.command, config=req.config))
+        log.info(kv("upgrade_requested", source=source, version=version or "-", command=req.command, config=req.config))
         self._post(_Msg(Event.UPGRADE_REQUESTED, upgrade=req))
         return req
+
+    def log_refused_upgrade(self, reason: str) -> None:
+        """Log one ``POST /upgrade`` refused for asking what the configuration does not allow."""
+        log.warning(kv("upgrade_refused", reason=reason))
 
     def status(self) -> dict[str, Any]:
         """The body of ``GET /status``."""
@@ -367,7 +404,7 @@ class Agent:
         cur = self.current
         result = UpgradeResult(
             outcome, reason or outcome, time.time(), trio.current_time() - req.started_at, req.command,
-            str(req.config), cur.pid if cur is not None and cur.alive else None, self.policy.generation,
+            str(req.config), cur.pid if cur is not None and cur.alive else None, self.policy.generation, req.version,
         )  # fmt: skip
         if outcome != "rejected":
             self.last_upgrade = result

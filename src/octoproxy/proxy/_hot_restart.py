@@ -16,6 +16,18 @@ old connections are answered HOT_RESTART (not processed), peer proxies get
 GOAWAY, in-flight requests finish within ``drain_time``. When it is done it
 sends DONE with its final counters and exits.
 
+Who may take over (issue 11): the parent accepts a connection only from a
+peer whose ``SO_PEERCRED`` uid is its own (root included only when the proxy
+runs as root), and a HELLO only if it carries the *hand-over secret*: a random
+value each generation writes, mode 0600, next to the hot-restart socket when
+it starts listening there, and which the child reads before connecting
+(compared in constant time). A peer that does not say a valid HELLO within
+``hot_restart_hello_timeout`` (2 s), or says a wrong secret, is dropped before
+the machine moves: it never gets a listener, never makes the parent drain, and
+never stands in the way of a real hand-over (each connection is served on its
+own, and at most a few unauthenticated ones at once). The child checks the
+parent's uid too, so it never hands the secret to an impostor socket.
+
 A child that fails or hangs before READY (it disconnects, or the parent's
 hand-over timer fires) leaves the parent SERVING, with no caller any the
 wiser. One hand-over at a time: a second HELLO while one is under way is
@@ -170,7 +182,7 @@ def mermaid(table: Mapping[Any, Mapping[Any, Any]], initial: Any) -> str:
 
 #: message types and the keys each must carry
 MESSAGES: dict[str, tuple[str, ...]] = {
-    "hello": ("version", "pid"),
+    "hello": ("version", "pid", "secret"),
     "listeners": ("names", "generation", "stats", "subscriptions"),
     "refused": ("reason",),
     "ready": (),

@@ -12,6 +12,7 @@ import trio
 
 from .._config import ProxyConfig, load_config
 from .._errors import ConfigError
+from .._secretfile import SecretFileError
 from ._handover import Channel, take_over
 from ._hot_restart import HotRestartError, encode
 from ._server import Proxy
@@ -67,7 +68,11 @@ async def serve(proxy: Proxy, handover: tuple[Channel, dict[str, Any]] | None = 
                     return status
             # one line on stdout that tools (tests, the agent) can wait for
             addrs = " ".join(f"{k}={v}" for k, v in sorted(proxy.addresses.items()) if k != "hot_restart")
-            print(f"octoproxy ready {addrs} generation={proxy.generation} pid={os.getpid()}", flush=True)
+            token_file = proxy.config.admin_token_path  # the path, never the token
+            print(
+                f"octoproxy ready {addrs} generation={proxy.generation} pid={os.getpid()} admin_token_file={token_file}",
+                flush=True,
+            )
             await done.wait()
             nursery.cancel_scope.cancel()
     return status
@@ -101,6 +106,15 @@ async def _warm_up(proxy: Proxy, chan: Channel) -> bool:
     with trio.move_on_after(timeout):
         while not proxy.ready_state()["ready"]:
             await trio.sleep(0.02)
+        try:
+            proxy.arm_hot_restart()  # the secret the generation after us must show
+        except SecretFileError as exc:
+            reason = f"cannot write the hand-over secret: {exc}"
+            log.error("hot restart: %s; giving up, the running proxy keeps serving", reason)
+            with trio.move_on_after(1):
+                await chan.send(encode("failed", reason=reason))
+            chan.close()
+            return False
         # READY first: if the parent is gone or aborted the hand-over, the
         # send fails and we give up before accepting a single connection
         try:
@@ -154,7 +168,7 @@ def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
         if hot_restart:
             return trio.run(_hot_restart_main, config)
         return trio.run(serve, Proxy(config))
-    except (OSError, HotRestartError, ConfigError) as exc:
+    except (OSError, HotRestartError, SecretFileError, ConfigError) as exc:
         print(f"octoproxy: {exc}", file=sys.stderr)
         return 1
 
@@ -181,7 +195,7 @@ async def take_over_proxy(config: ProxyConfig) -> tuple[Proxy, Channel, dict[str
     """
     path = str(config.hot_restart_path)
     try:
-        chan, msg, socks = await take_over(path)
+        chan, msg, socks = await take_over(path, config.hot_restart_secret_path)
     except OSError as exc:
         raise HotRestartError(f"hot restart: no running proxy answers on {path}: {exc}") from None
     log.info("hot restart: took %s from the running proxy (generation %d)", ", ".join(sorted(socks)), msg["generation"])

@@ -28,12 +28,14 @@ from typing import Any
 import trio
 
 from .. import frame
-from .._admin import Request, Response, serve_admin
+from .._admin import AdminAuth, Request, Response, serve_admin
 from .._balancer import Endpoint
 from .._config import ProxyConfig, split_host_port
 from .._metrics import Registry
+from .._secretfile import load_or_create_secret, write_fresh_secret
 from .._unix import bind_unix, remove_stale_socket
 from .._version import __version__
+from ._discovery import MAX_SUBSCRIPTIONS as _MAX_SUBSCRIPTIONS
 from ._discovery import Discovery
 from ._authz import policy_from_config
 from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
@@ -46,7 +48,16 @@ from ._tls import CertificateFiles, ControlPlaneCertificates, HandshakeError, ac
 
 log = logging.getLogger("octoproxy.proxy")
 
-__all__ = ["Proxy", "bind_tcp"]
+__all__ = ["Proxy", "bind_tcp", "ADMIN_PUBLIC"]
+
+#: admin routes open without the token: read-only probes (Kubernetes, Prometheus), and the
+#: app-facing subscription calls the SDK makes with only the admin address (bounded below)
+ADMIN_PUBLIC = frozenset(
+    {("GET", "/healthz"), ("GET", "/ready"), ("GET", "/stats"), ("POST", "/subscribe"), ("POST", "/unsubscribe")}
+)
+#: POST /subscribe: names per request, and the longest wait a caller may ask for
+_SUBSCRIBE_MAX_NAMES = 1000
+_SUBSCRIBE_MAX_TIMEOUT = 60.0
 
 
 def bind_tcp(address: str, backlog: int = 1024) -> socket.socket:
@@ -110,6 +121,10 @@ class Proxy:
         #: the channel of a hand-over under way (parent side)
         self.handover_channel: Any = None
         self.force_closed = 0
+        #: the admin bearer token (read or created at start; never logged)
+        self.admin_token: bytes = b""
+        #: this generation's hand-over secret (see :meth:`arm_hot_restart`)
+        self.hot_restart_secret: bytes = b""
         self.stats = ProxyStats(registry)
         up = config.upstream
         clusters = []
@@ -180,6 +195,9 @@ class Proxy:
         """Serve until :meth:`request_shutdown`, then drain and return."""
         cfg = self.config
         self.started_at = trio.current_time()
+        self.admin_token, created = load_or_create_secret(cfg.admin_token_path)
+        if created:
+            log.info("created the admin token file %s (mode 0600)", cfg.admin_token_path)
         if "outbound" not in self.listeners:
             await remove_stale_socket(str(cfg.outbound.uds))
             self.listeners["outbound"] = bind_unix(str(cfg.outbound.uds), cfg.outbound.uds_mode, 1024)
@@ -197,6 +215,8 @@ class Proxy:
             self.listeners["hot_restart"] = bind_unix(str(cfg.hot_restart_path), 0o600, 16)
         for name, sock in self.listeners.items():
             self.addresses[name] = _sock_address(sock)
+        if self._accepting.is_set():  # a hot-restarted one arms itself once warm, before it says READY
+            self.arm_hot_restart()
         try:
             async with trio.open_nursery() as root:
                 async with trio.open_nursery() as pools:
@@ -237,7 +257,8 @@ class Proxy:
         with self._stop_accepting:
             async with trio.open_nursery() as n:
                 admin = trio.SocketListener(trio.socket.from_stdlib_socket(self.listeners["admin"]))
-                await n.start(partial(serve_admin, self.addresses["admin"], self._admin_routes(), listeners=[admin]))
+                auth = AdminAuth(self.admin_token, ADMIN_PUBLIC)
+                await n.start(partial(serve_admin, self.addresses["admin"], self._admin_routes(), listeners=[admin], auth=auth))
                 n.start_soon(serve_hot_restart, self, self.listeners["hot_restart"], root)
                 for name in ("outbound", "inbound"):
                     if name in self.listeners:
@@ -248,6 +269,19 @@ class Proxy:
                     self.generation,
                     " ".join(f"{k}={v}" for k, v in sorted(self.addresses.items())),
                 )
+
+    def arm_hot_restart(self) -> None:
+        """Write this generation's hand-over secret next to the hot-restart socket.
+
+        Done before the proxy reports ready, so that the next generation,
+        started as soon as it does, reads the secret this one checks.
+
+        Raises:
+            SecretFileError: it cannot be written.
+        """
+        path = self.config.hot_restart_secret_path
+        self.hot_restart_secret = write_fresh_secret(path)
+        log.info("hot restart: hand-over secret written to %s (mode 0600)", path)
 
     def start_accepting(self) -> None:
         """Begin accepting (a hot-restarted proxy calls this once warm)."""
@@ -714,8 +748,17 @@ class Proxy:
                 body = req.json()
                 services = [str(x) for x in body["services"]]
                 timeout = float(body.get("timeout", self.discovery.cfg.subscribe_timeout))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 return Response(400, {"error": 'expected JSON {"services": ["name", ...], "timeout": seconds}'})
+            # open without the token (the SDK calls it), so bounded: names per call, total, wait
+            if len(services) > _SUBSCRIBE_MAX_NAMES or not all(0 < len(n) <= 255 for n in services):
+                return Response(400, {"error": f"at most {_SUBSCRIBE_MAX_NAMES} service names of 1..255 characters"})
+            if not 0 <= timeout <= _SUBSCRIBE_MAX_TIMEOUT:  # NaN fails too
+                return Response(400, {"error": f"timeout: expected 0..{_SUBSCRIBE_MAX_TIMEOUT} seconds"})
+            total = len(set(self.discovery.subscribed) | set(services))
+            if total > _MAX_SUBSCRIPTIONS:
+                self.stats.error("subscription_limit")
+                return Response(429, {"error": f"this proxy holds at most {_MAX_SUBSCRIPTIONS} subscriptions"})
             try:
                 counts = await self.discovery.subscribe(services, timeout=timeout)
             except trio.TooSlowError:

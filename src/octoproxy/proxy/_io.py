@@ -14,12 +14,8 @@ frames never reorder.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import socket
-import ssl
-import sys
-import termios
 from collections.abc import Callable
 
 import trio
@@ -32,10 +28,6 @@ log = logging.getLogger("octoproxy.proxy")
 __all__ = ["Conn", "Flusher"]
 
 _INITIAL_BUFFER = 64 * 1024
-_FIONREAD = termios.FIONREAD  # bytes waiting in the kernel's receive queue
-_INT0 = bytes(4)
-#: a non-blocking send or receive that could not proceed now (plain or TLS socket)
-_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Conn:
@@ -63,8 +55,9 @@ class Conn:
         self._closing = False
         #: after a protocol error: how long to wait for responses still owed
         self.linger = 30.0
-        #: an mTLS link (proxy/_tls.py made the socket and did the handshake)
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        #: an mTLS link (proxy/_tlssock.py's TLSConnection, duck-typed as a
+        #: socket): it may hold decrypted bytes, so ask pending() before waiting
+        self.tls = hasattr(sock, "pending")
 
     # ------------------------------------------------------------ writing
 
@@ -81,7 +74,7 @@ class Conn:
             return
         try:
             n = self.sock.send(out)
-        except _WOULD_BLOCK:
+        except BlockingIOError:
             n = 0
         except OSError as exc:
             self.lost(f"send failed: {exc.strerror or exc}")
@@ -116,11 +109,7 @@ class Conn:
                     return
                 try:
                     n = self.sock.send(out)
-                except ssl.SSLWantReadError:
-                    # TLS must read first (post-handshake message): the reader does
-                    await trio.sleep(0.005)
-                    continue
-                except _WOULD_BLOCK:
+                except BlockingIOError:
                     continue
                 except OSError as exc:
                     self.lost(f"send failed: {exc.strerror or exc}")
@@ -159,12 +148,7 @@ class Conn:
                     return  # closed by lost(), from another task
             try:
                 n = sock.recv_into(memoryview(buf)[fill:])
-            except ssl.SSLWantWriteError:
-                # TLS must write first (post-handshake message); the writer
-                # task owns wait_writable, so poll briefly
-                await trio.sleep(0.005)
-                continue
-            except _WOULD_BLOCK:
+            except BlockingIOError:
                 continue
             except OSError as exc:
                 self.lost(f"receive failed: {exc.strerror or exc}")
@@ -173,8 +157,6 @@ class Conn:
                 self.lost("closed by peer")
                 return
             fill += n
-            if self.tls:
-                fill = self._read_more_records(fill)
             link.last_rx = now = trio.current_time()
             try:
                 consumed = engine.feed(link, self.scanner, buf, fill, now)
@@ -200,31 +182,6 @@ class Conn:
             if link.kind == DOWNSTREAM:
                 # back-pressure: do not read more requests than upstreams take
                 await self.flusher.wait_upstreams()
-
-    def _read_more_records(self, fill: int) -> int:
-        """TLS: take every record the kernel already holds, so the engine sees one batch.
-
-        One ``recv_into`` on a TLS socket returns one record at most; what
-        follows stays in the kernel (without this, batches were 2.5x smaller
-        and the CPU per call doubled). Whether more is there is asked with
-        FIONREAD, which costs a third of a TLS read that fails with "want
-        read". EOF or an error is left for the next read in the loop, after
-        this batch is processed.
-        """
-        buf = self.buf
-        sock = self.sock
-        fd = sock.fileno()
-        while fill < len(buf):
-            if not sock.pending() and not int.from_bytes(fcntl.ioctl(fd, _FIONREAD, _INT0), sys.byteorder):  # type: ignore[attr-defined]
-                break
-            try:
-                n = sock.recv_into(memoryview(buf)[fill:])
-            except OSError:  # would block (a partial record), or an error the next read reports
-                break
-            if n == 0:
-                break
-            fill += n
-        return fill
 
     # ------------------------------------------------------------ closing
 

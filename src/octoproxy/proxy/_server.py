@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -396,7 +396,8 @@ class Proxy:
             self._handshaking -= 1
         link.peer = InboundPeer(caller)
         self._tls_handshakes.labels("inbound", _cipher(tls_sock)).inc()
-        await self._serve_downstream(Conn(tls_sock, link, self.flusher, max_buffer=max_buffer))
+        # a TLSConnection offers what Conn uses of a socket (duck-typed)
+        await self._serve_downstream(Conn(cast(socket.socket, tls_sock), link, self.flusher, max_buffer=max_buffer))
 
     async def _tls_connect(self, sock: socket.socket, cluster: Cluster, address: str) -> socket.socket:
         """Upstream mTLS: the server must be a service this cluster routes to."""
@@ -415,7 +416,7 @@ class Proxy:
             self._tls_failed(f"cluster {cluster.name}: {address}", exc)
             raise
         self._tls_handshakes.labels("upstream", _cipher(tls_sock)).inc()
-        return tls_sock
+        return cast(socket.socket, tls_sock)  # duck-typed: what Conn uses of a socket
 
     async def _serve_downstream(self, conn: Conn) -> None:
         name = conn.link.listener

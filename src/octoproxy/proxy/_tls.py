@@ -1,11 +1,11 @@
 """Trio shell for mTLS between proxies: handshakes on raw sockets, rotation.
 
 The data path keeps its raw non-blocking sockets (see :mod:`._io`): a TLS
-link is an :class:`ssl.SSLSocket` made with ``do_handshake_on_connect=False``
-around the accepted or connected socket. The handshake is driven here, under
-a deadline, waiting for readability or writability as OpenSSL asks; once it
-is done the connection is handed to a :class:`~._io.Conn` exactly as a
-plaintext one is (``Conn`` knows the two TLS "would block" errors and asks
+link is a :class:`~._tlssock.TLSConnection` (an ``SSLObject`` over memory
+BIOs, around the accepted or connected socket; why not ``SSLSocket`` is
+explained there). The handshake is driven here, under a deadline, waiting for
+readability or writability as it needs; once it is done the connection is
+handed to a :class:`~._io.Conn` exactly as a plaintext one is (``Conn`` asks
 ``pending()`` before waiting: TLS may hold decrypted bytes the kernel no
 longer signals).
 
@@ -21,6 +21,7 @@ already up keep theirs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -35,6 +36,7 @@ import trio
 
 from .._errors import ConfigError
 from ..identity._tls import MeshContexts, TlsMaterial, load_material, peer_service
+from ._tlssock import TLSConnection
 
 log = logging.getLogger("octoproxy.tls")
 
@@ -45,29 +47,41 @@ class HandshakeError(Exception):
     """A TLS handshake failed, timed out, or the peer's identity was refused."""
 
 
-async def handshake(sock: ssl.SSLSocket, timeout: float) -> None:
-    """Complete the handshake of a non-blocking SSL socket within ``timeout``.
+async def handshake(conn: TLSConnection, timeout: float) -> None:
+    """Complete the handshake of a TLS connection within ``timeout``.
 
     Raises:
-        HandshakeError: the peer failed it, closed, or was too slow.
+        HandshakeError: the peer failed it (an alert, a certificate refused),
+            closed, or was too slow.
     """
+    raw = conn.raw
     try:
         with trio.fail_after(timeout):
             while True:
                 try:
-                    sock.do_handshake()
+                    done = conn.handshake_step()
+                finally:
+                    conn.handshake_output()  # our flight, or the alert that says why we refuse
+                while not conn.handshake_flush():
+                    await trio.lowlevel.wait_writable(raw)
+                if done:
+                    conn.handshake_done()
                     return
-                except ssl.SSLWantReadError:
-                    await trio.lowlevel.wait_readable(sock)
-                except ssl.SSLWantWriteError:
-                    await trio.lowlevel.wait_writable(sock)
+                await trio.lowlevel.wait_readable(raw)
+                try:
+                    if not conn.handshake_fill():
+                        raise HandshakeError("the peer closed the connection during the TLS handshake")
+                except BlockingIOError:
+                    continue
     except trio.TooSlowError:
         raise HandshakeError(f"no TLS handshake within {timeout}s") from None
     except (ssl.SSLError, OSError) as exc:
+        with contextlib.suppress(OSError):
+            conn.handshake_flush()
         raise HandshakeError(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}") from None
 
 
-def _close(sock: socket.socket) -> None:
+def _close(sock: socket.socket | TLSConnection) -> None:
     try:
         trio.lowlevel.notify_closing(sock)
     except (OSError, ValueError):  # pragma: no cover
@@ -75,21 +89,20 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-async def accept_tls(raw: socket.socket, contexts: MeshContexts, timeout: float) -> tuple[ssl.SSLSocket, str]:
+async def accept_tls(raw: socket.socket, contexts: MeshContexts, timeout: float) -> tuple[TLSConnection, str]:
     """Server side: handshake (client certificate required) and read the caller's service.
 
     On failure the socket is closed.
 
     Returns:
-        The TLS socket and the caller's service name from its SPIFFE ID.
+        The TLS connection and the caller's service name from its SPIFFE ID.
 
     Raises:
         HandshakeError: the handshake failed or the certificate names no
             service of our trust domain.
     """
-    raw.setblocking(False)
     try:
-        tls = contexts.server.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        tls = TLSConnection(raw, contexts.server, server_side=True)
     except (ssl.SSLError, OSError) as exc:
         _close(raw)
         raise HandshakeError(f"TLS setup failed: {exc}") from None
@@ -105,13 +118,13 @@ async def accept_tls(raw: socket.socket, contexts: MeshContexts, timeout: float)
     return tls, service
 
 
-async def connect_tls(raw: socket.socket, contexts: MeshContexts, expected: Collection[str], timeout: float) -> tuple[ssl.SSLSocket, str]:
+async def connect_tls(raw: socket.socket, contexts: MeshContexts, expected: Collection[str], timeout: float) -> tuple[TLSConnection, str]:
     """Client side: handshake, then check the server is one of the ``expected`` services.
 
     On failure the socket is closed.
 
     Returns:
-        The TLS socket and the server's service.
+        The TLS connection and the server's service.
 
     Raises:
         HandshakeError: the handshake failed, or the server's SPIFFE ID is not
@@ -119,7 +132,7 @@ async def connect_tls(raw: socket.socket, contexts: MeshContexts, expected: Coll
             another service).
     """
     try:
-        tls = contexts.client.wrap_socket(raw, server_side=False, do_handshake_on_connect=False)
+        tls = TLSConnection(raw, contexts.client, server_side=False)
     except (ssl.SSLError, OSError) as exc:
         _close(raw)
         raise HandshakeError(f"TLS setup failed: {exc}") from None

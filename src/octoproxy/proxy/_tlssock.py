@@ -35,7 +35,7 @@ from typing import Any
 __all__ = ["TLSConnection"]
 
 _HEADER = 5  # TLS record header: type, version (2), length (2)
-_CBUF = 256 * 1024
+_CBUF = 64 * 1024  # > one record (16 KiB + 256); as the connection's own buffer
 
 
 class TLSConnection:

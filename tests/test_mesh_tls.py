@@ -154,6 +154,10 @@ async def test_calls_over_mtls_caller_from_certificate() -> None:
             assert len(results) == 200
             ready = await m.provider.json("/ready")
             assert ready["tls"]["mode"] == "mtls"  # type: ignore[index]
+            import time as _time
+
+            expiry = await m.provider.metric("octoproxy_tls_certificate_expiry_timestamp_seconds")
+            assert 3000 < expiry - _time.time() <= 3600
 
 
 async def test_forged_caller_and_authorization_from_a_peer() -> None:

@@ -665,6 +665,11 @@ class Proxy:
             "Certificates loaded after the first (mTLS), since start.",
             lambda: float(self.tls.contexts.rotations if self.tls is not None and self.tls.contexts is not None else 0),
         )
+        reg.gauge_func(
+            "octoproxy_tls_certificate_expiry_timestamp_seconds",
+            "When this proxy's mTLS certificate expires (Unix time; 0: none).",
+            lambda: float(self.tls.not_after() if self.tls is not None else 0),
+        )
         reg.gauge_func("octoproxy_hot_restart_parent_alive", "1 while the previous generation still drains.", lambda: float(self.parent_alive))
 
     def ready_state(self) -> dict[str, Any]:

@@ -188,12 +188,16 @@ class CertificateFiles:
         self._stamp = _stat_all(self.paths)
         self.contexts = MeshContexts(load_material(*self.paths), trust_domain)
         self.reload_failures = 0
+        self._not_after: tuple[object, float] = (None, 0.0)
 
     def not_after(self) -> float:
-        try:
-            return cert_not_after(self.contexts.material.cert_pem)
-        except Exception:  # pragma: no cover - a chain cryptography cannot read
-            return 0.0
+        material = self.contexts.material
+        if self._not_after[0] is not material:  # parse once per certificate, not per scrape
+            try:
+                self._not_after = (material, cert_not_after(material.cert_pem))
+            except Exception:  # pragma: no cover - a chain cryptography cannot read
+                self._not_after = (material, 0.0)
+        return self._not_after[1]
 
     def check(self) -> bool:
         """Reload if a file changed (all three read again). True if the contexts were swapped.

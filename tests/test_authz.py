@@ -265,3 +265,23 @@ def FrameDecoder_all(data: bytes) -> list:
     dec = FrameDecoder()
     dec.receive_data(data)
     return list(dec)
+
+
+def test_policy_from_a_pushed_message() -> None:
+    from types import SimpleNamespace as NS
+
+    from octoproxy.proxy._authz import policy_from_message
+
+    msg = NS(service="echo", default_action="deny", rules=[NS(action="allow", callers=["web"], methods=[])])
+    p = policy_from_message(msg, "echo", "v7")
+    assert p.version == "v7" and p.decide("web", "Anything") is None and p.decide("x", "A") is not None
+    assert policy_from_message(NS(service="", default_action="", rules=[]), "echo", "v1").allows_everything
+    for bad in (
+        NS(service="other", default_action="", rules=[]),
+        NS(service="echo", default_action="maybe", rules=[]),
+        NS(service="echo", default_action="", rules=[NS(action="allow", callers=[""], methods=[])]),
+        NS(service="echo", default_action="", rules=[NS(action="allow", callers=["a"], methods=["G*t"])]),
+        NS(service="echo", default_action="", rules=[NS(action="permit", callers=["a"], methods=[])]),
+    ):
+        with pytest.raises(ValueError):
+            policy_from_message(bad, "echo", "v2")

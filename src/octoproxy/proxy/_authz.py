@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._protocol import Status
 
@@ -190,3 +191,27 @@ def policy_from_config(service: str, default: str, rules: Iterable[tuple[str, Se
         ValueError: a bad action, default or method pattern.
     """
     return Policy(service, default, parse_rules(rules), version)
+
+
+def policy_from_message(msg: Any, service: str, version: str) -> Policy:
+    """A :class:`Policy` from a pushed ``AuthorizationPolicy`` resource.
+
+    Fields: ``service``, ``default_action`` ("" = "allow"), ``rules`` of
+    (``action``, ``callers``, ``methods``; no methods = every method).
+
+    Raises:
+        ValueError: anything invalid; the update is then rejected as a whole
+            (NACK) and the policy in force does not change.
+    """
+    if msg.service and msg.service != service:
+        raise ValueError(f"policy for service {msg.service!r} pushed to a proxy of {service!r}")
+    items = []
+    for i, r in enumerate(msg.rules):
+        callers = [str(c) for c in r.callers]
+        if any(not c for c in callers):
+            raise ValueError(f"rule #{i}: empty caller name")
+        items.append((str(r.action), callers, [str(m) for m in r.methods] or ["*"]))
+    try:
+        return policy_from_config(service, str(msg.default_action) or "allow", items, version)
+    except ValueError as exc:
+        raise ValueError(f"invalid authorization policy for {service!r}: {exc}") from None

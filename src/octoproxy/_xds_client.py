@@ -36,6 +36,7 @@ from .proto import octoproxy_discovery_pb2 as pb
 __all__ = [
     "TYPE_ENDPOINTS",
     "TYPE_ROUTES",
+    "TYPE_AUTHZ",
     "RESOURCE_TYPES",
     "INVALID_ARGUMENT",
     "DiscoveryError",
@@ -48,10 +49,13 @@ __all__ = [
 TYPE_ENDPOINTS = "octoproxy.v1.ClusterLoadAssignment"
 #: type_url of the routing rules of a service (:class:`pb.RouteRules`).
 TYPE_ROUTES = "octoproxy.v1.RouteRules"
+#: type_url of the authorization policy of a service (:class:`pb.AuthorizationPolicy`).
+TYPE_AUTHZ = "octoproxy.v1.AuthorizationPolicy"
 #: type_url -> message class of the resource body.
-RESOURCE_TYPES: dict[str, type[pb.ClusterLoadAssignment] | type[pb.RouteRules]] = {
+RESOURCE_TYPES: dict[str, type[pb.ClusterLoadAssignment] | type[pb.RouteRules] | type[pb.AuthorizationPolicy]] = {
     TYPE_ENDPOINTS: pb.ClusterLoadAssignment,
     TYPE_ROUTES: pb.RouteRules,
+    TYPE_AUTHZ: pb.AuthorizationPolicy,
 }
 #: ``ErrorDetail.code`` of a NACK (gRPC's INVALID_ARGUMENT).
 INVALID_ARGUMENT = 3

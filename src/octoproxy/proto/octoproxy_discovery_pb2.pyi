@@ -276,3 +276,23 @@ class StoreSnapshot(_message.Message):
     registrations: _containers.RepeatedCompositeFieldContainer[StoreSnapshot.Registration]
     routes: _containers.RepeatedCompositeFieldContainer[RouteRules]
     def __init__(self, registrations: _Optional[_Iterable[_Union[StoreSnapshot.Registration, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[RouteRules, _Mapping]]] = ...) -> None: ...
+
+class AuthorizationRule(_message.Message):
+    __slots__ = ("action", "callers", "methods")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    CALLERS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    callers: _containers.RepeatedScalarFieldContainer[str]
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, action: _Optional[str] = ..., callers: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AuthorizationPolicy(_message.Message):
+    __slots__ = ("service", "default_action", "rules")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ACTION_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    default_action: str
+    rules: _containers.RepeatedCompositeFieldContainer[AuthorizationRule]
+    def __init__(self, service: _Optional[str] = ..., default_action: _Optional[str] = ..., rules: _Optional[_Iterable[_Union[AuthorizationRule, _Mapping]]] = ...) -> None: ...

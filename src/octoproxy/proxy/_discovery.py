@@ -37,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._balancer import Endpoint
+from .._xds_client import TYPE_AUTHZ
 from ..controlplane import TYPE_ENDPOINTS, DiscoveryClient, ResourceChange
 from ..proto import octoproxy_discovery_pb2 as pb
+from ._authz import policy_from_message
 from ._engine import Cluster, Route
 
 if TYPE_CHECKING:
@@ -69,6 +71,10 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dirfd)
 
 
+def proxy_service(d: Discovery) -> str:
+    return d.proxy.config.proxy.service
+
+
 class Discovery:
     """The proxy's side of discovery (one per proxy process)."""
 
@@ -79,7 +85,7 @@ class Discovery:
         self.cfg = cfg
         self.engine = proxy.engine
         node = cfg.node_id or f"{proxy.config.proxy.service or 'octoproxy'}@{socket.gethostname()}:{os.getpid()}"
-        self.client = DiscoveryClient(list(cfg.control_plane), node, self._on_change)
+        self.client = DiscoveryClient(list(cfg.control_plane), node, self._on_change, validate=self._validate)
         self.path = proxy.config.subscriptions_path
         #: service -> when it was subscribed / last seen used
         self.subscribed: dict[str, float] = {}
@@ -106,6 +112,8 @@ class Discovery:
             nursery.start_soon(self._expire_removals)
             if self.proxy.config.inbound is not None and self.cfg.register:
                 nursery.start_soon(self._register)
+            if self.engine.inbound_guard is not None and proxy_service(self):
+                nursery.start_soon(self._watch_authz)
 
     async def _restore(self) -> None:
         """Subscribe to what the file says, before the proxy reports ready."""
@@ -213,9 +221,38 @@ class Discovery:
 
     # ------------------------------------------------------------ applying changes
 
+    # ------------------------------------------------------------ authorization policy (pushed)
+
+    async def _watch_authz(self) -> None:
+        """Subscribe to our own service's AuthorizationPolicy; updates apply as they come."""
+        try:
+            await self.client.subscribe([proxy_service(self)], timeout=self.cfg.subscribe_timeout, types=(TYPE_AUTHZ,))
+        except trio.TooSlowError:
+            log.warning("no answer about the authorization policy of %s yet; [authz] applies meanwhile", proxy_service(self))
+
+    def _validate(self, type_url: str, name: str, resource: Any) -> None:
+        """NACK an invalid policy (raising rejects the update; nothing changes)."""
+        if type_url == TYPE_AUTHZ:
+            policy_from_message(resource, proxy_service(self), "check")
+
+    def _apply_authz(self, change: ResourceChange) -> None:
+        guard = self.engine.inbound_guard
+        if guard is None or change.name != proxy_service(self):
+            return
+        if change.resource is None:
+            guard.set_policy(guard.config_policy)
+            log.info("authorization policy of %s removed from the control plane: [authz] applies", change.name)
+            return
+        policy = policy_from_message(change.resource, change.name, change.version)  # validated already
+        guard.set_policy(policy)
+        log.info("authorization policy of %s version %s applied (%d rules, default %s)", change.name, change.version, len(policy.rules), policy.default)
+
     def _on_change(self, changes: list[ResourceChange]) -> None:
         now = trio.current_time()
         for change in changes:
+            if change.type_url == TYPE_AUTHZ:
+                self._apply_authz(change)
+                continue
             if change.type_url != TYPE_ENDPOINTS:
                 continue
             if change.resource is None:

@@ -99,6 +99,8 @@ class InboundGuard:
         #: the inbound links' scanners route with this: route 0 = our service
         self.routes = RouteTable([(service, "*", 0)] if service else [])
         self.policy: Policy | None = None
+        #: the policy from the configuration file ([authz]); a pushed one replaces it while held
+        self.config_policy = policy
         self.set_policy(policy)
         self.max_frame_size = max_frame_size
         self._scanner = Scanner(None, max_frame_size, 4096)
@@ -108,6 +110,7 @@ class InboundGuard:
     def set_policy(self, policy: Policy | None) -> None:
         """Swap the policy; every connection picks it up at its next read."""
         self.policy = None if policy is None or policy.allows_everything else policy
+        #: the policy in force (also when it allows everything), for /ready
         self.policy_source = policy
 
     def _view(self, peer: InboundPeer) -> CallerView | None:

@@ -697,6 +697,10 @@ class Proxy:
         }
         if self.discovery is not None:
             detail["discovery"] = self.discovery.state()
+        guard = self.engine.inbound_guard
+        if guard is not None and guard.policy_source is not None:
+            p = guard.policy_source
+            detail["authz"] = {"version": p.version, "default": p.default, "rules": len(p.rules)}
         detail["tls"] = {"mode": self.config.tls_mode}
         if self.tls is not None:
             contexts = self.tls.contexts

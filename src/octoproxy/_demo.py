@@ -347,18 +347,42 @@ async def _demo_dir() -> AsyncIterator[Path]:
 
 
 async def _main(duration: float, workers: int) -> int:
-    async with _demo_dir() as d:
-        demo = Demo(d, duration, workers)
-        try:
-            return await demo.run()
-        finally:
-            await demo.stop_all()
+    """Run the demo; on SIGINT (Ctrl-C) or SIGTERM stop everything it started, then say so in one line."""
+    interrupted: int | None = None
+    status = 1
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with _demo_dir() as d:
+            demo = Demo(d, duration, workers)
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal interrupted
+                    async for signum in signals:
+                        interrupted = signum
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                try:
+                    status = await demo.run()
+                finally:
+                    await demo.stop_all()  # shielded and bounded; a second Ctrl-C waits for it
+                nursery.cancel_scope.cancel()
+    if interrupted is not None:
+        s = demo.stats
+        print(
+            f"[demo] interrupted after {s.calls} calls ({s.errors} failed); every process and file it made is gone",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + interrupted  # 130 for Ctrl-C, as a shell reports it
+    return status
 
 
 def main(duration: float = 20.0, workers: int = 32) -> int:
-    """Run the demo; returns the exit status (1 if any call failed)."""
+    """Run the demo; returns the exit status (1 if any call failed, 130 on Ctrl-C)."""
     try:
         return trio.run(_main, duration, workers)
-    except KeyboardInterrupt:
-        print("\n[demo] interrupted; everything it started has been stopped", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed
+        print("\n[demo] interrupted", file=sys.stderr)
         return 130

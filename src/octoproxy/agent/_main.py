@@ -9,6 +9,7 @@ from pathlib import Path
 
 import trio
 
+from .._config import describe_config_error
 from .._errors import ConfigError
 from .._secretfile import SecretFileError, read_secret
 from ._api import UpgradeClientError, post_upgrade
@@ -42,7 +43,7 @@ def run_agent(config_path: str) -> int:
     try:
         config = load_agent_config(config_path)
     except ConfigError as exc:
-        print(f"octoproxy agent: invalid configuration: {exc}", file=sys.stderr)
+        print(describe_config_error(exc, config_path, "octoproxy agent"), file=sys.stderr)
         return 2
     _setup_logging()
 

@@ -26,18 +26,22 @@ registration over instead (the new generation registers the same address).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
-from collections.abc import Iterable
+import stat
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from .._balancer import Endpoint
 from .._xds_client import TYPE_AUTHZ
+from .._xds_server import check_service_name
 from ..controlplane import TYPE_ENDPOINTS, DiscoveryClient, ResourceChange
 from ..proto import octoproxy_discovery_pb2 as pb
 from ._authz import policy_from_message
@@ -48,7 +52,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("octoproxy.discovery")
 
-__all__ = ["Discovery", "REMOVAL_GRACE"]
+__all__ = [
+    "Discovery", "REMOVAL_GRACE", "SUBSCRIPTIONS_FILE_MAX", "SUBSCRIPTIONS_FILE_MODE", "SubscriptionsFileError",
+    "read_subscriptions_file", "service_names", "write_atomic",
+]  # fmt: skip
+
+T = TypeVar("T")
 
 #: a service the control plane says is gone keeps its endpoints this long
 REMOVAL_GRACE = 10.0
@@ -56,14 +65,154 @@ REMOVAL_GRACE = 10.0
 MAX_SUBSCRIPTIONS = 10000
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a mix."""
+#: the subscriptions file is refused past this size (10,000 long names fit)
+SUBSCRIPTIONS_FILE_MAX = 4 * 1024 * 1024
+#: the subscriptions file is written with this mode (it is the proxy's own state)
+SUBSCRIPTIONS_FILE_MODE = 0o600
+
+
+class SubscriptionsFileError(ValueError):
+    """The subscriptions file cannot be used; the message names the file and what is wrong."""
+
+
+def service_names(value: object, what: str = "services") -> list[str]:
+    """Check a list of service names (from the subscriptions file or ``POST /subscribe``).
+
+    Args:
+        value: what was decoded from JSON.
+        what: how to name it in the error (``"services"``).
+
+    Returns:
+        The names, in order.
+
+    Raises:
+        ValueError: ``value`` is not a list of valid service names; the
+            message names the first bad entry (``services[1]: ...``).
+    """
+    if not isinstance(value, list):
+        raise ValueError(f"{what}: expected a list of service names, got {_describe(value)}")
+    for i, name in enumerate(value):
+        if not isinstance(name, str):
+            raise ValueError(f"{what}[{i}]: expected a service name (a string), got {_describe(name)}")
+        reason = check_service_name(name)
+        if reason is not None:
+            raise ValueError(f"{what}[{i}]: {reason}")
+    return list(value)
+
+
+def _describe(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_subscriptions_file(path: Path) -> list[str]:
+    """Read and check the subscriptions file. Blocking: run it in a worker thread.
+
+    Only a regular file is read: a FIFO, a device or a symbolic link is
+    refused without blocking (``O_NONBLOCK | O_NOFOLLOW``, then ``fstat``),
+    and so is a file over :data:`SUBSCRIPTIONS_FILE_MAX` bytes.
+
+    Returns:
+        The service names (none if the file does not exist).
+
+    Raises:
+        SubscriptionsFileError: the file cannot be read, is not a regular
+            file, is too big, is not JSON, or is not ``{"services": [names]}``.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SubscriptionsFileError(f"{path}: is a symbolic link; only a regular file is read") from None
+        raise SubscriptionsFileError(f"{path}: cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SubscriptionsFileError(f"{path}: is not a regular file ({_file_kind(st.st_mode)})")
+        if st.st_size > SUBSCRIPTIONS_FILE_MAX:
+            raise SubscriptionsFileError(f"{path}: {st.st_size} bytes, more than the {SUBSCRIPTIONS_FILE_MAX} allowed")
+        chunks, size = [], 0
+        while size <= SUBSCRIPTIONS_FILE_MAX:  # bounded even if the file grows while we read
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise SubscriptionsFileError(f"{path}: cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > SUBSCRIPTIONS_FILE_MAX:
+        raise SubscriptionsFileError(f"{path}: more than the {SUBSCRIPTIONS_FILE_MAX} bytes allowed")
+    try:
+        data = json.loads(b"".join(chunks))
+    except ValueError as exc:  # also bad UTF-8
+        raise SubscriptionsFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or "services" not in data:
+        raise SubscriptionsFileError(f'{path}: expected {{"services": [names]}}, got {_describe(data)}')
+    try:
+        return service_names(data["services"])
+    except ValueError as exc:
+        raise SubscriptionsFileError(f"{path}: {exc}") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread, so that the event loop never waits on the disk.
+
+    Under a :class:`trio.testing.MockClock` (tests, ``octoproxy.testing``
+    meshes with ``autojump_clock``) it runs inline instead: a task waiting on a
+    thread looks idle to autojump, which would move virtual time past every
+    deadline while the disk works.
+    """
+    testing = sys.modules.get("trio.testing")  # not imported unless a test did (it costs ~10 MB)
+    if testing is not None and isinstance(trio.lowlevel.current_clock(), testing.MockClock):
+        return fn(*args)
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = SUBSCRIPTIONS_FILE_MODE) -> None:
+    """Write a file so that readers see the old or the new content, never a mix.
+
+    A temporary file beside ``path`` (created exclusively, with ``mode``, not
+    through a symbolic link) is written, fsynced and renamed over ``path``;
+    then the directory is fsynced. Blocking: run it in a worker thread.
+
+    Raises:
+        OSError: the file could not be written (``path`` is unchanged).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.unlink(tmp)  # left over by a crash of a process with our pid
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     dirfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dirfd)
@@ -93,6 +242,9 @@ class Discovery:
         self._removed_at: dict[str, float] = {}
         self._lazy: set[str] = set()
         self.restored = trio.Event()
+        self._save_lock = trio.Lock()
+        self._changes = 0  # bumped on every change of self.subscribed
+        self._saved = 0  # the change count the file holds
         self.registered_address: str | None = None
         self._nursery: trio.Nursery | None = None
         self.route_timeout = cfg.route_timeout or proxy.config.upstream.default_timeout
@@ -116,16 +268,24 @@ class Discovery:
                 nursery.start_soon(self._watch_authz)
 
     async def _restore(self) -> None:
-        """Subscribe to what the file says, before the proxy reports ready."""
+        """Subscribe to what the file says, before the proxy reports ready.
+
+        A file that cannot be used (not a regular file, too big, not JSON of
+        the right shape) is logged in one line and ignored: the proxy starts
+        without it (and rewrites it on the next change), so a bad file never
+        blocks a start or a hot restart.
+        """
         names: list[str] = []
         try:
-            data = json.loads(self.path.read_bytes())
-            names = [str(n) for n in data.get("services", [])]
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:
-            log.error("cannot read subscriptions file %s (%s); starting with none", self.path, exc)
-        names += self.proxy.inherited_subscriptions
+            names = await run_blocking(read_subscriptions_file, self.path)
+        except SubscriptionsFileError as exc:
+            log.error("subscriptions file ignored, starting without its subscriptions: %s", exc)
+            self.proxy.stats.error("subscriptions_file_invalid")
+        inherited = [n for n in self.proxy.inherited_subscriptions if isinstance(n, str) and check_service_name(n) is None]
+        if len(inherited) != len(self.proxy.inherited_subscriptions):
+            log.error("hot restart: ignored %d invalid subscription names from the previous generation",
+                      len(self.proxy.inherited_subscriptions) - len(inherited))  # fmt: skip
+        names += inherited
         if names:
             log.info("restoring %d subscriptions from %s", len(set(names)), self.path)
             try:
@@ -143,16 +303,18 @@ class Discovery:
             Endpoints known per service.
 
         Raises:
+            ValueError: a name is not a valid service name (nothing was
+                subscribed or saved).
             trio.TooSlowError: not all held within ``timeout`` (the
                 subscriptions stay, and are persisted).
         """
-        names = sorted(set(names))
+        names = sorted(set(service_names(list(names))))
         now = trio.current_time()
         new = [n for n in names if n not in self.subscribed]
         for n in names:
             self.subscribed[n] = now
         if new:
-            self._persist()
+            await self._save()
         await self.client.subscribe(names, timeout=timeout)
         held = self.client.held(TYPE_ENDPOINTS)
         return {n: len(getattr(held.get(n), "endpoints", ())) for n in names}
@@ -165,18 +327,36 @@ class Discovery:
         for n in names:
             del self.subscribed[n]
             self._drop_service(n)
-        self._persist()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._save)
 
-    def _persist(self) -> None:
-        try:
-            write_atomic(self.path, json.dumps({"services": sorted(self.subscribed)}).encode())
-        except OSError as exc:
-            log.error("cannot persist subscriptions to %s: %s", self.path, exc)
-            self.proxy.stats.error("subscriptions_persist_failed")
+    async def _save(self) -> None:
+        """Persist the subscriptions (atomic write and fsync in a worker thread).
+
+        Saves coalesce: a save that finds a newer snapshot already written
+        returns at once, so a burst of changes costs one or two writes.
+        """
+        self._changes += 1
+        wanted = self._changes
+        async with self._save_lock:
+            if self._saved >= wanted:
+                return
+            snapshot = self._changes
+            data = json.dumps({"services": sorted(self.subscribed)}).encode()
+            try:
+                await run_blocking(write_atomic, self.path, data)
+            except OSError as exc:
+                log.error("cannot persist subscriptions to %s: %s", self.path, exc)
+                self.proxy.stats.error("subscriptions_persist_failed")
+                return
+            self._saved = snapshot
 
     def _lazy_subscribe(self, service: str) -> None:
         """The engine saw a request for an unknown service: subscribe, then release it."""
         if service in self._lazy or self._nursery is None:
+            return
+        if check_service_name(service) is not None:  # the control plane would refuse it: NO_ROUTE, nothing saved
+            self.engine.release_unrouted(service, False, trio.current_time())
             return
         if len(self.subscribed) >= MAX_SUBSCRIPTIONS:
             # callers naming ever new services must not grow us without bound

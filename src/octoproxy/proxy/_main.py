@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from .._config import ProxyConfig, load_config
+from .._config import ProxyConfig, describe_config_error, load_config
 from .._errors import ConfigError
 from .._secretfile import SecretFileError
 from ._handover import Channel, take_over
@@ -66,6 +68,10 @@ async def serve(proxy: Proxy, handover: tuple[Channel, dict[str, Any]] | None = 
                     status = 1
                     nursery.cancel_scope.cancel()
                     return status
+            elif not await wait_until_ready(proxy, done):
+                nursery.cancel_scope.cancel()  # shut down before it was ready: no ready line
+                return status
+            nursery.start_soon(_warn_unconnected_clusters, proxy)
             # one line on stdout that tools (tests, the agent) can wait for
             addrs = " ".join(f"{k}={v}" for k, v in sorted(proxy.addresses.items()) if k != "hot_restart")
             token_file = proxy.config.admin_token_path  # the path, never the token
@@ -76,6 +82,81 @@ async def serve(proxy: Proxy, handover: tuple[Channel, dict[str, Any]] | None = 
             await done.wait()
             nursery.cancel_scope.cancel()
     return status
+
+
+#: while a starting proxy is not ready: first warning after this long, then at this interval
+READY_WARN_AFTER = 2.0
+READY_WARN_EVERY = 10.0
+
+
+async def wait_until_ready(proxy: Proxy, done: trio.Event) -> bool:
+    """Wait until what this host owes is ready: the ready line must mean ready.
+
+    That is every condition of ``GET /ready`` but the upstream clusters
+    (whose peers run elsewhere, see :func:`_warn_unconnected_clusters`): the
+    subscriptions restored and the local app (``inbound.app_uds``) accepting.
+    While waiting, one warning line every :data:`READY_WARN_EVERY` seconds
+    names what is missing.
+
+    Returns:
+        True once ready; False if the proxy stopped first.
+    """
+    start = trio.current_time()
+    next_warning = start + READY_WARN_AFTER
+    while not done.is_set():
+        missing = local_blockers(proxy)
+        if not missing:
+            return True
+        now = trio.current_time()
+        if now >= next_warning:
+            if proxy.config.inbound is not None and "app_uds" in missing:
+                problem = await trio.to_thread.run_sync(_socket_problem, proxy.config.inbound.app_uds)
+                missing["app_uds"] += f" ({problem})"
+            log.warning("not ready after %.0fs: waiting for %s", now - start, "; ".join(missing.values()))
+            next_warning = now + READY_WARN_EVERY
+        await trio.sleep(0.05)
+    return False
+
+
+def local_blockers(proxy: Proxy) -> dict[str, str]:
+    """What keeps this proxy from being ready, upstream clusters aside: a phrase per condition."""
+    state = proxy.ready_state()
+    missing = {}
+    discovery = state.get("discovery")
+    if discovery is not None and not discovery["restored"]:
+        missing["subscriptions"] = (
+            f"the subscriptions in {proxy.config.subscriptions_path} to be restored (discovery.subscriptions_file)"
+        )
+    app = state.get("local_app")
+    if app is not None and not app["connected"] and proxy.config.inbound is not None:
+        missing["app_uds"] = f"the local app on inbound.app_uds {proxy.config.inbound.app_uds}"
+    if state["healthcheck_failed"]:
+        missing["healthcheck"] = "POST /healthcheck/ok (the health check was failed by hand)"
+    return missing
+
+
+def _socket_problem(path: Path) -> str:
+    """Why nothing accepts on ``path``, as far as the file system tells (blocking: run in a thread)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            return f"the directory {path.parent} does not exist"
+        return "no socket there yet: is the app started?"
+    except OSError as exc:
+        return f"cannot reach it: {exc.strerror}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "it is not a socket"
+    return "nothing accepts connections there yet"
+
+
+async def _warn_unconnected_clusters(proxy: Proxy) -> None:
+    """After the ready line: name the clusters still without a connected endpoint (their peers run elsewhere)."""
+    await trio.sleep(proxy.config.upstream.connect_timeout + 0.5)
+    for name, cluster in proxy.ready_state()["clusters"].items():
+        if cluster["endpoints"] and not cluster["connected"]:
+            log.warning("cluster %s: none of its %d endpoints is connected yet; GET /ready answers 503 until one is",
+                        name, cluster["endpoints"])  # fmt: skip
 
 
 async def complete_hand_over(proxy: Proxy, chan: Channel, msg: dict[str, Any], nursery: trio.Nursery) -> bool:
@@ -161,7 +242,7 @@ def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        print(f"octoproxy: invalid configuration: {exc}", file=sys.stderr)
+        print(describe_config_error(exc, config_path, "octoproxy"), file=sys.stderr)
         return 2
     setup_logging(config.proxy.log_level)
     try:
@@ -170,6 +251,11 @@ def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
         return trio.run(serve, Proxy(config))
     except (OSError, HotRestartError, SecretFileError, ConfigError) as exc:
         print(f"octoproxy: {exc}", file=sys.stderr)
+        return 1
+    except (EOFError, trio.TooSlowError) as exc:  # take_over_proxy: the other side went quiet or away
+        how = "closed the connection" if isinstance(exc, EOFError) else "did not answer in time"
+        print(f"octoproxy: hot restart: the process on proxy.hot_restart_uds = {config.hot_restart_path} {how} "
+              "instead of handing its listeners over", file=sys.stderr)  # fmt: skip
         return 1
 
 

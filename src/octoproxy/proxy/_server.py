@@ -36,8 +36,8 @@ from .._secretfile import load_or_create_secret, write_fresh_secret
 from .._unix import bind_unix, remove_stale_socket
 from .._version import __version__
 from ._discovery import MAX_SUBSCRIPTIONS as _MAX_SUBSCRIPTIONS
-from ._discovery import Discovery
 from ._authz import policy_from_config
+from ._discovery import Discovery, service_names
 from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ._guard import InboundGuard, InboundPeer
 from ._handover import serve_hot_restart
@@ -756,10 +756,12 @@ class Proxy:
                 return Response(404, {"error": "discovery is not configured on this proxy ([discovery] section)"})
             try:
                 body = req.json()
-                services = [str(x) for x in body["services"]]
+                if not isinstance(body, dict):
+                    raise ValueError('expected JSON {"services": ["name", ...], "timeout": seconds}')
+                services = service_names(body.get("services"))  # checked before anything is saved
                 timeout = float(body.get("timeout", self.discovery.cfg.subscribe_timeout))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                return Response(400, {"error": 'expected JSON {"services": ["name", ...], "timeout": seconds}'})
+            except (ValueError, TypeError) as exc:
+                return Response(400, {"error": str(exc)})
             # open without the token (the SDK calls it), so bounded: names per call, total, wait
             if len(services) > _SUBSCRIBE_MAX_NAMES or not all(0 < len(n) <= 255 for n in services):
                 return Response(400, {"error": f"at most {_SUBSCRIBE_MAX_NAMES} service names of 1..255 characters"})
@@ -779,9 +781,12 @@ class Proxy:
             if self.discovery is None:
                 return Response(404, {"error": "discovery is not configured on this proxy ([discovery] section)"})
             try:
-                services = [str(x) for x in req.json()["services"]]
-            except (ValueError, KeyError, TypeError):
-                return Response(400, {"error": 'expected JSON {"services": ["name", ...]}'})
+                body = req.json()
+                if not isinstance(body, dict):
+                    raise ValueError('expected JSON {"services": ["name", ...]}')
+                services = service_names(body.get("services"))
+            except (ValueError, TypeError) as exc:
+                return Response(400, {"error": str(exc)})
             self.discovery.unsubscribe(services)
             return Response(200, {"unsubscribed": services})
 

@@ -169,8 +169,6 @@ class Proxy:
             authz = config.authz
             policy = policy_from_config(config.proxy.service, authz.default, [(r.action, r.callers, r.methods) for r in authz.rules])
             self.engine.inbound_guard = InboundGuard(config.proxy.service, policy, config.proxy.max_frame_size)
-            if not config.proxy.service:
-                log.warning("[inbound] without proxy.service: every request from peers is answered NO_ROUTE")
         self.discovery = Discovery(self) if config.discovery is not None else None
         self.listeners: dict[str, socket.socket] = dict(listeners or {})
         self.addresses: dict[str, str] = {}
@@ -263,6 +261,8 @@ class Proxy:
                 for name in ("outbound", "inbound"):
                     if name in self.listeners:
                         n.start_soon(self._accept_loop, name, self.listeners[name])
+                if self.config.inbound is not None and not self.config.proxy.service:
+                    log.warning("[inbound] without proxy.service: every request from peers is answered NO_ROUTE")
                 log.info(
                     "octoproxy %s (generation %d) accepting: %s",
                     __version__,

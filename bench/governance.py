@@ -17,17 +17,15 @@ decision runs only on a failed try, so it is listed but not counted.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from octoproxy._balancer import Endpoint, RoundRobin, WeightedRandom  # noqa: E402
-from octoproxy._protocol import Status  # noqa: E402
-from octoproxy.governance import (  # noqa: E402
+from octoproxy._balancer import Endpoint, RoundRobin, WeightedRandom
+from octoproxy._protocol import Status
+from octoproxy.governance import (
     BreakerLimits,
     BudgetConfig,
     CircuitBreaker,
@@ -49,7 +47,7 @@ from octoproxy.governance import (  # noqa: E402
     Tracer,
     decide,
 )
-from octoproxy.governance._ratelimit import Limit, TokenBucket  # noqa: E402
+from octoproxy.governance._ratelimit import Limit, TokenBucket
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

@@ -213,6 +213,10 @@ def test_hot_restart_peer_that_hangs_up_is_one_line() -> None:
         server = socket.socket(socket.AF_UNIX)
         server.bind(str(d / "out.sock.hotrestart"))
         server.listen()
+        # the hand-over secret a running proxy writes: the child reads it before it says hello
+        secret = d / "out.sock.hotrestart.secret"
+        secret.write_text("s" * 43)
+        secret.chmod(0o600)
 
         def hang_up() -> None:
             conn, _ = server.accept()

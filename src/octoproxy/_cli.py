@@ -8,6 +8,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from ._errors import exception_leaves
+from ._secretfile import SecretFileError
 from ._startup import describe_listen_failure
 from ._version import __version__
 
@@ -67,12 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(parser, args)
     except BaseException as exc:  # the one boundary where start-up failures become one line
         line = describe_listen_failure(exc, _listeners(args))
-        if line is None:
-            raise
+        if line is not None:
+            line = f"cannot listen on {line}"
+        else:
+            leaves = exception_leaves(exc)
+            if not leaves or not all(isinstance(leaf, SecretFileError) for leaf in leaves):
+                raise
+            line = f"unsafe or unusable secret file: {leaves[0]}"  # names the path, never the secret
         if _debug(args):
             traceback.print_exception(exc)
         name = "octoproxy" if args.command == "run" else f"octoproxy {args.command}"
-        print(f"{name}: cannot listen on {line}", file=sys.stderr)
+        print(f"{name}: {line}", file=sys.stderr)
         return 2
 
 

@@ -186,18 +186,19 @@ class Agent:
         from ._api import ADMIN_PUBLIC, admin_routes
 
         token_file = self.settings.token_file
+        created = False
         if token_file is None:  # built in code without a file: a token nobody knows (peers of our uid on a UDS only)
             token = secrets.token_urlsafe(32).encode()
         else:
             token, created = load_or_create_secret(token_file)
-            if created:
-                log.info(kv("admin_token_created", path=token_file))
         auth = AdminAuth(token, ADMIN_PUBLIC)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.admin_address = await nursery.start(
                 functools.partial(serve_admin, self.settings.admin, admin_routes(self), auth=auth)
             )
+            if token_file is not None and created:  # said once we listen: a failed start says one line
+                log.info(kv("admin_token_created", path=token_file))
             log.info(kv("agent_listening", admin=self.admin_address, pid=os.getpid()))
             if self._handle_signals:
                 await nursery.start(self._watch_signals)

@@ -193,9 +193,6 @@ class Proxy:
         """Serve until :meth:`request_shutdown`, then drain and return."""
         cfg = self.config
         self.started_at = trio.current_time()
-        self.admin_token, created = load_or_create_secret(cfg.admin_token_path)
-        if created:
-            log.info("created the admin token file %s (mode 0600)", cfg.admin_token_path)
         if "outbound" not in self.listeners:
             await remove_stale_socket(str(cfg.outbound.uds))
             self.listeners["outbound"] = bind_unix(str(cfg.outbound.uds), cfg.outbound.uds_mode, 1024)
@@ -213,6 +210,10 @@ class Proxy:
             self.listeners["hot_restart"] = bind_unix(str(cfg.hot_restart_path), 0o600, 16)
         for name, sock in self.listeners.items():
             self.addresses[name] = _sock_address(sock)
+        # after the binds: a start-up that cannot listen fails on that, in one line, and leaves no token file
+        self.admin_token, created = load_or_create_secret(cfg.admin_token_path)
+        if created:
+            log.info("created the admin token file %s (mode 0600)", cfg.admin_token_path)
         if self._accepting.is_set():  # a hot-restarted one arms itself once warm, before it says READY
             self.arm_hot_restart()
         try:

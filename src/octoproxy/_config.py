@@ -641,7 +641,16 @@ class ProxyConfig:
         """``"mtls"`` or ``"plaintext"``: ``tls.mode``, or what the other keys imply."""
         if self.tls.mode is not None:
             return self.tls.mode
-        return "mtls" if self.tls.cert_file is not None else "plaintext"
+        if self.tls.cert_file is not None:
+            return "mtls"
+        if CONTROL_PLANE_CERTIFICATES and self.discovery is not None and self.proxy.service:
+            return "mtls"  # certificates from the control plane
+        return "plaintext"
+
+    @property
+    def tls_from_control_plane(self) -> bool:
+        """mTLS with certificates the control plane issues (no certificate files)."""
+        return self.tls_mode == "mtls" and self.tls.cert_file is None
 
     @property
     def subscriptions_path(self) -> Path:
@@ -702,6 +711,10 @@ def _shutdown_time(proxy: ProxySettings, written: Mapping[str, object], errors: 
     return proxy
 
 
+#: the control plane issues certificates (``DiscoveryClient.request_certificate``)
+CONTROL_PLANE_CERTIFICATES = False
+
+
 def _check_tls(cfg: ProxyConfig, errors: _Errors) -> None:
     tls = cfg.tls
     files = {"cert_file": tls.cert_file, "key_file": tls.key_file, "ca_file": tls.ca_file}
@@ -711,8 +724,8 @@ def _check_tls(cfg: ProxyConfig, errors: _Errors) -> None:
         errors.add(f"{missing}: required with tls.{given[0]} (certificate, key and trust bundle go together)")
     if tls.mode == "plaintext" and given:
         errors.add("tls.mode: 'plaintext' but tls.cert_file is set; remove one of them")
-    if tls.mode == "mtls" and not given:
-        errors.add("tls.mode: 'mtls' needs tls.cert_file, tls.key_file and tls.ca_file")
+    if tls.mode == "mtls" and not given and not (CONTROL_PLANE_CERTIFICATES and cfg.discovery is not None):
+        errors.add("tls.mode: 'mtls' needs tls.cert_file, tls.key_file and tls.ca_file, or [discovery] (certificates from the control plane)")
     if cfg.tls_mode == "mtls" and not cfg.proxy.service:
         errors.add("proxy.service: required with mTLS (the certificate names this service)")
     for i, rule in enumerate(cfg.authz.rules):

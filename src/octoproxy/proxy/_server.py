@@ -84,6 +84,13 @@ def _sock_address(sock: socket.socket) -> str:
     return f"{name[0]}:{name[1]}"
 
 
+def _make_key_and_csr(service: str, trust_domain: str) -> tuple[str, str]:
+    from .. import identity
+
+    make: Any = getattr(identity, "make_key_and_csr")
+    return make(service, trust_domain)  # type: ignore[no-any-return]
+
+
 def _cipher(sock: Any) -> str:
     c = sock.cipher()
     return str(c[0]) if c else "none"
@@ -163,8 +170,11 @@ class Proxy:
         )
         if config.tls_mode == "mtls":
             t = config.tls
-            assert t.cert_file is not None and t.key_file is not None and t.ca_file is not None
-            self.tls = CertificateFiles(t.cert_file, t.key_file, t.ca_file, t.trust_domain)
+            if t.cert_file is not None:
+                assert t.key_file is not None and t.ca_file is not None
+                self.tls = CertificateFiles(t.cert_file, t.key_file, t.ca_file, t.trust_domain)
+            else:  # a key made here, a certificate from the control plane (renewed at 2/3 of its life)
+                self.tls = ControlPlaneCertificates(config.proxy.service, t.trust_domain, self._request_certificate, _make_key_and_csr)
         if config.inbound is not None:
             authz = config.authz
             policy = policy_from_config(config.proxy.service, authz.default, [(r.action, r.callers, r.methods) for r in authz.rules])
@@ -373,6 +383,11 @@ class Proxy:
                 continue
             conn = Conn(sock, link, self.flusher, max_buffer=max_buffer)
             self._conn_nursery.start_soon(self._serve_downstream, conn)
+
+    async def _request_certificate(self, csr_pem: str, timeout: float) -> Any:
+        if self.discovery is None:  # pragma: no cover - the config requires [discovery]
+            raise HandshakeError("no control plane to ask for a certificate")
+        return await self.discovery.client.request_certificate(csr_pem, timeout)  # type: ignore[attr-defined]
 
     def _tls_failed(self, what: str, exc: Exception) -> None:
         self.stats.error("tls_handshake_failed")

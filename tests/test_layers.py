@@ -12,6 +12,8 @@ CORES = ["identity/_names.py", "_protocol.py", "_errors.py", "_frame.py", "_fram
 # governance policy cores (docs/governance.md)
 CORES += ["governance/__init__.py", "governance/_verdict.py", "governance/_routing.py", "governance/_outlier.py", "governance/_breaker.py",
           "governance/_retry.py", "governance/_ratelimit.py", "governance/_trace.py", "governance/_policy.py", "governance/_proto.py"]
+# the SDK's sans-IO cores (docs/sdk.md)
+CORES += ["sdk/_core.py", "sdk/_server_core.py", "sdk/_subscribe_core.py"]
 # mesh-tls: authorization and the inbound guard (docs/security.md)
 CORES += ["proxy/_authz.py", "proxy/_guard.py", "proxy/_guard_py.py", "_fastguard.pyx"]
 FORBIDDEN_MODULES = {"trio", "socket", "selectors", "asyncio"}

@@ -41,7 +41,7 @@ _CBUF = 64 * 1024  # > one record (16 KiB + 256); as the connection's own buffer
 class TLSConnection:
     """One TLS connection (client or server side) over a raw socket."""
 
-    __slots__ = ("raw", "obj", "_in", "_out", "_cbuf", "_cmv", "_clen", "_cout", "_accepted", "_ready")
+    __slots__ = ("raw", "obj", "_in", "_out", "_cbuf", "_cmv", "_clen", "_cout", "_accepted", "_ready", "_shut")
 
     def __init__(self, raw: socket.socket, ctx: ssl.SSLContext, server_side: bool) -> None:
         raw.setblocking(False)
@@ -58,6 +58,8 @@ class TLSConnection:
         self._accepted = 0
         #: the BIO holds whole records not read yet
         self._ready = False
+        #: after shutdown(): reads only drain the socket (close_after_flush)
+        self._shut = False
 
     # ------------------------------------------------------------ plumbing
 
@@ -78,6 +80,7 @@ class TLSConnection:
         return self._ready or self.obj.pending() > 0
 
     def shutdown(self, how: int) -> None:
+        self._shut = True
         self.raw.shutdown(how)
 
     def recv(self, n: int) -> bytes:
@@ -142,8 +145,8 @@ class TLSConnection:
                 self._ready = False
         return total
 
-    def recv_into(self, view: memoryview) -> int:
-        """Decrypt into ``view`` what is here and what the kernel holds.
+    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
+        """Decrypt into ``buffer`` (its first ``nbytes``, or all of it) what is here and what the kernel holds.
 
         Returns:
             Bytes written (0: the peer closed).
@@ -152,6 +155,11 @@ class TLSConnection:
             BlockingIOError: nothing to read yet.
             ssl.SSLError: the peer broke TLS (a bad record, an alert).
         """
+        if self._shut:  # draining before close: what arrives is dropped anyway
+            return self.raw.recv_into(buffer, nbytes)
+        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        if nbytes and nbytes < len(view):
+            view = view[:nbytes]
         total = self._decrypt(view, 0)
         if total == len(view):
             return total

@@ -781,7 +781,7 @@ def _shutdown_time(proxy: ProxySettings, written: Mapping[str, object], errors: 
 
 
 #: the control plane issues certificates (``DiscoveryClient.request_certificate``)
-CONTROL_PLANE_CERTIFICATES = False
+CONTROL_PLANE_CERTIFICATES = True
 
 
 def _check_tls(cfg: ProxyConfig, errors: _Errors) -> None:

@@ -639,7 +639,7 @@ class TlsConfig:
         _choice(("mtls", "plaintext")),
         "`mtls`: TLS 1.3 with certificates on both sides, the caller identified by its certificate; "
         "`plaintext`: no TLS (callers unverified). See docs/security.md.",
-        default_doc="`mtls` when `cert_file` is set, else `plaintext`",
+        default_doc="`mtls` when `cert_file` is set, or with `[discovery]` and `proxy.service` (certificates from the control plane); else `plaintext`",
     )
     cert_file: Path | None = _optional(
         _PATH, "This proxy's certificate chain (PEM), URI SAN `spiffe://<trust_domain>/svc/<proxy.service>`.", default_doc="none"

@@ -568,7 +568,8 @@ class Discovery:
         registered = healthy = False
         missing_since: float | None = None
         while True:
-            up = bool(app.links.get(app.endpoints[0].address))
+            # routable once the app answers and (mTLS) we hold a certificate to serve peers with
+            up = bool(app.links.get(app.endpoints[0].address)) and self.proxy.tls_ready()
             if registered and healthy and up:
                 if service not in self.client.core.wanted(TYPE_ENDPOINTS):
                     # watch our own service's endpoints, to notice our registration vanish

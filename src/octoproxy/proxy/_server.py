@@ -423,6 +423,10 @@ class Proxy:
             self.conns[name].add(conn)  # counted at once: the limits above see it before its task runs
             self._conn_nursery.start_soon(self._serve_downstream, conn)
 
+    def tls_ready(self) -> bool:
+        """True unless mTLS is on and no certificate is held yet (control plane)."""
+        return self.tls is None or self.tls.contexts is not None
+
     async def _request_certificate(self, csr_pem: str, timeout: float) -> Any:
         if self.discovery is None:  # pragma: no cover - the config requires [discovery]
             raise HandshakeError("no control plane to ask for a certificate")

@@ -296,7 +296,13 @@ async def test_proxies_over_a_tls_control_plane() -> None:
             async with provider(d, d / "pa-app.sock", "app-a"):
                 pcfg = provider_cfg(d, "pa", "echo", cp_port, free_port())
                 pcfg.write_text(pcfg.read_text().replace(*wss) + tls)
-                procs.append(await start_process(proxy_argv(pcfg), "octoproxy ready", d, "pa"))
+                pa = await start_process(proxy_argv(pcfg), "octoproxy ready", d, "pa")
+                procs.append(pa)
+
+                async def pa_registered() -> bool:  # with mTLS it first obtains its certificate
+                    return bool((await get_json(pa, "/ready")).get("discovery", {}).get("registered"))
+
+                await until(pa_registered)
                 ccfg = caller_cfg(d, cp_port, tls)
                 ccfg.write_text(ccfg.read_text().replace(*wss))
                 caller = await start_process(proxy_argv(ccfg), "octoproxy ready", d, "caller")

@@ -25,7 +25,7 @@ def extensions() -> list:
     args = ["-O3"] if sys.platform != "win32" else []
     exts = [
         Extension(f"octoproxy.{name}", [f"src/octoproxy/{name}.pyx"], define_macros=macros, extra_compile_args=args)
-        for name in ("_fastframe", "_fastpath")
+        for name in ("_fastframe", "_fastpath", "_fastguard")
     ]
     directives = {
         "language_level": "3",
@@ -37,7 +37,7 @@ def extensions() -> list:
         "embedsignature": True,
     }
     print(
-        "octoproxy: building the Cython extensions _fastframe, _fastpath%s" % (" with line tracing" if TRACE else ""),
+        "octoproxy: building the Cython extensions _fastframe, _fastpath, _fastguard%s" % (" with line tracing" if TRACE else ""),
         file=sys.stderr,
     )
     return cythonize(exts, compiler_directives=directives, include_path=["src"])

@@ -13,6 +13,18 @@ Modes:
   envoy_l7   two Envoy processes, each a thrift_proxy (framed binary Thrift, routed by method);
              load generator and echo speak Thrift of the same shape (100-byte string argument)
   octoproxy  two `python -m octoproxy run -c FILE.toml` processes (caller side and provider side)
+  envoy_tls      as envoy_tcp, with mTLS on the hop-to-hop link (TLS 1.3, client certificates,
+                 the server's SPIFFE URI SAN checked): `--tls` or `--modes envoy_tls,...`
+  octoproxy_tls  as octoproxy, with mTLS between the two proxies (`[tls]` with the same files)
+
+The two TLS modes use the same ECDSA P-256 certificates (made here with `cryptography`) and the
+same suite, TLS_AES_128_GCM_SHA256: BoringSSL (Envoy) negotiates it between two Envoys; OpenSSL
+would pick TLS_AES_256_GCM_SHA384, so the octoproxy processes get an OPENSSL_CONF that offers
+TLS_AES_128_GCM_SHA256 only (Python has no API for TLS 1.3 suites). The negotiated suites are
+read back from both (Envoy's ssl.ciphers stats, octoproxy's octoproxy_tls_handshakes_total) and
+printed. With a TLS mode run, the line before the last is
+
+    tls_cpu_us_per_call: octoproxy=<X> envoy=<Y> ratio=<X/Y>
 
 Workloads: `multiplexed` (4 connections x 32 calls in flight) and `one_at_a_time` (1 x 1), 100-byte
 bodies, closed loop. The proxies run pinned to CPU 0, the load generator and the echo provider to
@@ -63,6 +75,10 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 ALL_MODES = ("direct", "envoy_tcp", "envoy_l7", "octoproxy")
+TLS_MODES = ("envoy_tls", "octoproxy_tls")
+KNOWN_MODES = ALL_MODES + TLS_MODES
+TLS_SUITE = "TLS_AES_128_GCM_SHA256"
+TRUST_DOMAIN = "octoproxy.local"
 WORKLOADS = {  # name: (connections, calls in flight per connection)
     "multiplexed": (4, 32),
     "one_at_a_time": (1, 1),
@@ -226,8 +242,67 @@ def _address(addr) -> dict:
     return {"pipe": {"path": str(addr)}}
 
 
-def envoy_config(name: str, listen, upstream, l7: bool) -> dict:
-    """One hop: a listener on `listen` (a (host, port) or a UDS path) to a cluster at `upstream`."""
+def make_certs(d: Path) -> dict:
+    """A CA and SPIFFE certificates for both hops (ECDSA P-256), as files; keys mode 0600."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "octobench CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    out = {"ca": d / "ca.crt"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for svc in ("bench-caller", "echo"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca_name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"spiffe://{TRUST_DOMAIN}/svc/{svc}")]), critical=True)
+                .sign(ca_key, hashes.SHA256()))
+        crt, kf = d / f"{svc}.crt", d / f"{svc}.key"
+        crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        fd = os.open(kf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        out[svc] = (crt, kf)
+    cnf = d / "openssl-bench.cnf"
+    cnf.write_text("openssl_conf = default_conf\n[default_conf]\nssl_conf = ssl_sect\n[ssl_sect]\n"
+                   "system_default = tls_sect\n[tls_sect]\nCiphersuites = " + TLS_SUITE + "\n")
+    out["openssl_conf"] = cnf
+    return out
+
+
+def _envoy_tls_context(certs: dict, svc: str, peer: str | None) -> dict:
+    crt, key = certs[svc]
+    validation: dict = {"trusted_ca": {"filename": str(certs["ca"])}}
+    if peer is not None:  # the upstream side checks the server's identity, as octoproxy does
+        validation["match_typed_subject_alt_names"] = [{
+            "san_type": "URI", "matcher": {"exact": f"spiffe://{TRUST_DOMAIN}/svc/{peer}"}}]
+    return {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+        "tls_certificates": [{"certificate_chain": {"filename": str(crt)}, "private_key": {"filename": str(key)}}],
+        "validation_context": validation,
+    }
+
+
+def envoy_config(name: str, listen, upstream, l7: bool, tls: dict | None = None) -> dict:
+    """One hop: a listener on `listen` (a (host, port) or a UDS path) to a cluster at `upstream`.
+
+    With `tls` (the certificates): a TCP listener requires and verifies a client certificate
+    (DownstreamTlsContext); a TCP upstream gets an UpstreamTlsContext that presents ours and checks
+    the server's SPIFFE ID.
+    """
     if l7:
         net_filter = {
             "name": "envoy.filters.network.thrift_proxy",
@@ -274,6 +349,24 @@ def envoy_config(name: str, listen, upstream, l7: bool) -> dict:
             "max_requests": big, "max_retries": big,
         }]},
     }
+    if tls is not None and isinstance(upstream, tuple):
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": _envoy_tls_context(tls, "bench-caller", "echo"),
+            },
+        }
+    chain: dict = {"filters": [net_filter]}
+    if tls is not None and isinstance(listen, tuple):
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": True,
+                "common_tls_context": _envoy_tls_context(tls, "echo", None),
+            },
+        }
     if l7:
         cluster["typed_extension_protocol_options"] = {
             "envoy.filters.network.thrift_proxy": {
@@ -287,7 +380,7 @@ def envoy_config(name: str, listen, upstream, l7: bool) -> dict:
             "listeners": [{
                 "name": name,
                 "address": _address(listen),
-                "filter_chains": [{"filters": [net_filter]}],
+                "filter_chains": [chain],
             }],
             "clusters": [cluster],
         },
@@ -297,7 +390,7 @@ def envoy_config(name: str, listen, upstream, l7: bool) -> dict:
     }
 
 
-def octoproxy_configs(tmp: Path, caller_sock: Path, port: int, echo_sock: Path) -> tuple[str, str]:
+def octoproxy_configs(tmp: Path, caller_sock: Path, port: int, echo_sock: Path, tls: dict | None = None) -> tuple[str, str]:
     caller = f"""\
 [proxy]
 service = "bench-caller"
@@ -333,6 +426,14 @@ uds = "{tmp / 'provider-out.sock'}"
 [admin]
 listen = "127.0.0.1:0"
 """
+    if tls is not None:
+        for svc, which in (("bench-caller", "caller"), ("echo", "provider")):
+            crt, key = tls[svc]
+            section = f'\n[tls]\ncert_file = "{crt}"\nkey_file = "{key}"\nca_file = "{tls["ca"]}"\n'
+            if which == "caller":
+                caller += section
+            else:
+                provider += section
     return caller, provider
 
 
@@ -362,9 +463,11 @@ class ModeRun:
     workloads: dict = field(default_factory=dict)
 
 
-def start_mode(mode: str, procs: Procs, tmp: Path, envoy: str | None, round_no: int) -> tuple[str, list[Proc], bool, float]:
+def start_mode(mode: str, procs: Procs, tmp: Path, envoy: str | None, round_no: int,
+               certs: dict | None = None) -> tuple[str, list[Proc], bool, float]:
     """Start the echo provider and the hops; return (loadgen target UDS, hop procs, thrift?, s)."""
     thrift = mode == "envoy_l7"
+    tls = certs if mode in TLS_MODES else None
     echo_sock = tmp / "echo.sock"
     caller_sock = tmp / "caller.sock"
     t0 = time.monotonic()
@@ -379,7 +482,7 @@ def start_mode(mode: str, procs: Procs, tmp: Path, envoy: str | None, round_no: 
 
     port = free_port()
     hops: list[Proc] = []
-    if mode in ("envoy_tcp", "envoy_l7"):
+    if mode in ("envoy_tcp", "envoy_l7", "envoy_tls"):
         if envoy is None:
             raise StartupFailed("envoy binary not found", [])
         l7 = mode == "envoy_l7"
@@ -388,7 +491,7 @@ def start_mode(mode: str, procs: Procs, tmp: Path, envoy: str | None, round_no: 
             ("hop2", ("127.0.0.1", port), echo_sock),
         )):
             cfg = tmp / f"envoy-{name}.json"  # JSON is YAML: no PyYAML needed
-            cfg.write_text(json.dumps(envoy_config(name, listen, upstream, l7), indent=1))
+            cfg.write_text(json.dumps(envoy_config(name, listen, upstream, l7, tls), indent=1))
             # two instances on one host: hot restart off (no shared memory, no domain socket)
             # and distinct base ids anyway; no admin listener in the bootstrap
             base_id = (os.getpid() % 10000) * 10 + i
@@ -400,9 +503,11 @@ def start_mode(mode: str, procs: Procs, tmp: Path, envoy: str | None, round_no: 
                 PROXY_CPU, tmp / f"envoy-{name}.log",
             ))
             hops[-1].admin_path = admin_path
-    elif mode == "octoproxy":
+    elif mode in ("octoproxy", "octoproxy_tls"):
         env, _ = octoproxy_env()
-        caller_cfg, provider_cfg = octoproxy_configs(tmp, caller_sock, port, echo_sock)
+        if tls is not None:
+            env["OPENSSL_CONF"] = str(tls["openssl_conf"])  # the same suite as Envoy (see the doc)
+        caller_cfg, provider_cfg = octoproxy_configs(tmp, caller_sock, port, echo_sock, tls)
         (tmp / "caller.toml").write_text(caller_cfg)
         (tmp / "provider.toml").write_text(provider_cfg)
         for name in ("provider", "caller"):
@@ -469,7 +574,32 @@ def run_loadgen(procs: Procs, tmp: Path, target: str, thrift: bool, workload: st
             res["error"] = f"{h.name} died during the run (exit {h.popen.returncode})"
         elif h.admin_path is not None:
             res.setdefault("envoy_stats", {})[h.name] = envoy_stats(h.admin_path)
+        elif h.name.startswith("octoproxy"):
+            ciphers = octoproxy_ciphers(h)
+            if ciphers:
+                res.setdefault("tls_ciphers", {})[h.name] = ciphers
+    for hop, st in res.get("envoy_stats", {}).items():
+        ciphers = {k.rsplit(".", 1)[-1]: v for k, v in st.items() if ".ssl.ciphers." in k}
+        if ciphers:
+            res.setdefault("tls_ciphers", {})[hop] = ciphers
     return res
+
+
+def octoproxy_ciphers(h: Proc) -> dict:
+    """The suites an octoproxy hop negotiated, from its /stats (admin address from its ready line)."""
+    try:
+        words = [w for w in h.log_path.read_text(errors="replace").split() if w.startswith("admin=")]
+        with urllib.request.urlopen(f"http://{words[-1][6:]}/stats", timeout=2) as r:
+            text = r.read().decode()
+    except (OSError, ValueError, IndexError):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("octoproxy_tls_handshakes_total{"):
+            labels, _, value = line.rpartition(" ")
+            cipher = labels.split('cipher="', 1)[1].split('"', 1)[0]
+            out[cipher] = out.get(cipher, 0) + int(float(value))
+    return out
 
 
 ENVOY_STATS = ("cluster.next.upstream_cx_total", "cluster.next.upstream_cx_active",
@@ -488,20 +618,21 @@ def envoy_stats(admin_path: Path) -> dict:
     out = {}
     for line in text.splitlines():
         k, _, v = line.partition(": ")
-        if (k in ENVOY_STATS or k.startswith("thrift.")) and v.strip().isdigit() and int(v):
+        if (k in ENVOY_STATS or k.startswith("thrift.") or ".ssl.ciphers." in k) and v.strip().isdigit() and int(v):
             out[k] = int(v)
     return out
 
 
 def run_mode(mode: str, round_no: int, procs: Procs, base_tmp: Path, envoy: str | None,
-             workloads: list[str], warmup: float, duration: float, runs: list[ModeRun]) -> ModeRun:
+             workloads: list[str], warmup: float, duration: float, runs: list[ModeRun],
+             certs: dict | None = None) -> ModeRun:
     run = ModeRun(mode, round_no)
     runs.append(run)  # now, so that an interrupted run still reports what it measured
     tmp = base_tmp / f"r{round_no}-{mode}"
     tmp.mkdir()
     before = set(id(p) for p in procs.procs)
     try:
-        target, hops, thrift, run.startup_s = start_mode(mode, procs, tmp, envoy, round_no)
+        target, hops, thrift, run.startup_s = start_mode(mode, procs, tmp, envoy, round_no, certs)
         # fewest calls in flight first: Envoy's thrift_proxy keeps one pooled upstream connection
         # per call it had in flight, so 4 x 32 first would leave one_at_a_time 128 idle ones
         for wl in sorted(workloads, key=lambda w: WORKLOADS[w][0] * WORKLOADS[w][1]):
@@ -523,7 +654,8 @@ def run_mode(mode: str, round_no: int, procs: Procs, base_tmp: Path, envoy: str 
                         log(f"    warning: {hop} refused calls (circuit breaker): {over}")
                 cpu = res.get("proxy_cpu_us_per_call")
                 log(f"    {res['calls_per_s']:>10.0f} calls/s  p50 {res['p50_us']:.0f} us  p99 {res['p99_us']:.0f} us"
-                    + (f"  proxy CPU {cpu:.2f} us/call" if cpu is not None else ""))
+                    + (f"  proxy CPU {cpu:.2f} us/call" if cpu is not None else "")
+                    + (f"  TLS suites {res['tls_ciphers']}" if res.get("tls_ciphers") else ""))
     except StartupFailed as e:
         run.ok = False
         run.failure = e.reason
@@ -619,7 +751,9 @@ def print_table(agg: dict, modes: list[str], workloads: list[str]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default=os.environ.get("OCTOBENCH_MODES", ",".join(ALL_MODES)),
-                    help=f"comma-separated subset of {','.join(ALL_MODES)} (default all; env OCTOBENCH_MODES)")
+                    help=f"comma-separated subset of {','.join(KNOWN_MODES)} (default {','.join(ALL_MODES)}; "
+                         "env OCTOBENCH_MODES)")
+    ap.add_argument("--tls", action="store_true", help="mTLS on the hop-to-hop link: modes envoy_tls,octoproxy_tls")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of "
                     + ",".join(WORKLOADS))
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per measurement")
@@ -629,8 +763,10 @@ def main() -> int:
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.tls:
+        modes = list(TLS_MODES)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    bad = [m for m in modes if m not in ALL_MODES] + [w for w in workloads if w not in WORKLOADS]
+    bad = [m for m in modes if m not in KNOWN_MODES] + [w for w in workloads if w not in WORKLOADS]
     if bad:
         ap.error(f"unknown mode/workload: {', '.join(bad)}")
     if (os.cpu_count() or 2) < 2:
@@ -656,13 +792,14 @@ def main() -> int:
     base_tmp = Path(tempfile.mkdtemp(prefix="octobench-", dir="/tmp"))
     runs: list[ModeRun] = []
     interrupted = False
+    certs = make_certs(base_tmp) if any(m in TLS_MODES for m in modes) else None
     try:
         dead_modes: set[str] = set()
         for rnd in range(args.rounds):
             for mode in modes:
                 if mode in dead_modes:
                     continue
-                run = run_mode(mode, rnd, procs, base_tmp, envoy, workloads, args.warmup, args.duration, runs)
+                run = run_mode(mode, rnd, procs, base_tmp, envoy, workloads, args.warmup, args.duration, runs, certs)
                 if not run.ok and not run.workloads:
                     dead_modes.add(mode)  # failed to start: do not spend the time again
     except KeyboardInterrupt:
@@ -710,6 +847,16 @@ def main() -> int:
     x, y, z = mux_cpu("octoproxy"), mux_cpu("envoy_tcp"), mux_cpu("envoy_l7")
     ratio = x / y if not (math.isnan(x) or math.isnan(y) or y == 0) else float("nan")
     sys.stderr.flush()
+    if certs is not None:
+        suites: dict = {}
+        for r in runs:
+            for res in r.workloads.values():
+                for hop, c in res.get("tls_ciphers", {}).items():
+                    suites.setdefault(r.mode, set()).update(c)
+        print("tls suites negotiated: " + "; ".join(f"{m}: {', '.join(sorted(s))}" for m, s in sorted(suites.items())))
+        tx, ty = mux_cpu("octoproxy_tls"), mux_cpu("envoy_tls")
+        tratio = tx / ty if not (math.isnan(tx) or math.isnan(ty) or ty == 0) else float("nan")
+        print(f"tls_cpu_us_per_call: octoproxy={tx:.2f} envoy={ty:.2f} ratio={tratio:.2f}", flush=True)
     print(f"cpu_us_per_call: octoproxy={x:.2f} envoy_tcp={y:.2f} envoy_l7={z:.2f} ratio={ratio:.2f}", flush=True)
     return 130 if interrupted else 0
 

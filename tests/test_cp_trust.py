@@ -619,7 +619,11 @@ async def test_a_fifo_as_join_token_file_does_not_hang_the_proxy() -> None:
         async with open_mesh() as mesh:
             fifo = mesh.directory / "token.fifo"
             os.mkfifo(fifo)
-            web = await mesh.add_caller("web", config={"discovery": {"join_token_file": str(fifo)}})
+            web = await mesh.add_caller(
+                "web",
+                # plaintext: without credentials no certificate comes, and an mTLS proxy would never be ready
+                config={"discovery": {"join_token_file": str(fifo)}, "tls": {"mode": "plaintext"}},
+            )
             disc = web.proxy.discovery
             assert disc is not None
             await wait_for(lambda: "401" in disc.client.refused)  # no token read: refused, and retrying

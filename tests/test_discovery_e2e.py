@@ -171,7 +171,13 @@ async def test_discovery_end_to_end() -> None:
                 # lazy subscription: a call to a service nobody subscribed to
                 pc = await start_process(proxy_argv(provider_cfg(d, "pc", "echo2", cp_port, free_port())), "octoproxy ready", d, "pc")
                 procs.append(pc)
-                await trio.sleep(0.3)  # let it register
+                # let it register: with mTLS it first obtains its certificate from the control plane
+
+                async def pc_registered() -> bool:
+                    return bool((await get_json(pc, "/ready")).get("discovery", {}).get("registered"))
+
+                await until(pc_registered)
+                await trio.sleep(0.3)
                 async with sdk.open_client(d / "caller.sock") as client:
                     assert await client.call("echo2", "echo", b"lazy", timeout=5) == b"lazy"
                     with pytest.raises(sdk.CallError) as info:
@@ -290,7 +296,13 @@ async def test_proxies_over_a_tls_control_plane() -> None:
             async with provider(d, d / "pa-app.sock", "app-a"):
                 pcfg = provider_cfg(d, "pa", "echo", cp_port, free_port())
                 pcfg.write_text(pcfg.read_text().replace(*wss) + tls)
-                procs.append(await start_process(proxy_argv(pcfg), "octoproxy ready", d, "pa"))
+                pa = await start_process(proxy_argv(pcfg), "octoproxy ready", d, "pa")
+                procs.append(pa)
+
+                async def pa_registered() -> bool:  # with mTLS it first obtains its certificate
+                    return bool((await get_json(pa, "/ready")).get("discovery", {}).get("registered"))
+
+                await until(pa_registered)
                 ccfg = caller_cfg(d, cp_port, tls)
                 ccfg.write_text(ccfg.read_text().replace(*wss))
                 caller = await start_process(proxy_argv(ccfg), "octoproxy ready", d, "caller")

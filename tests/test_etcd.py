@@ -143,9 +143,13 @@ async def replicas(
     async def start(members: list[Member]) -> list[tuple[trio.Process, str]]:
         endpoints = ",".join(m.client_url for m in members)
         out = []
+        # one state dir: the replicas share the CA (the first makes it), as a fleet must for mTLS
+        # between proxies whose certificates come from different replicas
+        state = os.path.join(str(tmp_path), "cp-state")
         for name in ("a", "b"):
             log = os.path.join(str(tmp_path), f"cp-{name}.log")
             args = ["--listen", "127.0.0.1:0", "--store", "etcd", "--etcd-endpoints", endpoints, "--log-level", "debug"]
+            args += ["--state-dir", state]
             proc, url = await start_control_plane(*args, log=log)
             procs.append(proc)
             out.append((proc, url))

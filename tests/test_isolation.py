@@ -120,7 +120,9 @@ async def test_back_pressure_is_per_destination() -> None:
         p1, p2 = free_port(), free_port()
         async with provider(d, d / "app1.sock", "app1"), provider(d, d / "app2.sock", "app2"):
             async with proxy(d, "echo-proxy", provider_toml(d, p1, d / "app1.sock", name="echo-proxy")) as echo_proxy:
-                async with proxy(d, "other-proxy", provider_toml(d, p2, d / "app2.sock", name="other-proxy")) as other_proxy:
+                # a provider's proxy serves its own service only (anything else is NO_ROUTE)
+                other_toml = provider_toml(d, p2, d / "app2.sock", name="other-proxy").replace('service = "echo"', 'service = "other"', 1)
+                async with proxy(d, "other-proxy", other_toml) as other_proxy:
                     async with proxy(d, "caller", two_service_caller_toml(d, p1, p2)) as cp:
                         for p in (echo_proxy, other_proxy, cp):
                             await wait_ready(p)

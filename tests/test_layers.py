@@ -16,6 +16,8 @@ CORES += ["governance/__init__.py", "governance/_verdict.py", "governance/_routi
 CORES += ["sdk/_core.py", "sdk/_server_core.py", "sdk/_subscribe_core.py", "sdk/_config_core.py"]
 # configuration for apps: versions and gradual-release decisions (docs/control-plane.md)
 CORES += ["_appconfig.py"]
+# mesh-tls: authorization and the inbound guard (docs/security.md)
+CORES += ["proxy/_authz.py", "proxy/_guard.py", "proxy/_guard_py.py", "_fastguard.pyx"]
 FORBIDDEN_MODULES = {"trio", "socket", "selectors", "asyncio"}
 
 

@@ -40,7 +40,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "ProxyConfig", "ProxySettings", "OutboundConfig", "InboundConfig", "AdminConfig", "UpstreamConfig",
-    "RouteConfig", "ClusterConfig", "EndpointConfig",
+    "RouteConfig", "ClusterConfig", "EndpointConfig", "TlsConfig", "AuthzConfig", "AuthzRuleConfig",
     "load_config", "parse_config", "render_config_reference", "split_host_port", "config_errors",
     "describe_config_error",
 ]  # fmt: skip
@@ -629,6 +629,79 @@ class DiscoveryConfig:
     )
 
 
+def _convert_str_list(v: object, key: str, base_dir: Path | None) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise _Bad
+    out = []
+    for i, x in enumerate(v):
+        if not isinstance(x, str) or not x:
+            raise ConfigError(f"{key}[{i}]: expected a non-empty string, got {x!r}")
+        out.append(x)
+    return tuple(out)
+
+
+def _convert_trust_domain(v: object, key: str, base_dir: Path | None) -> str:
+    from .identity._names import check_trust_domain
+
+    try:
+        if isinstance(v, str):
+            return check_trust_domain(v)
+    except ValueError:
+        pass
+    raise _Bad
+
+
+_STR_LIST = _Kind("a list of non-empty strings", "list of strings", _convert_str_list, list)
+_TRUST_DOMAIN = _Kind(
+    "a trust domain (lower-case letters, digits, '.', '-', '_')", "SPIFFE trust domain", _convert_trust_domain
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """``[tls]``: mTLS between proxies (the inbound listener and the pooled upstream links)."""
+
+    mode: str | None = _optional(
+        _choice(("mtls", "plaintext")),
+        "`mtls`: TLS 1.3 with certificates on both sides, the caller identified by its certificate; "
+        "`plaintext`: no TLS (callers unverified). See docs/security.md.",
+        default_doc="`mtls` when `cert_file` is set, or with `[discovery]` and `proxy.service` (certificates from the control plane); else `plaintext`",
+    )
+    cert_file: Path | None = _optional(
+        _PATH, "This proxy's certificate chain (PEM), URI SAN `spiffe://<trust_domain>/svc/<proxy.service>`.", default_doc="none"
+    )
+    key_file: Path | None = _optional(
+        _PATH, "Its private key (PEM); the file must be mode 0600 or stricter.", default_doc="none"
+    )
+    ca_file: Path | None = _optional(_PATH, "The mesh's trust bundle (PEM CA certificates).", default_doc="none")
+    trust_domain: str = _opt(_TRUST_DOMAIN, "octoproxy.local", "SPIFFE trust domain of the mesh; peers of another are refused.")
+    handshake_timeout: float = _opt(_POSITIVE, 5.0, "Deadline for a TLS handshake (both directions).")
+    reload_interval: float = _opt(
+        _POSITIVE, 1.0, "How often the certificate files are checked; changed files are loaded for new connections."
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthzRuleConfig:
+    """One ``[[authz.rules]]`` entry: allow or deny some callers some methods."""
+
+    action: str = _required(_choice(("allow", "deny")), "What the rule does; a matching `deny` wins over any `allow`.")
+    callers: tuple[str, ...] = _required(_STR_LIST, 'Caller services (from their certificates), or `"*"` for every caller.')
+    methods: tuple[str, ...] = _opt(_STR_LIST, ("*",), 'Methods: exact names, prefixes such as `"Get*"`, or `"*"`.')
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthzConfig:
+    """``[authz]``: who may call this proxy's service (checked on the inbound side)."""
+
+    default: str = _opt(
+        _choice(("allow", "deny")), "allow", "When no rule matches: `allow`, or `deny` (callers no allow rule names)."
+    )
+    rules: tuple[AuthzRuleConfig, ...] = _opt(
+        _table_array(AuthzRuleConfig, "[[authz.rules]]"), (), "Allow and deny rules, keys below."
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProxyConfig:
     """The whole configuration file. Build it with :func:`load_config` / :func:`parse_config`."""
@@ -655,6 +728,24 @@ class ProxyConfig:
         "On-demand discovery. Optional: without it, only the static clusters above are known.",
         default_doc="absent",
     )
+    tls: TlsConfig = _section(TlsConfig, "[tls]", "mTLS between proxies.")
+    authz: AuthzConfig = _section(AuthzConfig, "[authz]", "Caller authorization on the inbound side.")
+
+    @property
+    def tls_mode(self) -> str:
+        """``"mtls"`` or ``"plaintext"``: ``tls.mode``, or what the other keys imply."""
+        if self.tls.mode is not None:
+            return self.tls.mode
+        if self.tls.cert_file is not None:
+            return "mtls"
+        if CONTROL_PLANE_CERTIFICATES and self.discovery is not None and self.proxy.service:
+            return "mtls"  # certificates from the control plane
+        return "plaintext"
+
+    @property
+    def tls_from_control_plane(self) -> bool:
+        """mTLS with certificates the control plane issues (no certificate files)."""
+        return self.tls_mode == "mtls" and self.tls.cert_file is None
 
     @property
     def subscriptions_path(self) -> Path:
@@ -722,8 +813,32 @@ def _shutdown_time(proxy: ProxySettings, written: Mapping[str, object], errors: 
     return proxy
 
 
+#: the control plane issues certificates (``DiscoveryClient.request_certificate``)
+CONTROL_PLANE_CERTIFICATES = True
+
+
+def _check_tls(cfg: ProxyConfig, errors: _Errors) -> None:
+    tls = cfg.tls
+    files = {"cert_file": tls.cert_file, "key_file": tls.key_file, "ca_file": tls.ca_file}
+    given = [k for k, v in files.items() if v is not None]
+    if given and len(given) != 3:
+        missing = ", ".join(f"tls.{k}" for k, v in files.items() if v is None)
+        errors.add(f"{missing}: required with tls.{given[0]} (certificate, key and trust bundle go together)")
+    if tls.mode == "plaintext" and given:
+        errors.add("tls.mode: 'plaintext' but tls.cert_file is set; remove one of them")
+    if tls.mode == "mtls" and not given and not (CONTROL_PLANE_CERTIFICATES and cfg.discovery is not None):
+        errors.add("tls.mode: 'mtls' needs tls.cert_file, tls.key_file and tls.ca_file, or [discovery] (certificates from the control plane)")
+    if cfg.tls_mode == "mtls" and not cfg.proxy.service:
+        errors.add("proxy.service: required with mTLS (the certificate names this service)")
+    for i, rule in enumerate(cfg.authz.rules):
+        for j, m in enumerate(rule.methods):
+            if "*" in m[:-1]:
+                errors.add(f"authz.rules[{i}].methods[{j}]: {m!r}: a name, a prefix ending in '*', or '*'")
+
+
 def _check_cross_fields(cfg: ProxyConfig, data: Mapping[str, object]) -> ProxyConfig:
     errors = _Errors()
+    _check_tls(cfg, errors)
     written = data.get("proxy")
     proxy = _shutdown_time(cfg.proxy, written if isinstance(written, Mapping) else {}, errors)
     for name, cluster in cfg.clusters.items():

@@ -37,6 +37,7 @@ __all__ = [
     "TYPE_ENDPOINTS",
     "TYPE_ROUTES",
     "TYPE_APPCONFIG",
+    "TYPE_AUTHZ",
     "RESOURCE_TYPES",
     "INVALID_ARGUMENT",
     "DiscoveryError",
@@ -52,11 +53,16 @@ TYPE_ROUTES = "octoproxy.v1.RouteRules"
 #: type_url of an app's configuration (:class:`pb.AppConfig`, name ``"<service>.<environment>"``;
 #: see :mod:`octoproxy._appconfig`).
 TYPE_APPCONFIG = "octoproxy.v1.AppConfig"
+#: type_url of the authorization policy of a service (:class:`pb.AuthorizationPolicy`).
+TYPE_AUTHZ = "octoproxy.v1.AuthorizationPolicy"
 #: type_url -> message class of the resource body.
-RESOURCE_TYPES: dict[str, type[pb.ClusterLoadAssignment] | type[pb.RouteRules] | type[pb.AppConfig]] = {
+RESOURCE_TYPES: dict[
+    str, type[pb.ClusterLoadAssignment] | type[pb.RouteRules] | type[pb.AppConfig] | type[pb.AuthorizationPolicy]
+] = {
     TYPE_ENDPOINTS: pb.ClusterLoadAssignment,
     TYPE_ROUTES: pb.RouteRules,
     TYPE_APPCONFIG: pb.AppConfig,
+    TYPE_AUTHZ: pb.AuthorizationPolicy,
 }
 #: ``ErrorDetail.code`` of a NACK (gRPC's INVALID_ARGUMENT).
 INVALID_ARGUMENT = 3

@@ -350,3 +350,23 @@ class AppConfigRecord(_message.Message):
     percent: int
     last_version: int
     def __init__(self, service: _Optional[str] = ..., environment: _Optional[str] = ..., history: _Optional[_Iterable[_Union[AppConfigVersion, _Mapping]]] = ..., stable: _Optional[int] = ..., candidate: _Optional[int] = ..., percent: _Optional[int] = ..., last_version: _Optional[int] = ...) -> None: ...
+
+class AuthorizationRule(_message.Message):
+    __slots__ = ("action", "callers", "methods")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    CALLERS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    callers: _containers.RepeatedScalarFieldContainer[str]
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, action: _Optional[str] = ..., callers: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AuthorizationPolicy(_message.Message):
+    __slots__ = ("service", "default_action", "rules")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ACTION_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    default_action: str
+    rules: _containers.RepeatedCompositeFieldContainer[AuthorizationRule]
+    def __init__(self, service: _Optional[str] = ..., default_action: _Optional[str] = ..., rules: _Optional[_Iterable[_Union[AuthorizationRule, _Mapping]]] = ...) -> None: ...

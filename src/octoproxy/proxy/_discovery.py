@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from .._balancer import Endpoint
-from .._xds_client import TYPE_APPCONFIG
+from .._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ
 from .._xds_server import check_service_name
 from ..controlplane import TYPE_ENDPOINTS, DiscoveryClient, ResourceChange
 from ..proto import octoproxy_discovery_pb2 as pb
+from ._authz import policy_from_message
 from ._engine import Cluster, Route
 
 if TYPE_CHECKING:
@@ -247,6 +248,10 @@ def _control_plane_tls(ca_file: Path | None) -> ssl.SSLContext:
     return ctx
 
 
+def proxy_service(d: Discovery) -> str:
+    return d.proxy.config.proxy.service
+
+
 class Discovery:
     """The proxy's side of discovery (one per proxy process)."""
 
@@ -261,8 +266,8 @@ class Discovery:
             list(cfg.control_plane),
             node,
             self._on_change,
-            validate=self._validate,
             token=self._join_token,
+            validate=self._validate,
             ssl_context=_control_plane_tls(cfg.ca_file) if any(u.startswith("wss:") for u in cfg.control_plane) else None,
         )
         self.path = proxy.config.subscriptions_path
@@ -307,6 +312,8 @@ class Discovery:
             nursery.start_soon(self._expire_removals)
             if self.proxy.config.inbound is not None and self.cfg.register:
                 nursery.start_soon(self._register)
+            if self.engine.inbound_guard is not None and proxy_service(self):
+                nursery.start_soon(self._watch_authz)
 
     async def _restore(self) -> None:
         """Subscribe to what the file says, before the proxy reports ready.
@@ -442,12 +449,35 @@ class Discovery:
 
     # ------------------------------------------------------------ applying changes
 
+    # ------------------------------------------------------------ authorization policy (pushed)
+
+    async def _watch_authz(self) -> None:
+        """Subscribe to our own service's AuthorizationPolicy; updates apply as they come."""
+        try:
+            await self.client.subscribe([proxy_service(self)], timeout=self.cfg.subscribe_timeout, types=(TYPE_AUTHZ,))
+        except trio.TooSlowError:
+            log.warning("no answer about the authorization policy of %s yet; [authz] applies meanwhile", proxy_service(self))
+
     def _validate(self, type_url: str, name: str, resource: Any) -> None:
-        """Reject (NACK) a delivery of the app's configuration that is not valid."""
-        if type_url == TYPE_APPCONFIG:
+        """NACK an invalid delivery (raising rejects the update; nothing changes)."""
+        if type_url == TYPE_AUTHZ:
+            policy_from_message(resource, proxy_service(self), "check")
+        elif type_url == TYPE_APPCONFIG:
             if self.appconfig is None:
                 raise ValueError("this proxy has no proxy.service: no configuration expected")
             self.appconfig.validate(name, resource)
+
+    def _apply_authz(self, change: ResourceChange) -> None:
+        guard = self.engine.inbound_guard
+        if guard is None or change.name != proxy_service(self):
+            return
+        if change.resource is None:
+            guard.set_policy(guard.config_policy)
+            log.info("authorization policy of %s removed from the control plane: [authz] applies", change.name)
+            return
+        policy = policy_from_message(change.resource, change.name, change.version)  # validated already
+        guard.set_policy(policy)
+        log.info("authorization policy of %s version %s applied (%d rules, default %s)", change.name, change.version, len(policy.rules), policy.default)
 
     def _on_change(self, changes: list[ResourceChange]) -> None:
         now = trio.current_time()
@@ -455,6 +485,9 @@ class Discovery:
             if change.type_url == TYPE_APPCONFIG:
                 if self.appconfig is not None and change.name == self.appconfig.name and self._nursery is not None:
                     self.appconfig.delivered(change.resource, self._nursery)
+                continue
+            if change.type_url == TYPE_AUTHZ:
+                self._apply_authz(change)
                 continue
             if change.type_url != TYPE_ENDPOINTS or change.name not in self.subscribed:
                 continue  # (not subscribed: our own service, watched by _register)
@@ -573,7 +606,8 @@ class Discovery:
         registered = healthy = False
         missing_since: float | None = None
         while True:
-            up = bool(app.links.get(app.endpoints[0].address))
+            # routable once the app answers and (mTLS) we hold a certificate to serve peers with
+            up = bool(app.links.get(app.endpoints[0].address)) and self.proxy.tls_ready()
             if registered and healthy and up:
                 if service not in self.client.core.wanted(TYPE_ENDPOINTS):
                     # watch our own service's endpoints, to notice our registration vanish

@@ -94,6 +94,7 @@ class Link:
         "on_idle",
         "on_goaway",
         "io",
+        "peer",
     )
 
     def __init__(self, kind: int, name: str, *, endpoint: Endpoint | None = None, cluster: Cluster | None = None, listener: str = "") -> None:
@@ -125,6 +126,8 @@ class Link:
         self.on_goaway: Callable[[Link], None] | None = None
         #: the shell's object for this link (opaque to the engine)
         self.io: Any = None
+        #: inbound only: who the peer is (an ``_guard.InboundPeer``; None: plaintext)
+        self.peer: Any = None
 
     def __repr__(self) -> str:
         return f"<Link {self.name} {'up' if self.kind else 'down'}{' closed' if self.closed else ''}>"
@@ -253,6 +256,8 @@ class Engine:
         self.drain_mode: str | None = None
         #: inbound: the cluster every request on an inbound link goes to (the local app)
         self.inbound_cluster: Cluster | None = None
+        #: inbound: checks every request from a peer first (``_guard.InboundGuard``)
+        self.inbound_guard: Any = None
         #: deadlines in 10 ms buckets: bucket -> [(link, stream id, deadline)],
         #: plus a heap of the bucket numbers (appending to a bucket is cheaper
         #: than a heap push per request)
@@ -271,7 +276,7 @@ class Engine:
         #: the shell's scanners, shared by every connection: a read is scanned
         #: and relayed in one synchronous call, so one scanner per kind serves
         #: all connections (its arrays are per proxy, not per connection)
-        self._shared_scanners: dict[bool, Scanner] = {}
+        self._shared_scanners: dict[int, Scanner] = {}  # 0 plain, 1 routed (outbound), 2 guarded (inbound)
         self.set_routes(routes)
 
     # ------------------------------------------------------------ configuration
@@ -288,15 +293,19 @@ class Engine:
         self._route_clusters = [self.clusters[r.cluster] for r in self.routes]
 
     def new_scanner(self, link: Link) -> Scanner:
-        """The scanner for a link's reads: routed for outbound downstream links.
+        """The scanner for a link's reads: routed for outbound downstream links;
+        for inbound ones (with a guard), by the one service this proxy serves.
 
         It is shared by every link of its kind (see ``_shared_scanners``); use
         it only for one :meth:`feed` at a time.
         """
         routed = link.kind == DOWNSTREAM and link.listener == "outbound"
-        scanner = self._shared_scanners.get(routed)
+        guarded = not routed and link.kind == DOWNSTREAM and self.inbound_guard is not None
+        key = 1 if routed else 2 if guarded else 0
+        scanner = self._shared_scanners.get(key)
         if scanner is None:
-            scanner = self._shared_scanners[routed] = Scanner(self.route_table if routed else None, self.max_frame_size, 1024)
+            routes = self.route_table if routed else self.inbound_guard.routes if guarded else None
+            scanner = self._shared_scanners[key] = Scanner(routes, self.max_frame_size, 1024)
         return scanner
 
     def _one_frame_scanner(self, down: Link, raw: bytes) -> tuple[Scanner, int, bytearray]:
@@ -317,6 +326,7 @@ class Engine:
         """
         if link.kind == DOWNSTREAM and link.listener == "outbound":
             scanner.routes = self.route_table  # pick up a swapped table
+        guard = self.inbound_guard if link.kind == DOWNSTREAM and link.listener == "inbound" else None
         start = 0
         mv = memoryview(buf)
         try:
@@ -324,7 +334,9 @@ class Engine:
                 n = scanner.scan(buf, start, end)
                 if not n:
                     return start
-                if link.kind == DOWNSTREAM:
+                if guard is not None:
+                    guard.relay(self, link, scanner, n, buf, mv, now)
+                elif link.kind == DOWNSTREAM:
                     relay_requests(self, link, scanner, n, mv, now)
                 else:
                     relay_responses(self, link, scanner, n, mv, now)

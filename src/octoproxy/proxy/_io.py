@@ -105,7 +105,7 @@ class Conn:
     __slots__ = (
         "sock", "link", "engine", "flusher", "scanner", "rest", "big", "big_fill", "big_charge", "skip", "started",
         "blocked", "spawn", "writing", "wake", "drained", "max_buffer", "out_charge", "low_event", "on_close",
-        "_closing", "linger", "last_active", "__weakref__",
+        "_closing", "linger", "last_active", "tls", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -157,6 +157,9 @@ class Conn:
         self.linger = 30.0
         #: last time a read left requests in flight (idle timeout, shedding)
         self.last_active = trio.current_time()
+        #: an mTLS link (proxy/_tlssock.py's TLSConnection, duck-typed as a
+        #: socket): it may hold decrypted bytes, so ask pending() before waiting
+        self.tls = hasattr(sock, "pending")
 
     # ------------------------------------------------------------ writing
 
@@ -287,10 +290,12 @@ class Conn:
         rx_view = flusher.rx_view
         downstream = link.kind == DOWNSTREAM
         while not self._closing:
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError:
-                return  # closed by lost(), from another task
+            if not (self.tls and sock.pending()):  # type: ignore[attr-defined]
+                # (TLS may hold decrypted bytes the kernel no longer signals)
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    return  # closed by lost(), from another task
             big = self.big
             try:
                 if big is not None:

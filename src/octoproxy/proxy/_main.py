@@ -249,7 +249,7 @@ def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
         if hot_restart:
             return trio.run(_hot_restart_main, config)
         return trio.run(serve, Proxy(config))
-    except (OSError, HotRestartError, SecretFileError) as exc:
+    except (OSError, HotRestartError, SecretFileError, ConfigError) as exc:
         print(f"octoproxy: {exc}", file=sys.stderr)
         return 1
     except (EOFError, trio.TooSlowError) as exc:  # take_over_proxy: the other side went quiet or away

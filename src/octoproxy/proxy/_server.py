@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -36,11 +36,14 @@ from .._metrics import Registry
 from .._secretfile import load_or_create_secret, write_fresh_secret
 from .._unix import bind_unix, remove_stale_socket
 from .._version import __version__
+from ._authz import policy_from_config
 from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+from ._guard import InboundGuard, InboundPeer
 from ._handover import serve_hot_restart
 from ._hot_restart import ParentEvent, ParentState, parent_machine
 from ._io import Budget, Conn, Flusher, connect_raw, is_transient_accept_error, tune_malloc, trim_memory
 from ._stats import ProxyStats
+from ._tls import CertificateFiles, ControlPlaneCertificates, HandshakeError, accept_tls, connect_tls
 
 if TYPE_CHECKING:
     from ._discovery import Discovery
@@ -82,6 +85,17 @@ def _sock_address(sock: socket.socket) -> str:
     if sock.family == socket.AF_INET6:
         return f"[{name[0]}]:{name[1]}"
     return f"{name[0]}:{name[1]}"
+
+
+def _make_key_and_csr(service: str, trust_domain: str) -> tuple[str, str]:
+    from ..identity import make_key_and_csr  # cryptography loads on first use, not at start
+
+    return make_key_and_csr(service, trust_domain)
+
+
+def _cipher(sock: Any) -> str:
+    c = sock.cipher()
+    return str(c[0]) if c else "none"
 
 
 class Proxy:
@@ -157,6 +171,25 @@ class Proxy:
         self._fd_limit = 1 << 30
         #: rate-limited log lines: kind -> (last logged, left out since)
         self._log_state: dict[str, tuple[float, int]] = {}
+        #: mTLS between proxies (None: plaintext); raises ConfigError on bad files
+        self.tls: CertificateFiles | ControlPlaneCertificates | None = None
+        self._tls_failures = 0
+        #: inbound TLS handshakes under way (they count towards inbound.max_connections)
+        self._handshaking = 0
+        self._tls_handshakes = self.stats.registry.counter(
+            "octoproxy_tls_handshakes_total", "mTLS handshakes completed, by side and cipher suite.", ("side", "cipher")
+        )
+        if config.tls_mode == "mtls":
+            t = config.tls
+            if t.cert_file is not None:
+                assert t.key_file is not None and t.ca_file is not None
+                self.tls = CertificateFiles(t.cert_file, t.key_file, t.ca_file, t.trust_domain)
+            else:  # a key made here, a certificate from the control plane (renewed at 2/3 of its life)
+                self.tls = ControlPlaneCertificates(config.proxy.service, t.trust_domain, self._request_certificate, _make_key_and_csr)
+        if config.inbound is not None:
+            authz = config.authz
+            policy = policy_from_config(config.proxy.service, authz.default, [(r.action, r.callers, r.methods) for r in authz.rules])
+            self.engine.inbound_guard = InboundGuard(config.proxy.service, policy, config.proxy.max_frame_size)
         self.discovery: Discovery | None = None
         if config.discovery is not None:
             # imported here: it brings the control plane's client and WebSocket
@@ -222,6 +255,10 @@ class Proxy:
                             await pools.start(self.discovery.run)
                         root.start_soon(self._timer)
                         root.start_soon(self._sweeper)
+                        if isinstance(self.tls, CertificateFiles):
+                            root.start_soon(self.tls.watch, cfg.tls.reload_interval)
+                        elif isinstance(self.tls, ControlPlaneCertificates):
+                            await root.start(self.tls.run)
                         if cfg.upstream.ping_interval > 0:
                             root.start_soon(self._pinger)
                         root.start_soon(self._listen, root)
@@ -263,6 +300,8 @@ class Proxy:
                 for name in ("outbound", "inbound"):
                     if name in self.listeners:
                         n.start_soon(self._accept_loop, name, self.listeners[name])
+                if self.config.inbound is not None and not self.config.proxy.service:
+                    log.warning("[inbound] without proxy.service: every request from peers is answered NO_ROUTE")
                 log.info(
                     "octoproxy %s (generation %d) accepting: %s",
                     __version__,
@@ -371,9 +410,75 @@ class Proxy:
                 self.stats.error("connection_limit")
                 why = f"connection limit {max_conns}" if full else f"file descriptor limit (fd_reserve {cfg.proxy.fd_reserve} kept free)"
                 self._log_limited("limit", logging.WARNING, "%s: %s reached, none idle; answering OVERLOADED on %s", name, why, link.name)
+            if name == "inbound" and self.tls is not None:
+                if link.reject or len(self.conns[name]) + self._handshaking >= max_conns:
+                    # over the limit: no handshake (its CPU is what a flood wants to burn)
+                    if not link.reject:
+                        self.stats.error("connection_limit")
+                    sock.close()
+                    continue
+                self._handshaking += 1
+                self._conn_nursery.start_soon(self._serve_tls_inbound, sock, link, max_buffer)
+                continue
             conn = Conn(sock, link, self.flusher, max_buffer=max_buffer, spawn=self._conn_nursery.start_soon)
             self.conns[name].add(conn)  # counted at once: the limits above see it before its task runs
             self._conn_nursery.start_soon(self._serve_downstream, conn)
+
+    def tls_ready(self) -> bool:
+        """True unless mTLS is on and no certificate is held yet (control plane)."""
+        return self.tls is None or self.tls.contexts is not None
+
+    async def _request_certificate(self, csr_pem: str, timeout: float) -> Any:
+        if self.discovery is None:  # pragma: no cover - the config requires [discovery]
+            raise HandshakeError("no control plane to ask for a certificate")
+        return await self.discovery.client.request_certificate(csr_pem, timeout)
+
+    def _tls_failed(self, what: str, exc: Exception) -> None:
+        self.stats.error("tls_handshake_failed")
+        self._tls_failures += 1
+        n = self._tls_failures
+        if n <= 20 or n % 1000 == 0:
+            log.warning("%s: %s (%d TLS failures so far)", what, exc, n)
+
+    async def _serve_tls_inbound(self, sock: socket.socket, link: Link, max_buffer: int) -> None:
+        """Handshake (mTLS) with a peer proxy, learn its service, then serve it as any connection."""
+        assert self.tls is not None
+        try:
+            contexts = self.tls.contexts
+            if contexts is None:
+                sock.close()
+                raise HandshakeError("no certificate yet (waiting for the control plane)")
+            tls_sock, caller = await accept_tls(sock, contexts, self.config.tls.handshake_timeout)
+        except HandshakeError as exc:
+            self._tls_failed(f"inbound {link.name} refused", exc)
+            return
+        finally:
+            self._handshaking -= 1
+        link.peer = InboundPeer(caller)
+        self._tls_handshakes.labels("inbound", _cipher(tls_sock)).inc()
+        # a TLSConnection offers what Conn uses of a socket (duck-typed)
+        assert self._conn_nursery is not None
+        conn = Conn(cast(socket.socket, tls_sock), link, self.flusher, max_buffer=max_buffer, spawn=self._conn_nursery.start_soon)
+        await self._serve_downstream(conn)
+
+    async def _tls_connect(self, sock: socket.socket, cluster: Cluster, address: str) -> socket.socket:
+        """Upstream mTLS: the server must be a service this cluster routes to."""
+        assert self.tls is not None
+        expected = {r.service for r in self.engine.routes if r.cluster == cluster.name}
+        try:
+            if isinstance(self.tls, ControlPlaneCertificates) and self.tls.contexts is None:
+                with trio.move_on_after(self.config.upstream.connect_timeout):
+                    await self.tls.held.wait()
+            contexts = self.tls.contexts
+            if contexts is None:
+                sock.close()
+                raise HandshakeError("no certificate yet (waiting for the control plane)")
+            tls_sock, _service = await connect_tls(sock, contexts, expected, self.config.tls.handshake_timeout)
+        except HandshakeError as exc:
+            self._tls_failed(f"cluster {cluster.name}: {address}", exc)
+            raise
+        self._tls_handshakes.labels("upstream", _cipher(tls_sock)).inc()
+        return cast(socket.socket, tls_sock)  # duck-typed: what Conn uses of a socket
 
     def _log_limited(self, kind: str, level: int, msg: str, *args: object) -> None:
         """Log one line per ``kind`` per 10 s at most, with how many were left out (accept failures, refusals)."""
@@ -521,7 +626,9 @@ class Proxy:
                 holding = True
                 try:
                     sock = await connect_raw(ep.address, up.connect_timeout)
-                except (OSError, trio.TooSlowError) as exc:
+                    if self.tls is not None and cluster is not self.engine.inbound_cluster:
+                        sock = await self._tls_connect(sock, cluster, ep.address)
+                except (OSError, trio.TooSlowError, HandshakeError) as exc:
                     failures += 1
                     self.stats.error("upstream_connect_failed")
                     if failures == 1 or failures % 100 == 0:
@@ -714,6 +821,16 @@ class Proxy:
         )
         reg.gauge_func("octoproxy_subscriptions", "Services subscribed through discovery.", lambda: float(len(self.subscriptions())))
         reg.gauge_func("octoproxy_hot_restart_generation", "Hot-restart generation of this process (0: first).", lambda: float(self.generation))
+        reg.gauge_func(
+            "octoproxy_tls_certificate_rotations",
+            "Certificates loaded after the first (mTLS), since start.",
+            lambda: float(self.tls.contexts.rotations if self.tls is not None and self.tls.contexts is not None else 0),
+        )
+        reg.gauge_func(
+            "octoproxy_tls_certificate_expiry_timestamp_seconds",
+            "When this proxy's mTLS certificate expires (Unix time; 0: none).",
+            lambda: float(self.tls.not_after() if self.tls is not None else 0),
+        )
         reg.gauge_func("octoproxy_hot_restart_parent_alive", "1 while the previous generation still drains.", lambda: float(self.parent_alive))
 
     def ready_state(self) -> dict[str, Any]:
@@ -741,6 +858,17 @@ class Proxy:
         }
         if self.discovery is not None:
             detail["discovery"] = self.discovery.state()
+        guard = self.engine.inbound_guard
+        if guard is not None and guard.policy_source is not None:
+            p = guard.policy_source
+            detail["authz"] = {"version": p.version, "default": p.default, "rules": len(p.rules)}
+        detail["tls"] = {"mode": self.config.tls_mode}
+        if self.tls is not None:
+            contexts = self.tls.contexts
+            detail["tls"].update(rotations=contexts.rotations if contexts else 0, not_after=self.tls.not_after())
+            if contexts is None:
+                detail["ready"] = False  # no certificate yet: nothing to serve peers with
+                detail["tls"]["waiting_for_certificate"] = getattr(self.tls, "last_error", "") or True
         if app is not None:
             connected = bool(app.links.get(app.endpoints[0].address))
             detail["local_app"] = {"address": app.endpoints[0].address, "connected": connected}

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import socket
-from functools import partial
 from typing import Any
 
 import trio
@@ -159,6 +158,7 @@ class Proxy:
         if accept:
             self._accepting.set()
         self._stop_accepting = trio.CancelScope()
+        self._stop_admin = trio.CancelScope()  # the admin listener: only a hand-over stops it early
         self._conn_nursery: trio.Nursery | None = None
         self._pool_nursery: trio.Nursery | None = None
         self._register_gauges()
@@ -225,11 +225,9 @@ class Proxy:
     async def _listen(self, root: trio.Nursery) -> None:
         """Accept on every listener (admin and hot restart included), once allowed."""
         await self._accepting.wait()
+        await root.start(self._serve_admin, root)
         with self._stop_accepting:
             async with trio.open_nursery() as n:
-                admin = trio.SocketListener(trio.socket.from_stdlib_socket(self.listeners["admin"]))
-                auth = AdminAuth(self.admin_token, ADMIN_PUBLIC)
-                await n.start(partial(serve_admin, self.addresses["admin"], self._admin_routes(), listeners=[admin], auth=auth))
                 n.start_soon(serve_hot_restart, self, self.listeners["hot_restart"], root)
                 for name in ("outbound", "inbound"):
                     if name in self.listeners:
@@ -240,6 +238,28 @@ class Proxy:
                     self.generation,
                     " ".join(f"{k}={v}" for k, v in sorted(self.addresses.items())),
                 )
+
+    async def _serve_admin(self, handlers: trio.Nursery, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on the admin listener until the hand-over, or to the end of a plain drain.
+
+        The admin listener is shared with the other generation during a hot
+        restart, so the two rules that keep a probe from ever seeing a reset
+        are: the accepted connections are served in ``handlers`` (the root
+        nursery), not in the accept loop's own nursery, so stopping accepting
+        never cancels a request half served; and the old generation stops
+        accepting exactly when the new one is ready (:meth:`begin_handover_drain`),
+        so whatever waits in the accept queue is the new one's. During a plain
+        drain (SIGTERM, ``POST /drain``) it keeps serving, so that ``/ready``
+        answers 503 "draining" rather than nothing. Closing the listener at
+        exit does reset what is still queued; a hot restart never gets there
+        with its admin listener, since the new generation holds the same socket.
+        """
+        with self._stop_admin:
+            admin = trio.SocketListener(trio.socket.from_stdlib_socket(self.listeners["admin"]))
+            auth = AdminAuth(self.admin_token, ADMIN_PUBLIC)
+            await serve_admin(
+                self.addresses["admin"], self._admin_routes(), listeners=[admin], auth=auth, handler_nursery=handlers, task_status=task_status
+            )
 
     def arm_hot_restart(self) -> None:
         """Write this generation's hand-over secret next to the hot-restart socket.
@@ -272,6 +292,7 @@ class Proxy:
         self.handed_over = True
         self.keep_socket_files = True
         self._stop_accepting.cancel()
+        self._stop_admin.cancel()  # accepted admin requests still complete (see _serve_admin)
         self.request_shutdown()
 
     def request_shutdown(self) -> None:

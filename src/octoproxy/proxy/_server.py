@@ -281,7 +281,12 @@ class Proxy:
             admin = trio.SocketListener(trio.socket.from_stdlib_socket(self.listeners["admin"]))
             auth = AdminAuth(self.admin_token, ADMIN_PUBLIC)
             await serve_admin(
-                self.addresses["admin"], self._admin_routes(), listeners=[admin], auth=auth, handler_nursery=handlers, task_status=task_status
+                self.addresses["admin"],
+                self._admin_routes(),
+                listeners=[admin],
+                auth=auth,
+                handler_nursery=handlers,
+                task_status=task_status,
             )
 
     def arm_hot_restart(self) -> None:

@@ -91,6 +91,13 @@ from octoproxy.controlplane._server import MAX_MESSAGE_SIZE
 from octoproxy.proto import octoproxy_discovery_pb2 as pb
 
 BENCH_DIR = Path(__file__).resolve().parent
+# Authentication is on: every control plane of this bench shares one operator token, which the
+# simulated proxies and the real proxy present too (an operator session may do what a service does).
+BENCH_TOKEN = "bench-operator-" + os.urandom(16).hex()
+_TOKEN_FILE = Path(tempfile.mkdtemp(prefix="octobench-")) / "operator.token"
+with open(os.open(_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as _f:
+    _f.write(BENCH_TOKEN + "\n")
+AUTH_HEADERS = [("Authorization", f"Bearer {BENCH_TOKEN}")]
 REPO = BENCH_DIR.parent
 READY_TIMEOUT = 30.0  # a control plane loading 100,000 registrations takes a few seconds
 ENDPOINTS_PER_SERVICE = 10
@@ -280,7 +287,8 @@ def start_control_plane(procs: Procs, tmp: Path, name: str, *extra: str,
     p = procs.spawn(
         name,
         [sys.executable, *launch, "control-plane", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-         "--log-level", "warning", *extra],
+         "--log-level", "warning", "--state-dir", str(tmp / f"{name}-state"), "--operator-token-file", str(_TOKEN_FILE),
+         "--max-sessions-per-peer", "100000", *extra],
         CP_CPU, tmp / f"{name}.log", stdout_pipe=True, env=env,
     )
     line = wait_ready_line(p, "octoproxy control-plane ready")
@@ -408,6 +416,7 @@ connect_timeout = 0.2
 [discovery]
 control_plane = ["{cp_url}"]
 subscribe_timeout = 5.0
+join_token_file = "{_TOKEN_FILE}"
 """
 
 
@@ -492,8 +501,8 @@ def memory_one(size: int, procs: Procs, base: Path, settle: float) -> dict:
             res["proxy_clusters"] = len(clusters)
             res["proxy_cluster_endpoints"] = sum(len(c.get("endpoints", [])) for c in clusters.values())
         with contextlib.suppress(Exception):
-            sessions = trio.run(_get_json, cp_admin, "/sessions") or []
-            subs = sorted({n for s in sessions for n in s.get("subscribed", {}).get(TYPE_ENDPOINTS, [])})
+            sessions = (trio.run(_get_json, cp_admin, "/sessions?limit=1000", BENCH_TOKEN) or {}).get("sessions", [])  # type: ignore[union-attr]
+            subs = sorted({n for s in sessions for n in s.get("subscribed_sample", [])})
             res["cp_sessions"] = len(sessions)
             res["cp_subscribed_endpoints"] = subs
             if subs != sorted(SUBSCRIBED):
@@ -589,7 +598,10 @@ class LightSubscriber:
     async def run(self, names: list[str]) -> None:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(20):
-                ws = await connect_websocket_url(nursery, self.url, max_message_size=MAX_MESSAGE_SIZE)
+                ws = await connect_websocket_url(
+                    nursery, self.url, max_message_size=MAX_MESSAGE_SIZE,
+                    extra_headers=[(k.encode(), v.encode()) for k, v in AUTH_HEADERS],
+                )
             self.connected.set()
             for type_url in (TYPE_ENDPOINTS, TYPE_ROUTES):  # what a proxy subscribes to
                 for m in self.core.subscribe(type_url, names):
@@ -628,7 +640,7 @@ async def push_experiment(url: str, n: int, changes: int, cp_pid: int, gap: floa
         return on_change
 
     async with trio.open_nursery() as nursery:
-        registrar = DiscoveryClient([url], "bench-registrar")
+        registrar = DiscoveryClient([url], "bench-registrar", token=BENCH_TOKEN)
         nursery.start_soon(registrar.run)
         await registrar.wait_connected(10)
         await registrar.register(PUSH_SERVICE, pb.Endpoint(address=base_ep), ttl=30, timeout=10)
@@ -644,7 +656,8 @@ async def push_experiment(url: str, n: int, changes: int, cp_pid: int, gap: floa
         for start in range(0, n, CONNECT_BATCH):
             batch = range(start, min(n, start + CONNECT_BATCH))
             if client == "full":
-                cs = [DiscoveryClient([url], f"bench-sub-{i}", make_on_change(i), connect_timeout=5.0) for i in batch]
+                cs = [DiscoveryClient([url], f"bench-sub-{i}", make_on_change(i), connect_timeout=5.0, token=BENCH_TOKEN)
+                      for i in batch]
                 for c in cs:
                     nursery.start_soon(c.run)
                 for c in cs:

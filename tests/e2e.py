@@ -186,6 +186,7 @@ service = "caller-app"
 drain_time = {extra.get("drain_time", "3.0")}
 shutdown_time = {extra.get("shutdown_time", "6.0")}
 max_frame_size = {extra.get("max_frame_size", "16777216")}
+{extra.get("proxy", "")}
 [outbound]
 uds = "{workdir}/caller.sock"
 {outbound_extra}
@@ -210,6 +211,7 @@ def provider_toml(workdir: Path, port: int, app_uds: Path, name: str = "provider
 service = "echo"
 drain_time = {extra.get("drain_time", "3.0")}
 shutdown_time = 6.0
+{extra.get("proxy", "")}
 [outbound]
 uds = "{workdir}/{name}-out.sock"
 [inbound]

@@ -376,6 +376,7 @@ def test_to_dict_round_trip(tmp_path: Path) -> None:
         "max_connections": 1024,
         "max_buffer": 4194304,
         "max_pending": 65536,
+        "idle_timeout": 3600.0,
     }
     assert dumped["routes"][0]["timeout"] == 5.0  # the default is made explicit
     assert dumped["clusters"]["echo"]["endpoints"][0]["tags"] == {"set": "canary"}

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -31,6 +33,13 @@ from octoproxy.proto import octoproxy_discovery_pb2 as pb
 
 STEP = 10.0  # generous bound for any single wait
 
+#: the operator token every control-plane process of these tests (and test_etcd*.py) shares
+OPERATOR_TOKEN = "test-operator-" + secrets.token_urlsafe(16)
+_TOKEN_DIR = tempfile.mkdtemp(prefix="octocp-")
+TOKEN_FILE = os.path.join(_TOKEN_DIR, "operator.token")
+with open(os.open(TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as _f:
+    _f.write(OPERATOR_TOKEN + "\n")
+
 
 # ---------------------------------------------------------------- helpers (also used by test_etcd.py)
 def free_port() -> int:
@@ -42,12 +51,20 @@ def free_port() -> int:
 async def start_control_plane(*args: str, log: str | None = None) -> tuple[trio.Process, str]:
     """Start ``octoproxy control-plane ARGS`` and wait for its ready line.
 
+    Unless ARGS say otherwise, it gets a fresh ``--state-dir`` and the shared
+    ``--operator-token-file`` (:data:`OPERATOR_TOKEN`).
+
     Returns:
         ``(process, "ws://host:port/v1/discovery")``.
     """
+    extra = []
+    if "--state-dir" not in args:
+        extra += ["--state-dir", tempfile.mkdtemp(prefix="octocp-state-")]
+    if "--operator-token-file" not in args:
+        extra += ["--operator-token-file", TOKEN_FILE]
     stderr = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "octoproxy", "control-plane", *args], stdout=subprocess.PIPE, stderr=stderr
+        [sys.executable, "-m", "octoproxy", "control-plane", *args, *extra], stdout=subprocess.PIPE, stderr=stderr
     )
     if log:
         stderr.close()  # type: ignore[union-attr]
@@ -101,17 +118,23 @@ async def store(nursery: trio.Nursery) -> EmbeddedStore:
 
 
 @pytest.fixture
-async def url(nursery: trio.Nursery, store: EmbeddedStore) -> str:
-    server = ControlPlaneServer(store)
+async def server(store: EmbeddedStore) -> ControlPlaneServer:
+    return ControlPlaneServer(store, lease_grace=0.2)
+
+
+@pytest.fixture
+async def url(nursery: trio.Nursery, server: ControlPlaneServer) -> str:
     host, port = await nursery.start(server.serve, "127.0.0.1", 0)
     return f"ws://{host}:{port}/v1/discovery"
 
 
 @pytest.fixture
-async def make_client(nursery: trio.Nursery, url: str) -> AsyncIterator[Callable[..., DiscoveryClient]]:
+async def make_client(nursery: trio.Nursery, url: str, server: ControlPlaneServer) -> AsyncIterator[Callable[..., DiscoveryClient]]:
+    """Clients authenticated as the operator (``token=`` overrides)."""
     clients: list[DiscoveryClient] = []
 
     def make(node_id: str, on_change: Callable[[list[ResourceChange]], None] | None = None, **kw: object) -> DiscoveryClient:
+        kw.setdefault("token", server.operator_token)
         c = DiscoveryClient(kw.pop("urls", [url]), node_id, on_change, **kw)  # type: ignore[arg-type]
         nursery.start_soon(c.run)
         clients.append(c)
@@ -163,10 +186,10 @@ async def test_registration_changes_are_pushed(make_client: Callable[..., Discov
 
 
 async def test_lease_expiry_removes_endpoint(
-    nursery: trio.Nursery, url: str, store: EmbeddedStore, make_client: Callable[..., DiscoveryClient]
+    nursery: trio.Nursery, url: str, store: EmbeddedStore, server: ControlPlaneServer, make_client: Callable[..., DiscoveryClient]
 ) -> None:
     consumer = make_client("consumer")
-    provider = DiscoveryClient([url], "provider")
+    provider = DiscoveryClient([url], "provider", token=server.operator_token)
     provider_scope = trio.CancelScope()
     nursery.start_soon(_run_in, provider_scope, provider)
     await provider.register("pay", ep("10.0.0.5:9000"), ttl=0.3)
@@ -176,7 +199,7 @@ async def test_lease_expiry_removes_endpoint(
     provider_scope.cancel()  # the provider dies without deregistering
     t0 = trio.current_time()
     await wait_for(lambda: "pay" not in consumer.held(), timeout=3)
-    assert trio.current_time() - t0 < 2.0  # about one TTL (0.3 s)
+    assert trio.current_time() - t0 < 2.0  # about one TTL (0.3 s), or lease_grace (0.2 s) after its session closed
     assert store.view.services == {}
 
 
@@ -273,8 +296,8 @@ async def test_process_restart_client_reconnects_and_keeps_state(tmp_path: objec
     try:
         changes: list[ResourceChange] = []
         fast = {"backoff": (0.05, 0.2), "connect_timeout": 0.5}
-        provider = DiscoveryClient([url], "provider", **fast)  # type: ignore[arg-type]
-        consumer = DiscoveryClient([url], "consumer", changes.extend, **fast)  # type: ignore[arg-type]
+        provider = DiscoveryClient([url], "provider", token=OPERATOR_TOKEN, **fast)  # type: ignore[arg-type]
+        consumer = DiscoveryClient([url], "consumer", changes.extend, token=OPERATOR_TOKEN, **fast)  # type: ignore[arg-type]
         nursery.start_soon(provider.run)
         nursery.start_soon(consumer.run)
         await provider.register("order", ep("10.0.0.7:9000"), ttl=5)
@@ -306,8 +329,10 @@ async def test_process_restart_client_reconnects_and_keeps_state(tmp_path: objec
 
 @pytest.mark.e2e
 async def test_process_healthz_and_sigterm(tmp_path: object) -> None:
+    state = str(tmp_path)
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "octoproxy", "control-plane", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+        [sys.executable, "-m", "octoproxy", "control-plane", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+         "--state-dir", state],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -321,13 +346,22 @@ async def test_process_healthz_and_sigterm(tmp_path: object) -> None:
         status, _, body = await http_request(words["admin"], "GET", "/healthz")
         assert (status, body) == (200, b"ok\n")
         client_url = f"ws://{words['listen']}/v1/discovery"
+        # made at first start, owner-only
+        token_path = os.path.join(state, "operator.token")
+        assert os.stat(token_path).st_mode & 0o777 == 0o600
+        assert os.stat(os.path.join(state, "ca.key")).st_mode & 0o777 == 0o600
+        token = open(token_path).read().strip()
+        auth = [("Authorization", f"Bearer {token}")]
         async with trio.open_nursery() as nursery:
-            c = DiscoveryClient([client_url], "n-1")
+            c = DiscoveryClient([client_url], "n-1", token=token)
             nursery.start_soon(c.run)
             await c.subscribe(["x"], timeout=STEP)
             status, _, body = await http_request(words["admin"], "GET", "/sessions")
-            [session] = json.loads(body)
-            assert session["node_id"] == "n-1" and session["subscribed"][TYPE_ENDPOINTS] == ["x"]
+            assert status == 401  # the admin API wants the operator token
+            status, _, body = await http_request(words["admin"], "GET", "/sessions", headers=auth)
+            [session] = json.loads(body)["sessions"]
+            assert session["node_id"] == "n-1" and session["subscriptions"][TYPE_ENDPOINTS] == 1
+            assert session["subscribed_sample"] == ["x"] and session["principal"] == "operator (operator-token)"
             nursery.cancel_scope.cancel()
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(STEP):

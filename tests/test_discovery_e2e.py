@@ -17,8 +17,29 @@ from octoproxy import Status, sdk
 pytestmark = pytest.mark.e2e
 
 
-def cp_argv(port: int) -> list[str]:
-    return [sys.executable, "-m", "octoproxy", "control-plane", "--listen", f"127.0.0.1:{port}", "--log-level", "warning"]
+def cp_argv(port: int, d: Path) -> list[str]:
+    """A control plane with its state (operator token, CA, snapshot with the join tokens) in ``d/cp-state``."""
+    return [
+        sys.executable, "-m", "octoproxy", "control-plane", "--listen", f"127.0.0.1:{port}", "--log-level", "warning",
+        "--admin", "127.0.0.1:0", "--state-dir", str(d / "cp-state"),
+    ]
+
+
+async def join_token(d: Path, cp: Proc, service: str) -> Path:
+    """A join token of ``service``, made with ``octoproxy ctl token create`` (once per service)."""
+    path = d / f"{service}.token"
+    if not path.exists():
+        argv = [sys.executable, "-m", "octoproxy", "ctl", "--control-plane", f"http://{cp.admin}",
+                "--state-dir", str(d / "cp-state"), "token", "create", "--service", service]
+        with trio.fail_after(20):
+            out = await trio.run_process(argv, capture_stdout=True, capture_stderr=True)
+        path.write_bytes(out.stdout)
+        path.chmod(0o600)
+    return path
+
+
+def _token_line(d: Path, service: str) -> str:
+    return f'join_token_file = "{d / (service + ".token")}"'
 
 
 def caller_cfg(d: Path, cp_port: int, extra: str = "") -> Path:
@@ -38,6 +59,7 @@ connect_timeout = 0.5
 [discovery]
 control_plane = ["ws://127.0.0.1:{cp_port}/v1/discovery"]
 subscribe_timeout = 3.0
+{_token_line(d, "caller-app")}
 {extra}
 """
     )
@@ -62,6 +84,7 @@ listen = "127.0.0.1:0"
 [discovery]
 control_plane = ["ws://127.0.0.1:{cp_port}/v1/discovery"]
 lease_ttl = 2.0
+{_token_line(d, service)}
 """
     )
     return path
@@ -80,7 +103,9 @@ async def until(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped
 async def test_discovery_end_to_end() -> None:
     with trio.fail_after(120), short_tmpdir() as d:
         cp_port = free_port()
-        cp = await start_process(cp_argv(cp_port), "octoproxy control-plane ready", d, "cp")
+        cp = await start_process(cp_argv(cp_port, d), "octoproxy control-plane ready", d, "cp")
+        for service in ("caller-app", "echo", "echo2"):
+            await join_token(d, cp, service)
         procs: list[Proc] = [cp]
         try:
             async with provider(d, d / "pa-app.sock", "app-a"), provider(d, d / "pb-app.sock", "app-b"), provider(d, d / "pc-app.sock", "app-c"):
@@ -128,8 +153,8 @@ async def test_discovery_end_to_end() -> None:
                     await trio.sleep(1.0)
                     assert load.ok > before
                     assert await caller.metric("octoproxy_control_plane_connected") == 0
-                    # it comes back (no snapshot): providers re-register, proxies resubscribe
-                    cp2 = await start_process(cp_argv(cp_port), "octoproxy control-plane ready", d, "cp2")
+                    # it comes back (its snapshot in the state dir keeps the join tokens): providers re-register, proxies resubscribe
+                    cp2 = await start_process(cp_argv(cp_port, d), "octoproxy control-plane ready", d, "cp2")
                     procs.append(cp2)
 
                     async def cp_up() -> bool:
@@ -169,7 +194,9 @@ async def test_discovery_end_to_end() -> None:
 async def test_idle_subscriptions_are_dropped_and_persisted() -> None:
     with trio.fail_after(60), short_tmpdir() as d:
         cp_port = free_port()
-        cp = await start_process(cp_argv(cp_port), "octoproxy control-plane ready", d, "cp")
+        cp = await start_process(cp_argv(cp_port, d), "octoproxy control-plane ready", d, "cp")
+        for service in ("caller-app", "echo", "echo2"):
+            await join_token(d, cp, service)
         caller = await start_process(proxy_argv(caller_cfg(d, cp_port, "idle_unsubscribe = 0.5")), "octoproxy ready", d, "caller")
         try:
             await sdk.subscribe(caller.admin, ["a", "b"], timeout=3)
@@ -188,7 +215,9 @@ async def test_sdk_subscribe_retries_until_the_proxy_is_up() -> None:
     with trio.fail_after(60), short_tmpdir() as d:
         cp_port = free_port()
         admin_port = free_port()
-        cp = await start_process(cp_argv(cp_port), "octoproxy control-plane ready", d, "cp")
+        cp = await start_process(cp_argv(cp_port, d), "octoproxy control-plane ready", d, "cp")
+        for service in ("caller-app", "echo", "echo2"):
+            await join_token(d, cp, service)
         cfg = caller_cfg(d, cp_port)
         cfg.write_text(cfg.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{admin_port}"'))
         procs = [cp]
@@ -210,7 +239,9 @@ async def test_sdk_subscribe_retries_until_the_proxy_is_up() -> None:
 async def test_hot_restart_keeps_registration_and_subscriptions() -> None:
     with trio.fail_after(90), short_tmpdir() as d:
         cp_port = free_port()
-        cp = await start_process(cp_argv(cp_port), "octoproxy control-plane ready", d, "cp")
+        cp = await start_process(cp_argv(cp_port, d), "octoproxy control-plane ready", d, "cp")
+        for service in ("caller-app", "echo", "echo2"):
+            await join_token(d, cp, service)
         procs = [cp]
         try:
             async with provider(d, d / "pa-app.sock", "app-a"):
@@ -239,6 +270,34 @@ async def test_hot_restart_keeps_registration_and_subscriptions() -> None:
                     clusters = await get_json(caller2, "/clusters")
                     assert len(clusters["echo"]["endpoints"]) == 1
                     assert await client.call("echo", "echo", b"2") == b"2"
+        finally:
+            for p in procs:
+                await stop(p)
+
+
+async def test_proxies_over_a_tls_control_plane() -> None:
+    """``--tls``: proxies verify the control plane with its CA (``discovery.ca_file``) and authenticate by join token."""
+    with trio.fail_after(60), short_tmpdir() as d:
+        cp_port = free_port()
+        cp = await start_process([*cp_argv(cp_port, d), "--tls"], "octoproxy control-plane ready", d, "cp")
+        assert cp.addresses.get("tls") == "1"
+        procs = [cp]
+        try:
+            for service in ("caller-app", "echo"):
+                await join_token(d, cp, service)
+            tls = f'ca_file = "{d / "cp-state" / "ca.crt"}"\n'
+            wss = (f'ws://127.0.0.1:{cp_port}/v1/discovery', f'wss://127.0.0.1:{cp_port}/v1/discovery')
+            async with provider(d, d / "pa-app.sock", "app-a"):
+                pcfg = provider_cfg(d, "pa", "echo", cp_port, free_port())
+                pcfg.write_text(pcfg.read_text().replace(*wss) + tls)
+                procs.append(await start_process(proxy_argv(pcfg), "octoproxy ready", d, "pa"))
+                ccfg = caller_cfg(d, cp_port, tls)
+                ccfg.write_text(ccfg.read_text().replace(*wss))
+                caller = await start_process(proxy_argv(ccfg), "octoproxy ready", d, "caller")
+                procs.append(caller)
+                assert await sdk.subscribe(caller.admin, ["echo"], timeout=5) == {"echo": 1}
+                async with sdk.open_client(d / "caller.sock") as client:
+                    assert await client.call("echo", "echo", b"tls") == b"tls"
         finally:
             for p in procs:
                 await stop(p)

@@ -1,13 +1,45 @@
-"""Sans-IO tests of the forwarding engine: no sockets, no Trio, time as an argument."""
+"""Sans-IO tests of the forwarding engine: no sockets, no Trio, time as an argument.
+
+Every test runs twice: on the compiled relay with the compiled scanner, and on
+the pure-Python twins of both (the ``relay`` fixture swaps them in the engine
+module), so the two fast paths are held to the same behaviour.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from types import ModuleType
+
 import pytest
+
+from octoproxy import _frame_py
+from octoproxy.proxy import _engine, _relay_py
 
 from octoproxy import Flags, FrameType, RemoteProtocolError, Status
 from octoproxy._balancer import Endpoint
 from octoproxy.frame import FrameDecoder, encode_frame, encode_header, encode_request, encode_response
 from octoproxy.proxy._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+
+
+RELAYS: dict[str, tuple[ModuleType, ModuleType]] = {"python": (_relay_py, _frame_py)}
+try:
+    from octoproxy import _fastframe, _fastpath
+
+    if not _engine.Scanner is _frame_py.Scanner:  # not forced to the twin (OCTOPROXY_NO_EXTENSIONS)
+        RELAYS["cython"] = (_fastpath, _fastframe)
+except ImportError:  # pragma: no cover - test_codec.py fails the run for a missing build
+    pass
+
+
+@pytest.fixture(autouse=True, params=sorted(RELAYS))
+def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run the test on one relay implementation (and its matching scanner)."""
+    relay_mod, frame_mod = RELAYS[request.param]
+    for name in ("forward", "relay_requests", "relay_responses", "Pending"):
+        monkeypatch.setattr(_engine, name, getattr(relay_mod, name))
+    monkeypatch.setattr(_engine, "Scanner", frame_mod.Scanner)
+    monkeypatch.setattr(_engine, "RouteTable", frame_mod.RouteTable)
+    yield request.param
 
 
 def make(n_endpoints: int = 1, links_per_endpoint: int = 1, **kw: object) -> tuple[Engine, list[Link]]:
@@ -107,11 +139,70 @@ def test_timeout_then_late_response_dropped() -> None:
     assert not d.out and engine.stats.error_count("late_response") == 1
 
 
-def test_route_timeout_caps_request_timeout() -> None:
+def test_caller_deadline_holds_route_timeout_is_the_default() -> None:
     engine, (up,) = make()
     d = down()
     feed(engine, d, encode_request(1, "echo", "m", timeout_ms=60000), now=0.0)
-    assert 1.0 <= engine.expire(0.0) <= 1.02  # type: ignore[operator]  # the route says 1 s
+    assert 60.0 <= engine.expire(0.0) <= 60.02  # type: ignore[operator]  # the caller's 60 s, not the route's 1 s
+    feed(engine, d, encode_request(2, "echo", "m"), now=100.0)  # no deadline in the frame: the route's
+    assert 101.0 <= engine.expire(100.0) <= 101.02  # type: ignore[operator]
+
+
+def test_route_max_timeout_caps_request_timeout() -> None:
+    cluster = Cluster("echo", "round_robin", [Endpoint("10.0.0.1:9000")])
+    engine = Engine(routes=[Route("echo", "*", "echo", 1.0, max_timeout=2.0)], clusters=[cluster])
+    up = Link(UPSTREAM, "u", endpoint=cluster.endpoints[0], cluster=cluster)
+    cluster.add_link(up)
+    feed(engine, down(), encode_request(1, "echo", "m", timeout_ms=60000), now=0.0)
+    assert 2.0 <= engine.expire(0.0) <= 2.02  # type: ignore[operator]  # capped by the route
+
+
+def test_inbound_deadline_is_the_callers_unless_capped() -> None:
+    for cap, want in ((0.0, 10.0), (3.0, 3.0)):
+        app = Cluster("local_app", "least_request", [Endpoint("unix:/app")])
+        engine = Engine(default_timeout=5.0, inbound_max_timeout=cap)
+        engine.inbound_cluster = app
+        up = Link(UPSTREAM, "app", endpoint=app.endpoints[0], cluster=app)
+        app.add_link(up)
+        peer = Link(DOWNSTREAM, "peer", listener="inbound")
+        feed(engine, peer, encode_request(1, "echo", "m", timeout_ms=10000), now=0.0)
+        assert want <= engine.expire(0.0) <= want + 0.02  # type: ignore[operator]
+
+
+def test_requests_answered_by_the_proxy_count_in_requests_total() -> None:
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, encode_request(1, "nobody", "m"))
+    engine.max_pending = 0
+    feed(engine, d, encode_request(2, "echo", "m"))
+    text = engine.stats.render()
+    assert 'octoproxy_requests_total{direction="outbound",service="nobody",method="m",status="NO_ROUTE"} 1' in text
+    assert 'octoproxy_requests_total{direction="outbound",service="echo",method="m",status="OVERLOADED"} 1' in text
+
+
+def test_scanner_is_shared_and_small() -> None:
+    engine, (up,) = make()
+    a, b = down("a"), down("b")
+    assert engine.new_scanner(a) is engine.new_scanner(b)
+    assert engine.new_scanner(a).capacity <= 1024
+    # more frames in one read than the scanner holds: all forwarded
+    feed(engine, a, b"".join(encode_request(i, "echo", "m") for i in range(3000)))
+    assert len(frames(up)) == 3000
+
+
+def test_refuse_partial_answers_overloaded_and_settles_responses() -> None:
+    engine, (up,) = make()
+    d = down()
+    big = encode_request(7, "echo", "m", bytes(100))
+    engine.refuse_partial(d, big[:60], "too big")
+    (resp,) = frames(d)
+    assert resp.stream_id == 7 and resp.header.status == Status.OVERLOADED
+    feed(engine, d, encode_request(8, "echo", "m"))
+    (req,) = frames(up)
+    engine.refuse_partial(up, encode_response(req.stream_id, bytes(100))[:30], "too big")
+    (resp,) = frames(d)
+    assert resp.stream_id == 8 and resp.header.status == Status.OVERLOADED and "response too big" in resp.header.error
+    assert engine.pending_count == 0 and d.inflight == 0
 
 
 def test_upstream_lost_answers_in_flight_at_once() -> None:
@@ -310,3 +401,26 @@ def test_parked_requests_keep_their_first_park_time() -> None:
         c.connecting = 2
         e.expire(t + 0.05)
     assert frames(d)[0].header.status == Status.UNAVAILABLE
+
+
+def test_full_upstream_link_takes_no_new_request() -> None:
+    """Back-pressure per destination: a link over the high watermark is skipped, or the caller gets OVERLOADED."""
+    engine, (a, b) = make(links_per_endpoint=2, high_watermark=1000)
+    d = down()
+    a.out += bytes(2000)  # over the high watermark, but it sent something 0.1 s ago: still taking
+    a.last_tx = 9.9
+    feed(engine, d, encode_request(1, "echo", "m"), now=10.0)
+    assert len(a.pending) + len(b.pending) == 1
+    a.out[:] = bytes(2000)
+    b.out.clear()
+    a.last_tx = 0.0  # a is not taking what it has: stalled for 10 s
+    before = len(a.pending)
+    feed(engine, d, b"".join(encode_request(i, "echo", "m") for i in range(4)), now=10.0)
+    assert len(frames(b)) == 4 and len(a.pending) == before  # all went to b
+    a.out += bytes(2000)
+    b.out += bytes(2000)
+    feed(engine, d, encode_request(9, "echo", "m"), now=10.0)
+    (resp,) = frames(d)
+    assert resp.stream_id == 9 and resp.header.status == Status.OVERLOADED
+    assert "not taking requests" in resp.header.error
+    assert 'service="echo",method="m",status="OVERLOADED"} 1' in engine.stats.render()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_controlplane import STEP, addresses, ep, free_port, kill, start_control_plane, wait_for
+from test_controlplane import OPERATOR_TOKEN, STEP, addresses, ep, free_port, kill, start_control_plane, wait_for
 
 from octoproxy._admin import http_request
 from octoproxy.controlplane import DiscoveryClient, EtcdStore
@@ -157,7 +157,7 @@ async def replicas(
 
 
 def client(nursery: trio.Nursery, urls: list[str], name: str) -> DiscoveryClient:
-    c = DiscoveryClient(urls, name, **FAST)  # type: ignore[arg-type]
+    c = DiscoveryClient(urls, name, token=OPERATOR_TOKEN, **FAST)  # type: ignore[arg-type]
     nursery.start_soon(c.run)
     return c
 
@@ -192,7 +192,7 @@ async def test_replicas_share_view_and_lease_expiry(etcd_single: list[Member], r
     async with trio.open_nursery() as nursery:
         consumer = client(nursery, [url_b], "consumer")
         provider_scope = trio.CancelScope()
-        provider = DiscoveryClient([url_a], "provider", **FAST)  # type: ignore[arg-type]
+        provider = DiscoveryClient([url_a], "provider", token=OPERATOR_TOKEN, **FAST)  # type: ignore[arg-type]
 
         async def run_provider() -> None:
             with provider_scope:

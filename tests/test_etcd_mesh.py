@@ -4,20 +4,38 @@ killed under load without a failed call."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import trio
 
 from e2e import Load, free_port, provider, proxy_argv, short_tmpdir, start_process, stop
 from octoproxy import sdk
+from octoproxy.controlplane import EtcdStore
+from octoproxy.controlplane._auth import make_join_token
 from test_controlplane import kill
 from test_etcd import Member, etcd_bin, etcd_cluster, replicas  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.etcd]
 
 
-def discovery(urls: list[str]) -> str:
+def discovery(urls: list[str], token_file: Path) -> str:
     quoted = ", ".join(f'"{u}"' for u in urls)
-    return f"[discovery]\ncontrol_plane = [{quoted}]\nlease_ttl = 2.0\nsubscribe_timeout = 5.0\n"
+    return (
+        f"[discovery]\ncontrol_plane = [{quoted}]\nlease_ttl = 2.0\nsubscribe_timeout = 5.0\n"
+        f'join_token_file = "{token_file}"\n'
+    )
+
+
+async def join_token(members: list[Member], service: str, d: Path) -> Path:
+    """Put a join token of ``service`` straight into etcd (every replica's view gets it by watch)."""
+    token, record = make_join_token(service, time.time())
+    await EtcdStore([m.client_url for m in members]).put_token(record)
+    path = d / f"{service}.token"
+    path.write_text(token)
+    path.chmod(0o600)
+    return path
 
 
 async def test_mesh_over_etcd_survives_replica_and_member_loss(etcd_cluster: list[Member], replicas) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
@@ -27,12 +45,12 @@ async def test_mesh_over_etcd_survives_replica_and_member_loss(etcd_cluster: lis
         pcfg = d / "p.toml"
         pcfg.write_text(
             f'[proxy]\nservice = "echo"\n[outbound]\nuds = "{d}/p-out.sock"\n[inbound]\nlisten = "127.0.0.1:{port}"\n'
-            f'app_uds = "{d}/app.sock"\n[admin]\nlisten = "127.0.0.1:0"\n' + discovery([url_a])
+            f'app_uds = "{d}/app.sock"\n[admin]\nlisten = "127.0.0.1:0"\n' + discovery([url_a], await join_token(etcd_cluster, "echo", d))
         )
         ccfg = d / "c.toml"
         ccfg.write_text(
             f'[proxy]\nservice = "web"\n[outbound]\nuds = "{d}/c.sock"\n[admin]\nlisten = "127.0.0.1:0"\n'
-            "[upstream]\nconnect_timeout = 0.5\n" + discovery([url_b, url_a])
+            "[upstream]\nconnect_timeout = 0.5\n" + discovery([url_b, url_a], await join_token(etcd_cluster, "web", d))
         )
         async with provider(d, d / "app.sock"):
             pp = await start_process(proxy_argv(pcfg), "octoproxy ready", d, "pp")

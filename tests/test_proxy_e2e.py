@@ -219,7 +219,9 @@ async def test_frame_too_large_status() -> None:
 
 async def test_slow_client_cut_off_alone() -> None:
     with trio.fail_after(60):
-        async with mesh(caller_extra={"outbound": "max_buffer = 65536"}) as m, sdk.open_client(m.sock) as client:
+        # cut off because it takes nothing for frame_timeout (a big queue alone is no reason)
+        caller_extra = {"outbound": "max_buffer = 65536", "proxy": "frame_timeout = 2.0"}
+        async with mesh(caller_extra=caller_extra) as m, sdk.open_client(m.sock) as client:
             s = raw_connect(m.sock)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             # ask for ~40 MiB of responses and never read them
@@ -234,9 +236,13 @@ async def test_slow_client_cut_off_alone() -> None:
 async def test_connection_limit_overloaded() -> None:
     with trio.fail_after(30):
         async with mesh(caller_extra={"outbound": "max_connections = 2"}) as m:
-            async with sdk.open_client(m.sock) as a, sdk.open_client(m.sock) as b:
+            async with sdk.open_client(m.sock) as a, sdk.open_client(m.sock) as b, trio.open_nursery() as n:
                 assert await a.call("echo", "x", b"a") == b"a"
                 assert await b.call("echo", "x", b"b") == b"b"
+                # both busy (a call in flight each): none idle to shed, so the third is refused
+                n.start_soon(a.call, "echo", "sleep", b"1.5")
+                n.start_soon(b.call, "echo", "sleep", b"1.5")
+                await trio.sleep(0.3)
                 s = raw_connect(m.sock)
                 s.sendall(encode_request(5, "echo", "x", b"c"))
                 frames = await trio.to_thread.run_sync(read_frames, s, 1)
@@ -315,7 +321,9 @@ async def test_drain_via_admin_answers_new_requests_hot_restart() -> None:
 async def test_slow_client_trickle_is_cut_off_too() -> None:
     """Responses queued while the writer waits for the socket count against the limit too."""
     with trio.fail_after(60):
-        async with mesh(caller_extra={"outbound": "max_buffer = 65536"}) as m, sdk.open_client(m.sock) as client:
+        # cut off because it takes nothing for frame_timeout (a big queue alone is no reason)
+        caller_extra = {"outbound": "max_buffer = 65536", "proxy": "frame_timeout = 2.0"}
+        async with mesh(caller_extra=caller_extra) as m, sdk.open_client(m.sock) as client:
             s = raw_connect(m.sock)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             with trio.fail_after(30):

@@ -328,9 +328,11 @@ def test_subscribe_gives_up_when_no_proxy_answers(front_end: object) -> None:
 
 def test_subscribe_waits_for_the_proxy_then_holds_the_service(front_end: object, sock_dir: Path) -> None:
     """Started before its proxy (as an app next to it): retried until the proxy answers."""
-    cp_port, admin_port = free_port(), free_port()
+    cp_port, admin_port, cp_admin_port = free_port(), free_port(), free_port()
+    state = sock_dir / "cp-state"
     cp = subprocess.Popen(
-        [sys.executable, "-m", "octoproxy", "control-plane", "--listen", f"127.0.0.1:{cp_port}", "--log-level", "warning"],
+        [sys.executable, "-m", "octoproxy", "control-plane", "--listen", f"127.0.0.1:{cp_port}", "--log-level", "warning",
+         "--admin", f"127.0.0.1:{cp_admin_port}", "--state-dir", str(state)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -349,11 +351,21 @@ listen = "127.0.0.1:{admin_port}"
 [discovery]
 control_plane = ["ws://127.0.0.1:{cp_port}/v1/discovery"]
 subscribe_timeout = 3.0
+join_token_file = "{sock_dir}/caller-app.token"
 """
     )
     proxies: list[Proxy] = []
     try:
         assert cp.stdout is not None and b"ready" in cp.stdout.readline()
+        # the control plane authenticates every session: a join token made by the operator
+        token = subprocess.run(
+            [sys.executable, "-m", "octoproxy", "ctl", "--control-plane", f"http://127.0.0.1:{cp_admin_port}",
+             "--state-dir", str(state), "token", "create", "--service", "caller-app"],
+            capture_output=True, check=True, timeout=30,
+        ).stdout
+        token_file = sock_dir / "caller-app.token"
+        token_file.write_bytes(token)
+        token_file.chmod(0o600)
         timer = threading.Timer(0.5, lambda: proxies.append(start_proxy(cfg, sock_dir, "caller")))
         timer.start()
         try:

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf.message import Message
 
 from octoproxy._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES, DiscoveryError, XdsClient
-from octoproxy._xds_server import XdsServerSession, check_endpoint, check_service_name
+from octoproxy._xds_server import LimitExceeded, XdsServerSession, check_address, check_endpoint, check_service_name
 from octoproxy.controlplane._store import resource_version
 from octoproxy.proto import octoproxy_discovery_pb2 as pb
 
@@ -264,6 +264,35 @@ def test_validation_helpers() -> None:
     assert check_endpoint(pb.Endpoint(address="10.0.0.1:9000")) is None
     assert check_endpoint(pb.Endpoint(address="[::1]:9000")) is None
     assert check_endpoint(pb.Endpoint(address="nope")) and check_endpoint(pb.Endpoint(address="a/b:1"))
+
+
+def test_server_bounds_subscriptions_and_names() -> None:
+    s = XdsServerSession(max_subscriptions=3)
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=["a", "b", "c"]))
+    with pytest.raises(LimitExceeded, match="limit 3, raise it with --max-subscriptions"):
+        s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=["d"]))
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ENDPOINTS, subscribe=["d"], unsubscribe=["a"]))  # a swap is fine
+    s.on_request(pb.DiscoveryRequest(type_url=TYPE_ROUTES, subscribe=["a", "b", "c"]))  # per type
+    with pytest.raises(DiscoveryError, match="invalid service name"):
+        s.on_request(pb.DiscoveryRequest(type_url=TYPE_ROUTES, subscribe=["x" * 254]))
+    with pytest.raises(DiscoveryError, match="invalid service name"):
+        s.on_request(pb.DiscoveryRequest(type_url=TYPE_ROUTES, subscribe=["../etc"]))
+    with pytest.raises(DiscoveryError, match="node_id"):
+        s.on_request(pb.DiscoveryRequest(type_url=TYPE_ROUTES, node_id="n" * 300))
+
+
+@pytest.mark.parametrize(
+    ("address", "ok"),
+    [
+        ("10.0.0.1:9000", True), ("127.0.0.1:1", True), ("[::1]:9000", True), ("[2001:db8::1]:443", True),
+        ("provider.internal:9000", True), ("169.254.169.254:80", False), ("169.254.0.1:9000", False),
+        ("[fe80::1]:80", False), ("0.0.0.0:9000", False), ("[::]:9000", False), ("224.0.0.251:5353", False),
+        ("[ff02::1]:9000", False), ("255.255.255.255:9", False), ("[::ffff:169.254.169.254]:80", False),
+        ("10.0.0.1:0", False), ("10.0.0.1:70000", False), ("::1:80", False),
+    ],
+)
+def test_endpoint_address_policy(address: str, ok: bool) -> None:
+    assert (check_address(address) is None) == ok, check_address(address)
 
 
 @pytest.mark.parametrize("name", ["_xds_client.py", "_xds_server.py"])

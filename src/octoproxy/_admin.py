@@ -300,6 +300,7 @@ async def serve_admin(
     header_timeout: float = 10.0,
     listeners: list[trio.SocketListener] | None = None,
     auth: AdminAuth | None = None,
+    max_connections: int | None = None,
     handler_nursery: trio.Nursery | None = None,
 ) -> NoReturn:
     """Serve the admin HTTP/1.1 API until cancelled.
@@ -321,6 +322,8 @@ async def serve_admin(
             (hot restart); they are closed on exit.
         auth: the token and the routes open without it (None: no token is
             asked for; the Host, Origin and request-target checks still apply).
+        max_connections: connections served at once; one more is answered
+            503 and closed at once (None: no limit).
         handler_nursery: where accepted connections are served (default: a
             nursery of this call). With a nursery that outlives this call,
             cancelling it only stops accepting: connections already accepted
@@ -334,7 +337,7 @@ async def serve_admin(
         listeners = await open_admin_listeners(address)
     if not listeners:
         raise ValueError("serve_admin needs at least one listener")
-    server = _Server(dict(routes), max_body, header_timeout, auth)
+    server = _Server(dict(routes), max_body, header_timeout, auth, max_connections)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(trio.serve_listeners, server.handle, listeners, handler_nursery=handler_nursery))
         task_status.started(_listener_address(listeners[0]))
@@ -360,14 +363,24 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 28\r\nconnection: close\r\n\r\ntoo many admin connections\r\n"
+
+
 class _Server:
     def __init__(
-        self, routes: dict[tuple[str, str], Handler], max_body: int, header_timeout: float, auth: AdminAuth | None = None
+        self,
+        routes: dict[tuple[str, str], Handler],
+        max_body: int,
+        header_timeout: float,
+        auth: AdminAuth | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.routes = routes
         self.max_body = max_body
         self.timeout = header_timeout
         self.auth = auth
+        self.max_connections = max_connections
+        self.active = 0
         self._uid = os.geteuid()
         self._logged: dict[str, float] = {}  # peer -> when a refusal was last logged
 
@@ -421,6 +434,18 @@ class _Server:
         )
 
     async def handle(self, stream: trio.abc.Stream) -> None:
+        if self.max_connections is not None and self.active >= self.max_connections:
+            with trio.move_on_after(1.0):
+                await stream.send_all(_BUSY)
+            await trio.aclose_forcefully(stream)
+            return
+        self.active += 1
+        try:
+            await self._handle(stream)
+        finally:
+            self.active -= 1
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER)
         info = _conn_info(stream)
         try:

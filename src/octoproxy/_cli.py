@@ -51,12 +51,45 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("control-plane", help="run a control-plane server (discovery over WebSocket)")
     cp.add_argument("--listen", default="127.0.0.1:15010", help="host:port of the WebSocket listener")
     cp.add_argument("--store", choices=["embedded", "etcd"], default="embedded", help="where state lives")
-    cp.add_argument("--snapshot", help="embedded store: snapshot file (restored at start, kept up to date)")
+    cp.add_argument("--snapshot", help="embedded store: snapshot file (restored at start, kept up to date; default STATE_DIR/snapshot.json)")
     cp.add_argument("--etcd-endpoints", default="http://127.0.0.1:2379", help="etcd store: comma-separated client URLs")
     cp.add_argument("--etcd-prefix", default="/octoproxy/", help="etcd store: key prefix")
-    cp.add_argument("--admin", help="host:port or unix:/path serving GET /healthz and GET /sessions")
+    cp.add_argument("--admin", help="host:port or unix:/path of the admin API (octoproxy ctl; GET /healthz, GET /sessions)")
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_control_plane_trust_args(cp)
+    from .ctl import add_ctl_parser  # light: argparse only
+
+    add_ctl_parser(sub)
     return p
+
+
+def _add_control_plane_trust_args(cp: argparse.ArgumentParser) -> None:
+    """``octoproxy control-plane``: authentication, CA, TLS, limits (docs/control-plane.md).
+
+    Defaults are ``None`` here (the control plane's ``Options`` holds them), so
+    building the parser imports nothing heavy.
+    """
+    g = cp.add_argument_group("trust")
+    g.add_argument("--state-dir", help="operator token, CA, admin.url, snapshot (default $OCTOPROXY_STATE_DIR, "
+                   "else ~/.local/state/octoproxy/control-plane)")
+    g.add_argument("--operator-token-file", help="the operator's bearer token (default: STATE_DIR/operator.token, made at first start)")
+    g.add_argument("--insecure-no-auth", action="store_true", help="DEVELOPMENT ONLY: accept every session as an operator")
+    g.add_argument("--trust-domain", help="SPIFFE trust domain of issued certificates (default octoproxy.local)")
+    g.add_argument("--ca-cert", help="operator-supplied CA certificate (PEM; issuers after it); default: STATE_DIR/ca.crt")
+    g.add_argument("--ca-key", help="its private key (PEM)")
+    g.add_argument("--cert-ttl", type=float, help="lifetime of issued certificates, seconds (default 86400)")
+    g.add_argument("--tls", action="store_true", help="serve wss:// with a certificate from the CA (client certificates authenticate)")
+    g.add_argument("--tls-san", action="append", default=[], help="extra DNS name or IP for the listener's certificate")
+    g.add_argument("--allow-endpoint-cidr", action="append", default=[], metavar="CIDR",
+                   help="accept endpoint addresses in CIDR even if link-local, unspecified, multicast or broadcast")
+    g.add_argument("--max-registrations-per-session", type=int, help="endpoints one session may register (default 16)")
+    g.add_argument("--max-subscriptions", type=int, help="names per session and type (default 10000)")
+    g.add_argument("--max-message-size", type=int, help="bytes per client message (default 4194304)")
+    g.add_argument("--max-sessions-per-peer", type=int, help="sessions per IP address (default 64)")
+    g.add_argument("--lease-grace", type=float, help="seconds before a closed session's leases are revoked (default 2)")
+    g.add_argument("--etcd-ca-file", help="etcd store over https://: CA to verify etcd with")
+    g.add_argument("--etcd-cert-file", help="etcd store over https://: client certificate")
+    g.add_argument("--etcd-key-file", help="etcd store over https://: client key")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,17 +166,42 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
         return run_from_cli(args.config, hot_restart=args.hot_restart)
     if args.command == "control-plane":
+        from .controlplane._main import Options
         from .controlplane._main import run_from_cli as run_control_plane
 
+        given = {
+            name: getattr(args, name)
+            for name in (
+                "state_dir", "operator_token_file", "trust_domain", "ca_cert", "ca_key", "cert_ttl",
+                "max_registrations_per_session", "max_subscriptions", "max_message_size", "max_sessions_per_peer",
+                "lease_grace",
+            )
+            if getattr(args, name) is not None
+        }
+        options = Options(
+            insecure_no_auth=args.insecure_no_auth,
+            tls=args.tls,
+            tls_san=tuple(args.tls_san),
+            allow_endpoint_cidr=tuple(args.allow_endpoint_cidr),
+            **given,
+        )
         return run_control_plane(
             args.listen,
             store=args.store,
             snapshot=args.snapshot,
             etcd_endpoints=args.etcd_endpoints,
             etcd_prefix=args.etcd_prefix,
+            etcd_ca_file=args.etcd_ca_file,
+            etcd_cert_file=args.etcd_cert_file,
+            etcd_key_file=args.etcd_key_file,
             admin=args.admin,
             log_level=args.log_level,
+            options=options,
         )
+    if args.command == "ctl":
+        from .ctl import run_ctl
+
+        return run_ctl(args)
     if args.command == "demo":
         from ._demo import main as demo_main
 

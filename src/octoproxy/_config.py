@@ -383,7 +383,10 @@ def _dump_table(obj: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 _STR, _NAME, _POSITIVE = _string(), _string(nonempty=True), _seconds()
-_BUFFER_DOC = "Per-connection output buffer, in bytes, before a slow {} is cut off."
+_BUFFER_DOC = (
+    "Per-connection output buffer, in bytes: beyond it a {} is not read until it takes half of its queue, and the "
+    "excess is charged to `proxy.memory_budget`."
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -412,6 +415,31 @@ class ProxySettings:
         2.0,
         "A peer of the hot-restart socket must present its uid and secret within this, or it is dropped.",
     )
+    memory_budget: int = _opt(
+        _integer(1 << 20),
+        128 * 1024 * 1024,
+        "Proxy-wide bytes for incoming frames larger than `connection_buffer_limit` and for responses queued beyond a "
+        "connection's `max_buffer`. A frame that does not fit is answered OVERLOADED and skipped (the connection stays); "
+        "a reader whose queue does not fit is cut off.",
+    )
+    connection_buffer_limit: int = _opt(
+        _integer(65536),
+        1024 * 1024,
+        "Bytes of one incoming frame a connection may buffer without drawing on `memory_budget` "
+        "(as Envoy's `per_connection_buffer_limit_bytes`).",
+    )
+    frame_timeout: float = _opt(
+        _POSITIVE,
+        30.0,
+        "A frame whose first bytes arrived must be complete within this time, and a connection with output queued "
+        "must take some of it within this time; otherwise that connection alone is closed and its buffers released.",
+    )
+    fd_reserve: int = _opt(
+        _integer(0, 1 << 20),
+        64,
+        "File descriptors kept free below RLIMIT_NOFILE for the admin and hot-restart sockets and upstream connections; "
+        "when data connections reach the rest, the oldest idle one is shed for a new one.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -423,6 +451,12 @@ class OutboundConfig:
     max_connections: int = _opt(_integer(1), 1024, "SDK connections at once; beyond this, refused with OVERLOADED.")
     max_buffer: int = _opt(_integer(65536), 4 * 1024 * 1024, _BUFFER_DOC.format("client"))
     max_pending: int = _opt(_integer(1), 65536, "Requests in flight through this proxy; beyond this, OVERLOADED.")
+    idle_timeout: float = _opt(
+        _seconds(allow_zero=True),
+        3600.0,
+        "An SDK connection with nothing in flight and no request forwarded for this long gets GOAWAY and is closed; "
+        "0 disables.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -434,6 +468,15 @@ class InboundConfig:
     app_connections: int = _opt(_integer(1, 64), 2, "Multiplexed connections to the local app.")
     max_connections: int = _opt(_integer(1), 1024, "Peer connections accepted at once.")
     max_buffer: int = _opt(_integer(65536), 4 * 1024 * 1024, _BUFFER_DOC.format("peer"))
+    idle_timeout: float = _opt(
+        _seconds(allow_zero=True),
+        3600.0,
+        "A peer connection with nothing in flight and no request forwarded for this long gets GOAWAY and is closed; "
+        "0 disables.",
+    )
+    max_timeout: float | None = _optional(
+        _POSITIVE, "Cap on the deadline of requests from peers.", default_doc="none: the caller's deadline holds"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -447,6 +490,7 @@ class AdminConfig:
         "(mode 0600, owned by the proxy's user); created with a random token if missing.",
         default_doc="`outbound.uds` + `.admin-token`",
     )
+    max_connections: int = _opt(_integer(1, 4096), 64, "Admin connections served at once; one more is answered 503 and closed.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -458,6 +502,13 @@ class UpstreamConfig:
     ping_interval: float = _opt(_seconds(allow_zero=True), 10.0, "Idle time before a PING is sent; 0 disables PING.")
     ping_timeout: float = _opt(_POSITIVE, 5.0, "A connection whose PONG takes longer than this is closed.")
     default_timeout: float = _opt(_POSITIVE, 5.0, "Request deadline when neither the frame nor the route gives one.")
+    high_watermark: int = _opt(
+        _integer(65536),
+        4 * 1024 * 1024,
+        "Bytes queued on one upstream connection above which, once it sends nothing for 0.5 s (or holds a whole "
+        "`max_frame_size` more), it takes no new request: another connection of the cluster does, or the caller gets "
+        "OVERLOADED (back-pressure per destination, as Envoy's watermarks).",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -468,7 +519,12 @@ class RouteConfig:
     method: str = _opt(_NAME, "*", 'Method to match; `"*"` matches any method.')
     cluster: str = _required(_NAME, "Name of the cluster (under `[clusters]`) to send to.")
     # None only until parse_config fills in upstream.default_timeout.
-    timeout: float | None = _optional(_POSITIVE, "Cap on the request deadline.", default_doc="`upstream.default_timeout`")
+    timeout: float | None = _optional(
+        _POSITIVE, "Request deadline when the frame gives none.", default_doc="`upstream.default_timeout`"
+    )
+    max_timeout: float | None = _optional(
+        _POSITIVE, "Cap on the request deadline.", default_doc="none: the caller's deadline holds"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -523,7 +579,9 @@ class DiscoveryConfig:
     )
     lb: str = _opt(_choice(BALANCERS), "round_robin", "Load-balancing policy of discovered clusters.")
     route_timeout: float | None = _optional(
-        _POSITIVE, "Request deadline cap of discovered routes.", default_doc="`upstream.default_timeout`"
+        _POSITIVE,
+        "Request deadline cap of discovered routes (and their deadline when the frame gives none).",
+        default_doc="no cap; `upstream.default_timeout` when the frame gives none",
     )
     register: bool = _opt(_BOOL, True, "With `[inbound]`: register the local app's endpoint once its UDS answers.")
     advertise: str = _opt(_STR, "", "Address registered for this proxy's inbound side; default `inbound.listen`.")
@@ -532,6 +590,17 @@ class DiscoveryConfig:
     idc: str = _opt(_STR, "", "Registered data centre (IDC).")
     tags: Mapping[str, str] = _opt(_STR_MAP, _EMPTY, "Registered routing tags.")
     lease_ttl: float = _opt(_POSITIVE, 10.0, "Registration lease: a dead host's endpoint disappears within this time.")
+    join_token_file: Path | None = _optional(
+        _PATH,
+        "File holding this service's join token (`octoproxy ctl token create --service S`), sent as "
+        "`Authorization: Bearer` to the control plane; read at each connection. Keep it mode 0600.",
+        default_doc="none (the control plane refuses the session unless a client certificate authenticates it)",
+    )
+    ca_file: Path | None = _optional(
+        _PATH,
+        "CA certificates (PEM) to verify a `wss://` control plane with (its `ca.crt`).",
+        default_doc="the system's trust store",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

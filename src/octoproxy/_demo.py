@@ -70,6 +70,7 @@ class Demo:
         self.children: list[Child] = []
         self.out = out
         self.cp_port = 0
+        self.tokens: dict[str, Path] = {}
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)  # type: ignore[call-overload]
@@ -121,8 +122,28 @@ class Demo:
 
     # ------------------------------------------------------------ the mesh
 
-    def discovery(self) -> str:
-        return f'[discovery]\ncontrol_plane = ["ws://127.0.0.1:{self.cp_port}/v1/discovery"]\n'
+    def discovery(self, service: str) -> str:
+        token = self.tokens[service]
+        return f'[discovery]\ncontrol_plane = ["ws://127.0.0.1:{self.cp_port}/v1/discovery"]\njoin_token_file = "{token}"\n'
+
+    async def make_join_token(self, admin: str, service: str) -> None:
+        """What ``octoproxy ctl token create --service S`` does: the admin API with the operator token."""
+        operator = (self.dir / "cp-state" / "operator.token").read_text().strip()
+        status, _h, body = await http_request(
+            admin,
+            "POST",
+            "/v1/tokens",
+            json.dumps({"service": service}).encode(),
+            headers=[("Authorization", f"Bearer {operator}"), ("Content-Type", "application/json")],
+            timeout=10,
+        )
+        if status != 200:
+            raise RuntimeError(f"cannot make a join token for {service}: HTTP {status} {body[:200]!r}")
+        path = self.dir / f"{service}.token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.loads(body)["token"] + "\n")
+        self.tokens[service] = path
 
     def provider_config(self, i: int, port: int) -> Path:
         d = self.dir
@@ -141,7 +162,7 @@ app_uds = "{d}/p{i}-app.sock"
 [admin]
 listen = "127.0.0.1:0"
 """
-            + self.discovery()
+            + self.discovery("echo")
             + "lease_ttl = 5.0\n",
         )
 
@@ -159,7 +180,7 @@ uds = "{d}/caller.sock"
 [admin]
 listen = "127.0.0.1:0"
 """
-            + self.discovery()
+            + self.discovery("demo-caller")
             + 'lb = "least_request"\n',
         )
 
@@ -181,12 +202,20 @@ listen = "127.0.0.1:0"
                     await nursery.start(sdk.serve, self.dir / f"p{i + 1}-app.sock", make_handler(i))
                 self.say(f"[demo] workdir {self.dir}")
                 self.cp_port = ports.pop()
-                await self.spawn(
+                cp = await self.spawn(
                     "control-plane",
-                    [py, "-m", "octoproxy", "control-plane", "--listen", f"127.0.0.1:{self.cp_port}", "--log-level", "warning"],
+                    [
+                        py, "-m", "octoproxy", "control-plane", "--listen", f"127.0.0.1:{self.cp_port}",
+                        "--log-level", "warning", "--admin", "127.0.0.1:0", "--state-dir", str(self.dir / "cp-state"),
+                    ],
                     "octoproxy control-plane ready",
                 )
-                self.say(f"[demo] control plane on 127.0.0.1:{self.cp_port} (embedded store)")
+                for service in ("echo", "demo-caller"):
+                    await self.make_join_token(cp.info["admin"], service)
+                self.say(
+                    f"[demo] control plane on 127.0.0.1:{self.cp_port} (embedded store); "
+                    "join tokens made for echo and demo-caller"
+                )
                 ports.append(_free_port())
                 p1cfg = self.provider_config(1, ports[0])
                 agent_cfg = self.write(

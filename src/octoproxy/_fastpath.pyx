@@ -56,7 +56,7 @@ cdef inline Py_ssize_t _grow(bytearray out, Py_ssize_t n) except -1:
 
 
 cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t i, const uchar* buf,
-                  double now, double route_timeout, bint oneway) except -1:
+                  double now, double route_timeout, double max_timeout, bint oneway) except -1:
     cdef Py_ssize_t off = sc.offsets[i], size = sc.sizes[i], o, hlen, slen
     cdef bytearray out = up.out
     cdef bytes stamp = engine.stamp
@@ -94,8 +94,8 @@ cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t 
     up.next_sid = usid + 1
     _put_be64(dst + 8, usid)
     timeout = sc.timeouts[i] / 1000.0 if sc.timeouts[i] else route_timeout
-    if timeout > route_timeout:
-        timeout = route_timeout
+    if max_timeout and timeout > max_timeout:
+        timeout = max_timeout
     deadline = now + timeout
     listener = down.listener
     cdef dict cache = engine.rs_cache[listener]
@@ -136,12 +136,12 @@ cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t 
     return 0
 
 
-def forward(engine, down, up, Scanner scanner, Py_ssize_t i, mv, double now, double route_timeout, bint oneway):
+def forward(engine, down, up, Scanner scanner, Py_ssize_t i, mv, double now, double route_timeout, double max_timeout, bint oneway):
     """Append request frame ``i`` to ``up`` (new stream id, caller stamp) and track it."""
     cdef Py_buffer view
     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
     try:
-        _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, oneway)
+        _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, max_timeout, oneway)
     finally:
         PyBuffer_Release(&view)
 
@@ -152,19 +152,21 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
     cdef Py_ssize_t i
     cdef int32_t route_id
     cdef bint inbound
-    cdef double route_timeout = 0.0
-    cdef list route_clusters, route_timeouts
-    cdef Py_ssize_t max_pending, stamp_len, max_size, off
+    cdef double route_timeout = 0.0, max_timeout = 0.0
+    cdef list route_clusters, route_timeouts, route_max_timeouts
+    cdef Py_ssize_t max_pending, stamp_len, max_size, off, high
     cdef const uchar* buf
     if down.reject or engine.drain_mode is not None:
         for i in range(n):
             engine.slow_request(down, scanner, i, mv, now)
         return
     inbound = down.listener == "inbound"
+    high = engine.high_watermark
     stamp_len = 0 if inbound else len(<bytes>engine.stamp)
     max_size = engine.max_frame_size - stamp_len
     route_clusters = engine._route_clusters
     route_timeouts = engine._route_timeouts
+    route_max_timeouts = engine._route_max_timeouts
     max_pending = engine.max_pending
     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
     try:
@@ -181,19 +183,21 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
             if inbound:
                 cluster = engine.inbound_cluster
                 route_timeout = engine.default_timeout
+                max_timeout = engine.inbound_max_timeout
             elif route_id >= 0:
                 cluster = route_clusters[route_id]
                 route_timeout = route_timeouts[route_id]
+                max_timeout = route_max_timeouts[route_id]
             else:
                 cluster = None
             if cluster is None or engine.pending_count >= max_pending:
                 engine.slow_request(down, scanner, i, mv, now)
                 continue
             up = cluster.pick()
-            if up is None:
+            if up is None or PyByteArray_GET_SIZE(<bytearray>up.out) > high:  # no link, or a full one
                 engine.slow_request(down, scanner, i, mv, now)
                 continue
-            _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, False)
+            _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, max_timeout, False)
     finally:
         PyBuffer_Release(&view)
 

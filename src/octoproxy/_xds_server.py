@@ -27,8 +27,9 @@ next round instead of being lost.
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ._xds_client import RESOURCE_TYPES, DiscoveryError
@@ -41,12 +42,60 @@ __all__ = [
     "check_service_name",
     "check_endpoint",
     "check_route_rules",
+    "check_address",
+    "LimitExceeded",
     "MAX_NAME_LENGTH",
+    "DEFAULT_MAX_SUBSCRIPTIONS",
 ]
 
 MAX_NAME_LENGTH = 253
 _SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _ADDRESS_RE = re.compile(r"[^\s/]+:[0-9]{1,5}\Z")
+#: names one session may subscribe to, per resource type
+DEFAULT_MAX_SUBSCRIPTIONS = 10_000
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class LimitExceeded(DiscoveryError):
+    """A session went over one of the control plane's limits (the message names it and its option)."""
+
+
+def check_address(address: str, allowed: Iterable[Network] = ()) -> str | None:
+    """Return why ``address`` (``host:port``) cannot be an endpoint, or ``None`` if it can.
+
+    IP literals that are link-local (169.254.0.0/16, fe80::/10: cloud metadata
+    services live there), unspecified (0.0.0.0, ::), multicast or the IPv4
+    broadcast address are refused, unless inside one of the ``allowed``
+    networks. Port 0 is refused. Host names are accepted (the control plane
+    does not resolve them).
+    """
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        return f"invalid endpoint address {address!r} (port must be 1-65535)"
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        if bracketed or ":" in host:
+            return f"invalid endpoint address {address!r} (not an IP address)"
+        return None
+    if ":" in host and not bracketed:
+        return f"invalid endpoint address {address!r} (an IPv6 address needs brackets)"
+    mapped = getattr(ip, "ipv4_mapped", None)
+    check = mapped if mapped is not None else ip
+    kind = None
+    if check.is_unspecified:
+        kind = "unspecified"
+    elif check.is_link_local:
+        kind = "link-local"
+    elif check.is_multicast:
+        kind = "multicast"
+    elif isinstance(check, ipaddress.IPv4Address) and check == ipaddress.IPv4Address("255.255.255.255"):
+        kind = "broadcast"
+    if kind is None or any(ip in net or check in net for net in allowed):
+        return None
+    return f"endpoint address {address!r} is {kind}: refused (allow it with --allow-endpoint-cidr)"
 
 
 def check_service_name(name: str) -> str | None:
@@ -60,13 +109,18 @@ def check_service_name(name: str) -> str | None:
     return None
 
 
-def check_endpoint(endpoint: pb.Endpoint) -> str | None:
-    """Return why ``endpoint`` cannot be registered, or ``None`` if it can."""
+def check_endpoint(endpoint: pb.Endpoint, allowed: Iterable[Network] = ()) -> str | None:
+    """Return why ``endpoint`` cannot be registered, or ``None`` if it can.
+
+    Args:
+        endpoint: the endpoint.
+        allowed: networks whose addresses pass :func:`check_address` anyway.
+    """
     if len(endpoint.address) > 255 or not _ADDRESS_RE.match(endpoint.address):
         return f"invalid endpoint address {endpoint.address!r} (want host:port)"
     if endpoint.status not in pb.Endpoint.Status.values():
         return f"unknown endpoint status {endpoint.status}"
-    return None
+    return check_address(endpoint.address, allowed)
 
 
 def check_route_rules(rules: pb.RouteRules) -> str | None:
@@ -123,10 +177,12 @@ class XdsServerSession:
     Args:
         nonce_prefix: prepended to every nonce (e.g. a per-connection random
             token, so nonces from different connections never collide).
+        max_subscriptions: names one session may subscribe to per type.
     """
 
-    def __init__(self, nonce_prefix: str = "") -> None:
+    def __init__(self, nonce_prefix: str = "", *, max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS) -> None:
         self.node_id = ""
+        self.max_subscriptions = max_subscriptions
         self.nacks = 0
         self._prefix = nonce_prefix
         self._counter = 0
@@ -164,9 +220,21 @@ class XdsServerSession:
         """
         st = self._types.get(req.type_url)
         if st is None:
-            raise DiscoveryError(f"unknown type_url {req.type_url!r}")
+            raise DiscoveryError(f"unknown type_url {req.type_url!r}"[:200])
         if any(not n for n in req.subscribe) or any(not n for n in req.unsubscribe):
             raise DiscoveryError("resource names must not be empty")
+        for name in req.subscribe:
+            error = check_service_name(name)
+            if error is not None:
+                raise DiscoveryError(f"subscribe: {error}")
+        if len(req.node_id) > MAX_NAME_LENGTH:
+            raise DiscoveryError(f"node_id longer than {MAX_NAME_LENGTH} chars")
+        after = len(st.subscribed.union(req.subscribe).difference(req.unsubscribe))
+        if after > self.max_subscriptions and after > len(st.subscribed):
+            raise LimitExceeded(  # (the option first: a WebSocket close reason holds 123 bytes)
+                f"too many subscriptions on one session (limit {self.max_subscriptions}, "
+                f"raise it with --max-subscriptions): {after} names of {req.type_url}"
+            )
         if req.node_id:
             self.node_id = req.node_id
         first = not st.started

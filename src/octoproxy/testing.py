@@ -30,7 +30,8 @@ What a test can do to the mesh: add and remove providers
 (:meth:`Mesh.add_caller`), stop a proxy gracefully (:meth:`Mesh.stop_proxy`,
 like SIGTERM: it drains), kill it (:meth:`Mesh.kill_proxy`, like SIGKILL: its
 tasks are cancelled and its sockets closed; its registration stays on the
-control plane until its lease expires), start it again from scratch
+control plane until the control plane revokes its closed session's lease),
+start it again from scratch
 (:meth:`Mesh.restart_proxy`), and hot-restart it (:meth:`Mesh.hot_restart`: a
 new :class:`Proxy` generation connects to the running one's hot-restart
 socket, receives its listening sockets over SCM_RIGHTS, warms up and takes
@@ -75,6 +76,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -86,6 +88,8 @@ import trio
 from . import sdk
 from ._config import ProxyConfig, parse_config
 from .controlplane import ControlPlaneServer, EmbeddedStore
+from .controlplane._auth import make_join_token
+from .identity import DEFAULT_TRUST_DOMAIN, CertificateAuthority
 from .proxy._handover import Channel
 from .proxy._hot_restart import HotRestartError
 from .proxy._main import complete_hand_over, take_over_proxy
@@ -282,7 +286,16 @@ class Mesh:
             registrations).
         control_plane: the control-plane server.
         control_plane_url: its discovery URL, as in ``discovery.control_plane``.
+        ca: the control plane's certificate authority (it answers the
+            proxies' ``CertificateRequest`` s; trust domain ``octoproxy.local``).
+        operator_token: the control plane's operator token (for
+            :class:`~octoproxy.controlplane.DiscoveryClient` s or admin calls
+            a test makes as an operator).
         nodes: every proxy added so far, by name.
+
+    Authentication is on, as in production: every proxy the mesh adds gets a
+    join token of its service (:meth:`join_token_file`) in its
+    ``discovery.join_token_file``.
     """
 
     def __init__(
@@ -302,8 +315,29 @@ class Mesh:
         self.control_plane = control_plane
         self.control_plane_url = control_plane_url
         self.nodes: dict[str, MeshProxy] = {}
+        self.operator_token = control_plane.operator_token or ""
+        assert control_plane.ca is not None
+        self.ca: CertificateAuthority = control_plane.ca
         self._lease_ttl = lease_ttl
         self._drain_time = drain_time
+        self._tokens: dict[str, Path] = {}
+
+    def join_token_file(self, service: str) -> Path:
+        """A file holding a join token of ``service`` (made once per service, mode 0600).
+
+        Raises:
+            ValueError: if ``service`` is not a valid service name.
+        """
+        path = self._tokens.get(service)
+        if path is None:
+            token, record = make_join_token(service, time.time())
+            self.store.view.set_token(record)  # the embedded store's view is the store
+            path = self.directory / f"{service}.{record.id}.token"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+            self._tokens[service] = path
+        return path
 
     # ------------------------------------------------------------ adding
 
@@ -424,8 +458,10 @@ class Mesh:
         Its tasks are cancelled and its sockets closed: peers see their
         connections reset, calls in flight through it fail (UNAVAILABLE), and
         it neither drains nor deregisters: its endpoint stays on the control
-        plane until its lease (``lease_ttl`` of :func:`open_mesh`) expires,
-        and callers route around it meanwhile. A provider's app keeps running.
+        plane until the control plane revokes the lease of its closed session
+        (``lease_grace``, 2 s, as for a real process whose kernel closes its
+        sockets), and callers route around it meanwhile. A provider's app
+        keeps running.
 
         Args:
             target: the proxy (``node.proxy``) or its node.
@@ -594,6 +630,7 @@ class Mesh:
                 "control_plane": [self.control_plane_url],
                 "node_id": name,
                 "lease_ttl": self._lease_ttl,
+                "join_token_file": str(self.join_token_file(service)),
             },
         }
 
@@ -736,7 +773,8 @@ async def open_mesh(
             pytest's ``tmp_path`` often exceeds that), removed on exit. A given
             directory is left in place.
         lease_ttl: registration lease of the providers' proxies
-            (``discovery.lease_ttl``): a killed provider disappears from
+            (``discovery.lease_ttl``): a provider whose control-plane
+            connection stays open but silent disappears from
             callers within this time.
         drain_time: ``proxy.drain_time`` of every proxy
             (``proxy.shutdown_time`` is 2 s more).
@@ -759,7 +797,8 @@ async def open_mesh(
             async with trio.open_nursery() as nursery:
                 store = EmbeddedStore()
                 await nursery.start(store.run)
-                server = ControlPlaneServer(store)
+                # a CA of its own, as a real control plane has: proxies can obtain certificates
+                server = ControlPlaneServer(store, ca=CertificateAuthority.generate(DEFAULT_TRUST_DOMAIN, time.time()))
                 host, port = await nursery.start(server.serve, "127.0.0.1", 0)
                 mesh = Mesh(
                     nursery,

@@ -20,7 +20,14 @@ failing closes the session.
 Public calls (``subscribe``, ``register``...) change the core or the
 registration table at once, queue what to send if connected, and wait (with
 a deadline) for the answer: a call that times out has still been recorded and
-takes effect on the next connection.
+takes effect on the next connection. :meth:`DiscoveryClient.request_certificate`
+is the exception: it needs a live session and fails if the session ends.
+
+Every connection authenticates: ``Authorization: Bearer <join token>`` in the
+WebSocket handshake (``token``), and/or a client certificate (``ssl_context``,
+``wss://`` URLs). A refusal (401, or the session closed with code 1008 for a
+limit or a revoked token) is logged once per connection attempt with the
+control plane's reason, and retried with back-off.
 """
 
 from __future__ import annotations
@@ -28,20 +35,27 @@ from __future__ import annotations
 import logging
 import math
 import random
+import ssl
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, Union
 
 import trio
 from google.protobuf.message import DecodeError, Message
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
 
 from .._errors import exception_leaves
 from .._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES, DiscoveryError, ResourceChange, Validator, XdsClient
 from ..proto import octoproxy_discovery_pb2 as pb
-from ._server import MAX_MESSAGE_SIZE
+from ._server import MAX_MESSAGE_SIZE, POLICY_VIOLATION
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -67,6 +81,31 @@ class _Pending:
     message: pb.ClientMessage
     done: trio.Event = field(default_factory=trio.Event)
     error: str = ""
+    certificate: pb.CertificateResponse | None = None
+
+    @property
+    def resendable(self) -> bool:
+        return bool(self.message.WhichOneof("message") != "certificate_request")
+
+
+#: ``token``: a join token, or a function returning one (read at each connection)
+TokenSource = Union[str, Callable[[], "str | None"], None]
+
+
+MESSAGE_TOO_BIG = 1009
+
+
+def _refusal(leaves: list[BaseException]) -> str:
+    """Why the control plane refused us (401/403/429, or a 1008 close), or ``""``."""
+    for e in leaves:
+        if isinstance(e, ConnectionRejected) and e.status_code in (401, 403, 429):
+            body = (e.body or b"").decode(errors="replace").strip()
+            return f"HTTP {e.status_code}: {body[:200]}"
+        if isinstance(e, ConnectionClosed) and e.reason is not None and e.reason.code == POLICY_VIOLATION:
+            return f"session closed: {e.reason.reason}"
+        if isinstance(e, ConnectionClosed) and e.reason is not None and e.reason.code == MESSAGE_TOO_BIG:
+            return f"session closed: {e.reason.reason} (the control plane's --max-message-size)"
+    return ""
 
 
 @dataclass
@@ -94,6 +133,13 @@ class DiscoveryClient:
         ping_interval: how often the connection is checked with a ping.
         ping_timeout: a pong later than this closes the connection.
         backoff: ``(first, max)`` delay in seconds between failed attempts.
+        token: the join (or operator) token sent as ``Authorization: Bearer``
+            in every handshake, or a function returning it (called at each
+            connection, so a token file can be replaced), or ``None``.
+        ssl_context: client TLS context for ``wss://`` URLs (trust the
+            control plane's CA; load this proxy's certificate into it to
+            authenticate by certificate). Settable: takes effect on the next
+            connection.
 
     Raises:
         ValueError: if ``urls`` is empty.
@@ -110,6 +156,8 @@ class DiscoveryClient:
         ping_interval: float = 5.0,
         ping_timeout: float = 3.0,
         backoff: tuple[float, float] = (0.05, 2.0),
+        token: TokenSource = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not urls:
             raise ValueError("need at least one control-plane URL")
@@ -121,6 +169,10 @@ class DiscoveryClient:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.backoff = backoff
+        self.token = token
+        self.ssl_context = ssl_context
+        #: why the last connection attempt or session was refused ("" once the control plane answers again)
+        self.refused = ""
         self.core = XdsClient(node_id)
         #: the URL of the current connection, ``None`` while disconnected
         self.url: str | None = None
@@ -194,6 +246,16 @@ class DiscoveryClient:
         with trio.fail_after(timeout):
             while not all(self.core.is_resolved(t, n) for t in types for n in names):
                 await self._changed.wait()
+
+    def subscribe_nowait(self, names: Iterable[str], *, types: Iterable[str] = (TYPE_ENDPOINTS, TYPE_ROUTES)) -> None:
+        """Subscribe without waiting for the resources (see :meth:`subscribe`).
+
+        Raises:
+            ValueError: on an empty name or unknown type.
+        """
+        names = list(names)
+        for type_url in types:
+            self._send(self.core.subscribe(type_url, names))
 
     def unsubscribe(self, names: Iterable[str], *, types: Iterable[str] = (TYPE_ENDPOINTS, TYPE_ROUTES)) -> None:
         """Drop subscriptions; their resources are forgotten at once (no ``on_change`` call)."""
@@ -297,6 +359,55 @@ class DiscoveryClient:
         )
         await self._wait(pending, timeout)
 
+    # ------------------------------------------------------------ identity
+    async def request_certificate(self, csr_pem: str, timeout: float) -> pb.CertificateResponse:
+        """Ask the control plane (the mesh's CA) to sign a CSR, on the current session.
+
+        The control plane ignores every name in the CSR: the certificate it
+        issues names the service this session authenticated as (by join
+        token or by the certificate it presented), as the URI SAN
+        ``spiffe://<trust-domain>/svc/<service>``. Only the CSR leaves this
+        process: keep the private key (see
+        :func:`octoproxy.identity.make_key_and_csr`). Call it again, with a
+        new key and CSR, to renew (e.g. at two thirds of the lifetime).
+
+        Args:
+            csr_pem: a PKCS#10 certificate signing request, PEM (ECDSA
+                P-256/P-384, RSA 2048-4096 or Ed25519 key).
+            timeout: seconds to wait for the answer.
+
+        Returns:
+            The ``CertificateResponse``: ``certificate_chain_pem`` (leaf
+            first), ``trust_bundle_pem`` (CA certificates to verify peers
+            with) and ``not_after_unix_ms`` (the leaf's expiry); its
+            ``error`` is always ``""``.
+
+        Raises:
+            DiscoveryError: if not connected to a control plane, if the
+                session ends before the answer, or if the control plane
+                refused (no CA, an operator session, a bad CSR: the message
+                says which).
+            trio.TooSlowError: if no answer within ``timeout``.
+        """
+        if not self.connected:
+            raise DiscoveryError("cannot request a certificate: not connected to a control plane")
+        _, pending = self._request(
+            lambda rid: pb.ClientMessage(certificate_request=pb.CertificateRequest(request_id=rid, csr_pem=csr_pem))
+        )
+        try:
+            await self._wait(pending, timeout)
+        finally:
+            self._pending = {k: v for k, v in self._pending.items() if v is not pending}
+        if pending.certificate is None:  # pragma: no cover (done is set only with one)
+            raise DiscoveryError("no certificate in the control plane's answer")
+        return pending.certificate
+
+    def _token_header(self) -> list[tuple[bytes, bytes]]:
+        token = self.token() if callable(self.token) else self.token
+        if not token:
+            return []
+        return [(b"Authorization", f"Bearer {token.strip()}".encode())]
+
     # ------------------------------------------------------------ connection loop
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         """Connect, and reconnect, until cancelled (reports started at once)."""
@@ -306,13 +417,26 @@ class DiscoveryClient:
         while True:
             url = self.urls[index % len(self.urls)]
             before = self.connections
+            refused = ""
             try:
                 await self._run_connection(url)
             except BaseException as exc:  # (no except* here: Python 3.10 is supported)
                 leaves = exception_leaves(exc)
-                if all(isinstance(e, _CONNECTION_ERRORS) for e in leaves):
+                expected = (*_CONNECTION_ERRORS, DiscoveryError, DecodeError)
+                if isinstance(exc, BaseExceptionGroup) and any(not isinstance(e, Exception) for e in leaves):
+                    # cancelled while the connection also broke: the break is moot, let the
+                    # cancellation alone propagate (the cancel scope that caused it absorbs it)
+                    cancelled, rest = exc.split(lambda e: not isinstance(e, (Exception, BaseExceptionGroup)))
+                    if cancelled is not None and (rest is None or all(isinstance(e, expected) for e in exception_leaves(rest))):
+                        raise cancelled from None
+                    raise
+                refused = _refusal(leaves)
+                if refused:
+                    self.refused = refused
+                    logger.warning("control plane %s refused this proxy: %s", url, refused)
+                elif all(isinstance(e, _CONNECTION_ERRORS) for e in leaves):
                     logger.info("control plane %s: %s", url, _describe(exc))
-                elif all(isinstance(e, (*_CONNECTION_ERRORS, DiscoveryError, DecodeError)) for e in leaves):
+                elif all(isinstance(e, expected) for e in leaves):
                     logger.warning("control plane %s: protocol error: %s", url, _describe(exc))
                 else:
                     raise
@@ -321,7 +445,7 @@ class DiscoveryClient:
                 self.url = None
                 self._bump()
             index += 1
-            if self.connections != before:
+            if self.connections != before and not refused:
                 delay = self.backoff[0]
                 continue  # a session worked: fail over to the next URL at once
             await trio.sleep(delay * (0.5 + random.random() / 2))
@@ -333,7 +457,13 @@ class DiscoveryClient:
             # reset during the opening handshake does not end the wait for
             # the handshake (e.g. a server killed with our SYN in its queue).
             with trio.fail_after(self.connect_timeout):
-                ws = await connect_websocket_url(nursery, url, max_message_size=MAX_MESSAGE_SIZE)
+                ws = await connect_websocket_url(
+                    nursery,
+                    url,
+                    max_message_size=MAX_MESSAGE_SIZE,
+                    extra_headers=self._token_header(),
+                    ssl_context=self.ssl_context if url.startswith("wss:") else None,
+                )
             try:
                 outbox = deque(self.core.on_reconnect())
                 for (service, _), reg in self._registrations.items():
@@ -343,7 +473,8 @@ class DiscoveryClient:
                         msg = self._register_message(service, reg)(request_id)
                         self._pending[request_id] = _Pending(msg)
                 for request_id in sorted(self._pending):
-                    outbox.append(self._pending[request_id].message)
+                    if self._pending[request_id].resendable:
+                        outbox.append(self._pending[request_id].message)
                 self._outbox = outbox
                 self.url = url
                 self.connections += 1
@@ -358,6 +489,11 @@ class DiscoveryClient:
                         tasks.cancel_scope.cancel()
             finally:
                 self._outbox = None
+                for request_id, pending in list(self._pending.items()):
+                    if not pending.resendable:  # a certificate needs the session it was asked on
+                        del self._pending[request_id]
+                        pending.error = "the control-plane session ended before the certificate arrived"
+                        pending.done.set()
                 # A graceful close needs the reader task, which a cancellation
                 # of this whole client has already stopped: then just drop it.
                 cancelled = trio.current_effective_deadline() == -math.inf
@@ -391,6 +527,7 @@ class DiscoveryClient:
             if isinstance(data, str):
                 raise DiscoveryError("text message on the discovery stream")
             msg = pb.ServerMessage.FromString(data)
+            self.refused = ""  # the control plane answers: whatever refused us before is over
             kind = msg.WhichOneof("message")
             if kind == "response":
                 outgoing, changes = self.core.on_response(msg, self.validate)
@@ -403,6 +540,14 @@ class DiscoveryClient:
                     except Exception:
                         logger.exception("on_change callback failed")
                 self._bump()
+            elif kind == "certificate":
+                pending = self._pending.pop(msg.certificate.request_id, None)
+                if pending is not None:
+                    pending.error = msg.certificate.error
+                    pending.certificate = msg.certificate
+                    pending.done.set()
+                    if pending.error:
+                        logger.warning("control plane refused a certificate: %s", pending.error)
             elif kind == "ack":
                 pending = self._pending.pop(msg.ack.request_id, None)
                 if pending is not None:

@@ -41,9 +41,15 @@ class _Lease:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
+    """Write, fsync, rename, fsync the directory: blocking, run in a thread.
+
+    Mode 0600: the snapshot holds join-token hashes and the whole registry.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # an old temporary file may have had another mode
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -53,6 +59,11 @@ def _write_atomic(path: str, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 class EmbeddedStore(Store):
@@ -115,9 +126,13 @@ class EmbeddedStore(Store):
                     await self._write(path)
 
     async def _write(self, path: str) -> None:
-        data = json_format.MessageToJson(self.snapshot(), preserving_proto_field_name=True, indent=1).encode()
+        snap = self.snapshot()  # consistent: taken with no await in between
+
+        def encode_and_write() -> None:  # JSON encoding, write, fsync, rename: all off the event loop
+            _write_atomic(path, json_format.MessageToJson(snap, preserving_proto_field_name=True, indent=1).encode())
+
         try:
-            await trio.to_thread.run_sync(_write_atomic, path, data)
+            await trio.to_thread.run_sync(encode_and_write)
         except OSError as exc:  # keep serving; the next change retries
             logger.error("cannot write snapshot %s: %s", path, exc)
             self._dirty.set()
@@ -133,13 +148,15 @@ class EmbeddedStore(Store):
                 snap.registrations.add(service=service, endpoint=eps[address], lease_ttl_ms=round(ttl * 1000))
         for service in sorted(self.view.routes):
             snap.routes.append(self.view.routes[service])
+        for tid in sorted(self.view.tokens):
+            snap.tokens.append(self.view.tokens[tid])
         return snap
 
     async def _load(self, path: str) -> None:
         try:
-            data = await trio.Path(path).read_bytes()
+            data = await trio.to_thread.run_sync(_read_file, path)
         except FileNotFoundError:
-            logger.info("no snapshot at %s: starting empty", path)
+            logger.debug("no snapshot at %s: starting empty", path)
             return
         snap = pb.StoreSnapshot()
         try:
@@ -151,7 +168,12 @@ class EmbeddedStore(Store):
             await self.put_endpoint(reg.service, reg.endpoint, lease.id)
         for rules in snap.routes:
             await self.put_route_rules(rules)
-        logger.info("restored %d registrations, %d route rules from %s", len(snap.registrations), len(snap.routes), path)
+        for token in snap.tokens:
+            self.view.set_token(token)
+        logger.info(
+            "restored %d registrations, %d route rules, %d join tokens from %s",
+            len(snap.registrations), len(snap.routes), len(snap.tokens), path,
+        )
 
     # ------------------------------------------------------------ leases
     def _drop_lease(self, lease_id: int) -> None:
@@ -231,3 +253,11 @@ class EmbeddedStore(Store):
     async def put_route_rules(self, rules: pb.RouteRules) -> None:
         """See :meth:`Store.put_route_rules`."""
         self.view.set_routes(rules)
+
+    async def put_token(self, token: pb.JoinToken) -> None:
+        """See :meth:`Store.put_token`."""
+        self.view.set_token(token)
+
+    async def delete_token(self, token_id: str) -> bool:
+        """See :meth:`Store.delete_token`."""
+        return self.view.remove_token(token_id)

@@ -20,6 +20,13 @@ missed even across compaction. Every control-plane replica over the same etcd
 therefore converges on the same view, and since versions are content hashes,
 on the same versions. Unary calls try each endpoint in turn (starting with the
 last one that worked) under a per-call deadline.
+
+TLS: with ``https://`` endpoints the store verifies etcd's certificate
+against ``ca_file`` (else the system's trust store) and presents a client
+certificate (``cert_file`` + ``key_file``) when given, for etcd started with
+``--client-cert-auth``. Plain HTTP calls go through
+:func:`octoproxy._admin.http_request`; TLS ones through :func:`_https_request`
+here (same h11 exchange over a ``trio.SSLStream``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import base64
 import json
 import logging
 import math
+import ssl
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,7 +48,7 @@ from .._admin import http_request
 from ..proto import octoproxy_discovery_pb2 as pb
 from ._store import Lease, LeaseNotFound, RegistryView, Store, StoreError, StoreUnavailable
 
-__all__ = ["EtcdStore", "EtcdError"]
+__all__ = ["EtcdStore", "EtcdError", "client_ssl_context"]
 
 logger = logging.getLogger("octoproxy.controlplane.etcd")
 
@@ -73,30 +81,108 @@ def _prefix_end(prefix: str) -> str:
     return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode()
 
 
-def _to_json(msg: pb.Endpoint | pb.RouteRules) -> str:
+def _to_json(msg: pb.Endpoint | pb.RouteRules | pb.JoinToken) -> str:
     return str(json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=None, sort_keys=True))
 
 
-def _parse_endpoint_url(url: str) -> str:
+def _parse_endpoint_url(url: str) -> tuple[str, str]:
+    """``"https://h:1"`` -> ``("https", "h:1")``."""
     parts = urlsplit(url if "//" in url else f"http://{url}")
-    if parts.scheme != "http" or not parts.hostname or not parts.port:
-        raise ValueError(f"etcd endpoint must look like http://host:port, got {url!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
+        raise ValueError(f"etcd endpoint must look like http://host:port or https://host:port, got {url!r}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{host}:{parts.port}"
+    return parts.scheme, f"{host}:{parts.port}"
+
+
+async def _open(address: str, ssl_context: ssl.SSLContext | None) -> trio.abc.Stream:
+    host, _, port = address.rpartition(":")
+    tcp = await trio.open_tcp_stream(host.strip("[]"), int(port))
+    if ssl_context is None:
+        return tcp
+    stream = trio.SSLStream(tcp, ssl_context, server_hostname=host.strip("[]"))
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
+
+
+async def _https_request(
+    address: str, method: str, path: str, body: bytes, ssl_context: ssl.SSLContext, timeout: float
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request over TLS on a fresh connection: ``(status, body)``.
+
+    Raises:
+        OSError, trio.TooSlowError, trio.BrokenResourceError: as ``http_request``
+            (a TLS failure is a ``BrokenResourceError``).
+    """
+    with trio.fail_after(timeout):
+        stream = await _open(address, ssl_context)
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            headers = [("Host", address), ("Connection", "close"), ("Content-Length", str(len(body)))]
+            if body:
+                headers.append(("Content-Type", "application/json"))
+            data = conn.send(h11.Request(method=method, target=path, headers=headers))
+            data += conn.send(h11.Data(data=body)) if body else b""
+            data += conn.send(h11.EndOfMessage())
+            await stream.send_all(data)
+            status, chunks = 0, []
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    return status, b"".join(chunks)
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise trio.BrokenResourceError("connection closed before the reply")
+        except h11.ProtocolError as exc:
+            raise trio.BrokenResourceError(f"bad HTTP reply: {exc}") from exc
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+def client_ssl_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """A client TLS context for etcd: verify it against ``ca_file``, present ``cert_file``.
+
+    Raises:
+        ValueError: if only one of ``cert_file`` and ``key_file`` is given.
+        OSError, ssl.SSLError: if a file cannot be loaded.
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("etcd TLS: give both the client certificate and its key, or neither")
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx
 
 
 class EtcdStore(Store):
-    """Store over an etcd v3 cluster (JSON gateway, plain HTTP).
+    """Store over an etcd v3 cluster (JSON gateway, HTTP or HTTPS).
 
     Args:
         endpoints: client URLs of the etcd members, e.g.
-            ``["http://127.0.0.1:2379"]``.
+            ``["http://127.0.0.1:2379"]`` or ``["https://10.0.0.5:2379"]``
+            (all of one scheme).
         prefix: key prefix of everything octoproxy stores.
         request_timeout: deadline of each call to one member.
         health_interval: how often the watched member's ``/health`` is probed.
+        ca_file: HTTPS: CA certificates to verify etcd with (default: the
+            system's).
+        cert_file: HTTPS: client certificate chain (PEM) to present.
+        key_file: HTTPS: its private key.
+        ssl_context: HTTPS: a ready client context instead of the three files.
 
     Raises:
-        ValueError: if an endpoint URL is not ``http://host:port``.
+        ValueError: if an endpoint URL is not ``http(s)://host:port``, the
+            schemes are mixed, or TLS files are given for ``http://``.
+        OSError, ssl.SSLError: if a TLS file cannot be loaded.
     """
 
     def __init__(
@@ -106,26 +192,41 @@ class EtcdStore(Store):
         prefix: str = "/octoproxy/",
         request_timeout: float = 2.0,
         health_interval: float = 1.0,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("need at least one etcd endpoint")
         self.view = RegistryView()
-        self.addresses = [_parse_endpoint_url(u) for u in endpoints]
+        parsed = [_parse_endpoint_url(u) for u in endpoints]
+        schemes = {scheme for scheme, _ in parsed}
+        if len(schemes) > 1:
+            raise ValueError("etcd endpoints mix http:// and https://")
+        tls_files = ca_file or cert_file or key_file
+        if "https" in schemes:
+            self.ssl_context: ssl.SSLContext | None = ssl_context or client_ssl_context(ca_file, cert_file, key_file)
+        elif tls_files or ssl_context is not None:
+            raise ValueError("etcd TLS options need https:// endpoints")
+        else:
+            self.ssl_context = None
+        self.addresses = [address for _, address in parsed]
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.request_timeout = request_timeout
         self.health_interval = health_interval
         self._current = 0  # index of the member that answered last
 
     # ------------------------------------------------------------ HTTP
+    async def _http(self, address: str, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if self.ssl_context is not None:
+            return await _https_request(address, method, path, body, self.ssl_context, self.request_timeout)
+        headers = [("Content-Type", "application/json")] if body else []
+        status, _, data = await http_request(address, method, path, body, headers=headers, timeout=self.request_timeout)
+        return status, data
+
     async def _call_one(self, address: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        status, _, data = await http_request(
-            address,
-            "POST",
-            path,
-            json.dumps(body).encode(),
-            headers=[("Content-Type", "application/json")],
-            timeout=self.request_timeout,
-        )
+        status, data = await self._http(address, "POST", path, json.dumps(body).encode())
         try:
             reply = json.loads(data) if data else {}
         except ValueError:
@@ -180,6 +281,9 @@ class EtcdStore(Store):
             if kind == "routes":
                 rules = json_format.Parse(value, pb.RouteRules(), ignore_unknown_fields=True) if value else None
                 return ("routes", tail, rules)
+            if kind == "tokens":
+                token = json_format.Parse(value, pb.JoinToken(), ignore_unknown_fields=True) if value else None
+                return ("tokens", tail, token)
         except json_format.ParseError as exc:
             logger.warning("ignoring undecodable key %s: %s", key, exc)
         return None
@@ -191,6 +295,7 @@ class EtcdStore(Store):
         )
         services: dict[str, dict[str, pb.Endpoint]] = {}
         routes: dict[str, pb.RouteRules] = {}
+        tokens: dict[str, pb.JoinToken] = {}
         for kv in reply.get("kvs", []):
             item = self._decode(_unb64(kv["key"]), _unb64(kv.get("value", "")))
             if item is None:
@@ -200,7 +305,9 @@ class EtcdStore(Store):
                 services.setdefault(item[1], {})[address] = ep
             elif item[0] == "routes" and item[2] is not None and item[2].rules:
                 routes[item[1]] = item[2]
-        changed = self.view.replace_all(services, routes)
+            elif item[0] == "tokens" and item[2] is not None:
+                tokens[item[1]] = item[2]
+        changed = self.view.replace_all(services, routes, tokens)
         revision = int(reply["header"]["revision"])
         logger.info("listed %d services from etcd at revision %d (%d changes)", len(services), revision, changed)
         return revision
@@ -218,6 +325,11 @@ class EtcdStore(Store):
                 self.view.remove_endpoint(service, address)
             else:
                 self.view.set_endpoint(service, ep)
+        elif kind == "tokens":
+            if payload is None:
+                self.view.remove_token(service)
+            else:
+                self.view.set_token(payload)
         elif payload is None:
             self.view.remove_routes(service)
         else:
@@ -267,7 +379,7 @@ class EtcdStore(Store):
         while True:
             await trio.sleep(self.health_interval)
             try:
-                status, _, data = await http_request(address, "GET", "/health", timeout=self.request_timeout)
+                status, data = await self._http(address, "GET", "/health")
                 healthy = status == 200 and json.loads(data).get("health") == "true"
             except (OSError, trio.TooSlowError, trio.BrokenResourceError, ValueError):
                 healthy = False
@@ -277,9 +389,8 @@ class EtcdStore(Store):
                 return
 
     async def _stream(self, address: str, body: dict[str, Any]) -> None:
-        host, _, port = address.rpartition(":")
         with trio.fail_after(self.request_timeout):
-            stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            stream = await _open(address, self.ssl_context)
         try:
             conn = h11.Connection(h11.CLIENT)
             payload = json.dumps(body).encode()
@@ -383,3 +494,12 @@ class EtcdStore(Store):
             await self._call("/v3/kv/put", {"key": key, "value": _b64(_to_json(rules))})
         else:
             await self._call("/v3/kv/deleterange", {"key": key})
+
+    async def put_token(self, token: pb.JoinToken) -> None:
+        """See :meth:`Store.put_token` (``<prefix>tokens/<id>``, never leased)."""
+        await self._call("/v3/kv/put", {"key": _b64(f"{self.prefix}tokens/{token.id}"), "value": _b64(_to_json(token))})
+
+    async def delete_token(self, token_id: str) -> bool:
+        """See :meth:`Store.delete_token`."""
+        reply = await self._call("/v3/kv/deleterange", {"key": _b64(f"{self.prefix}tokens/{token_id}")})
+        return int(reply.get("deleted", 0)) > 0

@@ -9,9 +9,25 @@ the store and acknowledges them; the *sender* waits until the core has dirty
 names, looks them up in the store's view and sends what differs; the *lease
 keeper* keeps the session's registrations alive while the connection is (a
 message or a pong since the last round proves it), pinging an idle client,
-and closes a client that does not answer. A closed connection leaves its
-registrations to expire by TTL: the control plane cannot tell a dead proxy from
-a proxy that lost only us, and a live one re-registers on its next connection.
+and closes a client that does not answer.
+
+Every session is authenticated at the WebSocket handshake (see
+:mod:`~octoproxy.controlplane._auth`): an operator token, a service's join
+token, or a client certificate this control plane's CA issued; anything else
+gets 401 and one rate-limited log line. A service principal may register,
+deregister and set the status of its own service's endpoints only; route
+rules are for operators. Each session is bounded: registrations
+(``max_registrations_per_session``), subscriptions (``max_subscriptions``),
+message size, sessions per peer address; going over one ends the session (or
+refuses the request) with a message that names the limit and its option.
+
+A lease dies with the session that made it: when the *client's* connection
+ends (closed, broken, silent), the session's leases are revoked after
+``lease_grace`` seconds (so that a hot-restarted proxy, whose successor
+registers the same address on its own session, hands over without a gap:
+its registration then no longer belongs to the old lease). A control plane
+that is shut down or dies revokes nothing: its sessions' registrations live
+until their TTL, and the proxies re-register on another replica.
 
 The server subscribes once to the store's change notifications and marks the
 sessions interested in a name dirty (an index by name keeps that O(interested)),
@@ -23,11 +39,15 @@ that stops reading cannot pin the server.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
+import ssl
+import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 from google.protobuf.message import DecodeError
@@ -35,9 +55,23 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from .._errors import exception_leaves
 from .._xds_client import RESOURCE_TYPES, DiscoveryError
-from .._xds_server import XdsServerSession, check_endpoint, check_route_rules, check_service_name
+from .._xds_server import (
+    DEFAULT_MAX_SUBSCRIPTIONS,
+    LimitExceeded,
+    Network,
+    XdsServerSession,
+    check_endpoint,
+    check_route_rules,
+    check_service_name,
+)
+from ..identity import DEFAULT_LEAF_TTL, parse_spiffe_id
 from ..proto import octoproxy_discovery_pb2 as pb
-from ._store import LeaseNotFound, Store, StoreChange, StoreError
+from ._auth import Authenticator, Principal, RateLimitedLog
+from ._issuance import answer_certificate_request
+from ._store import TYPE_TOKENS, LeaseNotFound, Store, StoreChange, StoreError
+
+if TYPE_CHECKING:  # (cryptography is imported when a CA is made, not by every proxy)
+    from ..identity import CertificateAuthority
 
 __all__ = ["ControlPlaneServer", "DISCOVERY_PATH"]
 
@@ -45,7 +79,14 @@ logger = logging.getLogger("octoproxy.controlplane.server")
 
 #: the WebSocket path of the discovery stream
 DISCOVERY_PATH = "/v1/discovery"
+#: what a client accepts from the server (responses can carry many endpoints)
 MAX_MESSAGE_SIZE = 16 << 20
+#: what the server accepts from one client message by default
+DEFAULT_MAX_CLIENT_MESSAGE = 4 << 20
+DEFAULT_MAX_REGISTRATIONS = 16
+DEFAULT_MAX_SESSIONS_PER_PEER = 64
+#: WebSocket close code for "you went over a limit / lost your credentials"
+POLICY_VIOLATION = 1008
 
 
 @dataclass
@@ -70,6 +111,20 @@ class ControlPlaneServer:
         idle_ping_interval: how often a session without registrations pings
             its client to find out whether it is still there.
         send_timeout: deadline of every write to a client.
+        auth: who may connect. Default: an :class:`Authenticator` with a
+            fresh random operator token (:attr:`operator_token`) and the
+            store's join tokens: authentication is never off by default.
+        ca: the certificate authority that answers ``CertificateRequest``
+            (``None``: requests are refused with a clear error).
+        leaf_ttl: lifetime of issued certificates, seconds.
+        allowed_networks: endpoint addresses in these networks pass the
+            link-local/unspecified/multicast/broadcast check.
+        max_registrations_per_session: endpoints one session may register.
+        max_subscriptions: names one session may subscribe to, per type.
+        max_message_size: largest client message accepted, bytes.
+        max_sessions_per_peer: concurrent sessions from one IP address.
+        lease_grace: seconds between a client's connection ending and the
+            revocation of its session's leases.
     """
 
     def __init__(
@@ -81,6 +136,15 @@ class ControlPlaneServer:
         max_lease_ttl: float = 300.0,
         idle_ping_interval: float = 15.0,
         send_timeout: float = 10.0,
+        auth: Authenticator | None = None,
+        ca: CertificateAuthority | None = None,
+        leaf_ttl: float = DEFAULT_LEAF_TTL,
+        allowed_networks: Iterable[str | Network] = (),
+        max_registrations_per_session: int = DEFAULT_MAX_REGISTRATIONS,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+        max_message_size: int = DEFAULT_MAX_CLIENT_MESSAGE,
+        max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER,
+        lease_grace: float = 2.0,
     ) -> None:
         self.store = store
         self.default_lease_ttl = default_lease_ttl
@@ -88,14 +152,35 @@ class ControlPlaneServer:
         self.max_lease_ttl = max_lease_ttl
         self.idle_ping_interval = idle_ping_interval
         self.send_timeout = send_timeout
+        #: the operator token when ``auth`` was not given (else ``None``)
+        self.operator_token: str | None = None
+        if auth is None:
+            self.operator_token = secrets.token_urlsafe(32)
+            auth = Authenticator(self.operator_token, lambda: store.view.tokens)
+        self.auth = auth
+        self.ca = ca
+        self.leaf_ttl = leaf_ttl
+        self.allowed_networks = tuple(ipaddress.ip_network(n) for n in allowed_networks)
+        self.max_registrations_per_session = max_registrations_per_session
+        self.max_subscriptions = max_subscriptions
+        self.max_message_size = max_message_size
+        self.max_sessions_per_peer = max_sessions_per_peer
+        self.lease_grace = lease_grace
         self.sessions: set[_Session] = set()
         self._by_name: defaultdict[str, set[_Session]] = defaultdict(set)
+        self._per_peer: defaultdict[str, int] = defaultdict(int)
+        self._refused_log = RateLimitedLog(logger.warning)
+        self._limit_log = RateLimitedLog(logger.warning)
+        self._nursery: trio.Nursery | None = None
+        #: sessions refused at the handshake, by reason (401, 429)
+        self.refused = {"unauthenticated": 0, "too_many_sessions": 0}
 
     async def serve(
         self,
         host: str,
         port: int,
         *,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         """Listen on ``host:port`` and serve until cancelled.
@@ -105,32 +190,47 @@ class ControlPlaneServer:
         Args:
             host: address to bind.
             port: port to bind (0 picks one).
+            ssl_context: serve TLS (``wss://``) with this server context; if
+                it verifies client certificates (``CERT_OPTIONAL`` or
+                ``CERT_REQUIRED``, against this control plane's CA), a peer
+                certificate naming ``spiffe://<td>/svc/<service>``
+                authenticates the session as that service.
             task_status: receives the bound ``(host, port)`` once listening.
 
         Raises:
             OSError: if binding fails.
         """
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        if port == 0 and len(listeners) > 1:
-            for extra in listeners[1:]:
+        tcp_listeners = await trio.open_tcp_listeners(port, host=host)
+        if port == 0 and len(tcp_listeners) > 1:
+            for extra in tcp_listeners[1:]:
                 await trio.aclose_forcefully(extra)
-            listeners = listeners[:1]
+            tcp_listeners = tcp_listeners[:1]
+        bound = tcp_listeners[0].socket.getsockname()
+        listeners: list[trio.SSLListener[trio.SocketStream] | trio.SocketListener] = list(tcp_listeners)
+        if ssl_context is not None:
+            listeners = [trio.SSLListener(t, ssl_context, https_compatible=True) for t in tcp_listeners]
         ws_server = WebSocketServer(
             self._handle,
             listeners,
-            max_message_size=MAX_MESSAGE_SIZE,
+            max_message_size=self.max_message_size,
             connect_timeout=self.send_timeout,
             disconnect_timeout=2.0,
         )
-        bound = listeners[0].socket.getsockname()
         with self.store.listen(self._on_store_change):
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await nursery.start(ws_server.run)
                 task_status.started((bound[0], bound[1]))
         raise AssertionError("WebSocketServer.run returned")  # pragma: no cover
 
     # ------------------------------------------------------------ fan-out
     def _on_store_change(self, change: StoreChange) -> None:
+        if change.type_url == TYPE_TOKENS:
+            if change.name is not None and change.name not in self.store.view.tokens:
+                for session in list(self.sessions):  # revoked: its sessions end
+                    if session.principal.token_id == change.name:
+                        session.close_for(f"join token {change.name} was revoked")
+            return
         if change.name is None:
             for session in self.sessions:
                 session.core.mark_all_changed()
@@ -151,22 +251,85 @@ class ControlPlaneServer:
         session.indexed = names
 
     # ------------------------------------------------------------ connections
+    def _peer_certificate_service(self, request: WebSocketRequest) -> str | None:
+        """The service named by the peer's verified client certificate, if any."""
+        # trio-websocket does not expose the stream; its connection keeps it
+        # as ``_stream`` (an SSLStream on a TLS listener, handshake done).
+        stream = getattr(getattr(request, "_connection", None), "_stream", None)
+        if not isinstance(stream, trio.SSLStream):
+            return None
+        try:
+            cert = stream.getpeercert()
+        except (ValueError, ssl.SSLError, trio.BrokenResourceError):
+            return None
+        if not cert:
+            return None  # none sent (or not verified: then getpeercert() is empty)
+        uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+        for uri in uris:
+            try:
+                return parse_spiffe_id(str(uri), self.auth.trust_domain)
+            except ValueError:
+                continue
+        return None
+
     async def _handle(self, request: WebSocketRequest) -> None:
         if request.path != DISCOVERY_PATH:
             await request.reject(404, body=b"not found: the discovery stream is at /v1/discovery\n")
             return
+        remote = request.remote
+        peer_ip = remote.address if hasattr(remote, "address") else str(remote)
+        peer_ip = str(peer_ip)
+        now = trio.current_time()
+        if self._per_peer[peer_ip] >= self.max_sessions_per_peer:
+            self.refused["too_many_sessions"] += 1
+            msg = (
+                f"too many sessions from {peer_ip} (limit {self.max_sessions_per_peer}: "
+                "raise it with --max-sessions-per-peer)"
+            )
+            self._limit_log(now, f"refused a session: {msg}")
+            await request.reject(429, body=(msg + "\n").encode())
+            return
+        authorization = next(
+            (v.decode("latin-1") for k, v in request.headers if k.lower() == b"authorization"), None
+        )
+        principal = self.auth.authenticate(
+            authorization, time.time(), certificate_service=self._peer_certificate_service(request)
+        )
+        if isinstance(principal, str):
+            self.refused["unauthenticated"] += 1
+            self._refused_log(now, f"refused an unauthenticated session from {remote}: {principal}")
+            await request.reject(
+                401,
+                extra_headers=[(b"WWW-Authenticate", b'Bearer realm="octoproxy"')],
+                body=f"unauthenticated: {principal}\n".encode(),
+            )
+            return
         ws = await request.accept()
-        session = _Session(self, ws)
+        session = _Session(self, ws, principal)
         self.sessions.add(session)
+        self._per_peer[peer_ip] += 1
+        client_gone = False
         try:
-            await session.run()
+            with session.scope:
+                await session.run()
+            if session.closed_for:
+                logger.warning("session %s (%s) closed: %s", session.peer, principal.describe(), session.closed_for)
+                client_gone = True
+                with trio.move_on_after(1.0):
+                    await ws.aclose(POLICY_VIOLATION, session.closed_for[:120])
         except BaseException as exc:  # (no except* here: Python 3.10 is supported)
             leaves = exception_leaves(exc)
             if any(not isinstance(e, Exception) for e in leaves):
                 raise  # Cancelled, KeyboardInterrupt: not ours to swallow
+            client_gone = True
+            limit = [e for e in leaves if isinstance(e, LimitExceeded)]
             protocol = [e for e in leaves if isinstance(e, (DiscoveryError, DecodeError))]
             if all(isinstance(e, (ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError)) for e in leaves):
                 logger.debug("session %s ended: %r", session.peer, leaves[0])
+            elif limit:
+                self._limit_log(trio.current_time(), f"session {session.peer} ({principal.describe()}): {limit[0]}")
+                with trio.move_on_after(1.0):
+                    await ws.aclose(POLICY_VIOLATION, str(limit[0])[:120])
             elif protocol:
                 logger.warning("session %s: protocol error: %s", session.peer, protocol[0])
                 with trio.move_on_after(1.0):
@@ -175,20 +338,41 @@ class ControlPlaneServer:
                 logger.error("session %s failed", session.peer, exc_info=exc)
         finally:
             self.sessions.discard(session)
+            self._per_peer[peer_ip] -= 1
+            if self._per_peer[peer_ip] <= 0:
+                del self._per_peer[peer_ip]
             session.indexed, names = set(), session.indexed
             for name in names:
                 self._by_name[name].discard(session)
                 if not self._by_name[name]:
                     del self._by_name[name]
+            leases = {r.lease_id for r in session.registrations.values()}
+            session.registrations.clear()
+            if client_gone and leases and self._nursery is not None:
+                self._nursery.start_soon(self._revoke_later, session.peer, leases)
+
+    async def _revoke_later(self, peer: str, leases: set[int]) -> None:
+        """A lease dies with its session (after ``lease_grace``: see the module doc)."""
+        await trio.sleep(self.lease_grace)
+        for lease_id in leases:
+            try:
+                with trio.fail_after(self.send_timeout):
+                    await self.store.revoke_lease(lease_id)
+            except (StoreError, trio.TooSlowError) as exc:  # the TTL ends it anyway
+                logger.warning("revoking lease %d of closed session %s failed: %s", lease_id, peer, exc)
+        logger.debug("revoked %d leases of closed session %s", len(leases), peer)
 
 
 class _Session:
-    def __init__(self, server: ControlPlaneServer, ws: WebSocketConnection) -> None:
+    def __init__(self, server: ControlPlaneServer, ws: WebSocketConnection, principal: Principal) -> None:
         self.server = server
         self.store = server.store
         self.ws = ws
+        self.principal = principal
         self.peer = str(ws.remote)
-        self.core = XdsServerSession(nonce_prefix=secrets.token_hex(4) + "-")
+        self.scope = trio.CancelScope()
+        self.closed_for = ""
+        self.core = XdsServerSession(nonce_prefix=secrets.token_hex(4) + "-", max_subscriptions=server.max_subscriptions)
         self.indexed: set[str] = set()
         self.registrations: dict[tuple[str, str], _Registration] = {}
         self._wakeup = trio.Event()
@@ -198,6 +382,11 @@ class _Session:
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def close_for(self, reason: str) -> None:
+        """End this session (its credentials were revoked): close code 1008 with ``reason``."""
+        self.closed_for = reason
+        self.scope.cancel()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -239,12 +428,39 @@ class _Session:
                     self.wake()
             elif kind == "keepalive":
                 pass  # _alive is enough
+            elif kind == "certificate_request":
+                await self.send(pb.ServerMessage(certificate=self._certificate(msg.certificate_request)))
             elif kind is not None:
                 ack = await self._registration(kind, msg)
                 await self.send(pb.ServerMessage(ack=ack))
             # an empty ClientMessage (a newer client's unknown kind) is ignored
 
+    def _certificate(self, req: pb.CertificateRequest) -> pb.CertificateResponse:
+        """Sign the CSR for this session's service (never for a name the CSR asks)."""
+        srv = self.server
+        return answer_certificate_request(srv.ca, self.principal, srv.auth.trust_domain, srv.leaf_ttl, req, time.time())
+
+    def _forbidden(self, what: str, service: str) -> str | None:
+        if self.principal.may_write(service):
+            return None
+        if self.principal.kind == "service":
+            return (
+                f"permission denied: {what} {service!r}: this session is service "
+                f"{self.principal.service!r} and may change only its own endpoints"
+            )
+        return f"permission denied: {what} {service!r}"  # pragma: no cover (no other kinds)
+
     async def _registration(self, kind: str, msg: pb.ClientMessage) -> pb.RegisterAck:
+        request_id = getattr(msg, kind).request_id
+        if kind in ("register", "deregister", "set_status"):
+            denied = self._forbidden(kind.replace("_", " "), getattr(msg, kind).service)
+            if denied is not None:
+                logger.warning("session %s (%s): %s", self.peer, self.principal.describe(), denied)
+                return pb.RegisterAck(request_id=request_id, error=denied)
+        elif kind == "put_route_rules" and not self.principal.is_operator:
+            return pb.RegisterAck(
+                request_id=request_id, error="permission denied: route rules are changed by operators only"
+            )
         try:
             if kind == "register":
                 return await self._register(msg.register)
@@ -277,10 +493,16 @@ class _Session:
         raise DiscoveryError(f"unexpected message {kind!r}")  # pragma: no cover
 
     async def _register(self, r: pb.Register) -> pb.RegisterAck:
-        error = check_service_name(r.service) or check_endpoint(r.endpoint)
+        srv = self.server
+        error = check_service_name(r.service) or check_endpoint(r.endpoint, srv.allowed_networks)
+        if error is None and (r.service, r.endpoint.address) not in self.registrations:
+            if len(self.registrations) >= srv.max_registrations_per_session:
+                error = (
+                    f"too many registrations on one session (limit {srv.max_registrations_per_session}: "
+                    "raise it with --max-registrations-per-session)"
+                )
         if error is not None:
             return pb.RegisterAck(request_id=r.request_id, error=error)
-        srv = self.server
         ttl = r.lease_ttl_ms / 1000 if r.lease_ttl_ms else srv.default_lease_ttl
         ttl = min(max(ttl, srv.min_lease_ttl), srv.max_lease_ttl)
         key = (r.service, r.endpoint.address)
@@ -351,3 +573,4 @@ class _Session:
                         await self._put(key[0], reg)
                 except StoreError as exc:  # retried next round; the TTL leaves some slack
                     logger.warning("keeping %s/%s alive failed: %s", *key, exc)
+

@@ -36,6 +36,7 @@ __all__ = [
     "RegistryView",
     "Listener",
     "resource_version",
+    "TYPE_TOKENS",
 ]
 
 logger = logging.getLogger("octoproxy.controlplane.store")
@@ -71,6 +72,9 @@ class Lease:
 
 Listener = Callable[[StoreChange], None]
 
+#: ``StoreChange.type_url`` of a join token (name = token id); never sent to proxies
+TYPE_TOKENS = "octoproxy.v1.JoinToken"
+
 
 def resource_version(body: bytes) -> str:
     """Return the version of a canonically encoded resource (a content hash)."""
@@ -86,9 +90,11 @@ class RegistryView:
     def __init__(self) -> None:
         self.services: dict[str, dict[str, pb.Endpoint]] = {}
         self.routes: dict[str, pb.RouteRules] = {}
+        #: join tokens by id (hashes only)
+        self.tokens: dict[str, pb.JoinToken] = {}
         self.revision = 0
         self._listeners: list[Listener] = []
-        self._cache: dict[tuple[str, str], tuple[str, bytes] | None] = {}
+        self._cache: dict[tuple[str, str], tuple[str, bytes]] = {}
 
     @contextmanager
     def listen(self, listener: Listener) -> Iterator[None]:
@@ -154,7 +160,30 @@ class RegistryView:
         self._changed(TYPE_ROUTES, service)
         return True
 
-    def replace_all(self, services: Mapping[str, Mapping[str, pb.Endpoint]], routes: Mapping[str, pb.RouteRules]) -> int:
+    def set_token(self, token: pb.JoinToken) -> bool:
+        """Add or replace a join token (by id). Returns True if it changed."""
+        old = self.tokens.get(token.id)
+        if old is not None and old == token:
+            return False
+        new = pb.JoinToken()
+        new.CopyFrom(token)
+        self.tokens[token.id] = new
+        self._changed(TYPE_TOKENS, token.id)
+        return True
+
+    def remove_token(self, token_id: str) -> bool:
+        """Forget a join token. Returns True if there was one."""
+        if self.tokens.pop(token_id, None) is None:
+            return False
+        self._changed(TYPE_TOKENS, token_id)
+        return True
+
+    def replace_all(
+        self,
+        services: Mapping[str, Mapping[str, pb.Endpoint]],
+        routes: Mapping[str, pb.RouteRules],
+        tokens: Mapping[str, pb.JoinToken] | None = None,
+    ) -> int:
         """Make the view equal to the given content, notifying per changed name.
 
         Returns:
@@ -173,23 +202,31 @@ class RegistryView:
             n += self.remove_routes(service)
         for rules in routes.values():
             n += self.set_routes(rules)
+        if tokens is not None:
+            for tid in set(self.tokens) - set(tokens):
+                n += self.remove_token(tid)
+            for token in tokens.values():
+                n += self.set_token(token)
         return n
 
     def lookup(self, type_url: str, name: str) -> tuple[str, bytes] | None:
         """Return ``(version, canonical encoding)`` of a resource, or ``None`` if absent."""
         key = (type_url, name)
-        if key in self._cache:
-            return self._cache[key]
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         msg: pb.ClusterLoadAssignment | pb.RouteRules | None = None
         if type_url == TYPE_ENDPOINTS and name in self.services:
             eps = self.services[name]
             msg = pb.ClusterLoadAssignment(service=name, endpoints=[eps[a] for a in sorted(eps)])
         elif type_url == TYPE_ROUTES and name in self.routes:
             msg = self.routes[name]
-        value = None
-        if msg is not None:
-            body = msg.SerializeToString(deterministic=True)
-            value = (resource_version(body), body)
+        if msg is None:
+            # not cached: names anyone may subscribe to must not pin memory (issue 10)
+            self._cache.pop(key, None)
+            return None
+        body = msg.SerializeToString(deterministic=True)
+        value = (resource_version(body), body)
         self._cache[key] = value
         return value
 
@@ -267,6 +304,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def put_route_rules(self, rules: pb.RouteRules) -> None:
         """Replace a service's route rules; no rules deletes them (never leased).
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def put_token(self, token: pb.JoinToken) -> None:
+        """Store a join token record (its hash, never the token).
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def delete_token(self, token_id: str) -> bool:
+        """Delete a join token record. Returns False if there was none.
 
         Raises:
             StoreUnavailable: if the backing store cannot be reached.

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DEFAULT_TRUST_DOMAIN", "CONTROL_PLANE_PATH", "spiffe_id", "parse_spiffe_id", "check_trust_domain"]
+__all__ = ["DEFAULT_TRUST_DOMAIN", "DEFAULT_LEAF_TTL", "CONTROL_PLANE_PATH", "spiffe_id", "parse_spiffe_id", "check_trust_domain"]
 
 DEFAULT_TRUST_DOMAIN = "octoproxy.local"
+#: default lifetime of a service certificate, seconds (Linkerd's 24 h): renewed at two thirds
+DEFAULT_LEAF_TTL = 24 * 3600.0
 CONTROL_PLANE_PATH = "/controlplane"
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?\Z")
 _SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}\Z")  # as check_service_name (MAX_NAME_LENGTH 253)

@@ -261,7 +261,7 @@ class ServerMessage(_message.Message):
     def __init__(self, response: _Optional[_Union[DiscoveryResponse, _Mapping]] = ..., ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., certificate: _Optional[_Union[CertificateResponse, _Mapping]] = ...) -> None: ...
 
 class StoreSnapshot(_message.Message):
-    __slots__ = ("registrations", "routes")
+    __slots__ = ("registrations", "routes", "tokens")
     class Registration(_message.Message):
         __slots__ = ("service", "endpoint", "lease_ttl_ms")
         SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +273,22 @@ class StoreSnapshot(_message.Message):
         def __init__(self, service: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
     REGISTRATIONS_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     registrations: _containers.RepeatedCompositeFieldContainer[StoreSnapshot.Registration]
     routes: _containers.RepeatedCompositeFieldContainer[RouteRules]
-    def __init__(self, registrations: _Optional[_Iterable[_Union[StoreSnapshot.Registration, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[RouteRules, _Mapping]]] = ...) -> None: ...
+    tokens: _containers.RepeatedCompositeFieldContainer[JoinToken]
+    def __init__(self, registrations: _Optional[_Iterable[_Union[StoreSnapshot.Registration, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[RouteRules, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[JoinToken, _Mapping]]] = ...) -> None: ...
+
+class JoinToken(_message.Message):
+    __slots__ = ("id", "service", "sha256_hex", "created_unix_ms", "expires_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_HEX_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    service: str
+    sha256_hex: str
+    created_unix_ms: int
+    expires_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., service: _Optional[str] = ..., sha256_hex: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import stat
 import sys
 from collections.abc import Callable, Iterable
@@ -218,6 +219,13 @@ def write_atomic(path: Path, data: bytes, mode: int = SUBSCRIPTIONS_FILE_MODE) -
         os.close(dirfd)
 
 
+def _control_plane_tls(ca_file: Path | None) -> ssl.SSLContext:
+    """Client TLS context for a ``wss://`` control plane (used only for such URLs)."""
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 class Discovery:
     """The proxy's side of discovery (one per proxy process)."""
 
@@ -228,7 +236,13 @@ class Discovery:
         self.cfg = cfg
         self.engine = proxy.engine
         node = cfg.node_id or f"{proxy.config.proxy.service or 'octoproxy'}@{socket.gethostname()}:{os.getpid()}"
-        self.client = DiscoveryClient(list(cfg.control_plane), node, self._on_change)
+        self.client = DiscoveryClient(
+            list(cfg.control_plane),
+            node,
+            self._on_change,
+            token=self._join_token,
+            ssl_context=_control_plane_tls(cfg.ca_file) if any(u.startswith("wss:") for u in cfg.control_plane) else None,
+        )
         self.path = proxy.config.subscriptions_path
         #: service -> when it was subscribed / last seen used
         self.subscribed: dict[str, float] = {}
@@ -240,8 +254,11 @@ class Discovery:
         self._changes = 0  # bumped on every change of self.subscribed
         self._saved = 0  # the change count the file holds
         self.registered_address: str | None = None
+        self._token_mode_warned = False
         self._nursery: trio.Nursery | None = None
         self.route_timeout = cfg.route_timeout or proxy.config.upstream.default_timeout
+        #: an explicit discovery.route_timeout is a cap; unset, the caller's deadline holds
+        self.route_max_timeout = cfg.route_timeout or 0.0
 
     # ------------------------------------------------------------ running
 
@@ -396,8 +413,8 @@ class Discovery:
     def _on_change(self, changes: list[ResourceChange]) -> None:
         now = trio.current_time()
         for change in changes:
-            if change.type_url != TYPE_ENDPOINTS:
-                continue
+            if change.type_url != TYPE_ENDPOINTS or change.name not in self.subscribed:
+                continue  # (not subscribed: our own service, watched by _register)
             if change.resource is None:
                 if change.name in self.engine.clusters and change.name not in self._removed_at:
                     self._removed_at[change.name] = now  # applied after REMOVAL_GRACE
@@ -426,7 +443,7 @@ class Discovery:
         if cluster is None:
             cluster = Cluster(service, self.cfg.lb, [])
             engine.clusters[service] = cluster
-            engine.set_routes(list(engine.routes) + [Route(service, "*", service, self.route_timeout)])
+            engine.set_routes(list(engine.routes) + [Route(service, "*", service, self.route_timeout, self.route_max_timeout)])
             log.info("new cluster %s from discovery", service)
         wanted = {ep.address: ep for ep in endpoints}
         current = {ep.address: ep for ep in cluster.endpoints}
@@ -461,6 +478,42 @@ class Discovery:
 
     # ------------------------------------------------------------ registration
 
+    def _join_token(self) -> str | None:
+        """The join token, read at each connection (so the file can be replaced)."""
+        path = self.cfg.join_token_file
+        if path is None:
+            return None
+        try:
+            # A few bytes, read on the loop: non-blocking open and regular files only, so
+            # a FIFO or a device at that path cannot hang or bloat the proxy.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    log.error("discovery.join_token_file %s is not a regular file", path)
+                    return None
+                if st.st_mode & 0o077 and not self._token_mode_warned:
+                    self._token_mode_warned = True
+                    log.warning("discovery.join_token_file %s is readable by others (mode %o): chmod 600 it", path, st.st_mode & 0o777)
+                return os.read(fd, 4096).decode("ascii", "replace").strip() or None
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("cannot read discovery.join_token_file %s: %s", path, exc)
+            return None
+
+    def _registration_missing(self, service: str, address: str) -> bool:
+        """True if the control plane's view of our own service lacks our endpoint.
+
+        It happens when an operator deleted it or its lease expired while we
+        stayed connected: we then register again (issue 11: "a provider whose
+        registration disappears puts it back").
+        """
+        if not self.client.connected or not self.client.core.is_resolved(TYPE_ENDPOINTS, service):
+            return False
+        held = self.client.held(TYPE_ENDPOINTS).get(service)
+        return held is None or all(ep.address != address for ep in getattr(held, "endpoints", ()))
+
     def _advertised(self) -> str:
         if self.cfg.advertise:
             return self.cfg.advertise
@@ -475,8 +528,23 @@ class Discovery:
             return
         address = self._advertised()
         registered = healthy = False
+        missing_since: float | None = None
         while True:
             up = bool(app.links.get(app.endpoints[0].address))
+            if registered and healthy and up:
+                if service not in self.client.core.wanted(TYPE_ENDPOINTS):
+                    # watch our own service's endpoints, to notice our registration vanish
+                    # (_on_change ignores it unless the app subscribed to it too)
+                    self.client.subscribe_nowait([service], types=(TYPE_ENDPOINTS,))
+                now = trio.current_time()
+                if self._registration_missing(service, address):
+                    missing_since = missing_since if missing_since is not None else now
+                    if now - missing_since >= 0.5:  # not a change still on its way to us
+                        log.warning("our registration of %s at %s disappeared: registering again", service, address)
+                        registered = False
+                        missing_since = None
+                else:
+                    missing_since = None
             if up != healthy or not registered:
                 try:
                     if not registered and up:

@@ -28,6 +28,7 @@ Nothing here does I/O or reads a clock: time comes in as an argument.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import random
@@ -38,7 +39,8 @@ from typing import Any
 
 from .._balancer import Balancer, Endpoint, make_balancer
 from .._errors import RemoteProtocolError
-from .._protocol import DEFAULT_MAX_FRAME_SIZE, Flags, FrameType, Status
+from .._frame import parse_header
+from .._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
 from ._stats import ProxyStats, RequestStats
 from ._relay import Pending, forward, relay_requests, relay_responses
@@ -53,6 +55,9 @@ UPSTREAM = 1
 TIMER_BUCKETS_PER_SECOND = 100
 #: requests held per cluster while its connections are being re-established
 MAX_PARKED = 10000
+#: an upstream link over its high watermark that sent nothing for this long is
+#: "not taking requests" (a link that drains, e.g. a big frame, still takes them)
+STALLED_AFTER = 0.5
 
 _U64 = Struct(">Q")
 _U32 = Struct(">I")
@@ -84,6 +89,7 @@ class Link:
         "reject",
         "awaiting_pong",
         "last_rx",
+        "last_tx",
         "listener",
         "on_idle",
         "on_goaway",
@@ -110,6 +116,8 @@ class Link:
         self.reject = False
         self.awaiting_pong = 0
         self.last_rx = 0.0
+        #: the shell: when a send last made progress while output was queued
+        self.last_tx = 0.0
         self.listener = listener
         #: called by the engine when a draining link has nothing outstanding
         self.on_idle: Callable[[Link], None] | None = None
@@ -190,7 +198,10 @@ class Route:
     service: str
     method: str
     cluster: str
+    #: deadline of a request whose frame gives none
     timeout: float
+    #: cap on any request's deadline; 0: none (the caller's deadline holds)
+    max_timeout: float = 0.0
 
 
 class Engine:
@@ -204,6 +215,9 @@ class Engine:
             (header field 3, appended: the last occurrence wins).
         max_pending: requests in flight through this proxy; beyond, OVERLOADED.
         default_timeout: deadline of a request whose frame and route give none.
+        inbound_max_timeout: cap on the deadline of requests from peers; 0: none.
+        high_watermark: bytes queued on an upstream link above which it takes
+            no new request: another link of the cluster does, or OVERLOADED.
         max_frame_size: largest frame accepted.
         stats: the metrics the engine updates.
     """
@@ -219,12 +233,16 @@ class Engine:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         stats: ProxyStats | None = None,
         park_timeout: float = 1.0,
+        inbound_max_timeout: float = 0.0,
+        high_watermark: int = 4 << 20,
     ) -> None:
         #: how long a request may wait for a connection that is being established
         self.park_timeout = park_timeout
         self.clusters: dict[str, Cluster] = {c.name: c for c in clusters}
         self.max_pending = max_pending
         self.default_timeout = default_timeout
+        self.inbound_max_timeout = inbound_max_timeout
+        self.high_watermark = high_watermark
         self.max_frame_size = max_frame_size
         self.stats = stats if stats is not None else ProxyStats()
         self.stamp = encode_header(caller=caller) if caller else b""
@@ -250,6 +268,10 @@ class Engine:
         self.unrouted_timeout = 10.0
         #: while parked requests are routed again: when they were first parked
         self._replaying_since: float | None = None
+        #: the shell's scanners, shared by every connection: a read is scanned
+        #: and relayed in one synchronous call, so one scanner per kind serves
+        #: all connections (its arrays are per proxy, not per connection)
+        self._shared_scanners: dict[bool, Scanner] = {}
         self.set_routes(routes)
 
     # ------------------------------------------------------------ configuration
@@ -261,13 +283,28 @@ class Engine:
                 raise ValueError(f"route {r.service}/{r.method} names unknown cluster {r.cluster!r}")
         self.routes = list(routes)
         self._route_timeouts = [r.timeout for r in self.routes]
+        self._route_max_timeouts = [r.max_timeout for r in self.routes]
         self.route_table = RouteTable([(r.service, r.method, i) for i, r in enumerate(self.routes)])
         self._route_clusters = [self.clusters[r.cluster] for r in self.routes]
 
     def new_scanner(self, link: Link) -> Scanner:
-        """A scanner for a link: routed for outbound downstream links."""
-        routes = self.route_table if link.kind == DOWNSTREAM and link.listener == "outbound" else None
-        return Scanner(routes, self.max_frame_size, 4096)
+        """The scanner for a link's reads: routed for outbound downstream links.
+
+        It is shared by every link of its kind (see ``_shared_scanners``); use
+        it only for one :meth:`feed` at a time.
+        """
+        routed = link.kind == DOWNSTREAM and link.listener == "outbound"
+        scanner = self._shared_scanners.get(routed)
+        if scanner is None:
+            scanner = self._shared_scanners[routed] = Scanner(self.route_table if routed else None, self.max_frame_size, 1024)
+        return scanner
+
+    def _one_frame_scanner(self, down: Link, raw: bytes) -> tuple[Scanner, int, bytearray]:
+        """A private scanner over one held frame (requests routed again may run inside a feed)."""
+        routes = self.route_table if down.listener == "outbound" else None
+        scanner = Scanner(routes, self.max_frame_size, 1)
+        buf = bytearray(raw)
+        return scanner, scanner.scan(buf), buf
 
     # ------------------------------------------------------------ input
 
@@ -306,6 +343,52 @@ class Engine:
             link.out += encode_response(sid, status=status, error=error, flags=flags)
             self.dirty.append(link)
 
+    def _refuse(self, down: Link, scanner: Scanner, i: int, reason: str, status: int, error: str, flags: int = 0) -> None:
+        """Answer request ``i`` ourselves (not forwarded): counted by reason and in ``requests_total``."""
+        self.stats.rejected(reason)
+        _off, _size, ftype, _f, sid, _t, _r, _s = scanner.frame(i)
+        if ftype != _REQUEST:
+            return  # a ONEWAY gets no answer
+        service, method = scanner.routing_key(i)
+        self.stats.answered(down.listener, service, method, status)
+        self._answer(down, sid, status, error, flags)
+
+    def _refuse_raw(self, down: Link, raw: bytes, reason: str, status: int, error: str) -> None:
+        """:meth:`_refuse` for a held frame (parked or waiting for discovery)."""
+        scanner, n, _buf = self._one_frame_scanner(down, raw)
+        if n:
+            self._refuse(down, scanner, 0, reason, status, error)
+        else:  # pragma: no cover - held frames were whole frames
+            self.stats.rejected(reason)
+
+    def refuse_partial(self, link: Link, head: bytes | bytearray | memoryview, why: str) -> None:
+        """A frame that will not be buffered (over the memory budget): answer its caller OVERLOADED.
+
+        ``head`` is at least the 20-byte prefix of the frame. A request is
+        answered on ``link``; a response is settled with its pending entry and
+        its caller answered; anything else is just dropped.
+        """
+        ftype = head[3]
+        sid = _U64.unpack_from(head, 8)[0]
+        self.stats.error("frame_over_budget")
+        if link.kind == DOWNSTREAM:
+            self.stats.rejected("overloaded")
+            if ftype == _REQUEST:
+                hlen = head[18] << 8 | head[19]
+                service = method = b"_unknown"
+                if len(head) >= PREFIX_SIZE + hlen:
+                    with contextlib.suppress(RemoteProtocolError):
+                        header = parse_header(head[PREFIX_SIZE : PREFIX_SIZE + hlen])
+                        service, method = header.service.encode(), header.method.encode()
+                self.stats.answered(link.listener, service, method, Status.OVERLOADED)
+                self._answer(link, sid, Status.OVERLOADED, why)
+        elif ftype == _RESPONSE:
+            p = link.pending.pop(sid, None)
+            if p is not None:
+                self._settle(p)
+                self.stats.finished(p.stats, Status.OVERLOADED, 0.0)
+                self._answer(p.down, p.down_sid, Status.OVERLOADED, "response " + why)
+
     def stamp_problem(self, size: int, hlen: int) -> tuple[Status, str] | None:
         """Why a request of this size cannot carry the caller stamp, or None."""
         extra = len(self.stamp)
@@ -323,25 +406,20 @@ class Engine:
         if ftype == _REQUEST or ftype == _ONEWAY:
             oneway = ftype == _ONEWAY
             if down.reject:
-                stats.rejected("overloaded")
-                if not oneway:
-                    self._answer(down, sid, Status.OVERLOADED, "too many connections to this proxy")
+                self._refuse(down, scanner, i, "overloaded", Status.OVERLOADED, "too many connections to this proxy")
                 return
             if self.drain_mode is not None:
-                stats.rejected(self.drain_mode)
-                if not oneway:
-                    if self.drain_mode == "hot_restart":
-                        self._answer(down, sid, Status.UNAVAILABLE, "proxy hot restart: resend on a new connection", _HOT_RESTART)
-                    else:
-                        self._answer(down, sid, Status.UNAVAILABLE, "proxy draining")
+                if self.drain_mode == "hot_restart":
+                    self._refuse(down, scanner, i, self.drain_mode, Status.UNAVAILABLE, "proxy hot restart: resend on a new connection", _HOT_RESTART)
+                else:
+                    self._refuse(down, scanner, i, self.drain_mode, Status.UNAVAILABLE, "proxy draining")
                 return
             if inbound:
                 cluster = self.inbound_cluster
                 route_timeout = self.default_timeout
+                max_timeout = self.inbound_max_timeout
                 if cluster is None:
-                    stats.rejected("no_route")
-                    if not oneway:
-                        self._answer(down, sid, Status.NO_ROUTE, "this proxy has no local app")
+                    self._refuse(down, scanner, i, "no_route", Status.NO_ROUTE, "this proxy has no local app")
                     return
             else:
                 if route_id < 0:
@@ -358,24 +436,20 @@ class Engine:
                             if first:  # after queueing: the callback may answer at once
                                 self.on_unknown_service(name)
                             return
-                    stats.rejected("no_route")
                     log.info("no route for %s/%s from %s", service.decode(errors="replace"), method.decode(errors="replace"), down.name)
-                    if not oneway:
-                        self._answer(down, sid, Status.NO_ROUTE, f"no route for service {service.decode(errors='replace')!r}")
+                    self._refuse(down, scanner, i, "no_route", Status.NO_ROUTE, f"no route for service {service.decode(errors='replace')!r}")
                     return
                 cluster = self._route_clusters[route_id]
                 route_timeout = self._route_timeouts[route_id]
+                max_timeout = self._route_max_timeouts[route_id]
             if self.pending_count >= self.max_pending and not oneway:
-                stats.rejected("overloaded")
-                self._answer(down, sid, Status.OVERLOADED, "too many requests in flight")
+                self._refuse(down, scanner, i, "overloaded", Status.OVERLOADED, "too many requests in flight")
                 return
             if self.stamp and not inbound:
                 hlen = mv[off + 18] << 8 | mv[off + 19]
                 problem = self.stamp_problem(size, hlen)
                 if problem is not None:
-                    stats.rejected("too_large")
-                    if not oneway:
-                        self._answer(down, sid, problem[0], problem[1])
+                    self._refuse(down, scanner, i, "too_large", problem[0], problem[1])
                     return
             up = cluster.pick()
             if up is None:
@@ -387,14 +461,27 @@ class Engine:
                     if since is None:
                         stats.error("parked")
                     return
-                stats.rejected("unavailable")
-                if not oneway:
-                    self._answer(down, sid, Status.UNAVAILABLE, f"no healthy endpoint in cluster {cluster.name!r}")
+                self._refuse(down, scanner, i, "unavailable", Status.UNAVAILABLE, f"no healthy endpoint in cluster {cluster.name!r}")
                 return
+            if len(up.out) > self.high_watermark and self._not_taking(up, now):
+                # back-pressure per destination: this link is not taking what
+                # it has; another link of the cluster may, else the caller is told
+                other = self._least_queued(cluster, now)
+                if other is None:
+                    self._refuse(
+                        down,
+                        scanner,
+                        i,
+                        "overloaded",
+                        Status.OVERLOADED,
+                        f"cluster {cluster.name!r} is not taking requests: {len(up.out)} bytes queued on {up.name}",
+                    )
+                    return
+                up = other
             if oneway:
-                forward(self, down, up, scanner, i, mv, now, 0.0, True)
+                forward(self, down, up, scanner, i, mv, now, 0.0, 0.0, True)
             else:
-                forward(self, down, up, scanner, i, mv, now, route_timeout, False)
+                forward(self, down, up, scanner, i, mv, now, route_timeout, max_timeout, False)
         elif ftype == _PING:
             down.out += mv[off : off + size]
             down.out[len(down.out) - size + 3] = _PONG
@@ -406,6 +493,20 @@ class Engine:
         else:
             stats.error("unexpected_frame")
             log.info("unexpected %s frame from downstream %s dropped", FrameType(ftype).name, down.name)
+
+    def _not_taking(self, link: Link, now: float) -> bool:
+        """Over the high watermark, and stalled (or more than a whole frame beyond it)."""
+        queued = len(link.out)
+        return queued > self.high_watermark and (now - link.last_tx > STALLED_AFTER or queued > self.high_watermark + self.max_frame_size)
+
+    def _least_queued(self, cluster: Cluster, now: float) -> Link | None:
+        """The cluster's link with the fewest requests pending among those still taking requests."""
+        best: Link | None = None
+        for links in cluster.links.values():
+            for link in links:
+                if not self._not_taking(link, now) and (best is None or len(link.pending) < len(best.pending)):
+                    best = link
+        return best
 
     def slow_response(self, up: Link, scanner: Scanner, i: int, mv: memoryview, now: float) -> None:
         """Everything about one frame from an upstream link that the fast path does not do."""
@@ -515,9 +616,7 @@ class Engine:
                 if down.closed:
                     continue
                 self._replaying_since = t  # a request parked again keeps its first park time
-                scanner = self.new_scanner(down)
-                buf = bytearray(raw)
-                n = scanner.scan(buf)
+                scanner, n, buf = self._one_frame_scanner(down, raw)
                 with memoryview(buf) as mv:
                     relay_requests(self, down, scanner, n, mv, now)
         finally:
@@ -531,17 +630,12 @@ class Engine:
         for down, raw, _t in waiting:
             if down.closed:
                 continue
-            scanner = self.new_scanner(down)
-            buf = bytearray(raw)
-            n = scanner.scan(buf)
+            scanner, n, buf = self._one_frame_scanner(down, raw)
             if not found or scanner.frame(0)[6] < 0:
                 # no endpoints, or the service is known but not this method
                 # (a static route for another method): never queue it again
-                self.stats.rejected("no_route")
-                if raw[3] == _REQUEST:
-                    sid = _U64.unpack_from(raw, 8)[0]
-                    why = "no endpoints known" if not found else "no route for this method"
-                    self._answer(down, sid, Status.NO_ROUTE, f"no route for service {service!r}: {why}")
+                why = "no endpoints known" if not found else "no route for this method"
+                self._refuse(down, scanner, 0, "no_route", Status.NO_ROUTE, f"no route for service {service!r}: {why}")
                 continue
             with memoryview(buf) as mv:
                 relay_requests(self, down, scanner, n, mv, now)
@@ -559,10 +653,7 @@ class Engine:
                     if now - t <= self.park_timeout:
                         keep.append((down, raw, t))
                         continue
-                    self.stats.rejected("unavailable")
-                    if raw[3] == _REQUEST:
-                        sid = _U64.unpack_from(raw, 8)[0]
-                        self._answer(down, sid, Status.UNAVAILABLE, f"no connection to cluster {cluster.name!r} in time")
+                    self._refuse_raw(down, raw, "unavailable", Status.UNAVAILABLE, f"no connection to cluster {cluster.name!r} in time")
                 cluster.parked = keep
 
     def abort_all(self, reason: str, links: Iterable[Link] = ()) -> int:
@@ -583,12 +674,12 @@ class Engine:
             parked, cluster.parked = cluster.parked, []
             for down, raw, _t in parked:
                 if raw[3] == _REQUEST:
-                    self._answer(down, _U64.unpack_from(raw, 8)[0], Status.UNAVAILABLE, reason)
+                    self._refuse_raw(down, raw, "drain", Status.UNAVAILABLE, reason)
                     n += 1
         for service in list(self.unrouted):
             for down, raw, _t in self.unrouted.pop(service):
                 if raw[3] == _REQUEST:
-                    self._answer(down, _U64.unpack_from(raw, 8)[0], Status.UNAVAILABLE, reason)
+                    self._refuse_raw(down, raw, "drain", Status.UNAVAILABLE, reason)
                     n += 1
         for up in every.values():
             pending = up.pending

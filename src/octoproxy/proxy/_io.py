@@ -4,15 +4,33 @@ Why raw sockets and not ``trio.SocketStream``: ``receive_some`` allocates a
 new ``bytes`` per read and ``send_all`` yields to the scheduler on every call;
 on this data path that doubled the CPU per call (see docs/benchmarks.md and
 the measurements in PERFORMANCE.md). Here a reader waits until the socket is
-readable, ``recv_into`` a reusable buffer, hands the bytes to the engine, and
-writes every output buffer the engine touched with a plain non-blocking
-``send``. Only a partial send wakes the link's writer task, which waits until
-the socket is writable; until then nothing else is sent on that link, so
-frames never reorder.
+readable, ``recv_into`` a buffer, hands the bytes to the engine, and writes
+every output buffer the engine touched with a plain non-blocking ``send``.
+Only a partial send wakes the link's writer task, which waits until the
+socket is writable; until then nothing else is sent on that link, so frames
+never reorder.
+
+Memory (docs/architecture.md, "Back-pressure and memory"): a read goes into
+one receive buffer shared by every connection (a read is scanned and relayed
+in one synchronous step, so nothing else uses it meanwhile). A connection
+keeps only the tail of an incomplete frame: as ``bytes`` when small, in a
+buffer of exactly the frame's size when large, admitted against the
+proxy-wide :class:`Budget` above ``connection_buffer_limit``. A frame that
+the budget cannot take is answered OVERLOADED and skipped as it arrives. An
+idle connection holds no buffer at all.
+
+Back-pressure is per destination: the engine gives no new request to an
+upstream link above its high watermark (another link of the cluster takes
+it, or the caller gets OVERLOADED with the reason), so a stalled destination
+never stops a reader, and calls to other destinations on the same connection
+go on. A downstream connection that does not read its own responses is not
+read until it has taken half of them.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import logging
 import socket
@@ -21,40 +39,124 @@ from collections.abc import Callable
 import trio
 
 from .._errors import RemoteProtocolError
+from .._protocol import PREFIX_SIZE
 from ._engine import DOWNSTREAM, Engine, Link
 
 log = logging.getLogger("octoproxy.proxy")
 
-__all__ = ["Conn", "Flusher"]
+__all__ = ["Budget", "Conn", "Flusher", "trim_memory", "tune_malloc"]
 
-_INITIAL_BUFFER = 64 * 1024
+#: the receive buffer shared by every connection of a proxy
+SHARED_RECEIVE_BUFFER = 256 * 1024
+#: an incomplete frame up to this size is carried between reads as bytes
+#: (copied in front of the next read) while its received part is at most
+#: CARRY_LIMIT; otherwise it gets a buffer of its own, of exactly its size, so
+#: that a peer trickling a frame byte by byte never costs more than
+#: CARRY_LIMIT of copying per read
+SMALL_FRAME = 64 * 1024
+CARRY_LIMIT = 4096
+_EMPTY = b""
+_NOTHING: list[Link] = []
+_DONE = trio.Event()
+_DONE.set()
+
+
+class Budget:
+    """Proxy-wide accounting of the memory that peers can make the proxy hold.
+
+    Args:
+        total: bytes for incoming frames above ``per_connection`` and for
+            output queued beyond a downstream connection's ``max_buffer``.
+        per_connection: bytes of one incoming frame a connection may buffer
+            without drawing on ``total``.
+        frame_timeout: a started frame must be complete, and an over-full
+            output queue must move, within this many seconds.
+        high_water: ``max_buffer`` of upstream connections (the engine's
+            ``high_watermark`` decides when one takes no new request).
+    """
+
+    __slots__ = ("total", "used", "per_connection", "frame_timeout", "high_water", "closes")
+
+    def __init__(
+        self, total: int = 128 << 20, per_connection: int = 1 << 20, frame_timeout: float = 30.0, high_water: int = 4 << 20
+    ) -> None:
+        self.total = total
+        self.used = 0
+        self.per_connection = per_connection
+        self.frame_timeout = frame_timeout
+        self.high_water = high_water
+        #: connections closed since the last :func:`trim_memory`
+        self.closes = 0
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes; False (and nothing reserved) if they do not fit."""
+        if self.used + n > self.total:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
 
 
 class Conn:
     """A socket, the engine's :class:`Link` for it, and its read/write state."""
 
-    __slots__ = ("sock", "link", "engine", "flusher", "scanner", "buf", "blocked", "wake", "drained", "max_buffer", "closed_event", "on_close", "_closing", "linger")
+    __slots__ = (
+        "sock", "link", "engine", "flusher", "scanner", "rest", "big", "big_fill", "big_charge", "skip", "started",
+        "blocked", "spawn", "writing", "wake", "drained", "max_buffer", "out_charge", "low_event", "on_close",
+        "_closing", "linger", "last_active", "__weakref__",
+    )  # fmt: skip
 
-    def __init__(self, sock: socket.socket, link: Link, flusher: Flusher, *, max_buffer: int, on_close: Callable[[Conn], None] | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        link: Link,
+        flusher: Flusher,
+        *,
+        max_buffer: int,
+        on_close: Callable[[Conn], None] | None = None,
+        spawn: Callable[..., object] | None = None,
+    ) -> None:
+        """``spawn`` (a nursery's ``start_soon``) starts a writer task on each
+        partial send, so an idle connection has no writer task; without it,
+        run :meth:`writer` alongside :meth:`reader`."""
         sock.setblocking(False)
         self.sock = sock
         self.link = link
-        link.io = self
+        link.io = self  # a cycle until lost() breaks it (then refcounting frees both)
         self.flusher = flusher
         self.engine = engine = flusher.engine
         self.scanner = engine.new_scanner(link)
-        self.buf = bytearray(_INITIAL_BUFFER)
+        #: the start of an incomplete small frame, carried to the next read
+        self.rest = _EMPTY
+        #: a large incomplete frame: its own buffer, bytes in it, bytes charged to the budget
+        self.big: bytearray | None = None
+        self.big_fill = 0
+        self.big_charge = 0
+        #: bytes still to discard of a frame refused for lack of memory
+        self.skip = 0
+        #: when the incomplete frame began (0.0: none); see Budget.frame_timeout
+        self.started = 0.0
         #: a partial send happened: the writer task owns the output until it drains
         self.blocked = False
-        self.wake = trio.Event()
-        self.drained = trio.Event()
-        self.drained.set()
+        self.spawn = spawn
+        self.writing = False
+        self.wake: trio.Event | None = None if spawn is not None else trio.Event()
+        #: set once the output is drained (shared, already set, while nothing waits)
+        self.drained = _DONE
+        #: output bytes above which this link counts as full (downstream: the
+        #: reader is paused and the excess is charged to the budget)
         self.max_buffer = max_buffer
-        self.closed_event = trio.Event()
+        self.out_charge = 0
+        #: set when the output falls to half of ``max_buffer`` (made on demand)
+        self.low_event: trio.Event | None = None
         self.on_close = on_close
         self._closing = False
         #: after a protocol error: how long to wait for responses still owed
         self.linger = 30.0
+        #: last time a read left requests in flight (idle timeout, shedding)
+        self.last_active = trio.current_time()
 
     # ------------------------------------------------------------ writing
 
@@ -64,10 +166,10 @@ class Conn:
         if not out or self._closing:
             return
         if self.blocked:
-            # the writer task waits for the socket; meanwhile the queue must
-            # not grow without bound behind a client that does not read
+            # the writer task waits for the socket; meanwhile the queue of a
+            # client that does not read grows only within the budget
             if len(out) > self.max_buffer and self.link.kind == DOWNSTREAM:
-                self._cut_off(len(out))
+                self._charge()
             return
         try:
             n = self.sock.send(out)
@@ -80,45 +182,97 @@ class Conn:
             out.clear()
             return
         del out[:n]
-        if len(out) > self.max_buffer and self.link.kind == DOWNSTREAM:
-            self._cut_off(len(out))
+        if len(out) > self.max_buffer and self.link.kind == DOWNSTREAM and not self._charge():
             return
         self.blocked = True
+        self.link.last_tx = trio.current_time()  # a backlog starts: it must move from now on
         self.drained = trio.Event()
-        self.wake.set()
+        if self.spawn is not None:
+            if not self.writing:
+                self.writing = True
+                self.spawn(self._write_out)
+        elif self.wake is not None:
+            self.wake.set()
 
-    def _cut_off(self, queued: int) -> None:
-        """A client that does not read its responses: cut it off, alone."""
-        self.engine.stats.error("slow_client_cut_off")
-        log.warning("%s is not reading (%d bytes queued > %d): closing it", self.link.name, queued, self.max_buffer)
-        self.lost("slow client cut off")
+    def _charge(self) -> bool:
+        """Charge the output above ``max_buffer`` to the budget; cut the connection off if it does not fit."""
+        budget = self.flusher.budget
+        excess = max(0, len(self.link.out) - self.max_buffer)
+        delta = excess - self.out_charge
+        if delta > 0 and not budget.take(delta):
+            self._cut_off(f"{len(self.link.out)} bytes queued, over max_buffer and the proxy's memory budget is used up")
+            return False
+        if delta < 0:
+            budget.give(-delta)
+        self.out_charge = excess
+        return True
+
+    def _cut_off(self, why: str) -> None:
+        """A peer that does not read what we owe it: cut it off, alone."""
+        self.engine.stats.error("slow_client_cut_off" if self.link.kind == DOWNSTREAM else "slow_upstream_cut_off")
+        log.warning("%s is not reading (%s): closing it", self.link.name, why)
+        self.lost("not reading: " + why)
 
     async def writer(self) -> None:
-        """Drain the output buffer whenever a non-blocking send was partial."""
+        """Without ``spawn``: drain the output buffer whenever a non-blocking send was partial."""
+        assert self.wake is not None
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
-            out = self.link.out
-            while out and not self._closing:
-                try:
-                    await trio.lowlevel.wait_writable(self.sock)
-                except trio.ClosedResourceError:
-                    return
-                try:
-                    n = self.sock.send(out)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    self.lost(f"send failed: {exc.strerror or exc}")
-                    return
-                del out[:n]
-                if len(out) > self.max_buffer and self.link.kind == DOWNSTREAM:
-                    self._cut_off(len(out))
-                    return
-            self.blocked = False
-            self.drained.set()
-            if self._closing:
+            if await self._drain_out():
                 return
+
+    async def _write_out(self) -> None:
+        """With ``spawn``: one writer task per partial send, until the output is drained."""
+        try:
+            await self._drain_out()
+        finally:
+            self.writing = False
+
+    async def _drain_out(self) -> bool:
+        """Send the queue as the socket takes it; True when the connection is closing."""
+        timeout = self.flusher.budget.frame_timeout
+        out = self.link.out
+        while out and not self._closing:
+            try:
+                # the peer must take some of what is queued in time
+                with trio.move_on_after(timeout) as scope:
+                    await trio.lowlevel.wait_writable(self.sock)
+            except trio.ClosedResourceError:
+                return True
+            if scope.cancelled_caught:
+                self._cut_off(f"took none of {len(out)} queued bytes in {timeout:g}s")
+                return True
+            try:
+                n = self.sock.send(out)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self.lost(f"send failed: {exc.strerror or exc}")
+                return True
+            del out[:n]
+            if n:
+                self.link.last_tx = trio.current_time()
+            if self.out_charge:
+                self._charge()
+            if self.low_event is not None and len(out) <= self.max_buffer // 2:
+                self.low_event.set()
+                self.low_event = None
+        self.blocked = False
+        self.drained.set()
+        return self._closing
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    async def wait_low(self) -> None:
+        """Wait until the output is down to half of ``max_buffer`` (or the connection is gone)."""
+        while len(self.link.out) > self.max_buffer // 2 and not self._closing:
+            ev = self.low_event
+            if ev is None:
+                ev = self.low_event = trio.Event()
+            await ev.wait()
 
     # ------------------------------------------------------------ reading
 
@@ -127,22 +281,30 @@ class Conn:
         engine = self.engine
         link = self.link
         sock = self.sock
-        fill = 0
-        max_frame = engine.max_frame_size
+        flusher = self.flusher
+        budget = flusher.budget
+        rx = flusher.rx
+        rx_view = flusher.rx_view
+        downstream = link.kind == DOWNSTREAM
         while not self._closing:
-            buf = self.buf
-            if fill == len(buf):
-                # a frame larger than the buffer: grow towards its size
-                want = max(len(buf) * 2, self.scanner.next_size)
-                if want > max_frame + len(buf):
-                    want = max_frame + 16
-                buf.extend(bytes(want - len(buf)))
             try:
                 await trio.lowlevel.wait_readable(sock)
             except trio.ClosedResourceError:
                 return  # closed by lost(), from another task
+            big = self.big
             try:
-                n = sock.recv_into(memoryview(buf)[fill:])
+                if big is not None:
+                    with memoryview(big) as mv:
+                        n = sock.recv_into(mv[self.big_fill :])
+                elif self.skip:
+                    n = sock.recv_into(rx, min(self.skip, SHARED_RECEIVE_BUFFER))
+                else:
+                    k = len(self.rest)
+                    if k:
+                        rx[:k] = self.rest
+                        n = sock.recv_into(rx_view[k:])
+                    else:
+                        n = sock.recv_into(rx)
             except BlockingIOError:
                 continue
             except OSError as exc:
@@ -151,13 +313,24 @@ class Conn:
             if n == 0:
                 self.lost("closed by peer")
                 return
-            fill += n
             link.last_rx = now = trio.current_time()
+            if big is not None:
+                self.big_fill += n
+                if self.big_fill < len(big):
+                    continue
+                buf, fill = big, len(big)
+            elif self.skip:
+                self.skip -= n
+                if not self.skip:
+                    self.started = 0.0
+                continue
+            else:
+                buf, fill = rx, k + n
             try:
                 consumed = engine.feed(link, self.scanner, buf, fill, now)
             except RemoteProtocolError as exc:
                 engine.protocol_error(link, exc)
-                self.flusher.flush()
+                flusher.flush()
                 # stop reading; still deliver what we owe for the requests
                 # received before the bad frame, then close
                 link.draining = True
@@ -166,17 +339,51 @@ class Conn:
                         await trio.sleep(0.01)
                 await self.close_after_flush(f"protocol error: {exc}")
                 return
+            flusher.flush()
+            if link.inflight:
+                self.last_active = now
+            if big is not None:  # the big frame is done: release it at once
+                self.big = None
+                budget.give(self.big_charge)
+                budget.closes += 1  # worth a trim_memory() too
+                self.big_charge = 0
+                self.started = 0.0
+                self.scanner.scan(_EMPTY)  # drop the scanner's reference to it
+            elif consumed == fill:
+                if self.rest:
+                    self.rest = _EMPTY
+                self.started = 0.0
+            else:
+                self._keep_rest(buf, consumed, fill, now)
+            if downstream and len(link.out) > self.max_buffer:
+                # a client that does not read its responses: read no more
+                # requests from it until it has taken half of them
+                await self.wait_low()
+
+    def _keep_rest(self, buf: bytearray, consumed: int, fill: int, now: float) -> None:
+        """Keep the incomplete frame at ``buf[consumed:fill]`` for the next reads."""
+        if consumed or not self.started:
+            self.started = now  # a new frame began
+        rest = fill - consumed
+        size = self.scanner.next_size
+        if rest < PREFIX_SIZE or not size or (size <= SMALL_FRAME and rest <= CARRY_LIMIT):
+            self.rest = bytes(buf[consumed:fill])
+            return
+        self.rest = _EMPTY
+        budget = self.flusher.budget
+        charge = size if size > budget.per_connection else 0
+        if charge and not budget.take(charge):
+            why = f"frame of {size} bytes does not fit in the proxy's memory budget now ({budget.used} of {budget.total} bytes in use)"
+            log.warning("%s: %s: answered OVERLOADED and skipped", self.link.name, why)
+            self.engine.refuse_partial(self.link, bytes(buf[consumed:fill]), why)
             self.flusher.flush()
-            if consumed:
-                rest = fill - consumed
-                if rest:
-                    buf[:rest] = buf[consumed:fill]
-                fill = rest
-                if len(buf) > _INITIAL_BUFFER and fill <= _INITIAL_BUFFER:
-                    del buf[_INITIAL_BUFFER:]  # give back what one big frame took
-            if link.kind == DOWNSTREAM:
-                # back-pressure: do not read more requests than upstreams take
-                await self.flusher.wait_upstreams()
+            self.skip = size - rest
+            return
+        big = bytearray(size)
+        big[:rest] = buf[consumed:fill]
+        self.big = big
+        self.big_fill = rest
+        self.big_charge = charge
 
     # ------------------------------------------------------------ closing
 
@@ -185,17 +392,30 @@ class Conn:
         if self._closing:
             return
         self._closing = True
-        self.engine.link_lost(self.link, reason)
+        link = self.link
+        self.engine.link_lost(link, reason)
         self.flusher.flush()
-        self.flusher.blocked_upstreams.discard(self)
-        self.wake.set()
+        budget = self.flusher.budget
+        budget.give(self.big_charge + self.out_charge)
+        budget.closes += 1
+        self.big_charge = self.out_charge = 0
+        self.big = None
+        self.rest = _EMPTY
+        if self.wake is not None:
+            self.wake.set()
         self.drained.set()
+        if self.low_event is not None:
+            self.low_event.set()
         try:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
         except OSError:  # pragma: no cover
             pass
-        self.closed_event.set()
+        # break the Conn <-> Link cycle (and the callbacks that close over
+        # this object): a closed connection is freed by refcounting at once
+        link.io = None
+        link.on_idle = None
+        link.on_goaway = None
         if self.on_close is not None:
             self.on_close(self)
 
@@ -220,7 +440,7 @@ class Conn:
                     while True:
                         await trio.lowlevel.wait_readable(self.sock)
                         try:
-                            if not self.sock.recv(65536):
+                            if not self.sock.recv_into(self.flusher.rx):
                                 break
                         except BlockingIOError:
                             continue
@@ -230,34 +450,71 @@ class Conn:
 
 
 class Flusher:
-    """Writes the links an engine touched; tracks upstreams that fell behind."""
+    """Writes the links an engine touched; owns the shared receive buffer and the budget."""
 
-    def __init__(self, engine: Engine, high_water: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, engine: Engine, budget: Budget | None = None) -> None:
         self.engine = engine
-        self.high_water = high_water
-        self.blocked_upstreams: set[Conn] = set()
+        self.budget = budget if budget is not None else Budget()
+        self.rx = bytearray(SHARED_RECEIVE_BUFFER)
+        self.rx_view = memoryview(self.rx)
 
-    def flush(self) -> None:
-        """Write every link the engine touched since the last flush."""
+    def flush(self) -> list[Link]:
+        """Write every link the engine touched since the last flush; return them."""
         engine = self.engine
         if not engine.dirty:
-            return
-        for link in engine.take_dirty():
+            return _NOTHING
+        dirty = engine.take_dirty()
+        for link in dirty:
             conn = link.io
             if conn is not None and not link.closed:
                 conn.try_send()
-                if conn.blocked and link.kind != DOWNSTREAM:
-                    self.blocked_upstreams.add(conn)
+        return dirty
 
-    async def wait_upstreams(self) -> None:
-        """Pause a downstream reader while an upstream link has too much queued."""
-        if not self.blocked_upstreams:
-            return
-        for conn in list(self.blocked_upstreams):
-            if not conn.blocked or conn.link.closed:
-                self.blocked_upstreams.discard(conn)
-            elif len(conn.link.out) > self.high_water:
-                await conn.drained.wait()
+
+_libc_trim: Callable[[int], int] | None = None
+_trim_checked = False
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        name = ctypes.util.find_library("c")
+        return ctypes.CDLL(name) if name else None
+    except OSError:  # pragma: no cover
+        return None
+
+
+def tune_malloc() -> None:
+    """Keep glibc from moving big frame buffers onto the heap.
+
+    glibc serves allocations above ``M_MMAP_THRESHOLD`` with mmap (given back
+    on free) but raises that threshold after each such free, up to 32 MiB;
+    then 16 MiB frame buffers come from the heap and stay resident after they
+    are freed. A fixed threshold keeps them mmapped.
+    """
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(-3, SMALL_FRAME * 2)  # M_MMAP_THRESHOLD
+
+
+def trim_memory() -> bool:
+    """Give freed heap memory back to the system (glibc ``malloc_trim(0)``); False where unavailable.
+
+    After a flood of connections closes, glibc keeps the freed arenas; RSS
+    then stays at the flood's peak. Called rate-limited by the proxy's sweeper.
+    """
+    global _libc_trim, _trim_checked
+    if not _trim_checked:
+        _trim_checked = True
+        trim = getattr(_libc(), "malloc_trim", None)
+        if trim is not None:
+            trim.argtypes = [ctypes.c_size_t]
+            trim.restype = ctypes.c_int
+            _libc_trim = trim
+    if _libc_trim is None:
+        return False
+    _libc_trim(0)
+    return True
 
 
 def is_transient_accept_error(exc: OSError) -> bool:

@@ -39,8 +39,14 @@ class Pending:
         self.stats = stats
 
 
-def forward(engine: Engine, down: Link, up: Link, scanner: Any, i: int, mv: memoryview, now: float, route_timeout: float, oneway: bool) -> None:
-    """Append request frame ``i`` to ``up`` (new stream id, caller stamp) and track it."""
+def forward(
+    engine: Engine, down: Link, up: Link, scanner: Any, i: int, mv: memoryview, now: float, route_timeout: float, max_timeout: float, oneway: bool
+) -> None:
+    """Append request frame ``i`` to ``up`` (new stream id, caller stamp) and track it.
+
+    The deadline is the frame's own timeout, else ``route_timeout``; capped at
+    ``max_timeout`` when that is not 0.
+    """
     off, size, _ftype, _flags, sid, timeout_ms, _route, _status = scanner.frame(i)
     out = up.out
     o = len(out)
@@ -64,8 +70,8 @@ def forward(engine: Engine, down: Link, up: Link, scanner: Any, i: int, mv: memo
     up.next_sid = usid + 1
     _U64.pack_into(out, o + 8, usid)
     timeout = timeout_ms / 1000.0 if timeout_ms else route_timeout
-    if timeout > route_timeout:
-        timeout = route_timeout
+    if max_timeout and timeout > max_timeout:
+        timeout = max_timeout
     deadline = now + timeout
     service, method = scanner.routing_key(i)
     cache = engine.rs_cache[down.listener]
@@ -96,6 +102,7 @@ def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryv
             engine.slow_request(down, scanner, i, mv, now)
         return
     inbound = down.listener == "inbound"
+    high = engine.high_watermark
     stamp_len = 0 if inbound else len(engine.stamp)
     max_size = engine.max_frame_size - stamp_len
     for i in range(n):
@@ -107,19 +114,21 @@ def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryv
         if inbound:
             cluster = engine.inbound_cluster
             route_timeout = engine.default_timeout
+            max_timeout = engine.inbound_max_timeout
         elif route_id >= 0:
             cluster = engine._route_clusters[route_id]
             route_timeout = engine._route_timeouts[route_id]
+            max_timeout = engine._route_max_timeouts[route_id]
         else:
             cluster = None
         if cluster is None or engine.pending_count >= engine.max_pending:
             engine.slow_request(down, scanner, i, mv, now)
             continue
         up = cluster.pick()
-        if up is None:
+        if up is None or len(up.out) > high:  # no link, or a full one: the slow path says what to do
             engine.slow_request(down, scanner, i, mv, now)
             continue
-        forward(engine, down, up, scanner, i, mv, now, route_timeout, False)
+        forward(engine, down, up, scanner, i, mv, now, route_timeout, max_timeout, False)
 
 
 def relay_responses(engine: Engine, up: Link, scanner: Any, n: int, mv: memoryview, now: float) -> None:

@@ -18,11 +18,12 @@ left UNAVAILABLE, then cancels the tree.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -34,13 +35,14 @@ from .._metrics import Registry
 from .._secretfile import load_or_create_secret, write_fresh_secret
 from .._unix import bind_unix, remove_stale_socket
 from .._version import __version__
-from ._discovery import MAX_SUBSCRIPTIONS as _MAX_SUBSCRIPTIONS
-from ._discovery import Discovery, service_names
 from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ._handover import serve_hot_restart
 from ._hot_restart import ParentEvent, ParentState, parent_machine
-from ._io import Conn, Flusher, connect_raw, is_transient_accept_error
+from ._io import Budget, Conn, Flusher, connect_raw, is_transient_accept_error, tune_malloc, trim_memory
 from ._stats import ProxyStats
+
+if TYPE_CHECKING:
+    from ._discovery import Discovery
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -127,7 +129,7 @@ class Proxy:
             for ep in cluster.endpoints:
                 ep.healthy = False  # until a connection is up
             clusters.append(cluster)
-        routes = [Route(r.service, r.method, r.cluster, r.timeout or up.default_timeout) for r in config.routes]
+        routes = [Route(r.service, r.method, r.cluster, r.timeout or up.default_timeout, r.max_timeout or 0.0) for r in config.routes]
         self.static_routes = list(routes)
         #: subscriptions handed over by the previous generation (hot restart)
         self.inherited_subscriptions: list[str] = []
@@ -141,13 +143,28 @@ class Proxy:
             max_frame_size=config.proxy.max_frame_size,
             stats=self.stats,
             park_timeout=up.connect_timeout,
+            inbound_max_timeout=(config.inbound.max_timeout or 0.0) if config.inbound is not None else 0.0,
+            high_watermark=up.high_watermark,
         )
         if config.inbound is not None:
             app = Cluster("local_app", "least_request", [Endpoint(f"unix:{config.inbound.app_uds}")])
             app.endpoints[0].healthy = False
             self.engine.inbound_cluster = app
-        self.flusher = Flusher(self.engine)
-        self.discovery = Discovery(self) if config.discovery is not None else None
+        px = config.proxy
+        self.budget = Budget(px.memory_budget, px.connection_buffer_limit, px.frame_timeout, up.high_watermark)
+        self.flusher = Flusher(self.engine, self.budget)
+        #: data connections allowed by the fd limit (set in run(); see _fd_room)
+        self._fd_base = 0
+        self._fd_limit = 1 << 30
+        #: rate-limited log lines: kind -> (last logged, left out since)
+        self._log_state: dict[str, tuple[float, int]] = {}
+        self.discovery: Discovery | None = None
+        if config.discovery is not None:
+            # imported here: it brings the control plane's client and WebSocket
+            # stack (about 2.3 MB of RSS), which a proxy without discovery never needs
+            from ._discovery import Discovery
+
+            self.discovery = Discovery(self)
         self.listeners: dict[str, socket.socket] = dict(listeners or {})
         self.addresses: dict[str, str] = {}
         self.conns: dict[str, set[Conn]] = {"outbound": set(), "inbound": set()}
@@ -174,6 +191,7 @@ class Proxy:
         """Serve until :meth:`request_shutdown`, then drain and return."""
         cfg = self.config
         self.started_at = trio.current_time()
+        self._set_fd_limit()
         if "outbound" not in self.listeners:
             await remove_stale_socket(str(cfg.outbound.uds))
             self.listeners["outbound"] = bind_unix(str(cfg.outbound.uds), cfg.outbound.uds_mode, 1024)
@@ -207,6 +225,7 @@ class Proxy:
                         if self.discovery is not None:
                             await pools.start(self.discovery.run)
                         root.start_soon(self._timer)
+                        root.start_soon(self._sweeper)
                         if cfg.upstream.ping_interval > 0:
                             root.start_soon(self._pinger)
                         root.start_soon(self._listen, root)
@@ -285,6 +304,7 @@ class Proxy:
                 self._admin_routes(),
                 listeners=[admin],
                 auth=auth,
+                max_connections=self.config.admin.max_connections,
                 handler_nursery=handlers,
                 task_status=task_status,
             )
@@ -361,6 +381,13 @@ class Proxy:
         assert self._conn_nursery is not None
         while True:
             await trio.lowlevel.wait_readable(lsock)
+            # out of connection slots or of fds: make room by shedding the
+            # oldest idle connection (overload mode), not by refusing this one
+            full = len(self.conns[name]) >= max_conns
+            no_fds = not self._fd_room()
+            while (full or no_fds) and self._shed_idle(None if no_fds else name):
+                full = len(self.conns[name]) >= max_conns
+                no_fds = not self._fd_room()
             try:
                 sock, _addr = lsock.accept()
             except BlockingIOError:
@@ -368,20 +395,79 @@ class Proxy:
             except OSError as exc:
                 if is_transient_accept_error(exc):
                     self.stats.error("accept_failed")
-                    log.error("accept on %s failed: %s; backing off", name, exc)
-                    await trio.sleep(0.1)
+                    self._log_limited(
+                        "accept", logging.ERROR, "accept on %s failed: %s; shedding idle connections, backing off", name, exc.strerror or exc
+                    )
+                    if not self._shed_idle(None):
+                        await trio.sleep(0.1)
                     continue
                 raise
             accepted.inc()
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             link = Link(DOWNSTREAM, f"{name}#{int(accepted.value)}", listener=name)
-            if len(self.conns[name]) >= max_conns:
+            if full or no_fds:
                 link.reject = True
                 self.stats.error("connection_limit")
-                log.warning("%s: connection limit %d reached; answering OVERLOADED on %s", name, max_conns, link.name)
-            conn = Conn(sock, link, self.flusher, max_buffer=max_buffer)
+                why = f"connection limit {max_conns}" if full else f"file descriptor limit (fd_reserve {cfg.proxy.fd_reserve} kept free)"
+                self._log_limited("limit", logging.WARNING, "%s: %s reached, none idle; answering OVERLOADED on %s", name, why, link.name)
+            conn = Conn(sock, link, self.flusher, max_buffer=max_buffer, spawn=self._conn_nursery.start_soon)
+            self.conns[name].add(conn)  # counted at once: the limits above see it before its task runs
             self._conn_nursery.start_soon(self._serve_downstream, conn)
+
+    def _log_limited(self, kind: str, level: int, msg: str, *args: object) -> None:
+        """Log one line per ``kind`` per 10 s at most, with how many were left out (accept failures, refusals)."""
+        now = trio.current_time()
+        last, skipped = self._log_state.get(kind, (-1e9, 0))
+        if now - last < 10.0:
+            self._log_state[kind] = (last, skipped + 1)
+            return
+        if skipped:
+            msg += f" ({skipped} more like this in the last 10 s)"
+        log.log(level, msg, *args)
+        self._log_state[kind] = (now, 0)
+
+    def _set_fd_limit(self) -> None:
+        """Leave ``proxy.fd_reserve`` fds below RLIMIT_NOFILE for admin, hot restart and upstreams."""
+        import resource
+
+        test_limit = os.environ.get("OCTOPROXY_TEST_RLIMIT_NOFILE")  # for tests: lower the limit in-process
+        if test_limit:
+            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (int(test_limit), hard))
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            self._fd_base = len(os.listdir("/proc/self/fd"))
+        except OSError:  # pragma: no cover - no /proc
+            self._fd_base = 32
+        if soft != resource.RLIM_INFINITY:
+            self._fd_limit = soft - self.config.proxy.fd_reserve
+        tune_malloc()
+
+    def _fd_room(self) -> bool:
+        """Whether one more data connection stays within the fds not reserved."""
+        used = self._fd_base + len(self.conns["outbound"]) + len(self.conns["inbound"]) + len(self.upstream_conns) + 8
+        return used < self._fd_limit
+
+    def _shed_idle(self, name: str | None) -> bool:
+        """Close the downstream connection idle the longest (on listener ``name``, or any); False if none is idle."""
+        groups = [self.conns[name]] if name is not None else list(self.conns.values())
+        oldest: Conn | None = None
+        for group in groups:
+            for conn in group:
+                link = conn.link
+                if link.inflight or link.out or conn.started or link.reject:
+                    continue
+                if oldest is None or conn.last_active < oldest.last_active:
+                    oldest = conn
+        if oldest is None:
+            return False
+        self.stats.error("idle_connection_shed")
+        self.engine.goaway(oldest.link, "idle connection shed: proxy at its connection limit")
+        self.flusher.flush()
+        self.conns[oldest.link.listener].discard(oldest)
+        oldest.lost("idle connection shed")
+        return True
 
     async def _serve_downstream(self, conn: Conn) -> None:
         name = conn.link.listener
@@ -406,10 +492,8 @@ class Proxy:
             conn.lost("closed")
 
     async def _run_conn(self, conn: Conn) -> None:
-        async with trio.open_nursery() as n:
-            n.start_soon(conn.writer)
-            await conn.reader()
-            n.cancel_scope.cancel()
+        # one task per connection: its writer is started only on a partial send
+        await conn.reader()
 
     # ------------------------------------------------------------ upstream pools
 
@@ -496,7 +580,11 @@ class Proxy:
                 failures = 0
                 backoff = 0.05
                 link = Link(UPSTREAM, f"{cluster.name}/{ep.address}#{slot}", endpoint=ep, cluster=cluster)
-                conn = Conn(sock, link, self.flusher, max_buffer=1 << 62)
+                # a new link has just heard from its peer (the connect): without
+                # this, last_rx = 0.0 on Trio's clock makes the pinger ping it at
+                # once and close it ping_timeout later if the peer is slow
+                link.last_rx = trio.current_time()
+                conn = Conn(sock, link, self.flusher, max_buffer=self.budget.high_water, spawn=self._pool_nursery.start_soon)
                 link.on_idle = lambda _link, c=conn: c.lost("drained after GOAWAY")
                 replace = trio.Event()
 
@@ -542,6 +630,49 @@ class Proxy:
             self.flusher.flush()
             wake = now + 0.05 if nxt is None else min(nxt, now + 0.05)
             await trio.sleep_until(wake)
+
+    async def _sweeper(self) -> None:
+        """Enforce frame deadlines and idle timeouts; give memory back after a burst of closes."""
+        cfg = self.config
+        idle = {"outbound": cfg.outbound.idle_timeout, "inbound": cfg.inbound.idle_timeout if cfg.inbound else 0.0}
+        budget = self.budget
+        frame_timeout = budget.frame_timeout
+        period = min(0.5, frame_timeout / 4)
+        last_trim = trio.current_time()
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            late: list[Conn] = []
+            for name, group in self.conns.items():
+                limit = idle[name]
+                for conn in group:
+                    link = conn.link
+                    if conn.started and now - conn.started > frame_timeout:
+                        late.append(conn)
+                    elif link.inflight:
+                        conn.last_active = now
+                    elif limit and now - conn.last_active > limit and not link.out and not self.draining:
+                        if not link.goaway_sent:
+                            # send nothing new here; closed once the peer had time to hear it
+                            self.engine.goaway(link, f"idle for {limit:g}s")
+                            self.stats.error("idle_timeout")
+                        elif now - conn.last_active > limit + 1.0:
+                            conn.lost("idle timeout")
+            for conn in self.upstream_conns:
+                if conn.started and now - conn.started > frame_timeout:
+                    late.append(conn)
+            for conn in late:
+                self.stats.error("frame_timeout")
+                log.warning("%s: a frame begun %.1fs ago is still incomplete: closing it", conn.link.name, now - conn.started)
+                conn.lost(f"frame not complete within {frame_timeout:g}s")
+            self.flusher.flush()
+            if budget.closes >= 32 and now - last_trim >= 2.0:
+                # after a burst of closes: collect what trio's per-task cycles
+                # still hold, then give the freed pages back to the system
+                budget.closes = 0
+                last_trim = now
+                gc.collect()
+                trim_memory()
 
     async def _pinger(self) -> None:
         """PING idle upstream connections; close the ones whose PONG is late."""
@@ -696,6 +827,9 @@ class Proxy:
         async def subscribe(req: Request) -> Response:
             if self.discovery is None:
                 return Response(404, {"error": "discovery is not configured on this proxy ([discovery] section)"})
+            from ._discovery import MAX_SUBSCRIPTIONS as _MAX_SUBSCRIPTIONS
+            from ._discovery import service_names  # loaded already: discovery is configured
+
             try:
                 body = req.json()
                 if not isinstance(body, dict):
@@ -722,6 +856,8 @@ class Proxy:
         async def unsubscribe(req: Request) -> Response:
             if self.discovery is None:
                 return Response(404, {"error": "discovery is not configured on this proxy ([discovery] section)"})
+            from ._discovery import service_names  # loaded already: discovery is configured
+
             try:
                 body = req.json()
                 if not isinstance(body, dict):

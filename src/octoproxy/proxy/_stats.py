@@ -87,6 +87,10 @@ class ProxyStats:
         rs.count(status)
         rs.latency.observe(seconds)
 
+    def answered(self, direction: str, service: bytes, method: bytes, status: int) -> None:
+        """A request the proxy answered itself (not forwarded): count it in ``requests_total``."""
+        self.request_stats(direction, service, method).count(status)
+
     def rejected(self, reason: str) -> None:
         child = self._rejected.get(reason)
         if child is None:

@@ -94,6 +94,8 @@ class _ServerConnection(asyncio.Protocol):
             self.transport.close()
 
     async def _handle(self, req: Request) -> None:
+        # taken now: a pending task closed with its loop runs the finally with no running loop
+        me = asyncio.current_task()
         try:
             status, error, body = await self.server.run_handler(req)
             data = self.core.response(req, status, error, body)
@@ -101,7 +103,8 @@ class _ServerConnection(asyncio.Protocol):
                 self.transport.write(data)
         finally:
             self.server.release()
-            self.tasks.discard(asyncio.current_task())
+            if me is not None:
+                self.tasks.discard(me)
             self.maybe_close()
 
 

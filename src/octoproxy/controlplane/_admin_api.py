@@ -1,0 +1,226 @@
+"""The control plane's admin HTTP API: what ``octoproxy ctl`` talks to.
+
+Every request but ``GET /healthz`` needs the operator's bearer token
+(``Authorization: Bearer <operator token>``): 401 without valid credentials
+(one rate-limited log line), 403 for a service's join token. Bodies and
+answers are JSON; endpoints and route rules use the protobuf JSON mapping
+(field names as in ``octoproxy_discovery.proto``).
+
+| method | path | what |
+|---|---|---|
+| GET | /healthz | ``ok`` (no credentials: for health checkers) |
+| GET | /sessions?offset=&limit= | summary + one page of sessions |
+| GET | /v1/tokens | join tokens (ids, services, expiry; never secrets) |
+| POST | /v1/tokens | ``{"service", "ttl"}`` -> ``{"id", "token", ...}`` (shown once) |
+| POST | /v1/tokens/revoke | ``{"id"}`` |
+| GET | /v1/endpoints?service= | the service's endpoints |
+| POST | /v1/endpoints/register | ``{"service", "endpoint", "ttl"}`` (leased, not kept alive) |
+| POST | /v1/endpoints/deregister | ``{"service", "address"}`` |
+| POST | /v1/endpoints/status | ``{"service", "address", "status"}`` |
+| GET | /v1/routes?service= | the service's route rules |
+| PUT | /v1/routes | a ``RouteRules`` (no rules deletes them) |
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from google.protobuf import json_format
+
+from .._admin import Handler, Request, Response
+from .._xds_client import RESOURCE_TYPES
+from .._xds_server import check_endpoint, check_route_rules, check_service_name
+from ..proto import octoproxy_discovery_pb2 as pb
+from ._auth import RateLimitedLog, make_join_token
+from ._server import ControlPlaneServer
+from ._store import StoreError
+
+__all__ = ["admin_routes", "MAX_PAGE"]
+
+log = logging.getLogger("octoproxy.controlplane.admin")
+
+#: largest page of GET /sessions
+MAX_PAGE = 1000
+_SHOWN_NAMES = 10
+
+
+def _json(msg: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)  # type: ignore[no-any-return]
+
+
+def _token_info(t: pb.JoinToken) -> dict[str, Any]:
+    return {"id": t.id, "service": t.service, "created_unix_ms": t.created_unix_ms, "expires_unix_ms": t.expires_unix_ms}
+
+
+def _body(req: Request) -> dict[str, Any]:
+    data = req.json()
+    if not isinstance(data, dict):
+        raise ValueError("the body must be a JSON object")
+    return data
+
+
+def admin_routes(server: ControlPlaneServer) -> dict[tuple[str, str], Handler]:
+    """The admin API's routes for ``server`` (see the module doc)."""
+    store = server.store
+    refused = RateLimitedLog(log.warning)
+
+    def operator_only(handler: Callable[[Request], Awaitable[Response]]) -> Handler:
+        async def guarded(req: Request) -> Response:
+            principal = server.auth.authenticate(req.header("authorization"), time.time())
+            if isinstance(principal, str):
+                refused(trio.current_time(), f"refused an unauthenticated admin request {req.method} {req.path}: {principal}")
+                return Response(
+                    401, {"error": f"unauthenticated: {principal}"}, headers=[("WWW-Authenticate", 'Bearer realm="octoproxy"')]
+                )
+            if not principal.is_operator:
+                return Response(403, {"error": f"permission denied: {principal.describe()} is not an operator"})
+            try:
+                return await handler(req)
+            except (ValueError, json_format.ParseError) as exc:
+                return Response(400, {"error": str(exc)})
+            except StoreError as exc:
+                return Response(503, {"error": f"store error: {exc}"})
+
+        return guarded
+
+    async def healthz(_: Request) -> Response:
+        return Response(200, "ok\n")
+
+    async def sessions(req: Request) -> Response:
+        offset = int(req.query.get("offset", "0"))
+        limit = min(int(req.query.get("limit", "100")), MAX_PAGE)
+        if offset < 0 or limit < 0:
+            raise ValueError("offset and limit must not be negative")
+        all_sessions = sorted(server.sessions, key=lambda s: s.peer)
+        by_kind: dict[str, int] = {}
+        for s in all_sessions:
+            key = s.principal.service if s.principal.kind == "service" else "operator"
+            by_kind[key] = by_kind.get(key, 0) + 1
+        page = []
+        for s in all_sessions[offset : offset + limit]:
+            subscribed = {t: len(s.core.subscribed(t)) for t in RESOURCE_TYPES}
+            names = sorted(set().union(*(s.core.subscribed(t) for t in RESOURCE_TYPES)))
+            page.append({
+                "peer": s.peer,
+                "node_id": s.core.node_id,
+                "principal": s.principal.describe(),
+                "subscriptions": subscribed,
+                "subscribed_sample": names[:_SHOWN_NAMES],
+                "registrations": [f"{svc}/{addr}" for svc, addr in sorted(s.registrations)][:_SHOWN_NAMES],
+                "registration_count": len(s.registrations),
+            })
+        return Response(200, {
+            "total": len(all_sessions),
+            "by_principal": by_kind,
+            "refused": dict(server.refused),
+            "offset": offset,
+            "limit": limit,
+            "sessions": page,
+        })
+
+    # ---------------------------------------------------------------- tokens
+    async def tokens_list(_: Request) -> Response:
+        return Response(200, {"tokens": [_token_info(t) for t in sorted(store.view.tokens.values(), key=lambda t: (t.service, t.id))]})
+
+    async def tokens_create(req: Request) -> Response:
+        body = _body(req)
+        ttl = float(body.get("ttl", 0) or 0)
+        token, record = make_join_token(str(body.get("service", "")), time.time(), ttl)
+        await store.put_token(record)
+        log.info("join token %s created for service %s", record.id, record.service)
+        return Response(200, {**_token_info(record), "token": token})
+
+    async def tokens_revoke(req: Request) -> Response:
+        tid = str(_body(req).get("id", ""))
+        found = await store.delete_token(tid) if tid else False
+        if not found:
+            return Response(404, {"error": f"no join token with id {tid!r}"})
+        log.info("join token %s revoked", tid)
+        return Response(200, {"revoked": tid})
+
+    # ---------------------------------------------------------------- endpoints
+    def service_arg(value: object) -> str:
+        service = str(value or "")
+        error = check_service_name(service)
+        if error is not None:
+            raise ValueError(error)
+        return service
+
+    async def endpoints_get(req: Request) -> Response:
+        service = service_arg(req.query.get("service"))
+        found = await store.get_endpoints(service)
+        if found is None:
+            return Response(200, {"service": service, "version": "", "endpoints": []})
+        version, cla = found
+        return Response(200, {"service": service, "version": version, "endpoints": [_json(e) for e in cla.endpoints]})
+
+    async def endpoints_register(req: Request) -> Response:
+        body = _body(req)
+        service = service_arg(body.get("service"))
+        endpoint = json_format.ParseDict(body.get("endpoint") or {}, pb.Endpoint())
+        error = check_endpoint(endpoint, server.allowed_networks)
+        if error is not None:
+            raise ValueError(error)
+        ttl = float(body.get("ttl", server.max_lease_ttl))
+        ttl = min(max(ttl, server.min_lease_ttl), server.max_lease_ttl)
+        lease = await store.grant_lease(ttl)
+        await store.put_endpoint(service, endpoint, lease.id)
+        log.info("operator registered %s/%s (lease %.0fs, not kept alive)", service, endpoint.address, lease.ttl)
+        return Response(200, {"service": service, "address": endpoint.address, "lease_ttl": lease.ttl})
+
+    async def endpoints_deregister(req: Request) -> Response:
+        body = _body(req)
+        service, address = service_arg(body.get("service")), str(body.get("address", ""))
+        if not await store.delete_endpoint(service, address):
+            return Response(404, {"error": f"{service}/{address} is not registered"})
+        log.info("operator deregistered %s/%s", service, address)
+        return Response(200, {"deregistered": f"{service}/{address}"})
+
+    async def endpoints_status(req: Request) -> Response:
+        body = _body(req)
+        service, address = service_arg(body.get("service")), str(body.get("address", ""))
+        name = str(body.get("status", ""))
+        if name not in pb.Endpoint.Status.keys():
+            raise ValueError(f"unknown status {name!r} (want one of {', '.join(pb.Endpoint.Status.keys())})")
+        if not await store.set_status(service, address, pb.Endpoint.Status.Value(name)):
+            return Response(404, {"error": f"{service}/{address} is not registered"})
+        log.info("operator set %s/%s %s", service, address, name)
+        return Response(200, {"service": service, "address": address, "status": name})
+
+    # ---------------------------------------------------------------- routes
+    async def routes_get(req: Request) -> Response:
+        service = service_arg(req.query.get("service"))
+        found = await store.get_route_rules(service)
+        rules = found[1] if found is not None else pb.RouteRules(service=service)
+        return Response(200, {"version": found[0] if found else "", "rules": _json(rules)})
+
+    async def routes_put(req: Request) -> Response:
+        rules = json_format.ParseDict(_body(req), pb.RouteRules())
+        error = check_route_rules(rules)
+        if error is not None:
+            raise ValueError(error)
+        before = await store.get_route_rules(rules.service)
+        await store.put_route_rules(rules)
+        changed = (before[1] if before else pb.RouteRules(service=rules.service)) != rules
+        log.info("operator put route rules of %s (%d rules, changed=%s)", rules.service, len(rules.rules), changed)
+        return Response(200, {"service": rules.service, "changed": changed})
+
+    routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
+        ("GET", "/sessions"): sessions,
+        ("GET", "/v1/tokens"): tokens_list,
+        ("POST", "/v1/tokens"): tokens_create,
+        ("POST", "/v1/tokens/revoke"): tokens_revoke,
+        ("GET", "/v1/endpoints"): endpoints_get,
+        ("POST", "/v1/endpoints/register"): endpoints_register,
+        ("POST", "/v1/endpoints/deregister"): endpoints_deregister,
+        ("POST", "/v1/endpoints/status"): endpoints_status,
+        ("GET", "/v1/routes"): routes_get,
+        ("PUT", "/v1/routes"): routes_put,
+    }
+    out: dict[tuple[str, str], Handler] = {k: operator_only(v) for k, v in routes.items()}
+    out[("GET", "/healthz")] = healthz
+    return out

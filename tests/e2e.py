@@ -184,7 +184,7 @@ def caller_toml(workdir: Path, upstream_ports: list[int], **extra: str) -> str:
 [proxy]
 service = "caller-app"
 drain_time = {extra.get("drain_time", "3.0")}
-shutdown_time = 6.0
+shutdown_time = {extra.get("shutdown_time", "6.0")}
 max_frame_size = {extra.get("max_frame_size", "16777216")}
 {extra.get("proxy", "")}
 [outbound]

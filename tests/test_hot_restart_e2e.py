@@ -160,29 +160,74 @@ async def test_new_process_that_crashes_during_startup_leaves_old_serving() -> N
 
 
 async def test_second_hot_restart_at_once_is_refused() -> None:
-    with trio.fail_after(60), short_tmpdir() as d:
+    """A third generation is refused while the first still drains.
+
+    Event-driven, not timed: generation 0 is held in its draining state by a
+    call the provider does not answer until the test says so, and the test
+    sees generation 1 ready and generation 0 draining (its log line, and
+    generation 1's ``parent_alive``) before it starts generation 2.
+    """
+    with trio.fail_after(90), short_tmpdir() as d:
         port = free_port()
         app_uds = d / "app.sock"
-        caller_cfg = write(d / "caller.toml", caller_toml(d, [port], drain_time="5.5"))
-        async with provider(d, app_uds):
-            pp = await start_process(proxy_argv(write(d / "p.toml", provider_toml(d, port, app_uds))), "octoproxy ready", d, "pp")
+        # drain_time only bounds the test if the release never comes; the release ends the drain
+        caller_cfg = write(d / "caller.toml", caller_toml(d, [port], drain_time="60", shutdown_time="70", route_timeout="80"))
+        arrived, release = trio.Event(), trio.Event()
+
+        async def handler(req: sdk.Request) -> bytes:
+            if req.method == "hold":
+                arrived.set()
+                await release.wait()
+                return b"released"
+            return req.body
+
+        async with trio.open_nursery() as app:
+            await app.start(sdk.serve, str(app_uds), handler)
+            # the held call may wait long on a loaded machine: no deadline on the provider side either
+            prov_cfg = write(d / "p.toml", provider_toml(d, port, app_uds) + "[upstream]\ndefault_timeout = 80\n")
+            pp = await start_process(proxy_argv(prov_cfg), "octoproxy ready", d, "pp")
             cp = await start_process(proxy_argv(caller_cfg), "octoproxy ready", d, "cp")
+            g1: Proc | None = None
             try:
                 await wait_ready(cp)
-                # keep a call in flight so that generation 0 stays draining for a while
                 async with sdk.open_client(d / "caller.sock") as client, trio.open_nursery() as n:
-                    n.start_soon(client.call, "echo", "sleep", b"4.5")  # long enough for a loaded machine
-                    await trio.sleep(0.2)
-                    g1 = await start_process(proxy_argv(caller_cfg, hot_restart=True), "octoproxy ready", d, "g1")
+                    got: list[bytes] = []
+
+                    async def held_call() -> None:
+                        got.append(await client.call("echo", "hold", b"", timeout=80))
+
+                    n.start_soon(held_call)
+                    with trio.fail_after(20):
+                        await arrived.wait()  # in flight through generation 0
+                    g1 = await start_process(proxy_argv(caller_cfg, hot_restart=True), "octoproxy ready", d, "g1", timeout=30)
+                    with trio.fail_after(30):  # generation 0 drains, with our call in flight
+                        while "draining: 1 requests in flight" not in cp.stderr():
+                            await trio.sleep(0.02)
+                    await wait_ready(g1, timeout=30)
+                    state = await g1.json("/ready")
+                    hot = state["hot_restart"]  # type: ignore[index]
+                    assert hot["generation"] == 1 and hot["parent_alive"], state
+                    assert cp.process.returncode is None
                     # generation 0 is still draining: a third generation is refused
-                    p = await trio.run_process(proxy_argv(caller_cfg, hot_restart=True), check=False, capture_stderr=True)
-                    assert p.returncode == 1 and b"at most two generations" in p.stderr
+                    with trio.fail_after(30):  # a third generation that took over would run on: a failure too
+                        p = await trio.run_process(proxy_argv(caller_cfg, hot_restart=True), check=False, capture_stderr=True)
+                    assert p.returncode == 1 and b"at most two generations" in p.stderr, p.stderr[-2000:]
+                    assert cp.process.returncode is None  # the condition held throughout
+                    release.set()
+                assert got == [b"released"]
+                with trio.fail_after(20):  # released: generation 0 has nothing in flight and exits
+                    assert await cp.process.wait() == 0
                 with trio.fail_after(10):
-                    await cp.process.wait()
-                await stop(g1)
+                    while (await g1.json("/ready"))["hot_restart"]["parent_alive"]:  # type: ignore[index]
+                        await trio.sleep(0.02)
+                assert await g1.metric('octoproxy_errors_total{kind="hot_restart_refused"}') == 1
             finally:
+                release.set()
+                if g1 is not None:
+                    await stop(g1)
                 await stop(cp)
                 await stop(pp)
+                app.cancel_scope.cancel()
 
 
 def write(path, text: str):

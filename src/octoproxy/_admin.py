@@ -34,6 +34,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlsplit
 
@@ -300,6 +301,7 @@ async def serve_admin(
     listeners: list[trio.SocketListener] | None = None,
     auth: AdminAuth | None = None,
     max_connections: int | None = None,
+    handler_nursery: trio.Nursery | None = None,
 ) -> NoReturn:
     """Serve the admin HTTP/1.1 API until cancelled.
 
@@ -322,6 +324,10 @@ async def serve_admin(
             asked for; the Host, Origin and request-target checks still apply).
         max_connections: connections served at once; one more is answered
             503 and closed at once (None: no limit).
+        handler_nursery: where accepted connections are served (default: a
+            nursery of this call). With a nursery that outlives this call,
+            cancelling it only stops accepting: connections already accepted
+            are served to completion (a hot-restarted proxy's old generation).
 
     Raises:
         ValueError: if the address is malformed or ``listeners`` is empty.
@@ -333,7 +339,7 @@ async def serve_admin(
         raise ValueError("serve_admin needs at least one listener")
     server = _Server(dict(routes), max_body, header_timeout, auth, max_connections)
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, server.handle, listeners)
+        await nursery.start(partial(trio.serve_listeners, server.handle, listeners, handler_nursery=handler_nursery))
         task_status.started(_listener_address(listeners[0]))
     raise AssertionError("serve_listeners returned")  # pragma: no cover
 

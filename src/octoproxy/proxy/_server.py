@@ -61,6 +61,9 @@ ADMIN_PUBLIC = frozenset(
 #: POST /subscribe: names per request, and the longest wait a caller may ask for
 _SUBSCRIBE_MAX_NAMES = 1000
 _SUBSCRIBE_MAX_TIMEOUT = 60.0
+#: at exit, admin connections accepted before the admin listener stopped get this long to be
+#: served (a probe accepted just before a hand-over may not have sent its request yet)
+_ADMIN_LINGER = 3.0
 
 
 def bind_tcp(address: str, backlog: int = 1024) -> socket.socket:
@@ -210,6 +213,9 @@ class Proxy:
         if accept:
             self._accepting.set()
         self._stop_accepting = trio.CancelScope()
+        self._stop_admin = trio.CancelScope()  # the admin listener: only a hand-over stops it early
+        self._admin_closing = trio.Event()  # exit: no new admin connections will come
+        self._admin_conns_done: trio.Event | None = None  # set when the served ones are all over
         self._conn_nursery: trio.Nursery | None = None
         self._pool_nursery: trio.Nursery | None = None
         self._register_gauges()
@@ -275,6 +281,11 @@ class Proxy:
                 if self.handed_over:  # let the child hear that we are done
                     with trio.move_on_after(3):
                         await self.handover_finished.wait()
+                self._stop_admin.cancel()
+                if self._admin_conns_done is not None:
+                    self._admin_closing.set()
+                    with trio.move_on_after(_ADMIN_LINGER):
+                        await self._admin_conns_done.wait()
                 root.cancel_scope.cancel()
         finally:
             self._close_listeners()
@@ -282,20 +293,10 @@ class Proxy:
     async def _listen(self, root: trio.Nursery) -> None:
         """Accept on every listener (admin and hot restart included), once allowed."""
         await self._accepting.wait()
+        handlers = await root.start(self._admin_connections)
+        await root.start(self._serve_admin, handlers)
         with self._stop_accepting:
             async with trio.open_nursery() as n:
-                admin = trio.SocketListener(trio.socket.from_stdlib_socket(self.listeners["admin"]))
-                auth = AdminAuth(self.admin_token, ADMIN_PUBLIC)
-                await n.start(
-                    partial(
-                        serve_admin,
-                        self.addresses["admin"],
-                        self._admin_routes(),
-                        listeners=[admin],
-                        auth=auth,
-                        max_connections=self.config.admin.max_connections,
-                    )
-                )
                 n.start_soon(serve_hot_restart, self, self.listeners["hot_restart"], root)
                 for name in ("outbound", "inbound"):
                     if name in self.listeners:
@@ -308,6 +309,46 @@ class Proxy:
                     self.generation,
                     " ".join(f"{k}={v}" for k, v in sorted(self.addresses.items())),
                 )
+
+    async def _admin_connections(self, *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery admin connections are served in, until every one is over at exit."""
+        done = self._admin_conns_done = trio.Event()
+        try:
+            async with trio.open_nursery() as n:
+                task_status.started(n)
+                await self._admin_closing.wait()  # then the nursery waits for its connections
+        finally:
+            done.set()
+
+    async def _serve_admin(self, handlers: trio.Nursery, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on the admin listener until the hand-over, or to the end of a plain drain.
+
+        The admin listener is shared with the other generation during a hot
+        restart, so the two rules that keep a probe from ever seeing a reset
+        are: the accepted connections are served in ``handlers``
+        (:meth:`_admin_connections`), not in the accept loop's own nursery, so
+        stopping accepting never cancels a request half served, and at exit
+        they get ``_ADMIN_LINGER`` to finish (one accepted just before the
+        hand-over may not even have sent its request yet); and the old generation stops
+        accepting exactly when the new one is ready (:meth:`begin_handover_drain`),
+        so whatever waits in the accept queue is the new one's. During a plain
+        drain (SIGTERM, ``POST /drain``) it keeps serving, so that ``/ready``
+        answers 503 "draining" rather than nothing. Closing the listener at
+        exit does reset what is still queued; a hot restart never gets there
+        with its admin listener, since the new generation holds the same socket.
+        """
+        with self._stop_admin:
+            admin = trio.SocketListener(trio.socket.from_stdlib_socket(self.listeners["admin"]))
+            auth = AdminAuth(self.admin_token, ADMIN_PUBLIC)
+            await serve_admin(
+                self.addresses["admin"],
+                self._admin_routes(),
+                listeners=[admin],
+                auth=auth,
+                max_connections=self.config.admin.max_connections,
+                handler_nursery=handlers,
+                task_status=task_status,
+            )
 
     def arm_hot_restart(self) -> None:
         """Write this generation's hand-over secret next to the hot-restart socket.
@@ -340,6 +381,7 @@ class Proxy:
         self.handed_over = True
         self.keep_socket_files = True
         self._stop_accepting.cancel()
+        self._stop_admin.cancel()  # accepted admin requests still complete (see _serve_admin)
         self.request_shutdown()
 
     def request_shutdown(self) -> None:

@@ -132,6 +132,19 @@ def local_blockers(proxy: Proxy) -> dict[str, str]:
         missing["app_uds"] = f"the local app on inbound.app_uds {proxy.config.inbound.app_uds}"
     if state["healthcheck_failed"]:
         missing["healthcheck"] = "POST /healthcheck/ok (the health check was failed by hand)"
+    if not proxy.tls_ready():
+        missing["certificate"] = "a certificate from the control plane (mTLS; discovery.join_token_file, tls.mode)"
+    disc = proxy.discovery
+    if (
+        disc is not None
+        and disc.cfg.register
+        and proxy.config.inbound is not None
+        and proxy.config.proxy.service
+        and disc.registered_address is None
+        and "app_uds" not in missing
+    ):
+        # peers find this provider only once it is registered: the ready line waits for that too
+        missing["registration"] = f"the registration of {proxy.config.proxy.service} with the control plane"
     return missing
 
 

@@ -9,6 +9,7 @@ provider's proxy applies each change without a restart.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,8 +19,12 @@ import trio
 from e2e import Proc, free_port, provider_toml, proxy_argv, short_tmpdir, start_process, stop, wait_ready
 from octoproxy import Status, sdk
 from octoproxy._admin import http_request
-from octoproxy.controlplane import DiscoveryClient
 from octoproxy._xds_client import TYPE_AUTHZ
+from octoproxy.controlplane import DiscoveryClient, EmbeddedStore, EtcdStore
+from octoproxy.controlplane._store import check_authz_policy
+from octoproxy.proto import octoproxy_discovery_pb2 as pb
+from test_controlplane import wait_for
+from test_etcd import Member, etcd_bin, etcd_single  # noqa: F401  (fixtures)
 from test_mesh_tls import App, _cp_argv, _discovery, _join_token
 
 pytestmark = pytest.mark.e2e
@@ -143,3 +148,54 @@ async def test_policy_pushed_by_an_operator_applies_without_restart() -> None:
         finally:
             for p in reversed(procs):
                 await stop(p)
+
+
+# ---------------------------------------------------------------- the stores
+
+POLICY = pb.AuthorizationPolicy(
+    service="echo", default_action="deny", rules=[pb.AuthorizationRule(action="allow", callers=["web"], methods=["Get*"])]
+)
+
+
+def test_validation_is_the_proxys() -> None:
+    assert check_authz_policy(POLICY) is None
+    assert "maybe" in (check_authz_policy(pb.AuthorizationPolicy(service="echo", default_action="maybe")) or "")
+    bad_rule = pb.AuthorizationPolicy(service="echo", rules=[pb.AuthorizationRule(action="allow", callers=[""])])
+    assert "empty caller" in (check_authz_policy(bad_rule) or "")
+    assert check_authz_policy(pb.AuthorizationPolicy()) is not None  # no service
+
+
+async def test_embedded_snapshot_keeps_policies(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.json")
+    async with trio.open_nursery() as nursery:
+        s1 = EmbeddedStore(path, snapshot_delay=0.01)
+        await nursery.start(s1.run)
+        await s1.put_authz_policy(POLICY)
+        before = await s1.get_authz_policy("echo")
+        await wait_for(lambda: os.path.exists(path) and "Get*" in open(path).read())
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        s2 = EmbeddedStore(path, snapshot_delay=0.01)
+        await nursery.start(s2.run)
+        assert await s2.get_authz_policy("echo") == before  # same content, same version
+        assert await s2.delete_authz_policy("echo")
+        assert not await s2.delete_authz_policy("echo")
+        assert await s2.get_authz_policy("echo") is None
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.etcd
+async def test_etcd_store_lists_and_watches_policies(etcd_single: list[Member]) -> None:
+    url = etcd_single[0].client_url
+    async with trio.open_nursery() as nursery:
+        a, b = EtcdStore([url], prefix="/authz1/"), EtcdStore([url], prefix="/authz1/")
+        await nursery.start(a.run)
+        await a.put_authz_policy(POLICY)
+        await nursery.start(b.run)  # lists what exists
+        assert b.view.authz["echo"] == POLICY
+        await a.put_authz_policy(pb.AuthorizationPolicy(service="other", default_action="deny"))  # watched
+        await wait_for(lambda: "other" in b.view.authz)
+        assert await b.get_authz_policy("echo") == await a.get_authz_policy("echo")
+        assert await a.delete_authz_policy("echo")
+        await wait_for(lambda: "echo" not in b.view.authz)
+        nursery.cancel_scope.cancel()

@@ -218,7 +218,9 @@ def admin_routes(server: ControlPlaneServer) -> dict[tuple[str, str], Handler]:
     async def authz_get(req: Request) -> Response:
         service = service_arg(req.query.get("service"))
         found = await store.get_authz_policy(service)
-        return Response(200, {"service": service, "version": found[0] if found else "", "policy": _json(found[1]) if found else None})
+        if found is None:
+            return Response(200, {"service": service, "version": "", "policy": None})
+        return Response(200, {"service": service, "version": found[0], "policy": _json(found[1])})
 
     async def authz_put(req: Request) -> Response:
         policy = json_format.ParseDict(_body(req), pb.AuthorizationPolicy())

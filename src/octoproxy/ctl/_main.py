@@ -252,7 +252,7 @@ def _routes_group(sub: Any) -> None:
 async def _authz_get(api: Api, args: argparse.Namespace) -> int:
     reply = await api.call("GET", f"/v1/authz?service={quote(args.service)}")
     if reply.get("policy") is None:
-        print(f"{args.service} has no authorization policy on the control plane (its proxies apply their [authz])", file=sys.stderr)
+        print(f"{args.service} has no authorization policy on the control plane (its proxies apply [authz])", file=sys.stderr)
         return 1
     _out(reply["policy"])
     return 0
@@ -269,7 +269,7 @@ async def _authz_put(api: Api, args: argparse.Namespace) -> int:
         raise CtlError(f"{args.file} is the policy of service {policy['service']!r}, not {args.service!r}")
     current = (await api.call("GET", f"/v1/authz?service={quote(args.service)}")).get("policy") or {}
     # the control plane validates it (as the proxies will) even in a dry run
-    await api.call("PUT", f"/v1/authz?dry_run=1&service={quote(args.service)}", policy)
+    await api.call("PUT", "/v1/authz?dry_run=1", policy)
     diff = list(difflib.unified_diff(_canonical(current), _canonical(policy), "current", args.file, lineterm=""))
     if not diff:
         print(f"authorization policy of {args.service}: no change")

@@ -19,6 +19,9 @@ answers are JSON; endpoints and route rules use the protobuf JSON mapping
 | POST | /v1/endpoints/status | ``{"service", "address", "status"}`` |
 | GET | /v1/routes?service= | the service's route rules |
 | PUT | /v1/routes | a ``RouteRules`` (no rules deletes them) |
+| GET | /v1/authz?service= | the service's pushed ``AuthorizationPolicy`` (``policy`` null: none) |
+| PUT | /v1/authz[?dry_run=1] | an ``AuthorizationPolicy`` (validated like the proxy does; dry run: only validated) |
+| POST | /v1/authz/delete | ``{service}``: the proxies fall back to their ``[authz]`` |
 | GET, POST | /v1/config... | configuration for apps (see :mod:`._appconfig`) |
 """
 
@@ -39,7 +42,7 @@ from ..proto import octoproxy_discovery_pb2 as pb
 from ._appconfig import appconfig_routes
 from ._auth import RateLimitedLog, make_join_token
 from ._server import ControlPlaneServer
-from ._store import StoreError
+from ._store import StoreError, check_authz_policy
 
 __all__ = ["admin_routes", "MAX_PAGE"]
 
@@ -211,6 +214,35 @@ def admin_routes(server: ControlPlaneServer) -> dict[tuple[str, str], Handler]:
         log.info("operator put route rules of %s (%d rules, changed=%s)", rules.service, len(rules.rules), changed)
         return Response(200, {"service": rules.service, "changed": changed})
 
+    # ---------------------------------------------------------------- authorization policies
+    async def authz_get(req: Request) -> Response:
+        service = service_arg(req.query.get("service"))
+        found = await store.get_authz_policy(service)
+        if found is None:
+            return Response(200, {"service": service, "version": "", "policy": None})
+        return Response(200, {"service": service, "version": found[0], "policy": _json(found[1])})
+
+    async def authz_put(req: Request) -> Response:
+        policy = json_format.ParseDict(_body(req), pb.AuthorizationPolicy())
+        error = check_authz_policy(policy)
+        if error is not None:
+            raise ValueError(error)
+        before = await store.get_authz_policy(policy.service)
+        changed = before is None or before[1] != policy
+        if req.query.get("dry_run"):
+            return Response(200, {"service": policy.service, "changed": changed, "dry_run": True})
+        await store.put_authz_policy(policy)
+        log.info("operator put the authorization policy of %s (%d rules, default %s, changed=%s)", policy.service,
+                 len(policy.rules), policy.default_action or "allow", changed)  # fmt: skip
+        return Response(200, {"service": policy.service, "changed": changed})
+
+    async def authz_delete(req: Request) -> Response:
+        service = service_arg(_body(req).get("service"))
+        if not await store.delete_authz_policy(service):
+            return Response(404, {"error": f"{service} has no authorization policy"})
+        log.info("operator deleted the authorization policy of %s", service)
+        return Response(200, {"deleted": service})
+
     routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
         ("GET", "/sessions"): sessions,
         ("GET", "/v1/tokens"): tokens_list,
@@ -222,6 +254,9 @@ def admin_routes(server: ControlPlaneServer) -> dict[tuple[str, str], Handler]:
         ("POST", "/v1/endpoints/status"): endpoints_status,
         ("GET", "/v1/routes"): routes_get,
         ("PUT", "/v1/routes"): routes_put,
+        ("GET", "/v1/authz"): authz_get,
+        ("PUT", "/v1/authz"): authz_put,
+        ("POST", "/v1/authz/delete"): authz_delete,
     }
     routes.update(appconfig_routes(store))  # configuration for apps (controlplane/_appconfig.py)
     out: dict[tuple[str, str], Handler] = {k: operator_only(v) for k, v in routes.items()}

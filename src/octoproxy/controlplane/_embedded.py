@@ -152,6 +152,8 @@ class EmbeddedStore(Store):
             snap.tokens.append(self.view.tokens[tid])
         for name in sorted(self.view.app_configs):
             snap.app_configs.append(self.view.app_configs[name])
+        for service in sorted(self.view.authz):
+            snap.authz.append(self.view.authz[service])
         return snap
 
     async def _load(self, path: str) -> None:
@@ -174,9 +176,11 @@ class EmbeddedStore(Store):
             self.view.set_token(token)
         for record in snap.app_configs:
             self.view.set_app_config(record)
+        for policy in snap.authz:
+            self.view.set_authz(policy)
         logger.info(
-            "restored %d registrations, %d route rules, %d join tokens from %s",
-            len(snap.registrations), len(snap.routes), len(snap.tokens), path,
+            "restored %d registrations, %d route rules, %d join tokens, %d authorization policies from %s",
+            len(snap.registrations), len(snap.routes), len(snap.tokens), len(snap.authz), path,
         )
 
     # ------------------------------------------------------------ leases
@@ -269,3 +273,11 @@ class EmbeddedStore(Store):
     async def put_app_config(self, record: pb.AppConfigRecord) -> None:
         """See :meth:`Store.put_app_config`."""
         self.view.set_app_config(record)
+
+    async def put_authz_policy(self, policy: pb.AuthorizationPolicy) -> None:
+        """See :meth:`Store.put_authz_policy`."""
+        self.view.set_authz(policy)
+
+    async def delete_authz_policy(self, service: str) -> bool:
+        """See :meth:`Store.delete_authz_policy`."""
+        return self.view.remove_authz(service)

@@ -11,7 +11,8 @@ long-lived chunked response read here line by line.
 Theory of operation: keys live under a prefix (default ``/octoproxy/``):
 ``services/<service>/<address>`` holds the JSON form of an ``Endpoint`` and is
 attached to a lease; ``routes/<service>`` holds the JSON form of a
-``RouteRules`` and has no lease. :meth:`EtcdStore.run` lists the whole prefix
+``RouteRules`` and has no lease; ``authz/<service>`` likewise holds an
+``AuthorizationPolicy``. :meth:`EtcdStore.run` lists the whole prefix
 into the :class:`RegistryView`, then watches from the next revision, applying
 each event to the view (which notifies the control plane's sessions). If the
 watch ends, fails, or its member stops answering ``/health``, the store lists
@@ -85,7 +86,7 @@ def _prefix_end(prefix: str) -> str:
 CAS_ATTEMPTS = 8
 
 
-def _to_json(msg: pb.Endpoint | pb.RouteRules | pb.JoinToken | pb.AppConfigRecord) -> str:
+def _to_json(msg: pb.Endpoint | pb.RouteRules | pb.JoinToken | pb.AppConfigRecord | pb.AuthorizationPolicy) -> str:
     return str(json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=None, sort_keys=True))
 
 
@@ -291,6 +292,9 @@ class EtcdStore(Store):
             if kind == "appconfig":
                 record = json_format.Parse(value, pb.AppConfigRecord(), ignore_unknown_fields=True) if value else None
                 return ("appconfig", tail, record)
+            if kind == "authz":
+                policy = json_format.Parse(value, pb.AuthorizationPolicy(), ignore_unknown_fields=True) if value else None
+                return ("authz", tail, policy)
         except json_format.ParseError as exc:
             logger.warning("ignoring undecodable key %s: %s", key, exc)
         return None
@@ -304,6 +308,7 @@ class EtcdStore(Store):
         routes: dict[str, pb.RouteRules] = {}
         tokens: dict[str, pb.JoinToken] = {}
         app_configs: dict[str, pb.AppConfigRecord] = {}
+        authz: dict[str, pb.AuthorizationPolicy] = {}
         for kv in reply.get("kvs", []):
             item = self._decode(_unb64(kv["key"]), _unb64(kv.get("value", "")))
             if item is None:
@@ -317,7 +322,9 @@ class EtcdStore(Store):
                 tokens[item[1]] = item[2]
             elif item[0] == "appconfig" and item[2] is not None:
                 app_configs[item[1]] = item[2]
-        changed = self.view.replace_all(services, routes, tokens, app_configs)
+            elif item[0] == "authz" and item[2] is not None:
+                authz[item[1]] = item[2]
+        changed = self.view.replace_all(services, routes, tokens, app_configs, authz)
         revision = int(reply["header"]["revision"])
         logger.info("listed %d services from etcd at revision %d (%d changes)", len(services), revision, changed)
         return revision
@@ -345,6 +352,11 @@ class EtcdStore(Store):
                 self.view.remove_token(service)
             else:
                 self.view.set_token(payload)
+        elif kind == "authz":
+            if payload is None:
+                self.view.remove_authz(service)
+            else:
+                self.view.set_authz(payload)
         elif payload is None:
             self.view.remove_routes(service)
         else:
@@ -509,6 +521,15 @@ class EtcdStore(Store):
             await self._call("/v3/kv/put", {"key": key, "value": _b64(_to_json(rules))})
         else:
             await self._call("/v3/kv/deleterange", {"key": key})
+
+    async def put_authz_policy(self, policy: pb.AuthorizationPolicy) -> None:
+        """See :meth:`Store.put_authz_policy` (``<prefix>authz/<service>``, never leased)."""
+        await self._call("/v3/kv/put", {"key": _b64(f"{self.prefix}authz/{policy.service}"), "value": _b64(_to_json(policy))})
+
+    async def delete_authz_policy(self, service: str) -> bool:
+        """See :meth:`Store.delete_authz_policy`."""
+        reply = await self._call("/v3/kv/deleterange", {"key": _b64(f"{self.prefix}authz/{service}")})
+        return int(reply.get("deleted", 0)) > 0
 
     async def put_token(self, token: pb.JoinToken) -> None:
         """See :meth:`Store.put_token` (``<prefix>tokens/<id>``, never leased)."""

@@ -15,8 +15,9 @@ Every session is authenticated at the WebSocket handshake (see
 :mod:`~octoproxy.controlplane._auth`): an operator token, a service's join
 token, or a client certificate this control plane's CA issued; anything else
 gets 401 and one rate-limited log line. A service principal may register,
-deregister and set the status of its own service's endpoints only; route
-rules are for operators. Each session is bounded: registrations
+deregister and set the status of its own service's endpoints only, and read
+only its own service's configuration and authorization policy; route rules
+and authorization policies are written by operators. Each session is bounded: registrations
 (``max_registrations_per_session``), subscriptions (``max_subscriptions``),
 message size, sessions per peer address; going over one ends the session (or
 refuses the request) with a message that names the limit and its option.
@@ -56,7 +57,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from .. import _appconfig
 from .._errors import exception_leaves
-from .._xds_client import RESOURCE_TYPES, TYPE_APPCONFIG, DiscoveryError
+from .._xds_client import RESOURCE_TYPES, TYPE_APPCONFIG, TYPE_AUTHZ, DiscoveryError
 from .._xds_server import (
     DEFAULT_MAX_SUBSCRIPTION_BYTES,
     DEFAULT_MAX_SUBSCRIPTIONS,
@@ -612,11 +613,28 @@ class _Session:
             for type_url, names in self.core.take_dirty().items():
                 if type_url == TYPE_APPCONFIG:
                     current = {name: self._app_config(name) for name in names}
+                elif type_url == TYPE_AUTHZ:
+                    current = {name: self._authz(name) for name in names}
                 else:
                     current = {name: self.store.view.lookup(type_url, name) for name in names}
                 msg = self.core.make_response(type_url, current, str(self.store.view.revision))
                 if msg is not None:
                     await self.send(msg)
+
+    def _authz(self, name: str) -> tuple[str, bytes] | None:
+        """Service ``name``'s authorization policy, if this session may read it.
+
+        A service principal reads only its own service's policy (who may call
+        whom is not every service's business): any other name is answered as
+        absent (and logged, rate-limited), as if it did not exist.
+        """
+        if not self.principal.is_operator and name != self.principal.service:
+            self.server._limit_log(
+                trio.current_time(),
+                f"session {self.peer} ({self.principal.describe()}): permission denied: authorization policy of {name!r}",
+            )
+            return None
+        return self.store.view.lookup(TYPE_AUTHZ, name)
 
     def _app_config(self, name: str) -> tuple[str, bytes] | None:
         """The configuration ``name`` resolved for this session's instance (its node id).

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import trio
 
 from .._errors import OctoproxyError
-from .._xds_client import TYPE_APPCONFIG, TYPE_ENDPOINTS, TYPE_ROUTES
+from .._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ, TYPE_ENDPOINTS, TYPE_ROUTES
+from .._xds_server import check_service_name
 from ..proto import octoproxy_discovery_pb2 as pb
+from ..proxy._authz import policy_from_message
 
 __all__ = [
     "Store",
@@ -37,6 +39,7 @@ __all__ = [
     "Listener",
     "resource_version",
     "TYPE_TOKENS",
+    "check_authz_policy",
 ]
 
 logger = logging.getLogger("octoproxy.controlplane.store")
@@ -76,6 +79,23 @@ Listener = Callable[[StoreChange], None]
 TYPE_TOKENS = "octoproxy.v1.JoinToken"
 
 
+def check_authz_policy(policy: pb.AuthorizationPolicy) -> str | None:
+    """Why ``policy`` must not be stored, or None if it is valid.
+
+    The same validation the provider's proxy applies to a delivery
+    (:func:`octoproxy.proxy._authz.policy_from_message`), so the control plane
+    never stores a policy every proxy would NACK.
+    """
+    error = check_service_name(policy.service)
+    if error is not None:
+        return error
+    try:
+        policy_from_message(policy, policy.service, "check")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def resource_version(body: bytes) -> str:
     """Return the version of a canonically encoded resource (a content hash)."""
     return hashlib.sha256(body).hexdigest()[:16]
@@ -94,6 +114,8 @@ class RegistryView:
         self.tokens: dict[str, pb.JoinToken] = {}
         #: app configuration records by resource name ``"<service>.<env>"`` (octoproxy._appconfig)
         self.app_configs: dict[str, pb.AppConfigRecord] = {}
+        #: pushed authorization policies by service (docs/security.md, Authorization)
+        self.authz: dict[str, pb.AuthorizationPolicy] = {}
         self.revision = 0
         self._listeners: list[Listener] = []
         self._cache: dict[tuple[str, str], tuple[str, bytes]] = {}
@@ -162,6 +184,24 @@ class RegistryView:
         self._changed(TYPE_ROUTES, service)
         return True
 
+    def set_authz(self, policy: pb.AuthorizationPolicy) -> bool:
+        """Add or replace a service's authorization policy. Returns True if it changed."""
+        old = self.authz.get(policy.service)
+        if old is not None and old == policy:
+            return False
+        new = pb.AuthorizationPolicy()
+        new.CopyFrom(policy)
+        self.authz[policy.service] = new
+        self._changed(TYPE_AUTHZ, policy.service)
+        return True
+
+    def remove_authz(self, service: str) -> bool:
+        """Delete a service's authorization policy. Returns True if there was one."""
+        if self.authz.pop(service, None) is None:
+            return False
+        self._changed(TYPE_AUTHZ, service)
+        return True
+
     def set_token(self, token: pb.JoinToken) -> bool:
         """Add or replace a join token (by id). Returns True if it changed."""
         old = self.tokens.get(token.id)
@@ -205,6 +245,7 @@ class RegistryView:
         routes: Mapping[str, pb.RouteRules],
         tokens: Mapping[str, pb.JoinToken] | None = None,
         app_configs: Mapping[str, pb.AppConfigRecord] | None = None,
+        authz: Mapping[str, pb.AuthorizationPolicy] | None = None,
     ) -> int:
         """Make the view equal to the given content, notifying per changed name.
 
@@ -234,6 +275,11 @@ class RegistryView:
                 n += self.remove_app_config(name)
             for record in app_configs.values():
                 n += self.set_app_config(record)
+        if authz is not None:
+            for service in set(self.authz) - set(authz):
+                n += self.remove_authz(service)
+            for policy in authz.values():
+                n += self.set_authz(policy)
         return n
 
     def lookup(self, type_url: str, name: str) -> tuple[str, bytes] | None:
@@ -242,12 +288,14 @@ class RegistryView:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        msg: pb.ClusterLoadAssignment | pb.RouteRules | None = None
+        msg: pb.ClusterLoadAssignment | pb.RouteRules | pb.AuthorizationPolicy | None = None
         if type_url == TYPE_ENDPOINTS and name in self.services:
             eps = self.services[name]
             msg = pb.ClusterLoadAssignment(service=name, endpoints=[eps[a] for a in sorted(eps)])
         elif type_url == TYPE_ROUTES and name in self.routes:
             msg = self.routes[name]
+        elif type_url == TYPE_AUTHZ and name in self.authz:
+            msg = self.authz[name]
         if msg is None:
             # not cached: names anyone may subscribe to must not pin memory (issue 10)
             self._cache.pop(key, None)
@@ -377,6 +425,30 @@ class Store(abc.ABC):
         new = update(old)
         await self.put_app_config(new)
         return old, new
+
+    async def put_authz_policy(self, policy: pb.AuthorizationPolicy) -> None:
+        """Store a service's authorization policy (never leased; validate first with
+        :func:`check_authz_policy`).
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+        raise NotImplementedError
+
+    async def delete_authz_policy(self, service: str) -> bool:
+        """Delete a service's authorization policy. Returns False if there was none.
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+        raise NotImplementedError
+
+    async def get_authz_policy(self, service: str) -> tuple[str, pb.AuthorizationPolicy] | None:
+        """Return ``(version, policy)`` of ``service``, or ``None`` if it has none."""
+        found = self.view.lookup(TYPE_AUTHZ, service)
+        if found is None:
+            return None
+        return found[0], pb.AuthorizationPolicy.FromString(found[1])
 
     async def get_endpoints(self, service: str) -> tuple[str, pb.ClusterLoadAssignment] | None:
         """Return ``(version, endpoints)`` of ``service``, or ``None`` if it has none."""

@@ -248,8 +248,66 @@ def _routes_group(sub: Any) -> None:
     p.set_defaults(run=_routes_put)
 
 
+# ---------------------------------------------------------------- authorization policies
+async def _authz_get(api: Api, args: argparse.Namespace) -> int:
+    reply = await api.call("GET", f"/v1/authz?service={quote(args.service)}")
+    if reply.get("policy") is None:
+        print(f"{args.service} has no authorization policy on the control plane (its proxies apply [authz])", file=sys.stderr)
+        return 1
+    _out(reply["policy"])
+    return 0
+
+
+async def _authz_put(api: Api, args: argparse.Namespace) -> int:
+    try:
+        policy = json.loads(Path(args.file).read_text())
+    except (OSError, ValueError) as exc:
+        raise CtlError(f"cannot read an authorization policy from {args.file}: {exc}") from None
+    if not isinstance(policy, dict):
+        raise CtlError(f"{args.file}: want a JSON AuthorizationPolicy object (see octoproxy ctl authz get)")
+    if policy.setdefault("service", args.service) != args.service:
+        raise CtlError(f"{args.file} is the policy of service {policy['service']!r}, not {args.service!r}")
+    current = (await api.call("GET", f"/v1/authz?service={quote(args.service)}")).get("policy") or {}
+    # the control plane validates it (as the proxies will) even in a dry run
+    await api.call("PUT", "/v1/authz?dry_run=1", policy)
+    diff = list(difflib.unified_diff(_canonical(current), _canonical(policy), "current", args.file, lineterm=""))
+    if not diff:
+        print(f"authorization policy of {args.service}: no change")
+        return 0
+    print("\n".join(diff))
+    if args.dry_run:
+        print("(dry run: nothing changed)")
+        return 0
+    await api.call("PUT", "/v1/authz", policy)
+    print(f"authorization policy of {args.service} replaced")
+    return 0
+
+
+async def _authz_delete(api: Api, args: argparse.Namespace) -> int:
+    await api.call("POST", "/v1/authz/delete", {"service": args.service})
+    print(f"authorization policy of {args.service} deleted (its proxies apply their [authz] again)")
+    return 0
+
+
+def _authz_group(sub: Any) -> None:
+    g = sub.add_parser("authz", help="a service's pushed authorization policy").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = g.add_parser("get", help="print a service's authorization policy (JSON, the input format of put)")
+    p.add_argument("service")
+    p.set_defaults(run=_authz_get)
+    p = g.add_parser("put", help="replace a service's authorization policy from a JSON file")
+    p.add_argument("service")
+    p.add_argument("file")
+    p.add_argument("--dry-run", action="store_true", help="validate, print what would change and change nothing")
+    p.set_defaults(run=_authz_put)
+    p = g.add_parser("delete", help="delete a service's authorization policy (its proxies fall back to [authz])")
+    p.add_argument("service")
+    p.set_defaults(run=_authz_delete)
+
+
 #: command groups of ``octoproxy ctl``; each adds its sub-parser (see the module doc)
-GROUPS: list[Callable[[Any], None]] = [_token_group, _endpoints_group, _routes_group, config_group]
+GROUPS: list[Callable[[Any], None]] = [_token_group, _endpoints_group, _routes_group, config_group, _authz_group]
 
 
 def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:

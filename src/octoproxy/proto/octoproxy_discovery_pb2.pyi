@@ -261,7 +261,7 @@ class ServerMessage(_message.Message):
     def __init__(self, response: _Optional[_Union[DiscoveryResponse, _Mapping]] = ..., ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., certificate: _Optional[_Union[CertificateResponse, _Mapping]] = ...) -> None: ...
 
 class StoreSnapshot(_message.Message):
-    __slots__ = ("registrations", "routes", "tokens", "app_configs")
+    __slots__ = ("registrations", "routes", "tokens", "app_configs", "authz")
     class Registration(_message.Message):
         __slots__ = ("service", "endpoint", "lease_ttl_ms")
         SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -275,11 +275,13 @@ class StoreSnapshot(_message.Message):
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     APP_CONFIGS_FIELD_NUMBER: _ClassVar[int]
+    AUTHZ_FIELD_NUMBER: _ClassVar[int]
     registrations: _containers.RepeatedCompositeFieldContainer[StoreSnapshot.Registration]
     routes: _containers.RepeatedCompositeFieldContainer[RouteRules]
     tokens: _containers.RepeatedCompositeFieldContainer[JoinToken]
     app_configs: _containers.RepeatedCompositeFieldContainer[AppConfigRecord]
-    def __init__(self, registrations: _Optional[_Iterable[_Union[StoreSnapshot.Registration, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[RouteRules, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[JoinToken, _Mapping]]] = ..., app_configs: _Optional[_Iterable[_Union[AppConfigRecord, _Mapping]]] = ...) -> None: ...
+    authz: _containers.RepeatedCompositeFieldContainer[AuthorizationPolicy]
+    def __init__(self, registrations: _Optional[_Iterable[_Union[StoreSnapshot.Registration, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[RouteRules, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[JoinToken, _Mapping]]] = ..., app_configs: _Optional[_Iterable[_Union[AppConfigRecord, _Mapping]]] = ..., authz: _Optional[_Iterable[_Union[AuthorizationPolicy, _Mapping]]] = ...) -> None: ...
 
 class JoinToken(_message.Message):
     __slots__ = ("id", "service", "sha256_hex", "created_unix_ms", "expires_unix_ms")

@@ -132,7 +132,9 @@ def local_blockers(proxy: Proxy) -> dict[str, str]:
         missing["app_uds"] = f"the local app on inbound.app_uds {proxy.config.inbound.app_uds}"
     if state["healthcheck_failed"]:
         missing["healthcheck"] = "POST /healthcheck/ok (the health check was failed by hand)"
-    if not proxy.tls_ready():
+    # a provider waits until peers can reach it (certificate, registration); a caller-only proxy
+    # starts without them (e.g. with the persisted app configuration while the control plane is down)
+    if not proxy.tls_ready() and proxy.config.inbound is not None:
         missing["certificate"] = "a certificate from the control plane (mTLS; discovery.join_token_file, tls.mode)"
     disc = proxy.discovery
     if (

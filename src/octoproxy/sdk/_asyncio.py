@@ -30,7 +30,7 @@ from .._protocol import DEFAULT_MAX_FRAME_SIZE, FrameType, Status
 from ..frame import encode_frame
 from . import _config_core as cfgcore
 from . import _subscribe_core as subcore
-from ._core import CallCore, CallError, ClientCore, ConnectionCore, Pending, connect_delays, is_no_proxy, logger, no_proxy_error
+from ._core import CallCore, CallError, ClientCore, ClientCounters, ConnectionCore, Pending, connect_delays, is_no_proxy, logger, no_proxy_error
 from ._server_core import Request
 
 __all__ = ["Client", "Handler", "connect", "get_config", "open_client", "subscribe", "watch_config"]
@@ -139,7 +139,7 @@ class _Connection(ConnectionCore[_Waiter], asyncio.Protocol):
             self.transport.abort()
 
 
-class Client:
+class Client(ClientCounters):
     """A connection (or, across a hot restart, a few) to the local octoproxy, for asyncio.
 
     Get one from :func:`octoproxy.sdk.aio.open_client` (or ``connect``). Safe
@@ -161,21 +161,6 @@ class Client:
         self._core: ClientCore[_Connection] = ClientCore(self.path, max_frame_size)
         self._loop = asyncio.get_running_loop()
         self._connect_lock = asyncio.Lock()
-
-    @property
-    def resends(self) -> int:
-        """How many calls were resent after a HOT_RESTART answer."""
-        return self._core.resends
-
-    @property
-    def connections_opened(self) -> int:
-        """How many connections were opened, the first included."""
-        return self._core.connections_opened
-
-    @property
-    def connections_open(self) -> int:
-        """Connections not yet closed (more than one only while old ones drain)."""
-        return len(self._core.connections)
 
     async def __aenter__(self) -> Client:
         return self

@@ -34,6 +34,7 @@ from ..frame import encode_frame
 from . import _config_core as cfgcore
 from . import _subscribe_core as subcore
 from ._core import (
+    ClientCounters,
     RECV_SIZE,
     CallCore,
     CallError,
@@ -189,7 +190,7 @@ class _Connection(ConnectionCore[_Waiter]):
                 self.sock.close()
 
 
-class Client:
+class Client(ClientCounters):
     """A thread-safe connection (or, across a hot restart, a few) to the local octoproxy.
 
     Get one from :func:`octoproxy.sdk.sync.connect` (a context manager too).
@@ -210,21 +211,6 @@ class Client:
         self._core: ClientCore[_Connection] = ClientCore(self.path, max_frame_size)
         self._lock = threading.Lock()
         self._dial_lock = threading.Lock()
-
-    @property
-    def resends(self) -> int:
-        """How many calls were resent after a HOT_RESTART answer."""
-        return self._core.resends
-
-    @property
-    def connections_opened(self) -> int:
-        """How many connections were opened, the first included."""
-        return self._core.connections_opened
-
-    @property
-    def connections_open(self) -> int:
-        """Connections not yet closed (more than one only while old ones drain)."""
-        return len(self._core.connections)
 
     def __enter__(self) -> Client:
         return self

@@ -55,6 +55,7 @@ from .._protocol import PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import Frame, FrameDecoder, encode_frame, encode_header, encode_request, encode_response
 
 __all__ = [
+    "ClientCounters",
     "MAX_RESENDS",
     "CallCore",
     "CallError",
@@ -541,3 +542,24 @@ def connect_delays(wait: float) -> list[float]:
         total += step
         delay = min(delay * 2, 0.5)
     return delays
+
+
+class ClientCounters:
+    """The counters every front end's ``Client`` shows, read off its :class:`ClientCore`."""
+
+    _core: ClientCore[Any]
+
+    @property
+    def resends(self) -> int:
+        """How many calls were resent after a HOT_RESTART answer."""
+        return self._core.resends
+
+    @property
+    def connections_opened(self) -> int:
+        """How many connections were opened, the first included."""
+        return self._core.connections_opened
+
+    @property
+    def connections_open(self) -> int:
+        """Connections not yet closed (more than one only while old ones drain)."""
+        return len(self._core.connections)

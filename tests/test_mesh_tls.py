@@ -178,6 +178,10 @@ async def test_plaintext_peer_and_other_ca_are_refused_at_the_handshake() -> Non
         async with tls_mesh() as m:
             req = encode_request(1, "echo", "whoami", b"", caller="root-admin-svc")
             assert await exchange(m.port, req, 1) == []  # raw plaintext frames
+            # refused at its first bytes (not at the handshake deadline), and the log says why
+            with trio.fail_after(2):
+                while "the peer proxy has TLS off" not in m.provider.stderr():
+                    await trio.sleep(0.05)
             rogue = TestCA("rogue CA")
             assert await exchange(m.port, req, 1, peer_ctx(m, "caller-app", ca=rogue)) == []
             valid = peer_ctx(m, "x")

@@ -36,6 +36,24 @@ __all__ = ["TLSConnection"]
 
 _HEADER = 5  # TLS record header: type, version (2), length (2)
 _CBUF = 64 * 1024  # > one record (16 KiB + 256); as the connection's own buffer
+_MAX_RECORD = 16384 + 2048  # RFC 8446 5.2: TLSCiphertext.length <= 2^14 + 256 (TLS 1.2 allows + 2048)
+_FRAME_MAGIC = b"\xab\xba"  # a plaintext octoproxy frame (protocol.MAGIC), i.e. a peer with TLS off
+
+
+def _bad_record(buf: bytearray, pos: int) -> str | None:
+    """Why the record header at ``buf[pos:pos + 5]`` is not TLS (None: it is).
+
+    Checked before the record is awaited: a plaintext peer's bytes read as a
+    length of up to 64 KiB would otherwise make us wait for the rest until the
+    handshake deadline, and say nothing of why.
+    """
+    if buf[pos : pos + 2] == _FRAME_MAGIC:
+        return "a plaintext octoproxy frame: the peer proxy has TLS off ([tls] mode = \"plaintext\")"
+    if not 20 <= buf[pos] <= 24 or buf[pos + 1] != 3:  # content type; protocol version major
+        return f"not a TLS record (first bytes {bytes(buf[pos : pos + 5]).hex()})"
+    if (buf[pos + 3] << 8 | buf[pos + 4]) > _MAX_RECORD:
+        return "a TLS record longer than the protocol allows"
+    return None
 
 
 class TLSConnection:
@@ -98,6 +116,9 @@ class TLSConnection:
         clen = self._clen
         pos = 0
         while pos + _HEADER <= clen:
+            bad = _bad_record(buf, pos)
+            if bad is not None:
+                raise ssl.SSLError(bad)
             end = pos + _HEADER + (buf[pos + 3] << 8 | buf[pos + 4])
             if end > clen:
                 break

@@ -533,7 +533,8 @@ class Outbound:
             return
         refused = self._try(call, now, now_ms, call.timeout_ms)
         if refused is not None:
-            self._finish(call, refused.status, refused.reason, now)
+            engine.stats.rejected(refused[1])
+            self._finish(call, refused[0].status, refused[0].reason, now)
 
     def _oneway(self, call: Call, now_ms: int) -> None:
         engine = self.engine
@@ -549,8 +550,8 @@ class Outbound:
         for g in reversed(rg.filters):
             g.on_response(call, _OK, now_ms)
 
-    def _try(self, call: Call, now: float, now_ms: int, timeout_ms: int) -> Verdict | None:
-        """Balance and forward one try; None when sent, else why it could not go."""
+    def _try(self, call: Call, now: float, now_ms: int, timeout_ms: int) -> tuple[Verdict, str] | None:
+        """Balance and forward one try; None when sent, else why it could not go (and the ``rejected_total`` reason)."""
         engine = self.engine
         rg: RouteGov = call.route
         cg = rg.cgov
@@ -558,33 +559,33 @@ class Outbound:
         for _ in range(4):  # an endpoint with no connection left is skipped (nothing was sent)
             picked = cg.router.pick(call.service, call.method, call.metadata, now_ms, call.tried or None)
             if not isinstance(picked, Endpoint):
-                return picked
+                return picked, "no_route" if picked.status == Status.NO_ROUTE else "unavailable"
             links = cluster.links.get(picked.address)
             if links:
                 break
             cg.router.invalidate()
             call.tried = call.tried | {picked.address}
         else:
-            return answer(Status.UNAVAILABLE, f"no connected endpoint in cluster {cluster.name!r}")
+            return answer(Status.UNAVAILABLE, f"no connected endpoint in cluster {cluster.name!r}"), "unavailable"
         up = _least_pending(links)
         if len(up.out) > engine.high_watermark and engine._not_taking(up, now):
             other = engine._least_queued(cluster, now)
             if other is None:
-                return answer(Status.OVERLOADED, f"cluster {cluster.name!r} is not taking requests: {len(up.out)} bytes queued on {up.name}")
+                return answer(Status.OVERLOADED, f"cluster {cluster.name!r} is not taking requests: {len(up.out)} bytes queued on {up.name}"), "overloaded"
             up = other
         breaker = cg.breaker
         if breaker is not None:
             if call.attempt > 0:
                 v = breaker.acquire(Resource.RETRIES)
                 if v is not CONTINUE:
-                    return v
+                    return v, "circuit_breaker"
                 call.retry_unit = True
             v = breaker.acquire_request()
             if v is not CONTINUE:
                 if call.retry_unit:
                     call.retry_unit = False
                     breaker.release(Resource.RETRIES)
-                return v
+                return v, "circuit_breaker"
             call.request_unit = True
         call.attempt += 1
         assert up.endpoint is not None

@@ -531,7 +531,10 @@ class Outbound:
         if oneway:
             self._oneway(call, now_ms)
             return
-        refused = self._try(call, now, now_ms, call.timeout_ms)
+        first = call.timeout_ms
+        if rg.retry is not None and rg.retry.per_try_timeout_ms > 0:
+            first = min(first, rg.retry.per_try_timeout_ms)
+        refused = self._try(call, now, now_ms, first)
         if refused is not None:
             engine.stats.rejected(refused[1])
             self._finish(call, refused[0].status, refused[0].reason, now)

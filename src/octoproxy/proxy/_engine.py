@@ -380,7 +380,9 @@ class Engine:
         usid = up.next_sid
         up.next_sid = usid + 1
         _U64.pack_into(out, o + 8, usid)
-        self._mark(up)
+        dirty = self.dirty
+        if not dirty or dirty[-1] is not up:  # one write per destination per read
+            dirty.append(up)
         deadline = now + timeout_ms / 1000.0
         up.pending[usid] = Pending(call.down, call.down_sid, up, deadline, now, call.stats, call)
         self.pending_count += 1
@@ -408,7 +410,9 @@ class Engine:
         o = len(out)
         out += frame
         _U64.pack_into(out, o + 8, down_sid)
-        self._mark(down)
+        dirty = self.dirty
+        if not dirty or dirty[-1] is not down:
+            dirty.append(down)
 
     def governed_response(self, up: Link, p: Pending, scanner: Scanner, i: int, mv: memoryview, now: float) -> None:
         """A response to a governed call (its pending entry already popped): the chain in reverse."""

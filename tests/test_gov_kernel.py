@@ -208,3 +208,15 @@ def test_warm_up_and_backup_come_from_the_endpoint_fields() -> None:
     assert shares[eps[1].address] < 0.15
     later = cluster.gov.router.shares("echo", "m", {}, engine.now_ms(20.0))
     assert abs(later[eps[1].address] - 0.5) < 1e-9
+
+
+def test_inbound_cluster_rate_is_divided_among_live_instances() -> None:
+    engine = Engine(caller="echo")
+    engine.set_governance(gov(rate_limits=[{"name": "q", "cluster_rate": 100.0}]), 0.0)
+    ig = engine.inbound.gov
+    assert ig is not None and ig.limiter is not None
+    engine.set_inbound_instances(4)
+    limit = ig.limiter.limit_for("echo", "m", "web")
+    assert limit is not None and limit.rate == 25.0
+    engine.set_governance(gov(rate_limits=[{"name": "q", "cluster_rate": 100.0}]), 1.0)  # same rules: kept
+    assert engine.inbound.gov is not None and engine.inbound.gov.limiter is ig.limiter

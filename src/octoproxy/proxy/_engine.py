@@ -299,6 +299,8 @@ class Engine:
         self.clock_offset_ms = 0
         self._gov_rng = random.Random()
         self._route_gov: list[RouteGov | None] = []
+        #: live instances of this proxy's own service (inbound cluster-wide rate limits are divided by it)
+        self.inbound_instances = 1
         self._inbound_cluster: Cluster | None = None
         #: what the fast path forwards inbound requests to: None while the inbound side is governed
         self._inbound_fast: Cluster | None = None
@@ -355,8 +357,16 @@ class Engine:
         self._route_clusters = [None if g is not None else c for g, c in zip(self._route_gov, self._route_clusters_all)]
         own = self.policies.for_service(self.service) if self.policies is not None and self.service else None
         old = self.inbound.gov
-        self.inbound.gov = build_inbound(own, self.stats, old, 1, self._gov_rng)
+        self.inbound.gov = build_inbound(own, self.stats, old, self.inbound_instances, self._gov_rng)
         self._inbound_fast = self._inbound_cluster if self.inbound.gov is None else None
+
+    def set_inbound_instances(self, n: int) -> None:
+        """The live instances of this proxy's own service changed (its registration's endpoints):
+        re-divide the inbound ``cluster_rate`` limits among them."""
+        self.inbound_instances = max(1, n)
+        ig = self.inbound.gov
+        if ig is not None and ig.limiter is not None:
+            ig.limiter.set_instances(self.inbound_instances)
 
     def governed_routes(self) -> list[str]:
         """``service/method`` of each route on the declared pipeline (for ``/config_dump``)."""

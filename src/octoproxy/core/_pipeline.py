@@ -44,10 +44,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from struct import Struct
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._balancer import Endpoint
-from .._errors import RemoteProtocolError
-from .._frame import parse_header
-from .._protocol import PREFIX_SIZE, Flags, FrameType, Status
+from ..protocol._errors import RemoteProtocolError
+from ..protocol._frame import parse_header
+from ..protocol._protocol import PREFIX_SIZE, Flags, FrameType, Status
+from ._balancer import Endpoint
 from ..frame import encode_header
 from ..governance import (
     CONTINUE,

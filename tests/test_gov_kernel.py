@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from octoproxy import Flags, Status
 from octoproxy.core._balancer import Endpoint
 from octoproxy.frame import encode_request, encode_response
@@ -114,8 +116,11 @@ def test_lost_connection_resends_only_idempotent_methods() -> None:
     assert engine.pending_count == 1  # ... the idempotent one went again
 
 
-def test_consecutive_failures_eject_an_endpoint() -> None:
+@pytest.mark.parametrize("pushed_later", [False, True])
+def test_consecutive_failures_eject_an_endpoint(pushed_later: bool) -> None:
     engine, ups = make(3)
+    if pushed_later:  # the cluster is governed already when outlier detection arrives
+        engine.set_governance(gov(breaker={}), 0.0)
     engine.set_governance(gov(outlier={"consecutive_failures": 2, "max_ejection_percent": 50}), 0.0)
     d = down()
     bad = ups[0]

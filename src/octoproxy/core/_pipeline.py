@@ -311,6 +311,7 @@ class ClusterGov:
             self.outlier = None
         elif self.outlier is None:
             self.outlier = OutlierDetector(self.name, oc, now_ms)
+            self._members_key = ()  # the next sync() tells it the endpoints
         elif self.outlier.config != oc:
             self.outlier.set_config(oc)
         bl = policy.breaker if policy is not None else None

@@ -231,8 +231,12 @@ async def test_dead_app_answers_not_processed_and_even_unsafe_calls_move_on() ->
             assert failures == []
             ids = await seen(client, m, ["a"])
             assert all(ids[f"id-{i}"] == 1 for i in range(100))
-            # b's proxy said NOT_PROCESSED (its rejected counter) and b was ejected or retried around
+            # b's proxy said NOT_PROCESSED (its rejected counter), and b was ejected
             assert await m.providers["b"].proxy.metric("octoproxy_rejected_total") >= 1
+            gov = (await m.caller.json("/clusters"))["echo"]["governance"]  # type: ignore[index]
+            assert gov["ejected"] == [f"127.0.0.1:{m.providers['b'].port}"]
+            assert gov["breaker"]["requests"] == 0 and gov["breaker"]["retries"] == 0
+            assert await m.caller.metric('octoproxy_outlier_ejections_total{cluster="echo"}') == 1
 
 
 TAGS = """

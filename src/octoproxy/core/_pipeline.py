@@ -384,6 +384,15 @@ class ClusterGov:
         elif self.budget is None or self.budget.config != rp.budget:
             self.budget = RetryBudget(rp.budget, now_ms)
 
+    def state(self, now_ms: int) -> dict[str, Any]:
+        """What ``GET /clusters`` shows: ejected endpoints, breaker units in use, retries the budget allows."""
+        out: dict[str, Any] = {"ejected": sorted(self.router._ejected)}
+        if self.breaker is not None:
+            out["breaker"] = {r.name.lower(): self.breaker.in_use(r) for r in Resource}
+        if self.budget is not None:
+            out["retry_budget_available"] = self.budget.available(now_ms)
+        return out
+
     def sync(self, endpoints: Sequence[Endpoint]) -> None:
         """Follow the cluster's endpoints (discovery changed them, or their fields)."""
         key = tuple((id(ep), ep.weight, ep.region, ep.idc, ep.center, ep.backup, ep.warmup_start_ms, tuple(ep.tags.items())) for ep in endpoints)

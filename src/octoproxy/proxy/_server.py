@@ -965,7 +965,7 @@ class Proxy:
             return Response(200, self.stats.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
         async def clusters(_req: Request) -> Response:
-            out = {}
+            out: dict[str, dict[str, Any]] = {}
             for name, c in self.engine.clusters.items():
                 out[name] = {
                     "lb": c.lb,
@@ -983,6 +983,8 @@ class Proxy:
                         for ep in c.endpoints
                     ],
                 }
+                if c.gov is not None:  # a governed route uses it (docs/governance.md)
+                    out[name]["governance"] = c.gov.state(self.engine.now_ms(trio.current_time()))
             return Response(200, out)
 
         async def config_dump(_req: Request) -> Response:

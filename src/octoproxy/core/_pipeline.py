@@ -53,6 +53,7 @@ from ..governance import (
     CONTINUE,
     CircuitBreaker,
     Direction,
+    Kind,
     Locality,
     Member,
     OutlierDetector,
@@ -68,6 +69,7 @@ from ..governance import (
     Verdict,
     answer,
     decide,
+    hold,
 )
 from ..governance import NOT_PROCESSED as NOT_PROCESSED
 
@@ -345,7 +347,7 @@ class ClusterGov:
         rng: randomness of the router.
     """
 
-    __slots__ = ("name", "router", "outlier", "breaker", "budget", "_members_key")
+    __slots__ = ("name", "router", "outlier", "breaker", "budget", "_members_key", "held", "_held_breaker")
 
     def __init__(self, name: str, local: Locality, now_ms: int, rng: random.Random) -> None:
         self.name = name
@@ -354,6 +356,9 @@ class ClusterGov:
         self.breaker: CircuitBreaker | None = None
         self.budget: RetryBudget | None = None
         self._members_key: tuple[Any, ...] = ()
+        #: PENDING units taken by requests waiting in the cluster's held queue, and from which breaker
+        self.held = 0
+        self._held_breaker: CircuitBreaker | None = None
 
     def configure(self, policy: ServicePolicy | None, now_ms: int) -> None:
         """Apply a (new) policy in place: units held stay held, ejections keep their end."""
@@ -383,6 +388,27 @@ class ClusterGov:
             self.budget = None
         elif self.budget is None or self.budget.config != rp.budget:
             self.budget = RetryBudget(rp.budget, now_ms)
+
+    def hold(self) -> Verdict:
+        """A request is about to wait for a connection: HOLD (a PENDING unit taken), or OVERLOADED (``max_pending``)."""
+        breaker = self.breaker
+        if breaker is None:
+            return _HOLD
+        if self.held and self._held_breaker is not breaker:
+            self.settle_held(0)  # units of a breaker a pushed policy replaced
+        v = breaker.hold_pending()
+        if v.kind is Kind.HOLD:
+            self.held += 1
+            self._held_breaker = breaker
+        return v
+
+    def settle_held(self, waiting: int) -> None:
+        """Give back the PENDING units beyond ``waiting`` requests still held (they left the queue)."""
+        breaker = self._held_breaker
+        while self.held > waiting:
+            self.held -= 1
+            if breaker is not None:
+                breaker.release(Resource.PENDING)
 
     def state(self, now_ms: int) -> dict[str, Any]:
         """What ``GET /clusters`` shows: ejected endpoints, breaker units in use, retries the budget allows."""
@@ -585,7 +611,12 @@ class Outbound:
             engine._refuse(down, scanner, i, "overloaded", Status.OVERLOADED, "too many requests in flight")
             return
         if not any(cluster.links.values()) and cluster.connecting:
-            engine.park(cluster, down, mv, off, size, now)  # held before any filter takes a unit
+            # held before any filter takes a unit (it runs them when replayed)
+            v = rg.cgov.hold()
+            if v.kind is not Kind.HOLD:
+                engine._refuse(down, scanner, i, "circuit_breaker", v.status, v.reason)
+                return
+            engine.park(cluster, down, mv, off, size, now)
             return
         hlen = mv[off + 18] << 8 | mv[off + 19]
         md = _EMPTY_MD
@@ -753,6 +784,7 @@ class Outbound:
             down.on_idle(down)
 
 
+_HOLD = hold("waiting for a connection")
 _FAILURES = frozenset({int(Status.UNAVAILABLE), int(Status.TIMEOUT), int(Status.OVERLOADED)})
 
 

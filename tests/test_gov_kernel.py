@@ -258,3 +258,35 @@ def test_held_requests_take_pending_units_and_max_pending_answers_overloaded() -
     engine.expire(5.0)  # the park timeout: answered, its unit given back
     answered = {f.stream_id: f.header.status for f in frames(d)}
     assert answered[4] == Status.UNAVAILABLE and breaker.in_use(Resource.PENDING) == 0
+
+
+def test_a_filter_that_holds_parks_the_request_until_replayed() -> None:
+    from octoproxy.governance import CONTINUE, hold
+
+    class Gate:
+        kind = "gate"
+        on_request_acts = True
+        on_response_acts = False
+        closed = True
+
+        def on_request(self, call: Any, now_ms: int) -> Any:
+            return hold("gate closed") if self.closed else CONTINUE
+
+        def on_response(self, call: Any, status: int, now_ms: int) -> None:
+            return None
+
+    from octoproxy.core._pipeline import Chain
+
+    engine, (up,) = make()
+    engine.set_governance(gov(breaker={}), 0.0)
+    rg = engine._route_gov[0]
+    assert rg is not None
+    gate = Gate()
+    rg.chain = Chain((gate, *rg.filters))
+    d = down()
+    feed(engine, d, encode_request(1, "echo", "m", b""))
+    cluster = engine.clusters["echo"]
+    assert not up.out and not d.out and len(cluster.parked) == 1
+    gate.closed = False
+    engine.unpark(cluster, 0.1)
+    assert len(frames(up)) == 1 and not cluster.parked

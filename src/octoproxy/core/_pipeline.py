@@ -322,7 +322,8 @@ class Chain:
         self.responses = tuple(g for g in reversed(filters) if g.on_response_acts)
 
     def request(self, call: Call, now_ms: int) -> tuple[Filter, Verdict] | None:
-        """Run the request side; None when every filter continued, else the filter that answered and its verdict."""
+        """Run the request side; None when every filter continued, else the filter that answered
+        (or asked to hold: the request then waits in the held queue) and its verdict."""
         for f, undo in self.requests:
             v = f.on_request(call, now_ms)
             if v is not CONTINUE:
@@ -632,7 +633,10 @@ class Outbound:
         call.stats = engine.request_stats("outbound", service_b, method_b)
         refused = rg.chain.request(call, now_ms)
         if refused is not None:
-            engine._refuse(down, scanner, i, refused[0].kind, refused[1].status, refused[1].reason)
+            if refused[1].kind is Kind.HOLD:  # a filter asks to wait: the held queue (it runs again on replay)
+                engine.park(cluster, down, mv, off, size, now)
+            else:
+                engine._refuse(down, scanner, i, refused[0].kind, refused[1].status, refused[1].reason)
             return
         call.frame = _frame_of(call, engine.stamp, mv, off, hlen, size)
         if len(call.frame) > engine.max_frame_size or len(call.frame) - size + hlen > 0xFFFF:
@@ -830,7 +834,10 @@ class Inbound:
         call.stats = engine.request_stats("inbound", service_b, method_b)
         refused = ig.chain.request(call, now_ms)
         if refused is not None:
-            engine._refuse(down, scanner, i, refused[0].kind, refused[1].status, refused[1].reason)
+            if refused[1].kind is Kind.HOLD:
+                engine.park(cluster, down, mv, off, size, now)
+            else:
+                engine._refuse(down, scanner, i, refused[0].kind, refused[1].status, refused[1].reason)
             return
         call.frame = _frame_of(call, b"", mv, off, hlen, size)
         if oneway:

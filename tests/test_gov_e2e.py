@@ -307,6 +307,8 @@ async def test_circuit_breaker_answers_overloaded_with_the_reason() -> None:
                 assert "circuit breaker open" in info.value.message and "max_requests (2)" in info.value.message
             assert results == [b"slept", b"slept"]
             assert await client.call("echo", "who", b"", timeout=5) == b"a"  # units given back
+            dump = await m.caller.json("/config_dump")
+            assert dump["governance"] == {"version": "", "governed_routes": ["echo/*"]}  # type: ignore[index]
             assert await m.caller.metric('octoproxy_rejected_total{reason="circuit_breaker"}') == 1
 
 
@@ -388,6 +390,7 @@ async def test_ungoverned_route_has_no_caller_metrics() -> None:
         async with gov_mesh([("a", {})]) as m, sdk.open_client(m.sock) as client:
             assert await client.call("echo", "who", b"", timeout=5) == b"a"
             assert await m.caller.metric("octoproxy_calls_total{") == 0
+            assert (await m.caller.json("/config_dump"))["governance"] is None  # type: ignore[index]
             assert await m.caller.metric('octoproxy_requests_total{direction="outbound",service="echo",method="who",status="OK"}') == 1
 
 

@@ -989,7 +989,12 @@ class Proxy:
 
         async def config_dump(_req: Request) -> Response:
             data = json.loads(json.dumps(self.config.to_dict(), default=str))
-            return Response(200, {"version": __version__, "codec": frame.IMPLEMENTATION, "config": data, "addresses": self.addresses})
+            ps = self.engine.policies  # the policy set in force (from [governance] or pushed live)
+            governance = {"version": ps.version, "governed_routes": self.engine.governed_routes()} if ps is not None else None
+            return Response(
+                200,
+                {"version": __version__, "codec": frame.IMPLEMENTATION, "config": data, "addresses": self.addresses, "governance": governance},
+            )
 
         async def subscribe(req: Request) -> Response:
             if self.discovery is None:

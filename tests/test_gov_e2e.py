@@ -148,7 +148,7 @@ max_ejection_percent = 50
 max_retries = 64
 [governance.services.echo.retry]
 max_attempts = 3
-idempotent_methods = ["echo", "who"]
+idempotent_methods = ["echo", "who", "sleep"]
 """
 
 
@@ -192,6 +192,11 @@ async def test_killed_provider_is_retried_elsewhere_with_no_failed_idempotent_ca
         async with gov_mesh([("a", {}), ("b", {}), ("c", {})], RESILIENT) as m, sdk.open_client(m.sock) as client:
             idem = Load("echo")
             unsafe = Load("count")
+            slow: list[bytes] = []
+
+            async def sleeper() -> None:  # surely in flight on every provider at the kill
+                slow.append(await client.call("echo", "sleep", b"0.5", timeout=5))
+
             async with trio.open_nursery() as n:
                 for w in range(6):
                     n.start_soon(idem.worker, client, w)
@@ -199,11 +204,15 @@ async def test_killed_provider_is_retried_elsewhere_with_no_failed_idempotent_ca
                     n.start_soon(unsafe.worker, client, 100 + w)
                 await trio.sleep(1.0)
                 before = idem.ok
+                for _ in range(20):
+                    n.start_soon(sleeper)
+                await trio.sleep(0.2)
                 m.kill("c")
                 await trio.sleep(1.5)
                 idem.stop.set()
                 unsafe.stop.set()
             assert idem.failures == [], idem.failures[:3]
+            assert slow == [b"slept"] * 20  # the ones in flight on c went again elsewhere
             assert idem.ok > before + 50
             # a call that may have been processed by the killed provider is never resent:
             # it fails, and only the ones that were in flight on its connection do

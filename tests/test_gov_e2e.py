@@ -431,3 +431,38 @@ async def test_locality_prefers_the_same_idc_then_region_then_others_then_backup
                 m.kill(dead)
                 await trio.sleep(0.3)  # its connection is seen lost
                 assert (await who())[nxt] >= 39, (dead, nxt)
+
+
+STEADY_LIMIT = """
+[governance]
+[[governance.services.echo.rate_limits]]
+name = "steady"
+direction = "outbound"
+rate = 30.0
+burst = 3.0
+"""
+
+
+async def test_rate_limit_holds_its_rate_within_ten_percent_over_ten_seconds() -> None:
+    with trio.fail_after(40):
+        async with gov_mesh([("a", {})], STEADY_LIMIT) as m, sdk.open_client(m.sock) as client:
+            ok = 0
+            limited = 0
+
+            async def worker() -> None:
+                nonlocal ok, limited
+                while trio.current_time() < end:
+                    try:
+                        await client.call("echo", "who", b"", timeout=5)
+                        ok += 1
+                    except sdk.CallError as exc:
+                        assert exc.status == Status.RATE_LIMITED
+                        limited += 1
+                    await trio.sleep(0.005)
+
+            end = trio.current_time() + 10.0
+            async with trio.open_nursery() as n:
+                for _ in range(4):
+                    n.start_soon(worker)
+            assert limited > ok  # offered well above the rate
+            assert abs(ok - (30 * 10 + 3)) <= 30, ok

@@ -73,7 +73,7 @@ def test_compiled_module_loaded() -> None:
     elif os.environ.get("OCTOPROXY_ALLOW_NO_EXTENSIONS"):
         pytest.skip("explicitly allowed to run without the compiled module")  # never set in CI
     else:
-        assert "cython" in IMPLS, "octoproxy._fastframe is not built: run `pip install .`"
+        assert "compiled" in IMPLS, "octoproxy._fastframe is not built: run `pip install .`"
         assert frame.IMPLEMENTATION == "cython"
 
 
@@ -367,7 +367,7 @@ def random_stream(rng: random.Random) -> bytes:
 
 @pytest.mark.skipif(len(IMPLS) < 2, reason="differential test needs both implementations (OCTOPROXY_NO_EXTENSIONS set)")
 def test_differential_random_streams() -> None:
-    c, py = IMPLS["cython"], IMPLS["python"]
+    c, py = IMPLS["compiled"], IMPLS["python"]
     rng = random.Random(20261125)
     for _ in range(400):
         stream = random_stream(rng)

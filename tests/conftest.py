@@ -32,12 +32,14 @@ NO_EXTENSIONS = os.environ.get("OCTOPROXY_NO_EXTENSIONS", "") not in ("", "0")
 
 #: (pure-Python twin, compiled module) per primitive
 TWIN_MODULES = {
-    "codec": ("octoproxy._frame_py", "octoproxy._fastframe"),
-    "relay": ("octoproxy.proxy._relay_py", "octoproxy._fastpath"),
-    "guard": ("octoproxy.proxy._guard_py", "octoproxy._fastguard"),
+    "codec": ("octoproxy.protocol._frame_py", "octoproxy.protocol._fastframe"),
+    "relay": ("octoproxy.core._relay_py", "octoproxy.core._fastpath"),
+    "guard": ("octoproxy.core._guard_py", "octoproxy.core._fastguard"),
 }
-#: the kernel modules that use the twins (their names are swapped); prefixes
-KERNEL = ("octoproxy.frame", "octoproxy.proxy._engine", "octoproxy.proxy._relay", "octoproxy.proxy._guard")
+#: the kernel: modules that use the twins (their names are swapped), by package
+KERNEL = ("octoproxy.frame", "octoproxy.protocol", "octoproxy.core")
+#: imported first, so that every kernel module that uses a twin is loaded
+KERNEL_ENTRIES = ("octoproxy.frame", "octoproxy.core._engine", "octoproxy.core._guard")
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,14 @@ if COMPILED is not None:
 
 
 def _kernel_modules() -> list[ModuleType]:
-    for name in KERNEL:
+    for name in KERNEL_ENTRIES:
         importlib.import_module(name)
-    return [m for name, m in sorted(sys.modules.items()) if m is not None and name.startswith(KERNEL)]
+    twins = {name for pair in TWIN_MODULES.values() for name in pair}
+    return [
+        m
+        for name, m in sorted(sys.modules.items())
+        if m is not None and name not in twins and (name in KERNEL or name.startswith(tuple(k + "." for k in KERNEL)))
+    ]
 
 
 def _twin_pairs(target: Impl, other: Impl) -> dict[int, tuple[Any, Any]]:

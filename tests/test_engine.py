@@ -11,9 +11,9 @@ import pytest
 
 from conftest import Impl
 from octoproxy import Flags, FrameType, RemoteProtocolError, Status
-from octoproxy._balancer import Endpoint
+from octoproxy.core._balancer import Endpoint
 from octoproxy.frame import FrameDecoder, encode_frame, encode_header, encode_request, encode_response
-from octoproxy.proxy._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+from octoproxy.core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 
 
 @pytest.fixture(autouse=True)

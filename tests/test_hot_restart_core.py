@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from octoproxy.proxy._hot_restart import (
+from octoproxy.core._hot_restart import (
     CHILD,
     DRAINING_STATES,
     HANDED_OVER_STATES,

@@ -18,10 +18,10 @@ import pytest
 import trio
 
 from e2e import short_tmpdir
-from octoproxy._admin import http_request
-from octoproxy._config import parse_config
+from octoproxy.common._admin import http_request
+from octoproxy.proxy._config import parse_config
 from octoproxy.proxy._handover import take_over
-from octoproxy.proxy._hot_restart import ChildState, HotRestartError, ParentEvent, ParentState
+from octoproxy.core._hot_restart import ChildState, HotRestartError, ParentEvent, ParentState
 from octoproxy.proxy._server import Proxy
 
 

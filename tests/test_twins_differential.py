@@ -23,11 +23,11 @@ import pytest
 
 from conftest import COMPILED, IMPLS, PYTHON, Impl, installed
 from octoproxy import RemoteProtocolError
-from octoproxy._balancer import Endpoint, make_balancer
-from octoproxy.proxy import _engine, _guard
-from octoproxy.proxy._authz import policy_from_config
-from octoproxy.proxy._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
-from octoproxy.proxy._guard import InboundGuard, InboundPeer
+from octoproxy.core._balancer import Endpoint, make_balancer
+from octoproxy.core import _engine, _guard
+from octoproxy.core._authz import policy_from_config
+from octoproxy.core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+from octoproxy.core._guard import InboundGuard, InboundPeer
 
 SEEDS = range(16)
 STEPS = 120

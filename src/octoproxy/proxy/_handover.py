@@ -1,6 +1,6 @@
 """Hot restart, the Trio shell: the hot-restart socket, SCM_RIGHTS, both roles.
 
-The protocol and its two state machines are in :mod:`._hot_restart`. Each role
+The protocol and its two state machines are in :mod:`..core._hot_restart`. Each role
 here is a small shell around its table: :class:`ParentShell` (every proxy: it
 may hand over to a next generation) and :class:`ChildShell` (a proxy started
 with ``--hot-restart``). A shell fires every event of its role through one
@@ -8,7 +8,7 @@ with ``--hot-restart``). A shell fires every event of its role through one
 event the table does not allow in the current state is logged in one line and
 answered with ``ABORT`` (the hand-over ends safely, the old generation keeps
 serving). This module also moves the messages and file descriptors over the
-Unix socket and enforces who may take over (see :mod:`._hot_restart`, "Who may
+Unix socket and enforces who may take over (see :mod:`..core._hot_restart`, "Who may
 take over"): the peer's uid, the hand-over secret, the HELLO deadline, and a
 bound on unauthenticated peers.
 """
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._secretfile import SecretFileError, read_secret, same_secret
-from ._hot_restart import (
+from ..common._secretfile import SecretFileError, read_secret, same_secret
+from ..core._hot_restart import (
     PARENT_ALIVE_STATES,
     PROTOCOL_VERSION,
     ChildAction,

@@ -12,11 +12,11 @@ from typing import Any
 
 import trio
 
-from .._config import ProxyConfig, describe_config_error, load_config
-from .._errors import ConfigError
-from .._secretfile import SecretFileError
+from ._config import ProxyConfig, describe_config_error, load_config
+from ..protocol._errors import ConfigError
+from ..common._secretfile import SecretFileError
 from ._handover import Channel, ChildShell, take_over
-from ._hot_restart import ChildEvent, ChildState, HotRestartError
+from ..core._hot_restart import ChildEvent, ChildState, HotRestartError
 from ._server import Proxy
 
 log = logging.getLogger("octoproxy.proxy")

@@ -58,7 +58,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from .._errors import OctoproxyError
+from ..protocol._errors import OctoproxyError
 
 __all__ = [
     "CHILD",

@@ -326,7 +326,7 @@ class Proxy:
         stopping accepting never cancels a request half served, and at exit
         they get ``_ADMIN_LINGER`` to finish (one accepted just before the
         hand-over may not even have sent its request yet); and the old generation stops
-        accepting exactly when the new one is ready (:meth:`begin_handover_drain`),
+        accepting exactly when the new one is ready (the hot-restart table's ``stop_admin`` on ``child_ready``),
         so whatever waits in the accept queue is the new one's. During a plain
         drain (SIGTERM, ``POST /drain``) it keeps serving, so that ``/ready``
         answers 503 "draining" rather than nothing. Closing the listener at

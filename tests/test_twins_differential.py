@@ -71,7 +71,18 @@ def _header(codec: Any, rng: random.Random, service: str, method: str, max_frame
         h["metadata"] = md
     if rng.random() < 0.1:
         h["error"] = "e" * rng.randint(0, 300)
-    return bytes(codec.encode_header(**h))
+    header = bytes(codec.encode_header(**h))
+    r = rng.random()
+    if r < 0.08:  # fields repeated (protobuf: the last one wins) or in another order
+        other = bytes(codec.encode_header(service=rng.choice(SERVICES), method=rng.choice(METHODS), timeout_ms=rng.choice([0, 7])))
+        header = other + header if rng.random() < 0.5 else header + other
+    elif r < 0.12:  # fields this version does not know: skipped, whatever their wire type
+        header += rng.choice([b"\x78\x05", b"\x82\x01\x03abc", b"\x8d\x01\x01\x02\x03\x04", b"\x89\x01" + bytes(8)])
+    elif r < 0.14:  # a metadata entry written key-last, or with no value
+        key = rng.choice([b"authorization", b"AuThOrIzAtIoN", b"k"])
+        entry = rng.choice([b"\x12\x01v\x0a" + bytes([len(key)]) + key, b"\x0a" + bytes([len(key)]) + key])
+        header += b"\x3a" + bytes([len(entry)]) + entry
+    return header
 
 
 def _body(rng: random.Random, room: int) -> bytes:
@@ -325,3 +336,21 @@ def test_compiled_and_twins_agree_on_random_streams(seed: int) -> None:
 def test_the_scenario_is_deterministic() -> None:
     """Same seed, same implementation, same trace: a difference above is the implementations'."""
     assert run(7, PYTHON) == run(7, PYTHON)
+
+
+@pytest.mark.skipif(COMPILED is None, reason="needs both implementations (the compiled one is not built or turned off)")
+def test_the_comparison_sees_one_wrong_byte() -> None:
+    """A twin that flips one bit of each relayed response is caught (the test compares what matters)."""
+    from types import SimpleNamespace
+
+    twin = PYTHON.relay
+
+    def relay_responses(engine: Engine, up: Link, scanner: Any, n: int, mv: memoryview, now: float) -> None:
+        twin.relay_responses(engine, up, scanner, n, mv, now)
+        for link in engine.dirty:
+            if link.out:
+                link.out[-1] ^= 1
+
+    broken = Impl("python", PYTHON.codec, SimpleNamespace(**{**vars(twin), "relay_responses": relay_responses}), PYTHON.guard)  # type: ignore[arg-type]
+    diff = first_difference(run(3, COMPILED), run(3, broken))
+    assert diff is not None and "upstream" in diff

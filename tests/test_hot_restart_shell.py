@@ -115,3 +115,33 @@ async def test_an_illegal_message_makes_the_child_give_up(caplog: pytest.LogCapt
         assert json.loads(heard[0])["type"] == "hello"
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert errors == ["hot restart: parent_draining is not allowed in state receiving: hand-over aborted"]
+
+
+async def test_a_child_that_says_ready_twice_is_let_go_and_the_drain_completes(caplog: pytest.LogCaptureFixture) -> None:
+    """CHILD_READY after the hand-over is illegal: one error line, the connection closed, the drain goes on."""
+    with trio.fail_after(30), short_tmpdir() as d:
+        cfg = _config(d)
+        proxy = Proxy(cfg)
+        with caplog.at_level(logging.INFO, logger="octoproxy.hot_restart"):
+            async with trio.open_nursery() as n:
+                await n.start(proxy.run)
+                while proxy.hot_restart_secret == b"":
+                    await trio.sleep(0.01)
+                child, _msg, socks = await take_over(str(cfg.hot_restart_path), cfg.hot_restart_secret_path)
+                assert child.chan is not None
+                try:
+                    await child.chan.send(b'{"type":"ready"}\n{"type":"ready"}\n')
+                    said = []
+                    with pytest.raises((EOFError, OSError)):  # let go: the connection ends, no DONE on it
+                        while True:
+                            said.append((await child.chan.recv())[0]["type"])
+                    assert set(said) <= {"draining"}
+                finally:
+                    for s in socks.values():
+                        s.close()
+                    child.chan.close()
+        assert proxy.hot_restart.state is ParentState.DONE and proxy.handed_over and proxy.keep_socket_files
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == ["hot restart: child_ready is not allowed in state handed_over: hand-over aborted"]
+        assert _errors(proxy, "hot_restart_illegal_event") == 1
+        assert (d / "out.sock").exists()  # the sockets' files are the next generation's

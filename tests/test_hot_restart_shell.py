@@ -20,7 +20,7 @@ import trio
 from e2e import short_tmpdir
 from octoproxy.common._admin import http_request
 from octoproxy.proxy._config import parse_config
-from octoproxy.proxy._handover import take_over
+from octoproxy.proxy._takeover import take_over
 from octoproxy.core._hot_restart import ChildState, HotRestartError, ParentEvent, ParentState
 from octoproxy.proxy._server import Proxy
 

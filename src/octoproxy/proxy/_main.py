@@ -15,7 +15,8 @@ import trio
 from ._config import ProxyConfig, describe_config_error, load_config
 from ..protocol._errors import ConfigError
 from ..common._secretfile import SecretFileError
-from ._handover import Channel, ChildShell, take_over
+from ._handover import Channel
+from ._takeover import ChildShell, take_over
 from ..core._hot_restart import ChildEvent, ChildState, HotRestartError
 from ._server import Proxy
 

@@ -39,7 +39,8 @@ from .._version import __version__
 from ..core._authz import policy_from_config
 from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ..core._guard import InboundGuard, InboundPeer
-from ._handover import ChildShell, ParentShell, serve_hot_restart
+from ._handover import ParentShell, serve_hot_restart
+from ._takeover import ChildShell
 from ..core._hot_restart import DRAINING_STATES, HANDED_OVER_STATES, ParentEvent, ParentState
 from ..common._memory import trim_memory, tune_malloc
 from ._io import Budget, Conn, Flusher, connect_raw, is_transient_accept_error

@@ -11,8 +11,9 @@ so the engine, the relay and the guard run on it, and it checks that no
 kernel module still refers to the other twin.
 
 The ``compiled`` param is skipped only when the extensions are not built (a
-failure elsewhere: see test_codec.py::test_compiled_module_loaded) or when
-``OCTOPROXY_NO_EXTENSIONS=1`` asks for the twins alone.
+failure elsewhere: see test_codec.py::test_compiled_module_loaded). With
+``OCTOPROXY_NO_EXTENSIONS=1`` the package loads the twins by default and the
+fixture still runs both (installing the compiled modules for ``compiled``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _load(which: int) -> Impl | None:
 
 PYTHON = _load(0)
 assert PYTHON is not None
-COMPILED = None if NO_EXTENSIONS else _load(1)
+COMPILED = _load(1)
 
 #: the implementations this run tests, by name
 IMPLS: dict[str, Impl] = {"python": PYTHON}
@@ -90,48 +91,53 @@ def _kernel_modules() -> list[ModuleType]:
     ]
 
 
-def _twin_pairs(target: Impl, other: Impl) -> dict[int, tuple[Any, Any]]:
-    """id(object of ``other``) -> (that object, the same-named object of ``target``), where they differ."""
+def _twin_pairs(target: Impl, others: list[Impl]) -> dict[int, tuple[Any, Any]]:
+    """id(object of another implementation) -> (that object, the same-named object of ``target``), where they differ."""
     swap: dict[int, tuple[Any, Any]] = {}
-    for key in TWIN_MODULES:
-        src, dst = getattr(other, key), getattr(target, key)
-        swap[id(src)] = (src, dst)
-        for attr in set(vars(src)) & set(vars(dst)):
-            if attr.startswith("__"):
-                continue
-            a, b = vars(src)[attr], vars(dst)[attr]
-            if a is b or (isinstance(a, (int, float, bytes)) and a == b):
-                continue
-            swap[id(a)] = (a, b)
+    for other in others:
+        for key in TWIN_MODULES:
+            src, dst = getattr(other, key), getattr(target, key)
+            if src is not dst:
+                swap[id(src)] = (src, dst)
+            for attr in set(vars(src)) & set(vars(dst)):
+                if attr.startswith("__"):
+                    continue
+                a, b = vars(src)[attr], vars(dst)[attr]
+                if a is b or (isinstance(a, (int, float, bytes)) and a == b):
+                    continue
+                swap[id(a)] = (a, b)
     return swap
 
 
 @contextlib.contextmanager
 def installed(impl: Impl) -> Iterator[Impl]:
-    """Run the kernel on ``impl`` inside the block (restored after)."""
-    other = IMPLS["compiled" if impl.name == "python" else "python"] if len(IMPLS) == 2 else None
+    """Run the kernel on ``impl`` inside the block (restored after).
+
+    ``impl`` may also be a variant made by a test (e.g. one twin function
+    replaced): every name that refers to another implementation's object is
+    pointed at ``impl``'s.
+    """
+    others = [i for i in IMPLS.values() if i is not impl]
     with pytest.MonkeyPatch.context() as mp:
-        if other is not None:
-            swap = _twin_pairs(impl, other)
-            for mod in _kernel_modules():
-                for attr, value in list(vars(mod).items()):
-                    hit = swap.get(id(value))
-                    if hit is not None and hit[0] is value:
-                        mp.setattr(mod, attr, hit[1])
-            stale = [
-                f"{mod.__name__}.{attr}"
-                for mod in _kernel_modules()
-                for attr, value in vars(mod).items()
-                if (hit := swap.get(id(value))) is not None and hit[0] is value
-            ]
-            assert not stale, f"still on the {other.name} implementation: {stale}"
+        swap = _twin_pairs(impl, others)
+        for mod in _kernel_modules():
+            for attr, value in list(vars(mod).items()):
+                hit = swap.get(id(value))
+                if hit is not None and hit[0] is value:
+                    mp.setattr(mod, attr, hit[1])
+        stale = [
+            f"{mod.__name__}.{attr}"
+            for mod in _kernel_modules()
+            for attr, value in vars(mod).items()
+            if (hit := swap.get(id(value))) is not None and hit[0] is value
+        ]
+        assert not stale, f"still on another implementation than {impl.name}: {stale}"
         yield impl
 
 
 def _params() -> list[Any]:
-    why = "OCTOPROXY_NO_EXTENSIONS=1: the twins alone" if NO_EXTENSIONS else "the compiled extensions are not built"
     return [
-        pytest.param("compiled", marks=pytest.mark.skipif(COMPILED is None, reason=why)),
+        pytest.param("compiled", marks=pytest.mark.skipif(COMPILED is None, reason="the compiled extensions are not built")),
         pytest.param("python"),
     ]
 

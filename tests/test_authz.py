@@ -236,13 +236,12 @@ BATCHES = [
 
 @pytest.mark.parametrize("batch", range(len(BATCHES)))
 def test_twin_and_compiled_loops_agree(batch: int) -> None:
-    from octoproxy.frame import RouteTable, Scanner
-
     data = bytearray(b"".join(BATCHES[batch]))
     stamp = InboundPeer("billing").stamp
     results = []
-    for impl in (i.guard for i in IMPLS.values()):  # both loops over the same (default) scanner
-        sc = Scanner(RouteTable([("echo", "*", 0)]), 1 << 20, 64)
+    for each in IMPLS.values():  # each guard over the scanner of its own implementation
+        impl = each.guard
+        sc = each.codec.Scanner(each.codec.RouteTable([("echo", "*", 0)]), 1 << 20, 64)
         n = sc.scan(data, 0, len(data))
         out = bytearray()
         stops = []

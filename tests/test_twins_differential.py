@@ -8,7 +8,9 @@ outbound SDK links, inbound peer links (plaintext and mTLS, under an
 authorization policy) and upstream links, split at random points as reads
 would split them; upstreams answer a random part of what they were sent (some
 flagged HOT_RESTART, some late or unknown), time moves, deadlines expire,
-links go away, the proxy drains. After every step the trace records every
+links go away (requests park until a replacement comes up), unknown services
+are discovered on demand (the waiting requests routed, or refused), the proxy
+drains. After every step the trace records every
 byte each link has to send, the dirty list, each link's state and pending
 table, the timer wheel, the counters and the metrics text. The two traces
 must be equal; the first difference is reported with its seed and step.
@@ -206,12 +208,17 @@ class World:
             self.engine_of[link.name] = self.inb
         self.links = {link.name: link for link in self.downs + self.ups + self.peers + [self.app]}
         self.idle: list[str] = []
+        #: discovery on demand: services the engine asked for (their requests wait in ``unrouted``)
+        self.asked: list[str] = []
+        self.out.on_unknown_service = self.asked.append
+        self.routes = routes
         for link in self.links.values():
             link.on_idle = lambda lk: self.idle.append(lk.name)
             link.on_goaway = lambda lk: self.idle.append("goaway " + lk.name)
 
-    def fresh(self, link: Link) -> Link:
-        """``link`` if still open, else a new connection in its place (a peer reconnects)."""
+    def fresh(self, link: Link, now: float = 0.0) -> Link:
+        """``link`` if still open, else a new connection in its place (a peer reconnects;
+        an upstream one replays the requests parked on its cluster)."""
         if link.kind == UPSTREAM and link.draining and not link.pending and not link.closed:
             self.engine_of[link.name].link_lost(link, "drained after GOAWAY")  # as the shell closes it
         if not link.closed:
@@ -225,10 +232,13 @@ class World:
                 group[group.index(link)] = new
         if link is self.app:
             self.app = new
-        if link.kind == UPSTREAM and link.cluster is not None:
-            link.cluster.add_link(new)
         self.engine_of[new.name] = self.engine_of[link.name]
         self.links[new.name] = new
+        if link.kind == UPSTREAM and link.cluster is not None:
+            link.cluster.add_link(new)
+            if link.cluster.connecting:
+                link.cluster.connecting -= 1
+                self.engine_of[link.name].unpark(link.cluster, now)
         return new
 
     def feed(self, link: Link, data: bytes, rng: random.Random, now: float) -> list[Any]:
@@ -266,6 +276,7 @@ def snapshot(w: World, what: Any) -> list[Any]:
         snap.append(sorted(engine.timer_keys))
         snap.append({listener: sorted(cache) for listener, cache in engine.rs_cache.items()})
         snap.append(sorted((c.name, c.picks, [(d.name, raw, t) for d, raw, t in c.parked], [ep.active for ep in c.endpoints]) for c in engine.clusters.values()))
+        snap.append(sorted((name, [(d.name, raw, t) for d, raw, t in held]) for name, held in engine.unrouted.items()))
         snap.append(engine.stats.render())
     for name, link in sorted(w.links.items()):
         snap.append((name, bytes(link.out), link.closed, link.draining, link.goaway_sent, link.inflight, link.next_sid, _pending(link)))
@@ -292,14 +303,24 @@ def run(seed: int, impl: Impl) -> list[list[Any]]:
                 link = w.fresh(rng.choice(w.peers))
                 what = ("peer", link.name, w.feed(link, request_stream(codec, rng, w.max_frame), rng, now))
             elif r < 0.85:
-                link = w.fresh(rng.choice(w.ups + [w.app]))
+                link = w.fresh(rng.choice(w.ups + [w.app]), now)
                 what = ("upstream", link.name, w.feed(link, response_stream(codec, rng, link), rng, now))
+            elif r < 0.88:  # a lazy subscription ends: found (with a route now), or not
+                name = w.asked.pop(0) if w.asked else "nope"
+                found = rng.random() < 0.7
+                if found and name not in {r.service for r in w.routes}:
+                    w.routes = [*w.routes, Route(name, "*", rng.choice(["echo", "other"]), 0.2)]
+                    w.out.set_routes(w.routes)
+                w.out.release_unrouted(name, found, now)
+                what = ("discovered", name, found)
             elif r < 0.95:
                 now += rng.choice([0.001, 0.01, 0.05, 0.2, 1.0])
                 what = ("expire", w.out.expire(now), w.inb.expire(now))
             elif r < 0.97 or step < STEPS * 3 // 4:
                 link = rng.choice(w.ups)
                 w.out.link_lost(link, "reset")
+                if link.cluster is not None and rng.random() < 0.5:
+                    link.cluster.connecting += 1  # its replacement is on the way: requests park
                 what = ("lost", link.name)
             elif r < 0.985:  # the end: a drain (answers HOT_RESTART or UNAVAILABLE from now on)
                 w.out.drain_mode = rng.choice(["hot_restart", "drain"])

@@ -176,7 +176,7 @@ class World:
         self.out = Engine(
             routes=routes,
             clusters=clusters,
-            caller="web",
+            caller=rng.choice(["web", "web", ""]),  # "": no caller stamp
             max_pending=rng.choice([8, 40, 1000]),
             max_frame_size=self.max_frame,
             high_watermark=rng.choice([512, 1 << 20]),
@@ -195,7 +195,7 @@ class World:
         self.app = Link(UPSTREAM, "app#0", endpoint=app.endpoints[0], cluster=app)
         app.add_link(self.app)
         self.inb.inbound_cluster = app
-        self.inb.inbound_guard = InboundGuard("echo", policy if rng.random() < 0.7 else None, self.max_frame)
+        self.inb.inbound_guard = InboundGuard(rng.choice(["echo", "echo", "echo", ""]), policy if rng.random() < 0.7 else None, self.max_frame)
         self.peers = [Link(DOWNSTREAM, f"peer{i}", listener="inbound") for i in range(3)]
         self.peers[1].peer = InboundPeer("web")
         self.peers[2].peer = InboundPeer("billing")

@@ -43,7 +43,7 @@ from ..protocol._frame import parse_header
 from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
 from ..governance import Locality, PolicySet
-from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, InboundGov, Outbound, RouteGov, build_inbound, build_routes, schedule, tick_outliers
+from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, Outbound, RouteGov, build_inbound, build_routes, schedule, tick_outliers
 from ._relay import Pending, forward, relay_requests, relay_responses
 from ._stats import ProxyStats, RequestStats
 

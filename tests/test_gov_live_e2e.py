@@ -84,3 +84,58 @@ async def test_policy_pushed_under_load_fails_no_call() -> None:
                 px.request_shutdown()
             assert failures == [], failures[:3]
             assert ok > 200
+
+
+WARMUP = """
+[governance]
+[governance.services.echo.routing]
+slow_start = { window = 6.0, min_weight_percent = 10.0, step = 0.25 }
+"""
+
+
+async def test_a_warming_endpoint_gets_a_small_share_that_grows() -> None:
+    import time
+    from collections import Counter
+
+    policy = parse_policy_set(tomllib.loads(WARMUP)["governance"])
+    with short_tmpdir() as d, trio.fail_after(60):
+        ports = [free_port(), free_port()]
+        async with (
+            run_process([sys.executable, str(HERE / "apps" / "gov_provider.py"), "--uds", str(d / "a.sock"), "--name", "a"], "provider ready", d, "a"),
+            run_process([sys.executable, str(HERE / "apps" / "gov_provider.py"), "--uds", str(d / "b.sock"), "--name", "b"], "provider ready", d, "b"),
+            proxy(d, "pa", provider_proxy_toml(d, "pa", ports[0], d / "a.sock")) as pa,
+            proxy(d, "pb", provider_proxy_toml(d, "pb", ports[1], d / "b.sock")) as pb,
+        ):
+            await wait_ready(pa)
+            await wait_ready(pb)
+            cfg = parse_config(tomllib.loads(caller_proxy_toml(d, [(ports[0], {}), (ports[1], {})])), base_dir=d)
+            px = Proxy(cfg)
+            async with trio.open_nursery() as n:
+                await n.start(px.run)
+                cluster = px.engine.clusters["echo"]
+                while sum(len(v) for v in cluster.links.values()) < 2:
+                    await trio.sleep(0.02)
+                px.set_governance(policy)
+                # what the discovery shell does when a registration brings a warm-up start (unix ms)
+                cluster.endpoints[1].warmup_start_ms = int(time.time() * 1000)
+                cluster.__post_init__()
+                async with sdk.open_client(d / "caller.sock") as client:
+
+                    async def split(n_calls: int) -> float:
+                        seen: Counter[bytes] = Counter()
+
+                        async def one() -> None:
+                            for _ in range(n_calls // 4):
+                                seen[await client.call("echo", "who", b"", timeout=5)] += 1
+
+                        async with trio.open_nursery() as w:
+                            for _ in range(4):
+                                w.start_soon(one)
+                        return seen[b"b"] / sum(seen.values())
+
+                    early = await split(300)
+                    await trio.sleep(6.5)
+                    late = await split(300)
+                px.request_shutdown()
+            assert early < 0.3, early
+            assert late > 0.38, late

@@ -89,7 +89,7 @@ async def test_policy_pushed_under_load_fails_no_call() -> None:
 WARMUP = """
 [governance]
 [governance.services.echo.routing]
-slow_start = { window = 6.0, min_weight_percent = 10.0, step = 0.25 }
+slow_start = { window = 10.0, min_weight_percent = 10.0, step = 0.25 }
 """
 
 
@@ -134,7 +134,7 @@ async def test_a_warming_endpoint_gets_a_small_share_that_grows() -> None:
                         return seen[b"b"] / sum(seen.values())
 
                     early = await split(300)
-                    await trio.sleep(6.5)
+                    await trio.sleep(10.5)
                     late = await split(300)
                 px.request_shutdown()
             assert early < 0.3, early

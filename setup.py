@@ -1,5 +1,7 @@
 """Build script: the compiled parts are ``octoproxy.protocol._fastframe`` (frame codec,
-scanner, route table) and ``octoproxy.core._fastpath`` (the proxy's per-frame relay).
+scanner, route table), ``octoproxy.core._fastpath`` (the proxy's per-frame relay),
+``octoproxy.core._fastguard`` and ``octoproxy.core._kernel_c`` (the engine, compiled from
+``core/_kernel.py`` in Cython's pure-Python mode).
 
 Environment switches:
   OCTOPROXY_NO_EXTENSIONS=1  build a pure-Python wheel (the twin is used at run time)
@@ -27,6 +29,10 @@ def extensions() -> list:
         Extension(f"octoproxy.{name}", [f"src/octoproxy/{name.replace('.', '/')}.pyx"], define_macros=macros, extra_compile_args=args)
         for name in ("protocol._fastframe", "core._fastpath", "core._fastguard")
     ]
+    # the kernel: one source, core/_kernel.py, compiled in Cython's pure-Python mode
+    # under another name (typed by core/_kernel_c.pxd), so the .py stays importable
+    # for OCTOPROXY_NO_EXTENSIONS=1 (core/_engine.py picks one at import)
+    exts.append(Extension("octoproxy.core._kernel_c", ["src/octoproxy/core/_kernel.py"], define_macros=macros, extra_compile_args=args))
     directives = {
         "language_level": "3",
         "boundscheck": False,
@@ -37,7 +43,7 @@ def extensions() -> list:
         "embedsignature": True,
     }
     print(
-        "octoproxy: building the Cython extensions _fastframe, _fastpath, _fastguard%s" % (" with line tracing" if TRACE else ""),
+        "octoproxy: building the Cython extensions _fastframe, _fastpath, _fastguard, _kernel_c%s" % (" with line tracing" if TRACE else ""),
         file=sys.stderr,
     )
     return cythonize(exts, compiler_directives=directives, include_path=["src"])

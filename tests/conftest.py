@@ -1,14 +1,17 @@
-"""Shared fixtures: the byte-level primitives run on both implementations in one run.
+"""Shared fixtures: the kernel and its byte-level primitives run on both implementations in one run.
 
 Three compiled modules have a hand-written pure-Python twin: the frame codec
 (``_fastframe`` / ``_frame_py``), the relay fast path (``_fastpath`` /
 ``_relay_py``) and the inbound guard's loops (``_fastguard`` /
-``_guard_py``). The ``impl`` fixture is parametrized ``compiled`` and
+``_guard_py``). The kernel itself (``Engine``, ``Link``, ``Cluster``,
+``Route``) has one source, ``core/_kernel.py``, run interpreted or compiled
+(``_kernel_c``). The ``impl`` fixture is parametrized ``compiled`` and
 ``python``; for the length of a test it installs that implementation of all
-three into the sans-IO kernel (every name of the kernel modules that refers
-to one twin's object is pointed at the other twin's object of the same name),
-so the engine, the relay and the guard run on it, and it checks that no
-kernel module still refers to the other twin.
+four (every name of the kernel modules and of the test modules that refers
+to one implementation's object is pointed at the other's object of the same
+name), so the engine, the relay and the guard run on it, and it checks that
+no such module still refers to the other implementation. A test that imports
+``Engine`` from ``octoproxy.core._engine`` at its top gets the installed one.
 
 The ``compiled`` param is skipped only when the extensions are not built (a
 failure elsewhere: see test_codec.py::test_compiled_module_loaded). With
@@ -36,7 +39,10 @@ TWIN_MODULES = {
     "codec": ("octoproxy.protocol._frame_py", "octoproxy.protocol._fastframe"),
     "relay": ("octoproxy.core._relay_py", "octoproxy.core._fastpath"),
     "guard": ("octoproxy.core._guard_py", "octoproxy.core._fastguard"),
+    "kernel": ("octoproxy.core._kernel", "octoproxy.core._kernel_c"),
 }
+#: the twins of one source (their own globals are swapped too, for the byte-level twins)
+ONE_SOURCE = ("kernel",)
 #: the kernel: modules that use the twins (their names are swapped), by package
 KERNEL = ("octoproxy.frame", "octoproxy.protocol", "octoproxy.core")
 #: imported first, so that every kernel module that uses a twin is loaded
@@ -55,6 +61,7 @@ class Impl:
     codec: ModuleType
     relay: ModuleType
     guard: ModuleType
+    kernel: ModuleType
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.codec, attr)
@@ -81,21 +88,30 @@ if COMPILED is not None:
 
 
 def _kernel_modules() -> list[ModuleType]:
+    """The modules whose names are swapped: the kernel's (but the hand-written twins) and the tests'."""
     for name in KERNEL_ENTRIES:
         importlib.import_module(name)
-    twins = {name for pair in TWIN_MODULES.values() for name in pair}
+    twins = {name for key, pair in TWIN_MODULES.items() if key not in ONE_SOURCE for name in pair}
     return [
         m
         for name, m in sorted(sys.modules.items())
-        if m is not None and name not in twins and (name in KERNEL or name.startswith(tuple(k + "." for k in KERNEL)))
+        if m is not None
+        and name not in twins
+        and (name in KERNEL or name.startswith(tuple(k + "." for k in KERNEL)) or name.startswith("test_") or name == "conftest")
     ]
 
 
-def _twin_pairs(target: Impl, others: list[Impl]) -> dict[int, tuple[Any, Any]]:
+def _swaps_for(mod: ModuleType, swap: dict[int, tuple[Any, Any]], own: dict[int, tuple[Any, Any]]) -> dict[int, tuple[Any, Any]]:
+    """A one-source kernel module keeps its own classes (only its byte-level twins are swapped)."""
+    one_source = {name for key in ONE_SOURCE for name in TWIN_MODULES[key]}
+    return {k: v for k, v in swap.items() if k not in own} if mod.__name__ in one_source else swap
+
+
+def _twin_pairs(target: Impl, others: list[Impl], keys: tuple[str, ...] = tuple(TWIN_MODULES)) -> dict[int, tuple[Any, Any]]:
     """id(object of another implementation) -> (that object, the same-named object of ``target``), where they differ."""
     swap: dict[int, tuple[Any, Any]] = {}
     for other in others:
-        for key in TWIN_MODULES:
+        for key in keys:
             src, dst = getattr(other, key), getattr(target, key)
             if src is not dst:
                 swap[id(src)] = (src, dst)
@@ -120,16 +136,18 @@ def installed(impl: Impl) -> Iterator[Impl]:
     others = [i for i in IMPLS.values() if i is not impl]
     with pytest.MonkeyPatch.context() as mp:
         swap = _twin_pairs(impl, others)
+        own = _twin_pairs(impl, others, ONE_SOURCE)
         for mod in _kernel_modules():
+            mine = _swaps_for(mod, swap, own)
             for attr, value in list(vars(mod).items()):
-                hit = swap.get(id(value))
+                hit = mine.get(id(value))
                 if hit is not None and hit[0] is value:
                     mp.setattr(mod, attr, hit[1])
         stale = [
             f"{mod.__name__}.{attr}"
             for mod in _kernel_modules()
             for attr, value in vars(mod).items()
-            if (hit := swap.get(id(value))) is not None and hit[0] is value
+            if (hit := _swaps_for(mod, swap, own).get(id(value))) is not None and hit[0] is value
         ]
         assert not stale, f"still on another implementation than {impl.name}: {stale}"
         yield impl

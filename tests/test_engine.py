@@ -404,3 +404,52 @@ def test_full_upstream_link_takes_no_new_request() -> None:
     assert resp.stream_id == 9 and resp.header.status == Status.OVERLOADED
     assert "not taking requests" in resp.header.error
     assert 'service="echo",method="m",status="OVERLOADED"} 1' in engine.stats.render()
+
+
+# ------------------------------------------------------------------ the kernel's two builds
+
+
+def test_kernel_build_selected_at_import() -> None:
+    """``OCTOPROXY_NO_EXTENSIONS=1`` runs the kernel interpreted; otherwise compiled from the same source."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import IMPLS, NO_EXTENSIONS
+    from octoproxy.core import _engine
+
+    if NO_EXTENSIONS:
+        assert _engine.KERNEL == "python"
+    elif not os.environ.get("OCTOPROXY_ALLOW_NO_EXTENSIONS"):
+        assert "compiled" in IMPLS, "octoproxy.core._kernel_c is not built: run `pip install .`"
+    env = {k: v for k, v in os.environ.items() if k != "OCTOPROXY_NO_EXTENSIONS"}
+    for flag, want in (("1", "kernel: python"), ("", "kernel: cython" if "compiled" in IMPLS else "kernel: python")):
+        out = subprocess.run(
+            [sys.executable, "-m", "octoproxy", "--version"], env={**env, "OCTOPROXY_NO_EXTENSIONS": flag}, capture_output=True, text=True, timeout=30
+        )
+        assert want in out.stdout, out
+
+
+def test_kernel_types_its_fields(impl: Impl) -> None:
+    """Compiled, the kernel's classes are extension types with C fields (no per-instance dict);
+    interpreted, the same source gives plain classes. Both behave the same."""
+    kernel = impl.kernel
+    link = kernel.Link(UPSTREAM, "u")
+    assert not hasattr(link, "__dict__")
+    with pytest.raises(AttributeError):
+        link.not_a_field = 1
+    route = kernel.Route("echo", "*", "echo", 1)
+    assert route == kernel.Route("echo", "*", "echo", 1.0) and hash(route) == hash(kernel.Route("echo", "*", "echo", 1.0))
+    assert route != kernel.Route("echo", "*", "other", 1.0) and route.timeout == 1.0
+    cluster = kernel.Cluster("echo", "round_robin", [Endpoint("10.0.0.1:9000")])
+    assert cluster.endpoints[0].address == "10.0.0.1:9000" and cluster.balancer is not None and cluster.parked == []
+    assert kernel.Cluster("x").endpoints is not kernel.Cluster("y").endpoints  # no shared default
+    if impl.name == "compiled":
+        assert kernel.__file__.endswith(".so") or kernel.__file__.endswith(".pyd")
+        engine = kernel.Engine(routes=[route], clusters=[cluster])
+        with pytest.raises(TypeError):
+            engine.pending_count = "many"  # a C integer field
+        with pytest.raises(AttributeError):
+            engine.not_a_field = 1
+    else:
+        assert kernel.__file__.endswith("_kernel.py")

@@ -1,8 +1,8 @@
 """Differential test: the compiled primitives and their twins, byte for byte.
 
 The same seeded scenario runs twice through the sans-IO engine, once on the
-compiled codec, relay and guard and once on their pure-Python twins (conftest's
-``installed``): random frame streams (valid frames of random types, sizes,
+compiled kernel, codec, relay and guard and once on the interpreted kernel and
+the pure-Python twins (conftest's ``installed``): random frame streams (valid frames of random types, sizes,
 stream ids, services, deadlines and metadata; a share of garbage) arrive on
 outbound SDK links, inbound peer links (plaintext and mTLS, under an
 authorization policy) and upstream links, split at random points as reads
@@ -38,12 +38,19 @@ METHODS = ["m", "slow", "GetUser", "GetSecret", "Admin", ""]
 
 
 def test_impl_fixture_installs_every_twin(impl: Impl) -> None:
-    """The kernel really runs on the implementation the fixture names."""
-    assert _engine.relay_requests is impl.relay.relay_requests
-    assert _engine.relay_responses is impl.relay.relay_responses
-    assert _engine.Scanner is impl.codec.Scanner and _guard.Scanner is impl.codec.Scanner
+    """The kernel really runs on the implementation the fixture names (the kernel's own build too)."""
+    kernel = impl.kernel
+    assert kernel.__name__ == ("octoproxy.core._kernel_c" if impl.name == "compiled" else "octoproxy.core._kernel")
+    assert _engine.Engine is kernel.Engine and _engine.Link is kernel.Link and _engine.Cluster is kernel.Cluster
+    assert Engine is kernel.Engine and Link is kernel.Link and Route is kernel.Route  # this module's names too
+    for other in IMPLS.values():  # whichever kernel runs, it calls the installed twins
+        assert other.kernel.relay_requests is impl.relay.relay_requests
+        assert other.kernel.relay_responses is impl.relay.relay_responses
+        assert other.kernel.Scanner is impl.codec.Scanner
+    assert _guard.Scanner is impl.codec.Scanner
     assert _guard.stamp_frames is impl.guard.stamp_frames and _guard.first_unclean is impl.guard.first_unclean
     engine = Engine(routes=[], clusters=[], caller="web")
+    assert type(engine) is kernel.Engine
     assert type(engine.new_scanner(Link(DOWNSTREAM, "d", listener="outbound"))) is impl.codec.Scanner
     assert type(InboundGuard("echo")._scanner) is impl.codec.Scanner
 
@@ -372,6 +379,6 @@ def test_the_comparison_sees_one_wrong_byte() -> None:
             if link.out:
                 link.out[-1] ^= 1
 
-    broken = Impl("python", PYTHON.codec, SimpleNamespace(**{**vars(twin), "relay_responses": relay_responses}), PYTHON.guard)  # type: ignore[arg-type]
+    broken = Impl("python", PYTHON.codec, SimpleNamespace(**{**vars(twin), "relay_responses": relay_responses}), PYTHON.guard, PYTHON.kernel)  # type: ignore[arg-type]
     diff = first_difference(run(3, COMPILED), run(3, broken))
     assert diff is not None and "upstream" in diff

@@ -16,8 +16,9 @@ from ._version import __version__
 
 def _version_line() -> str:
     from . import frame
+    from .core import _engine
 
-    return f"octoproxy {__version__} (frame codec: {frame.IMPLEMENTATION}, Python {sys.version.split()[0]})"
+    return f"octoproxy {__version__} (frame codec: {frame.IMPLEMENTATION}, kernel: {_engine.KERNEL}, Python {sys.version.split()[0]})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,7 @@ __all__ = [
     "current_policy",
     "HeldPolicies",
     "control_plane_policy_set",
+    "warmup_start_kernel_ms",
 ]
 
 #: the largest policy body (JSON text) stored or accepted
@@ -195,3 +196,25 @@ def control_plane_policy_set(held: Mapping[str, HeldPolicies]) -> PolicySet | No
     if not services:
         return None
     return PolicySet(version=";".join(parts), services=services)
+
+
+def warmup_start_kernel_ms(start_unix_ms: int, unix_now_ms: int, kernel_now_ms: int) -> int:
+    """An endpoint's warm-up start on the proxy's kernel clock (docs/governance.md, section 10).
+
+    ``start_unix_ms - (unix_now_ms - kernel_now_ms)``: the control plane's
+    unix start, moved to the monotonic clock the kernel reads. A start in the
+    future (clocks apart) is now; a start before the kernel clock's origin is
+    1 ms (long ago: no warm-up left).
+
+    Args:
+        start_unix_ms: ``Endpoint.warmup_start_unix_ms``; 0 = no warm-up.
+        unix_now_ms: the proxy's unix time now.
+        kernel_now_ms: the kernel's clock now (``int(trio.current_time() * 1000)``).
+
+    Returns:
+        The start on the kernel's clock, 0 for no warm-up.
+    """
+    if start_unix_ms <= 0:
+        return 0
+    start = start_unix_ms - (unix_now_ms - kernel_now_ms)
+    return max(1, min(start, kernel_now_ms))

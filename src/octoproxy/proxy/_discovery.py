@@ -18,6 +18,15 @@ control plane that restarts without its state (providers re-register within
 a lease) does not empty a cluster under traffic. While the control plane is
 unreachable the proxy keeps its last endpoints and says so in ``/ready``.
 
+With each service's endpoints the proxy subscribes to its ``RouteRules`` and
+its ``GovernancePolicy`` (and, on the provider side, to its own service's
+policy): whenever what it holds changes it hands the control plane's policy
+set to the proxy (``Proxy.set_governance``), route rules folded into the
+policies' routing (docs/governance.md, "The GovernancePolicy resource").
+Each discovered endpoint also gets a routing :class:`~octoproxy.governance.Member`
+(center, backup role, warm-up start moved to the kernel's clock) in
+:attr:`Discovery.members`.
+
 On the provider side the proxy registers its app's endpoint once the app's
 UDS answers, marks it STOPPING when it drains (so callers stop picking it
 before it goes) and deregisters at the end; a hot restart hands the
@@ -34,16 +43,21 @@ import socket
 import ssl
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from .._balancer import Endpoint
-from .._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ
+from .._governance_resource import HeldPolicies, control_plane_policy_set, warmup_start_kernel_ms
+from .._governance_resource import policy_from_message as policy_from_governance
+from .._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ, TYPE_GOVERNANCE, TYPE_ROUTES
 from .._xds_server import check_service_name
 from ..controlplane import TYPE_ENDPOINTS, DiscoveryClient, ResourceChange
+from ..governance import Member, PolicySet, ServicePolicy, dump_policy_set
 from ..proto import octoproxy_discovery_pb2 as pb
 from ._authz import policy_from_message
 from ._engine import Cluster, Route
@@ -65,6 +79,8 @@ T = TypeVar("T")
 REMOVAL_GRACE = 10.0
 #: lazy subscriptions stop here (explicit POST /subscribe is not limited)
 MAX_SUBSCRIPTIONS = 10000
+#: what the proxy subscribes to for each service its app calls
+SERVICE_TYPES = (TYPE_ENDPOINTS, TYPE_ROUTES, TYPE_GOVERNANCE)
 
 
 #: the subscriptions file is refused past this size (10,000 long names fit)
@@ -293,6 +309,19 @@ class Discovery:
 
             settings = proxy.config.proxy
             self.appconfig = AppConfigState(settings.service, settings.environment, proxy.config.app_config_path)
+        #: the control plane's policies for the services we call or serve: what
+        #: ``Proxy.set_governance`` got last (``None``: nothing pushed)
+        self.governance: PolicySet | None = None
+        #: how many times the policy set was handed to the proxy
+        self.governance_applied = 0
+        self._held_policies: dict[str, HeldPolicies] = {}
+        #: GovernancePolicy parsed once per resource version: name -> (version, policy)
+        self._parsed: dict[str, tuple[str, ServicePolicy]] = {}
+        #: routing facts of discovered endpoints: service -> address -> Member (the cluster's own Endpoint objects)
+        self.members: dict[str, dict[str, Member]] = {}
+        #: service -> address -> (warm-up start in unix ms, warm-up window ms), as the control plane sent them
+        self.warmups: dict[str, dict[str, tuple[int, int]]] = {}
+        self._app_up_unix_ms = 0
 
     # ------------------------------------------------------------ running
 
@@ -314,6 +343,8 @@ class Discovery:
                 nursery.start_soon(self._register)
             if self.engine.inbound_guard is not None and proxy_service(self):
                 nursery.start_soon(self._watch_authz)
+            if self.proxy.config.inbound is not None and proxy_service(self):
+                nursery.start_soon(self._watch_own_governance)
 
     async def _restore(self) -> None:
         """Subscribe to what the file says, before the proxy reports ready.
@@ -363,7 +394,7 @@ class Discovery:
             self.subscribed[n] = now
         if new:
             await self._save()
-        await self.client.subscribe(names, timeout=timeout)
+        await self.client.subscribe(names, timeout=timeout, types=SERVICE_TYPES)
         held = self.client.held(TYPE_ENDPOINTS)
         return {n: len(getattr(held.get(n), "endpoints", ())) for n in names}
 
@@ -371,10 +402,13 @@ class Discovery:
         names = [n for n in set(names) if n in self.subscribed]
         if not names:
             return
-        self.client.unsubscribe(names)
+        own = proxy_service(self) if self.proxy.config.inbound is not None else ""
+        self.client.unsubscribe(names, types=(TYPE_ENDPOINTS, TYPE_ROUTES))
+        self.client.unsubscribe([n for n in names if n != own], types=(TYPE_GOVERNANCE,))  # (ours stays watched)
         for n in names:
             del self.subscribed[n]
             self._drop_service(n)
+        self._apply_governance()
         if self._nursery is not None:
             self._nursery.start_soon(self._save)
 
@@ -458,10 +492,19 @@ class Discovery:
         except trio.TooSlowError:
             log.warning("no answer about the authorization policy of %s yet; [authz] applies meanwhile", proxy_service(self))
 
+    async def _watch_own_governance(self) -> None:
+        """Subscribe to our own service's GovernancePolicy (its inbound rate limits, breaker, tracing)."""
+        try:
+            await self.client.subscribe([proxy_service(self)], timeout=self.cfg.subscribe_timeout, types=(TYPE_GOVERNANCE,))
+        except trio.TooSlowError:
+            log.warning("no answer about the governance policy of %s yet; [governance] applies meanwhile", proxy_service(self))
+
     def _validate(self, type_url: str, name: str, resource: Any) -> None:
         """NACK an invalid delivery (raising rejects the update; nothing changes)."""
         if type_url == TYPE_AUTHZ:
             policy_from_message(resource, proxy_service(self), "check")
+        elif type_url == TYPE_GOVERNANCE:
+            policy_from_governance(resource)  # a PolicyError lists every error in the NACK
         elif type_url == TYPE_APPCONFIG:
             if self.appconfig is None:
                 raise ValueError("this proxy has no proxy.service: no configuration expected")
@@ -479,9 +522,47 @@ class Discovery:
         guard.set_policy(policy)
         log.info("authorization policy of %s version %s applied (%d rules, default %s)", change.name, change.version, len(policy.rules), policy.default)
 
+    def _apply_governance(self) -> None:
+        """Hand the control plane's policies for what we hold to the proxy, if they changed.
+
+        Policies were checked when they arrived (``_validate``: an invalid one
+        is NACKed and never held), so parsing them again cannot fail. Route
+        rules become the routing of a service whose policy has none.
+        """
+        policies = self.client.held(TYPE_GOVERNANCE)
+        versions = self.client.core.versions(TYPE_GOVERNANCE)
+        held: dict[str, HeldPolicies] = {}
+        for name, msg in policies.items():
+            assert isinstance(msg, pb.GovernancePolicy)
+            cached = self._parsed.get(name)
+            if cached is None or cached[0] != versions[name]:
+                cached = self._parsed[name] = (versions[name], policy_from_governance(msg))
+            held[name] = HeldPolicies(policy=(msg.version, cached[1]))
+        for name in set(self._parsed) - set(policies):
+            del self._parsed[name]
+        route_versions = self.client.core.versions(TYPE_ROUTES)
+        for name, rules in self.client.held(TYPE_ROUTES).items():
+            assert isinstance(rules, pb.RouteRules)
+            held[name] = replace(held.get(name, HeldPolicies()), routes=(route_versions[name], rules))
+        self._held_policies = held
+        policy_set = control_plane_policy_set(held)
+        if (policy_set.version if policy_set else None) == (self.governance.version if self.governance else None):
+            return
+        self.governance = policy_set
+        self.governance_applied += 1
+        ignored = sorted(n for n, h in held.items() if h.routes_ignored)
+        if ignored:
+            log.warning("route rules of %s ignored: their governance policy has its own routing", ", ".join(ignored))
+        log.info("governance from the control plane: %s", policy_set.version if policy_set else "none ([governance] applies)")
+        self.proxy.set_governance(policy_set)
+
     def _on_change(self, changes: list[ResourceChange]) -> None:
         now = trio.current_time()
+        governance = False
         for change in changes:
+            if change.type_url in (TYPE_GOVERNANCE, TYPE_ROUTES):
+                governance = True
+                continue
             if change.type_url == TYPE_APPCONFIG:
                 if self.appconfig is not None and change.name == self.appconfig.name and self._nursery is not None:
                     self.appconfig.delivered(change.resource, self._nursery)
@@ -497,6 +578,8 @@ class Discovery:
                 continue
             self._removed_at.pop(change.name, None)
             self._apply(change.name, list(change.resource.endpoints))
+        if governance:
+            self._apply_governance()
         self.proxy.flusher.flush()
 
     async def _expire_removals(self) -> None:
@@ -523,10 +606,15 @@ class Discovery:
             log.info("new cluster %s from discovery", service)
         wanted = {ep.address: ep for ep in endpoints}
         current = {ep.address: ep for ep in cluster.endpoints}
+        members = self.members.setdefault(service, {})
+        warmups = self.warmups.setdefault(service, {})
         for address, ep in current.items():
             if address not in wanted:
                 cluster.endpoints.remove(ep)
+                members.pop(address, None)
+                warmups.pop(address, None)
                 self.proxy.stop_endpoint(cluster, ep)
+        unix_now_ms, kernel_now_ms = int(time.time() * 1000), int(trio.current_time() * 1000)
         for address, src in wanted.items():
             weight = src.weight or 100
             if src.status != pb.Endpoint.HEALTHY:
@@ -538,8 +626,20 @@ class Discovery:
                 cluster.endpoints.append(ep)
                 self.proxy.start_endpoint(cluster, ep)
             else:
+                ep = known
                 known.weight = weight
                 known.region, known.idc, known.tags = src.region, src.idc, dict(src.tags)
+            warmup = (src.warmup_start_unix_ms, src.warmup_window_ms)
+            member = members.get(address)
+            if member is None or member.endpoint is not ep:
+                member = members[address] = Member(ep)
+            member.center, member.backup = src.center, src.role == pb.Endpoint.BACKUP
+            if warmups.get(address) != warmup or not member.warmup_start_ms and warmup[0]:
+                # converted once per start (not at each push: the two clocks drift apart)
+                member.warmup_start_ms = warmup_start_kernel_ms(warmup[0], unix_now_ms, kernel_now_ms)
+                warmups[address] = warmup
+        if not members:
+            del self.members[service], self.warmups[service]
         cluster.balancer = None
         cluster.__post_init__()  # a fresh balancer over the new endpoint list
 
@@ -549,6 +649,8 @@ class Discovery:
             return
         for ep in list(cluster.endpoints):
             self.proxy.stop_endpoint(cluster, ep)
+        self.members.pop(service, None)
+        self.warmups.pop(service, None)
         del self.engine.clusters[service]
         self.engine.set_routes([r for r in self.engine.routes if r.cluster != service])
 
@@ -625,13 +727,20 @@ class Discovery:
             if up != healthy or not registered:
                 try:
                     if not registered and up:
+                        if not self._app_up_unix_ms:  # our app's warm-up began when it first answered
+                            self._app_up_unix_ms = int(time.time() * 1000)
+                        px = self.proxy.config.proxy
                         ep = pb.Endpoint(
                             address=address,
                             weight=self.cfg.weight,
-                            region=self.cfg.region,
-                            idc=self.cfg.idc,
+                            region=self.cfg.region or px.region,
+                            idc=self.cfg.idc or px.idc,
+                            center=px.center,
                             tags=dict(self.cfg.tags),
                             status=pb.Endpoint.HEALTHY,
+                            role=pb.Endpoint.BACKUP if self.cfg.role == "backup" else pb.Endpoint.NORMAL,
+                            warmup_window_ms=round(self.cfg.warmup * 1000),
+                            warmup_start_unix_ms=self._app_up_unix_ms,
                         )
                         await self.client.register(service, ep, ttl=self.cfg.lease_ttl, timeout=5.0)
                         registered = healthy = True
@@ -662,12 +771,43 @@ class Discovery:
             await self.client.deregister(self.proxy.config.proxy.service, self.registered_address)
             log.info("deregistered %s at %s", self.proxy.config.proxy.service, self.registered_address)
 
+    def governance_state(self) -> dict[str, Any]:
+        """``GET /governance``: the control plane's policy set this proxy holds, and its endpoints' routing facts."""
+        ps = self.governance
+        return {
+            "version": ps.version if ps is not None else "",
+            "applied": self.governance_applied,
+            "policy": dump_policy_set(ps) if ps is not None else None,
+            "sources": {
+                name: {
+                    "policy_version": h.policy[0] if h.policy is not None else None,
+                    "route_rules": h.routes[0] if h.routes is not None else None,
+                    "route_rules_ignored": h.routes_ignored,
+                }
+                for name, h in sorted(self._held_policies.items())
+            },
+            "members": {
+                service: {
+                    address: {
+                        "center": m.center,
+                        "role": "backup" if m.backup else "normal",
+                        "warmup_start_unix_ms": self.warmups[service][address][0],
+                        "warmup_window_ms": self.warmups[service][address][1],
+                        "warmup_start_ms": m.warmup_start_ms,
+                    }
+                    for address, m in sorted(members.items())
+                }
+                for service, members in sorted(self.members.items())
+            },
+        }
+
     def state(self) -> dict[str, Any]:
         return {
             "control_plane": {"connected": self.client.connected, "url": self.client.url},
             "subscriptions": sorted(self.subscribed),
             "restored": self.restored.is_set(),
             "registered": self.registered_address,
+            "governance": self.governance.version if self.governance is not None else "",
             "app_config": None if self.appconfig is None else {
                 "name": self.appconfig.name, "version": self.appconfig.version, "source": self.appconfig.source,
             },

@@ -954,6 +954,12 @@ class Proxy:
             data = json.loads(json.dumps(self.config.to_dict(), default=str))
             return Response(200, {"version": __version__, "codec": frame.IMPLEMENTATION, "config": data, "addresses": self.addresses})
 
+        async def governance(_req: Request) -> Response:
+            # the control plane's policies this proxy holds (proxy/_discovery.py)
+            if self.discovery is None:
+                return Response(200, {"version": "", "applied": 0, "policy": None, "sources": {}, "members": {}})
+            return Response(200, self.discovery.governance_state())
+
         async def subscribe(req: Request) -> Response:
             if self.discovery is None:
                 return Response(404, {"error": "discovery is not configured on this proxy ([discovery] section)"})
@@ -1030,6 +1036,7 @@ class Proxy:
             ("GET", "/stats"): stats,
             ("GET", "/clusters"): clusters,
             ("GET", "/config_dump"): config_dump,
+            ("GET", "/governance"): governance,
             ("POST", "/drain"): drain,
             ("POST", "/subscribe"): subscribe,
             ("GET", "/config"): app_config,

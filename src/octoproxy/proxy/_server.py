@@ -46,7 +46,6 @@ from ._stats import ProxyStats
 from ._tls import CertificateFiles, ControlPlaneCertificates, HandshakeError, accept_tls, connect_tls
 
 if TYPE_CHECKING:
-    from ..governance import PolicySet
     from ._discovery import Discovery
 
 log = logging.getLogger("octoproxy.proxy")
@@ -466,14 +465,6 @@ class Proxy:
             conn = Conn(sock, link, self.flusher, max_buffer=max_buffer, spawn=self._conn_nursery.start_soon)
             self.conns[name].add(conn)  # counted at once: the limits above see it before its task runs
             self._conn_nursery.start_soon(self._serve_downstream, conn)
-
-    def set_governance(self, policy_set: PolicySet | None) -> None:
-        """PLACEHOLDER until govdata's data path lands (drop this commit when merging it).
-
-        The control plane's policies for the services this proxy calls or
-        serves (``None``: nothing pushed; the local ``[governance]`` applies).
-        """
-        self.pushed_governance = policy_set
 
     def tls_ready(self) -> bool:
         """True unless mTLS is on and no certificate is held yet (control plane)."""

@@ -716,6 +716,23 @@ class AuthzConfig:
     )
 
 
+def _convert_governance(v: object, key: str, base_dir: Path | None) -> Any:
+    from .governance import parse_policy_set  # PolicyError is a ConfigError: every bad key, each named
+
+    if not isinstance(v, Mapping):
+        raise _Bad
+    return parse_policy_set(v, prefix=key)
+
+
+def _dump_governance(v: Any) -> object:
+    from .governance import dump_policy_set
+
+    return dump_policy_set(v)
+
+
+_GOVERNANCE = _Kind("a table (docs/governance.md, section 9)", "table, docs/governance.md", _convert_governance, _dump_governance)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProxyConfig:
     """The whole configuration file. Build it with :func:`load_config` / :func:`parse_config`."""
@@ -744,6 +761,12 @@ class ProxyConfig:
     )
     tls: TlsConfig = _section(TlsConfig, "[tls]", "mTLS between proxies.")
     authz: AuthzConfig = _section(AuthzConfig, "[authz]", "Caller authorization on the inbound side.")
+    governance: Any = _optional(
+        _GOVERNANCE,
+        "Governance policies by service (routing rules, outlier ejection, circuit breakers, retries, rate limits, "
+        "tracing, access log), as docs/governance.md section 9 describes; a control plane may replace them live.",
+        default_doc="absent: every route on the fast path",
+    )
 
     @property
     def tls_mode(self) -> str:
@@ -962,7 +985,9 @@ def render_config_reference() -> str:
         ``<!-- BEGIN GENERATED -->`` and ``<!-- END GENERATED -->`` markers.
     """
     out: list[str] = []
-    for _, opt in _opts(ProxyConfig):
-        assert opt.kind.table is not None  # every top-level key is a section
+    for f, opt in _opts(ProxyConfig):
+        if opt.kind.table is None:  # a section with a schema of its own ([governance])
+            out += [f"### `[{f.name}]`", "", f"{opt.doc} Default: {opt.default_doc}.", ""]
+            continue
         _render_table(*opt.kind.table, opt.doc, out)
     return "\n".join(out)

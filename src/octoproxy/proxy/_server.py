@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -37,6 +38,7 @@ from .._secretfile import load_or_create_secret, write_fresh_secret
 from .._unix import bind_unix, remove_stale_socket
 from .._version import __version__
 from ._authz import policy_from_config
+from ..governance import Locality, PolicySet
 from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ._guard import InboundGuard, InboundPeer
 from ._handover import serve_hot_restart
@@ -162,6 +164,8 @@ class Proxy:
             inbound_max_timeout=(config.inbound.max_timeout or 0.0) if config.inbound is not None else 0.0,
             high_watermark=up.high_watermark,
         )
+        if config.discovery is not None:  # this proxy's own locality (governed routes prefer it)
+            self.engine.locality = Locality(config.discovery.region, "", config.discovery.idc)
         if config.inbound is not None:
             app = Cluster("local_app", "least_request", [Endpoint(f"unix:{config.inbound.app_uds}")])
             app.endpoints[0].healthy = False
@@ -220,12 +224,37 @@ class Proxy:
         self._pool_nursery: trio.Nursery | None = None
         self._register_gauges()
 
+    # ------------------------------------------------------------ governance
+
+    def set_governance(self, policy_set: PolicySet | None) -> None:
+        """Apply a governance policy set live (or none: every route back on the fast path).
+
+        Runs between two reads (Trio runs one task at a time), in place: calls
+        in flight keep and release what they hold, so none fails because of it.
+        A policy set that failed to parse never gets here (``parse_policy_set``
+        raised, the caller NACKed it and kept the old one).
+
+        Args:
+            policy_set: the new policies (from ``[governance]`` or the control plane).
+        """
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # not running yet
+            now = 0.0
+        self.engine.set_governance(policy_set, now)
+        version = policy_set.version if policy_set is not None else None
+        log.info("governance policy set %s applied: %d governed routes", version, len(self.engine.governed_routes()))
+
     # ------------------------------------------------------------ running
 
     async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_shutdown`, then drain and return."""
         cfg = self.config
         self.started_at = trio.current_time()
+        # the governance cores' clock: unix milliseconds (warm-up starts come from the control plane so)
+        self.engine.clock_offset_ms = int(time.time() * 1000) - int(self.started_at * 1000)
+        if cfg.governance is not None and self.engine.policies is None:
+            self.set_governance(cfg.governance)
         self._set_fd_limit()
         if "outbound" not in self.listeners:
             await remove_stale_socket(str(cfg.outbound.uds))

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from e2e import Proc, free_port, provider_toml, proxy_argv, short_tmpdir, start_process, stop, wait_ready
-from octoproxy import sdk
+from octoproxy import Status, sdk
 from octoproxy._admin import http_request
 from test_etcd import Member, etcd_bin, etcd_single  # noqa: F401  (fixtures)
 from test_mesh_tls import App, _cp_argv, _discovery, _join_token
@@ -34,6 +34,11 @@ POLICY = {
                                                  "endpoint_tags": {"swimlane": "blue"}}]},
     "breaker": {"max_requests": 100},
 }  # fmt: skip
+#: the caller proxy's own table for echo: what applies while the control plane has nothing for echo
+LOCAL_GOVERNANCE = '[governance]\nversion = "L1"\n[governance.services.echo.tracing]\nsampled = false\n'
+LOCAL_ECHO = {"tracing": {"enabled": True, "sampled": False}}
+#: every call to echo fails NO_ROUTE while this is in force (no endpoint is tagged green)
+FORCE_GREEN = {"routing": {"rules": [{"name": "green-only", "endpoint_tags": {"swimlane": "green"}, "force": True}]}}
 #: two errors at once: both must be listed, with their keys
 BAD_POLICY = {"retry": {"max_attempts": 0}, "breaker": {"max_requets": 5}}
 
@@ -83,7 +88,7 @@ async def start_mesh(d: Path, cp_args: list[str]) -> tuple[list[Proc], Proc, Pro
     )
     (d / "c.toml").write_text(
         f'[proxy]\nservice = "caller-app"\nregion = "r1"\n[outbound]\nuds = "{d}/caller.sock"\n[admin]\nlisten = "127.0.0.1:0"\n'
-        f"[upstream]\nconnect_timeout = 0.5\n" + _discovery(d, cp_port, "caller-app")
+        f"[upstream]\nconnect_timeout = 0.5\n" + _discovery(d, cp_port, "caller-app") + LOCAL_GOVERNANCE
     )
     pp = await start_process(proxy_argv(d / "p.toml"), "octoproxy ready", d, "provider-proxy")
     procs.append(pp)
@@ -107,12 +112,13 @@ async def test_policy_set_with_ctl_reaches_the_proxies_live() -> None:
                     await client.call("echo", "whoami", b"", timeout=5)  # the caller's proxy subscribes to echo
 
                     # the endpoint's routing facts, from the provider's registration to the caller's members
-                    g = await until(cpx, lambda g: "echo" in g["members"], 5)
-                    (address, m), = g["members"]["echo"].items()
-                    assert (m["center"], m["role"], m["warmup_window_ms"]) == ("c1", "backup", 30_000)
+                    g = await until(cpx, lambda g: "echo" in g["endpoints"], 5)
+                    (m,) = g["endpoints"]["echo"].values()
+                    assert (m["region"], m["center"], m["idc"]) == ("r1", "c1", "i1")
+                    assert (m["role"], m["warmup_window_ms"]) == ("backup", 30_000)
                     assert registered_after < m["warmup_start_unix_ms"] <= int(time.time() * 1000)
-                    assert m["warmup_start_ms"] > 0  # moved to the proxy's kernel clock
-                    assert g["policy"] is None and g["version"] == ""  # nothing pushed yet
+                    # nothing pushed yet: the caller's own [governance] is in force
+                    assert g["version"] == "L1" and g["control_plane_version"] == "" and echo_policy(g) == LOCAL_ECHO
                     rc, out, _ = await ctl(d, cp, "endpoints", "list", "echo")
                     (ep,) = json.loads(out)["endpoints"]
                     assert (ep["region"], ep["center"], ep["idc"], ep["role"]) == ("r1", "c1", "i1", "BACKUP")
@@ -135,7 +141,8 @@ async def test_policy_set_with_ctl_reaches_the_proxies_live() -> None:
                     assert held["retry"]["max_attempts"] == 3 and held["retry"]["idempotent_methods"] == ["Get*"]
                     assert held["routing"]["locality"] == "enforce" and held["routing"]["rules"][0]["name"] == "blue"
                     assert held["breaker"]["max_requests"] == 100 and held["breaker"]["max_retries"] == 3  # defaults spelled out
-                    assert g["version"] == "echo=1" and g["sources"]["echo"]["policy_version"] == 1
+                    assert g["version"] == "local:L1|echo=1" and g["sources"]["echo"]["policy_version"] == 1
+                    assert "tracing" not in held  # a pushed policy replaces the local table of its service
                     rc, out, _ = await ctl(d, cp, "policy", "get", "echo")
                     assert rc == 0 and json.loads(out) == held  # the canonical form is what travels
 
@@ -149,7 +156,20 @@ async def test_policy_set_with_ctl_reaches_the_proxies_live() -> None:
                     rc, out, _ = await ctl(d, cp, "policy", "get", "echo")
                     assert json.loads(out) == held
                     await trio.sleep(0.3)
-                    assert echo_policy(await governance(cpx)) == held and (await governance(cpx))["version"] == "echo=1"
+                    assert echo_policy(await governance(cpx)) == held and (await governance(cpx))["version"] == "local:L1|echo=1"
+
+                    # the data path applies what is pushed: a forced empty subset answers NO_ROUTE, naming the rule
+                    (d / "green.json").write_text(json.dumps(FORCE_GREEN))
+                    rc, out, err = await ctl(d, cp, "policy", "set", "echo", str(d / "green.json"))
+                    assert rc == 0 and "version 2" in out, (out, err)
+                    with trio.fail_after(2):
+                        while True:
+                            try:
+                                await client.call("echo", "whoami", b"", timeout=5)
+                            except sdk.CallError as exc:
+                                assert exc.status == Status.NO_ROUTE and "green-only" in str(exc), exc
+                                break
+                            await trio.sleep(0.02)
 
                     # only operators: no credentials (401), a service's join token (403)
                     body = json.dumps({"service": "echo", "policy": {}}).encode()
@@ -160,7 +180,7 @@ async def test_policy_set_with_ctl_reaches_the_proxies_live() -> None:
                         status, _, reply = await http_request(cp.admin, method, path, body, token=echo_token, timeout=5)
                         assert status == 403 and b"not an operator" in reply, reply
                     rc, out, _ = await ctl(d, cp, "policy", "get", "echo")
-                    assert json.loads(out) == held
+                    assert json.loads(out)["routing"]["rules"][0]["name"] == "green-only"
 
                     # route rules and a policy: the policy's routing wins; without one, the rules are the routing
                     rules = {"service": "echo", "rules": [{"name": "green", "endpoint_tags": {"swimlane": "green"},
@@ -169,29 +189,31 @@ async def test_policy_set_with_ctl_reaches_the_proxies_live() -> None:
                     rc, out, err = await ctl(d, cp, "routes", "put", str(d / "rules.json"))
                     assert rc == 0, err
                     g = await until(cpx, lambda g: (g["sources"].get("echo") or {}).get("route_rules_ignored"), 2)
-                    assert echo_policy(g)["routing"]["rules"][0]["name"] == "blue"
+                    assert echo_policy(g)["routing"]["rules"][0]["name"] == "green-only"
                     (d / "no-routing.json").write_text(json.dumps({"retry": {}}))
                     rc, out, err = await ctl(d, cp, "policy", "set", "echo", str(d / "no-routing.json"))
-                    assert rc == 0 and "version 2" in out, (out, err)
-                    g = await until(cpx, lambda g: (g["sources"].get("echo") or {}).get("policy_version") == 2, 2)
+                    assert rc == 0 and "version 3" in out, (out, err)
+                    g = await until(cpx, lambda g: (g["sources"].get("echo") or {}).get("policy_version") == 3, 2)
                     routing = echo_policy(g)["routing"]
                     assert [r["name"] for r in routing["rules"]] == ["green"] and routing["rules"][0]["force"] is False
-                    assert g["version"].startswith("echo=2+routes:") and not g["sources"]["echo"]["route_rules_ignored"]
+                    assert g["version"].startswith("local:L1|echo=3+routes:") and not g["sources"]["echo"]["route_rules_ignored"]
+                    await client.call("echo", "whoami", b"", timeout=5)  # green-only is gone: calls flow again
 
                     # history, newest first
                     rc, out, _ = await ctl(d, cp, "policy", "history", "echo", "--json")
                     history = json.loads(out)
-                    assert history["current"] == 2 and [v["version"] for v in history["history"]] == [2, 1]
-                    assert history["history"][1]["policy"] == held
+                    assert history["current"] == 3 and [v["version"] for v in history["history"]] == [3, 2, 1]
+                    assert history["history"][2]["policy"] == held
 
-                    # delete: the proxies fall back to their own [governance] (none here: nothing pushed for echo)
+                    # delete: the proxies fall back to their own [governance] (the caller's table; none on the provider)
                     rc, out, err = await ctl(d, cp, "policy", "delete", "echo")
-                    assert rc == 0 and "deleted (version 3)" in out, (out, err)
+                    assert rc == 0 and "deleted (version 4)" in out, (out, err)
                     rules["rules"] = []
                     (d / "rules.json").write_text(json.dumps(rules))
                     rc, out, err = await ctl(d, cp, "routes", "put", str(d / "rules.json"))
                     assert rc == 0, err
-                    await until(cpx, lambda g: g["policy"] is None and g["version"] == "", 2)
+                    g = await until(cpx, lambda g: g["control_plane_version"] == "", 2)
+                    assert g["version"] == "L1" and echo_policy(g) == LOCAL_ECHO
                     await until(pp, lambda g: g["policy"] is None, 2)
                     rc, _, _ = await ctl(d, cp, "policy", "get", "echo")
                     assert rc == 1
@@ -221,8 +243,8 @@ async def test_policy_over_etcd_reaches_the_proxies(etcd_single: list[Member]) -
                 procs, cp, pp, cpx = await start_mesh(d, cp_args)
                 async with sdk.open_client(d / "caller.sock") as client:
                     await client.call("echo", "whoami", b"", timeout=5)
-                    g = await until(cpx, lambda g: "echo" in g["members"], 5)
-                    (m,) = g["members"]["echo"].values()
+                    g = await until(cpx, lambda g: "echo" in g["endpoints"], 5)
+                    (m,) = g["endpoints"]["echo"].values()
                     assert (m["center"], m["role"], m["warmup_window_ms"]) == ("c1", "backup", 30_000)
 
                     (d / "policy.toml").write_text('[breaker]\nmax_requests = 7\n[tracing]\nsampled = false\n')
@@ -233,7 +255,8 @@ async def test_policy_over_etcd_reaches_the_proxies(etcd_single: list[Member]) -
                     assert echo_policy(g)["tracing"] == {"enabled": True, "sampled": False}
                     rc, out, err = await ctl(d, cp, "policy", "delete", "echo")
                     assert rc == 0, err
-                    await until(cpx, lambda g: g["policy"] is None, 2)
+                    g = await until(cpx, lambda g: g["control_plane_version"] == "", 2)
+                    assert echo_policy(g) == LOCAL_ECHO
                 nursery.cancel_scope.cancel()
         finally:
             for p in reversed(procs):

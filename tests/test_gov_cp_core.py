@@ -25,7 +25,6 @@ from octoproxy._governance_resource import (
     policy_from_message,
     record_delete,
     record_set,
-    warmup_start_kernel_ms,
 )
 from octoproxy._xds_client import TYPE_GOVERNANCE, XdsClient
 from octoproxy.controlplane import EmbeddedStore, EtcdStore
@@ -152,15 +151,7 @@ def test_route_rules_become_the_routing_of_a_policy_without_one() -> None:
     assert wins.services["echo"] == own and wins.services["pay"].empty  # an empty policy still overrides the local one
 
 
-# ---------------------------------------------------------------- warm-up: clocks and stamps
-def test_warmup_start_moves_to_the_kernel_clock() -> None:
-    unix_now, kernel_now = 1_700_000_000_000, 50_000_000
-    assert warmup_start_kernel_ms(0, unix_now, kernel_now) == 0  # no warm-up
-    assert warmup_start_kernel_ms(unix_now - 2_500, unix_now, kernel_now) == kernel_now - 2_500
-    assert warmup_start_kernel_ms(unix_now + 9_000, unix_now, kernel_now) == kernel_now  # clocks apart: now
-    assert warmup_start_kernel_ms(unix_now - 10**12, unix_now, kernel_now) == 1  # before the clock's origin: long ago
-
-
+# ---------------------------------------------------------------- warm-up stamp
 def test_warmup_stamp_keeps_the_first_start_of_an_address() -> None:
     view, now = RegistryView(), 1_700_000_000.0
     ep = pb.Endpoint(address="10.0.0.1:9000")

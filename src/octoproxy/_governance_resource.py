@@ -42,7 +42,7 @@ __all__ = [
     "current_policy",
     "HeldPolicies",
     "control_plane_policy_set",
-    "warmup_start_kernel_ms",
+    "effective_policy_set",
 ]
 
 #: the largest policy body (JSON text) stored or accepted
@@ -198,23 +198,20 @@ def control_plane_policy_set(held: Mapping[str, HeldPolicies]) -> PolicySet | No
     return PolicySet(version=";".join(parts), services=services)
 
 
-def warmup_start_kernel_ms(start_unix_ms: int, unix_now_ms: int, kernel_now_ms: int) -> int:
-    """An endpoint's warm-up start on the proxy's kernel clock (docs/governance.md, section 10).
 
-    ``start_unix_ms - (unix_now_ms - kernel_now_ms)``: the control plane's
-    unix start, moved to the monotonic clock the kernel reads. A start in the
-    future (clocks apart) is now; a start before the kernel clock's origin is
-    1 ms (long ago: no warm-up left).
+def effective_policy_set(local: PolicySet | None, pushed: PolicySet | None) -> PolicySet | None:
+    """What the data path applies: the proxy's ``[governance]``, each service in ``pushed`` replacing its entry.
 
-    Args:
-        start_unix_ms: ``Endpoint.warmup_start_unix_ms``; 0 = no warm-up.
-        unix_now_ms: the proxy's unix time now.
-        kernel_now_ms: the kernel's clock now (``int(trio.current_time() * 1000)``).
+    A pushed service's policy replaces the local one as a whole (not key by
+    key); an empty pushed policy governs nothing for that service. The
+    version is the pushed set's, prefixed with ``local:<version>|`` when the
+    proxy has a ``[governance]`` table.
 
     Returns:
-        The start on the kernel's clock, 0 for no warm-up.
+        ``local`` when nothing is pushed; ``None`` when neither exists.
     """
-    if start_unix_ms <= 0:
-        return 0
-    start = start_unix_ms - (unix_now_ms - kernel_now_ms)
-    return max(1, min(start, kernel_now_ms))
+    if pushed is None:
+        return local
+    if local is None:
+        return pushed
+    return PolicySet(version=f"local:{local.version}|{pushed.version}", services={**local.services, **pushed.services})

@@ -20,12 +20,11 @@ unreachable the proxy keeps its last endpoints and says so in ``/ready``.
 
 With each service's endpoints the proxy subscribes to its ``RouteRules`` and
 its ``GovernancePolicy`` (and, on the provider side, to its own service's
-policy): whenever what it holds changes it hands the control plane's policy
-set to the proxy (``Proxy.set_governance``), route rules folded into the
-policies' routing (docs/governance.md, "The GovernancePolicy resource").
-Each discovered endpoint also gets a routing :class:`~octoproxy.governance.Member`
-(center, backup role, warm-up start moved to the kernel's clock) in
-:attr:`Discovery.members`.
+policy): whenever what it holds changes it hands the proxy's ``[governance]``
+with the control plane's policies over it to ``Proxy.set_governance``, route
+rules folded into the policies' routing (docs/control-plane.md section 10).
+Each discovered endpoint gets the routing facts the governed balancer uses
+(center, backup role, warm-up start).
 
 On the provider side the proxy registers its app's endpoint once the app's
 UDS answers, marks it STOPPING when it drains (so callers stop picking it
@@ -52,12 +51,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from .._balancer import Endpoint
-from .._governance_resource import HeldPolicies, control_plane_policy_set, warmup_start_kernel_ms
+from .._governance_resource import HeldPolicies, control_plane_policy_set, effective_policy_set
 from .._governance_resource import policy_from_message as policy_from_governance
 from .._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ, TYPE_GOVERNANCE, TYPE_ROUTES
 from .._xds_server import check_service_name
 from ..controlplane import TYPE_ENDPOINTS, DiscoveryClient, ResourceChange
-from ..governance import Member, PolicySet, ServicePolicy, dump_policy_set
+from ..governance import PolicySet, ServicePolicy, dump_policy_set
 from ..proto import octoproxy_discovery_pb2 as pb
 from ._authz import policy_from_message
 from ._engine import Cluster, Route
@@ -309,18 +308,17 @@ class Discovery:
 
             settings = proxy.config.proxy
             self.appconfig = AppConfigState(settings.service, settings.environment, proxy.config.app_config_path)
-        #: the control plane's policies for the services we call or serve: what
-        #: ``Proxy.set_governance`` got last (``None``: nothing pushed)
+        #: the control plane's policies for the services we call or serve (``None``: nothing pushed)
         self.governance: PolicySet | None = None
-        #: how many times the policy set was handed to the proxy
+        #: what ``Proxy.set_governance`` got last: ``[governance]`` with :attr:`governance` over it
+        self.effective: PolicySet | None = proxy.config.governance
+        #: how many times a policy set was handed to the proxy
         self.governance_applied = 0
         self._held_policies: dict[str, HeldPolicies] = {}
         #: GovernancePolicy parsed once per resource version: name -> (version, policy)
         self._parsed: dict[str, tuple[str, ServicePolicy]] = {}
-        #: routing facts of discovered endpoints: service -> address -> Member (the cluster's own Endpoint objects)
-        self.members: dict[str, dict[str, Member]] = {}
-        #: service -> address -> (warm-up start in unix ms, warm-up window ms), as the control plane sent them
-        self.warmups: dict[str, dict[str, tuple[int, int]]] = {}
+        #: service -> address -> warm-up window (ms) of discovered endpoints, as registered (0: the route's)
+        self.warmup_windows: dict[str, dict[str, int]] = {}
         self._app_up_unix_ms = 0
 
     # ------------------------------------------------------------ running
@@ -545,16 +543,17 @@ class Discovery:
             assert isinstance(rules, pb.RouteRules)
             held[name] = replace(held.get(name, HeldPolicies()), routes=(route_versions[name], rules))
         self._held_policies = held
-        policy_set = control_plane_policy_set(held)
-        if (policy_set.version if policy_set else None) == (self.governance.version if self.governance else None):
+        pushed = control_plane_policy_set(held)
+        if (pushed.version if pushed else None) == (self.governance.version if self.governance else None):
             return
-        self.governance = policy_set
+        self.governance = pushed
+        self.effective = effective_policy_set(self.proxy.config.governance, pushed)
         self.governance_applied += 1
         ignored = sorted(n for n, h in held.items() if h.routes_ignored)
         if ignored:
             log.warning("route rules of %s ignored: their governance policy has its own routing", ", ".join(ignored))
-        log.info("governance from the control plane: %s", policy_set.version if policy_set else "none ([governance] applies)")
-        self.proxy.set_governance(policy_set)
+        log.info("governance from the control plane: %s", pushed.version if pushed else "none ([governance] applies)")
+        self.proxy.set_governance(self.effective)
 
     def _on_change(self, changes: list[ResourceChange]) -> None:
         now = trio.current_time()
@@ -606,15 +605,12 @@ class Discovery:
             log.info("new cluster %s from discovery", service)
         wanted = {ep.address: ep for ep in endpoints}
         current = {ep.address: ep for ep in cluster.endpoints}
-        members = self.members.setdefault(service, {})
-        warmups = self.warmups.setdefault(service, {})
+        windows = self.warmup_windows.setdefault(service, {})
         for address, ep in current.items():
             if address not in wanted:
                 cluster.endpoints.remove(ep)
-                members.pop(address, None)
-                warmups.pop(address, None)
+                windows.pop(address, None)
                 self.proxy.stop_endpoint(cluster, ep)
-        unix_now_ms, kernel_now_ms = int(time.time() * 1000), int(trio.current_time() * 1000)
         for address, src in wanted.items():
             weight = src.weight or 100
             if src.status != pb.Endpoint.HEALTHY:
@@ -629,17 +625,11 @@ class Discovery:
                 ep = known
                 known.weight = weight
                 known.region, known.idc, known.tags = src.region, src.idc, dict(src.tags)
-            warmup = (src.warmup_start_unix_ms, src.warmup_window_ms)
-            member = members.get(address)
-            if member is None or member.endpoint is not ep:
-                member = members[address] = Member(ep)
-            member.center, member.backup = src.center, src.role == pb.Endpoint.BACKUP
-            if warmups.get(address) != warmup or not member.warmup_start_ms and warmup[0]:
-                # converted once per start (not at each push: the two clocks drift apart)
-                member.warmup_start_ms = warmup_start_kernel_ms(warmup[0], unix_now_ms, kernel_now_ms)
-                warmups[address] = warmup
-        if not members:
-            del self.members[service], self.warmups[service]
+            # the governed balancer's facts; its clock is unix ms (Engine.now_ms), as the control plane's stamp
+            ep.center, ep.backup, ep.warmup_start_ms = src.center, src.role == pb.Endpoint.BACKUP, src.warmup_start_unix_ms
+            windows[address] = src.warmup_window_ms
+        if not windows:
+            del self.warmup_windows[service]
         cluster.balancer = None
         cluster.__post_init__()  # a fresh balancer over the new endpoint list
 
@@ -649,8 +639,7 @@ class Discovery:
             return
         for ep in list(cluster.endpoints):
             self.proxy.stop_endpoint(cluster, ep)
-        self.members.pop(service, None)
-        self.warmups.pop(service, None)
+        self.warmup_windows.pop(service, None)
         del self.engine.clusters[service]
         self.engine.set_routes([r for r in self.engine.routes if r.cluster != service])
 
@@ -772,12 +761,15 @@ class Discovery:
             log.info("deregistered %s at %s", self.proxy.config.proxy.service, self.registered_address)
 
     def governance_state(self) -> dict[str, Any]:
-        """``GET /governance``: the control plane's policy set this proxy holds, and its endpoints' routing facts."""
-        ps = self.governance
+        """``GET /governance``: the policy set in force, what the control plane pushed, the endpoints' routing facts."""
+        ps, pushed = self.effective, self.governance
+        local = self.proxy.config.governance
         return {
             "version": ps.version if ps is not None else "",
             "applied": self.governance_applied,
             "policy": dump_policy_set(ps) if ps is not None else None,
+            "control_plane_version": pushed.version if pushed is not None else "",
+            "local_version": local.version if local is not None else None,
             "sources": {
                 name: {
                     "policy_version": h.policy[0] if h.policy is not None else None,
@@ -786,18 +778,20 @@ class Discovery:
                 }
                 for name, h in sorted(self._held_policies.items())
             },
-            "members": {
+            "endpoints": {
                 service: {
-                    address: {
-                        "center": m.center,
-                        "role": "backup" if m.backup else "normal",
-                        "warmup_start_unix_ms": self.warmups[service][address][0],
-                        "warmup_window_ms": self.warmups[service][address][1],
-                        "warmup_start_ms": m.warmup_start_ms,
+                    ep.address: {
+                        "region": ep.region,
+                        "center": ep.center,
+                        "idc": ep.idc,
+                        "role": "backup" if ep.backup else "normal",
+                        "warmup_start_unix_ms": ep.warmup_start_ms,
+                        "warmup_window_ms": windows.get(ep.address, 0),
                     }
-                    for address, m in sorted(members.items())
+                    for ep in sorted(self.engine.clusters[service].endpoints, key=lambda e: e.address)
                 }
-                for service, members in sorted(self.members.items())
+                for service, windows in sorted(self.warmup_windows.items())
+                if service in self.engine.clusters
             },
         }
 

@@ -164,8 +164,11 @@ class Proxy:
             inbound_max_timeout=(config.inbound.max_timeout or 0.0) if config.inbound is not None else 0.0,
             high_watermark=up.high_watermark,
         )
-        if config.discovery is not None:  # this proxy's own locality (governed routes prefer it)
-            self.engine.locality = Locality(config.discovery.region, "", config.discovery.idc)
+        # this proxy's own locality (governed routes prefer it): [proxy], else what [discovery] registers
+        px, disc = config.proxy, config.discovery
+        self.engine.locality = Locality(
+            px.region or (disc.region if disc is not None else ""), px.center, px.idc or (disc.idc if disc is not None else "")
+        )
         if config.inbound is not None:
             app = Cluster("local_app", "least_request", [Endpoint(f"unix:{config.inbound.app_uds}")])
             app.endpoints[0].healthy = False

@@ -22,6 +22,7 @@ from octoproxy._governance_resource import (
     canonical_policy,
     control_plane_policy_set,
     current_policy,
+    effective_policy_set,
     policy_from_message,
     record_delete,
     record_set,
@@ -149,6 +150,16 @@ def test_route_rules_become_the_routing_of_a_policy_without_one() -> None:
     wins = control_plane_policy_set({"echo": held, "pay": HeldPolicies(policy=(1, ServicePolicy("pay")))})
     assert held.routes_ignored and wins is not None and wins.version == "echo=3;pay=1"
     assert wins.services["echo"] == own and wins.services["pay"].empty  # an empty policy still overrides the local one
+
+
+def test_pushed_policies_replace_the_local_table_service_by_service() -> None:
+    local = parse_policy_set({"version": "L", "services": {"echo": {"tracing": {}}, "pay": {"breaker": {}}}})
+    pushed = control_plane_policy_set({"echo": HeldPolicies(policy=(2, ServicePolicy("echo")))})
+    assert effective_policy_set(None, None) is None
+    assert effective_policy_set(local, None) is local and effective_policy_set(None, pushed) is pushed
+    both = effective_policy_set(local, pushed)
+    assert both is not None and both.version == "local:L|echo=2"
+    assert both.services["echo"].empty and both.services["pay"] == local.services["pay"]
 
 
 # ---------------------------------------------------------------- warm-up stamp

@@ -295,8 +295,7 @@ def admin_routes(server: ControlPlaneServer) -> dict[tuple[str, str], Handler]:
             if current.current and v.version == current.current:
                 before = policy_doc(v.policy_json)
         diff = list(difflib.unified_diff(pretty(before), pretty(json.loads(text)), "current", "new", lineterm=""))
-        answer: dict[str, Any] = {"service": service, "changed": bool(diff) or before is None, "diff": diff,
-                                  "policy": json.loads(text)}  # fmt: skip
+        answer: dict[str, Any] = {"service": service, "changed": bool(diff), "diff": diff, "policy": json.loads(text)}
         if req.query.get("dry_run"):
             return Response(200, {**answer, "dry_run": True, "version": current.current})
         now_ms = int(time.time() * 1000)

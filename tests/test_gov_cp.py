@@ -22,7 +22,7 @@ import trio
 
 from e2e import Proc, free_port, provider_toml, proxy_argv, short_tmpdir, start_process, stop, wait_ready
 from octoproxy import Status, sdk
-from octoproxy._admin import http_request
+from octoproxy.common._admin import http_request
 from test_etcd import Member, etcd_bin, etcd_single  # noqa: F401  (fixtures)
 from test_mesh_tls import App, _cp_argv, _discovery, _join_token
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from octoproxy._governance_resource import (
+from octoproxy.discovery._governance import (
     HISTORY_MAX,
     MAX_POLICY_JSON,
     HeldPolicies,
@@ -27,11 +27,11 @@ from octoproxy._governance_resource import (
     record_delete,
     record_set,
 )
-from octoproxy._xds_client import TYPE_GOVERNANCE, XdsClient
+from octoproxy.discovery._xds_client import TYPE_GOVERNANCE, XdsClient
 from octoproxy.controlplane import EmbeddedStore, EtcdStore
 from octoproxy.controlplane._store import RegistryView, stamp_warmup
 from octoproxy.governance import LocalityMode, PolicyError, ServicePolicy, parse_policy_set
-from octoproxy.proto import octoproxy_discovery_pb2 as pb
+from octoproxy.protocol.proto import octoproxy_discovery_pb2 as pb
 from test_controlplane import wait_for
 from test_etcd import Member, etcd_bin, etcd_single  # noqa: F401  (fixtures)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from octoproxy import Flags, Status
-from octoproxy._balancer import Endpoint
+from octoproxy.core._balancer import Endpoint
 from octoproxy.frame import encode_request, encode_response
 from octoproxy.governance import NOT_PROCESSED, parse_policy_set
-from octoproxy.proxy._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link
-from octoproxy.proxy._pipeline import Inbound, Outbound
+from octoproxy.core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link
+from octoproxy.core._pipeline import Inbound, Outbound
 from test_engine import down, feed, frames, make, relay  # noqa: F401  (relay: the twins fixture)
 
 

@@ -15,7 +15,7 @@ import trio
 
 from e2e import HERE, free_port, proxy, run_process, short_tmpdir, wait_ready
 from octoproxy import sdk
-from octoproxy._config import parse_config
+from octoproxy.proxy._config import parse_config
 from octoproxy.governance import parse_policy_set
 from octoproxy.proxy._server import Proxy
 from test_gov_e2e import RESILIENT, TAGS, caller_proxy_toml, provider_proxy_toml

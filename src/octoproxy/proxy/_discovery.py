@@ -50,16 +50,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from .._balancer import Endpoint
-from .._governance_resource import HeldPolicies, control_plane_policy_set, effective_policy_set
-from .._governance_resource import policy_from_message as policy_from_governance
-from .._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ, TYPE_GOVERNANCE, TYPE_ROUTES
-from .._xds_server import check_service_name
-from ..controlplane import TYPE_ENDPOINTS, DiscoveryClient, ResourceChange
+from ..core._balancer import Endpoint
+from ..discovery._governance import HeldPolicies, control_plane_policy_set, effective_policy_set
+from ..discovery._governance import policy_from_message as policy_from_governance
+from ..discovery._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ, TYPE_GOVERNANCE, TYPE_ROUTES
+from ..discovery._xds_server import check_service_name
+from ..discovery import TYPE_ENDPOINTS, ResourceChange
+from ..discovery._client import DiscoveryClient
 from ..governance import PolicySet, ServicePolicy, dump_policy_set
-from ..proto import octoproxy_discovery_pb2 as pb
-from ._authz import policy_from_message
-from ._engine import Cluster, Route
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
+from ..core._authz import policy_from_message
+from ..core._engine import Cluster, Route
 
 if TYPE_CHECKING:
     from ._appconfig import AppConfigState

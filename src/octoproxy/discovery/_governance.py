@@ -28,9 +28,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from .governance import PolicyError, PolicySet, RoutingPolicy, ServicePolicy, dump_policy_set, parse_policy_set
-from .governance._proto import rules_from_proto
-from .proto import octoproxy_discovery_pb2 as pb
+from ..governance import PolicyError, PolicySet, RoutingPolicy, ServicePolicy, dump_policy_set, parse_policy_set
+from ..governance._proto import rules_from_proto
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 
 __all__ = [
     "MAX_POLICY_JSON",

@@ -43,10 +43,10 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._balancer import Endpoint
-from .._errors import RemoteProtocolError
-from .._frame import parse_header
-from .._protocol import PREFIX_SIZE, Flags, FrameType, Status
+from ._balancer import Endpoint
+from ..protocol._errors import RemoteProtocolError
+from ..protocol._frame import parse_header
+from ..protocol._protocol import PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import encode_frame, encode_header
 from ..governance import (
     CONTINUE,

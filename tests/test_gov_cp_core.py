@@ -17,6 +17,7 @@ import trio
 
 from octoproxy.discovery._governance import (
     HISTORY_MAX,
+    HISTORY_MAX_BYTES,
     MAX_POLICY_JSON,
     HeldPolicies,
     canonical_policy,
@@ -121,6 +122,16 @@ def test_versions_are_never_reused_and_history_is_bounded() -> None:
         rec = record_set(rec, "echo", f'{{"a":{i + 2}}}', 20 + i)
     assert len(rec.history) == HISTORY_MAX and rec.history[-1].version == rec.current == rec.last_version
     assert current_policy(rec) is not None and current_policy(rec).policy_json == f'{{"a":{HISTORY_MAX + 6}}}'  # type: ignore[union-attr]
+
+
+def test_history_is_bounded_in_bytes_too_and_keeps_the_current_version() -> None:
+    rec = pb.GovernancePolicyRecord(service="echo")
+    big = MAX_POLICY_JSON - 16
+    for i in range(8):
+        rec = record_set(rec, "echo", f'{{"x":"{i}{"y" * big}"}}', i)
+    assert sum(len(v.policy_json) for v in rec.history) <= HISTORY_MAX_BYTES
+    assert len(rec.history) == HISTORY_MAX_BYTES // MAX_POLICY_JSON and rec.history[-1].version == rec.current == 8
+    assert current_policy(rec) is not None
 
 
 # ---------------------------------------------------------------- route rules folded in

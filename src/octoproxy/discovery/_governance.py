@@ -35,6 +35,7 @@ from ..protocol.proto import octoproxy_discovery_pb2 as pb
 __all__ = [
     "MAX_POLICY_JSON",
     "HISTORY_MAX",
+    "HISTORY_MAX_BYTES",
     "canonical_policy",
     "policy_from_message",
     "record_set",
@@ -49,6 +50,9 @@ __all__ = [
 MAX_POLICY_JSON = 256 * 1024
 #: versions kept in a service's history (the current one is always among them)
 HISTORY_MAX = 20
+#: bytes of policy text a service's history keeps (the newest version always stays): the record
+#: is one etcd value, and etcd refuses requests over 1.5 MiB by default
+HISTORY_MAX_BYTES = 768 * 1024
 
 
 def _parse(service: str, body: object, version: str) -> ServicePolicy:
@@ -133,7 +137,11 @@ def record_delete(record: pb.GovernancePolicyRecord, now_ms: int) -> pb.Governan
 
 
 def _trim(record: pb.GovernancePolicyRecord) -> None:
-    while len(record.history) > HISTORY_MAX:
+    """Drop the oldest versions past :data:`HISTORY_MAX` or :data:`HISTORY_MAX_BYTES` (never the newest,
+    which is the current version unless the policy was deleted)."""
+    size = sum(len(v.policy_json) for v in record.history)
+    while len(record.history) > 1 and (len(record.history) > HISTORY_MAX or size > HISTORY_MAX_BYTES):
+        size -= len(record.history[0].policy_json)
         del record.history[0]
 
 

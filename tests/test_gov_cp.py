@@ -204,6 +204,10 @@ async def test_policy_set_with_ctl_reaches_the_proxies_live() -> None:
                     history = json.loads(out)
                     assert history["current"] == 3 and [v["version"] for v in history["history"]] == [3, 2, 1]
                     assert history["history"][2]["policy"] == held
+                    rc, out, _ = await ctl(d, cp, "policy", "history", "echo")
+                    lines = out.splitlines()
+                    assert rc == 0 and len(lines) == 3 and lines[0].split()[0] == "3" and "(in force)" in lines[0]
+                    assert "breaker, retry, routing" in lines[2], out
 
                     # delete: the proxies fall back to their own [governance] (the caller's table; none on the provider)
                     rc, out, err = await ctl(d, cp, "policy", "delete", "echo")

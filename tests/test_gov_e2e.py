@@ -49,14 +49,21 @@ connect_timeout = 0.2
 """
 
 
-def caller_proxy_toml(d: Path, endpoints: list[tuple[int, dict[str, str]]], gov: str = "", timeout: float = 5.0) -> str:
-    eps = ", ".join(
-        f'{{ address = "127.0.0.1:{port}"' + (", tags = { " + ", ".join(f'{k} = "{v}"' for k, v in tags.items()) + " }" if tags else "") + " }"
-        for port, tags in endpoints
-    )
+def caller_proxy_toml(d: Path, endpoints: list[tuple[int, dict[str, str]]], gov: str = "", timeout: float = 5.0, proxy_extra: str = "") -> str:
+    """``tags`` keys starting with ``=`` are endpoint fields (``{"=idc": "i1"}``), the others tags."""
+
+    def fields(tags: dict[str, str]) -> str:
+        out = "".join(f', {k[1:]} = "{v}"' for k, v in tags.items() if k.startswith("="))
+        plain = {k: v for k, v in tags.items() if not k.startswith("=")}
+        if plain:
+            out += ", tags = { " + ", ".join(f'{k} = "{v}"' for k, v in plain.items()) + " }"
+        return out
+
+    eps = ", ".join(f'{{ address = "127.0.0.1:{port}"{fields(tags)} }}' for port, tags in endpoints)
     return f"""
 [proxy]
 service = "caller-app"
+{proxy_extra}
 drain_time = 1.0
 shutdown_time = 3.0
 [outbound]
@@ -106,7 +113,7 @@ class GovMesh:
 
 @asynccontextmanager
 async def gov_mesh(
-    providers: list[tuple[str, dict[str, str]]], caller_gov: str = "", provider_gov: str = "", timeout: float = 5.0
+    providers: list[tuple[str, dict[str, str]]], caller_gov: str = "", provider_gov: str = "", timeout: float = 5.0, proxy_extra: str = ""
 ) -> AsyncIterator[GovMesh]:
     with short_tmpdir() as d:
         async with AsyncExitStack() as stack:
@@ -118,7 +125,7 @@ async def gov_mesh(
                 app = await stack.enter_async_context(run_process(argv, "provider ready", d, f"{name}-app"))
                 pp = await stack.enter_async_context(proxy(d, f"{name}-proxy", provider_proxy_toml(d, name, port, uds, provider_gov)))
                 made[name] = Provider(name, port, app, pp)
-            toml = caller_proxy_toml(d, [(made[n].port, tags) for n, tags in providers], caller_gov, timeout)
+            toml = caller_proxy_toml(d, [(made[n].port, tags) for n, tags in providers], caller_gov, timeout, proxy_extra)
             cp = await stack.enter_async_context(proxy(d, "caller-proxy", toml))
             with trio.fail_after(15):
                 for p in made.values():
@@ -378,3 +385,33 @@ async def test_ungoverned_route_has_no_caller_metrics() -> None:
             assert await client.call("echo", "who", b"", timeout=5) == b"a"
             assert await m.caller.metric("octoproxy_calls_total{") == 0
             assert await m.caller.metric('octoproxy_requests_total{direction="outbound",service="echo",method="who",status="OK"}') == 1
+
+
+LOCALITY = """
+[governance]
+[governance.services.echo.routing]
+locality = "prefer"
+[governance.services.echo.outlier]
+[governance.services.echo.retry]
+idempotent_methods = ["who"]
+"""
+
+
+async def test_locality_prefers_the_same_idc_then_region_then_others_then_backups() -> None:
+    providers = [
+        ("near", {"=region": "r1", "=idc": "i1"}),
+        ("far", {"=region": "r1", "=idc": "i2"}),
+        ("remote", {"=region": "r2", "=idc": "i9"}),
+        ("bak", {"=region": "r1", "=idc": "i1", "=role": "backup"}),
+    ]
+    with trio.fail_after(60):
+        async with gov_mesh(providers, LOCALITY, proxy_extra='region = "r1"\nidc = "i1"') as m, sdk.open_client(m.sock) as client:
+
+            async def who(n: int = 40) -> Counter[bytes]:
+                return Counter([await client.call("echo", "who", b"", timeout=5) for _ in range(n)])
+
+            assert (await who())[b"near"] >= 39  # the others keep a trickle (x0.001, x0.000001)
+            for dead, nxt in (("near", b"far"), ("far", b"remote"), ("remote", b"bak")):
+                m.kill(dead)
+                await trio.sleep(0.3)  # its connection is seen lost
+                assert (await who())[nxt] >= 39, (dead, nxt)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from octoproxy import Flags, Status
 from octoproxy.core._balancer import Endpoint
 from octoproxy.frame import encode_request, encode_response
@@ -114,8 +116,11 @@ def test_lost_connection_resends_only_idempotent_methods() -> None:
     assert engine.pending_count == 1  # ... the idempotent one went again
 
 
-def test_consecutive_failures_eject_an_endpoint() -> None:
+@pytest.mark.parametrize("pushed_later", [False, True])
+def test_consecutive_failures_eject_an_endpoint(pushed_later: bool) -> None:
     engine, ups = make(3)
+    if pushed_later:  # the cluster is governed already when outlier detection arrives
+        engine.set_governance(gov(breaker={}), 0.0)
     engine.set_governance(gov(outlier={"consecutive_failures": 2, "max_ejection_percent": 50}), 0.0)
     d = down()
     bad = ups[0]
@@ -208,3 +213,15 @@ def test_warm_up_and_backup_come_from_the_endpoint_fields() -> None:
     assert shares[eps[1].address] < 0.15
     later = cluster.gov.router.shares("echo", "m", {}, engine.now_ms(20.0))
     assert abs(later[eps[1].address] - 0.5) < 1e-9
+
+
+def test_inbound_cluster_rate_is_divided_among_live_instances() -> None:
+    engine = Engine(caller="echo")
+    engine.set_governance(gov(rate_limits=[{"name": "q", "cluster_rate": 100.0}]), 0.0)
+    ig = engine.inbound.gov
+    assert ig is not None and ig.limiter is not None
+    engine.set_inbound_instances(4)
+    limit = ig.limiter.limit_for("echo", "m", "web")
+    assert limit is not None and limit.rate == 25.0
+    engine.set_governance(gov(rate_limits=[{"name": "q", "cluster_rate": 100.0}]), 1.0)  # same rules: kept
+    assert engine.inbound.gov is not None and engine.inbound.gov.limiter is ig.limiter

@@ -299,6 +299,8 @@ class Engine:
         self.clock_offset_ms = 0
         self._gov_rng = random.Random()
         self._route_gov: list[RouteGov | None] = []
+        #: live instances of this proxy's own service (inbound cluster-wide rate limits are divided by it)
+        self.inbound_instances = 1
         self._inbound_cluster: Cluster | None = None
         #: what the fast path forwards inbound requests to: None while the inbound side is governed
         self._inbound_fast: Cluster | None = None
@@ -355,8 +357,16 @@ class Engine:
         self._route_clusters = [None if g is not None else c for g, c in zip(self._route_gov, self._route_clusters_all)]
         own = self.policies.for_service(self.service) if self.policies is not None and self.service else None
         old = self.inbound.gov
-        self.inbound.gov = build_inbound(own, self.stats, old, 1, self._gov_rng)
+        self.inbound.gov = build_inbound(own, self.stats, old, self.inbound_instances, self._gov_rng)
         self._inbound_fast = self._inbound_cluster if self.inbound.gov is None else None
+
+    def set_inbound_instances(self, n: int) -> None:
+        """The live instances of this proxy's own service changed (its registration's endpoints):
+        re-divide the inbound ``cluster_rate`` limits among them."""
+        self.inbound_instances = max(1, n)
+        ig = self.inbound.gov
+        if ig is not None and ig.limiter is not None:
+            ig.limiter.set_instances(self.inbound_instances)
 
     def governed_routes(self) -> list[str]:
         """``service/method`` of each route on the declared pipeline (for ``/config_dump``)."""
@@ -380,7 +390,9 @@ class Engine:
         usid = up.next_sid
         up.next_sid = usid + 1
         _U64.pack_into(out, o + 8, usid)
-        self._mark(up)
+        dirty = self.dirty
+        if not dirty or dirty[-1] is not up:  # one write per destination per read
+            dirty.append(up)
         deadline = now + timeout_ms / 1000.0
         up.pending[usid] = Pending(call.down, call.down_sid, up, deadline, now, call.stats, call)
         self.pending_count += 1
@@ -388,6 +400,17 @@ class Engine:
         if up.endpoint is not None:
             up.endpoint.active += 1
         schedule(self, up, usid, deadline)
+
+    def request_stats(self, direction: str, service: bytes, method: bytes) -> RequestStats:
+        """The (direction, service, method) counters, through the fast path's cache."""
+        cache = self.rs_cache[direction]
+        key = service + b"\0" + method
+        rs = cache.get(key)
+        if rs is None:
+            rs = self.stats.request_stats(direction, service, method)
+            if len(cache) < 10000:
+                cache[key] = rs
+        return rs
 
     def relay_frame(self, down: Link, down_sid: int, frame: memoryview) -> None:
         """Relay a response frame to its caller under the caller's stream id."""
@@ -397,7 +420,9 @@ class Engine:
         o = len(out)
         out += frame
         _U64.pack_into(out, o + 8, down_sid)
-        self._mark(down)
+        dirty = self.dirty
+        if not dirty or dirty[-1] is not down:
+            dirty.append(down)
 
     def governed_response(self, up: Link, p: Pending, scanner: Scanner, i: int, mv: memoryview, now: float) -> None:
         """A response to a governed call (its pending entry already popped): the chain in reverse."""

@@ -1793,6 +1793,7 @@ struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending {
   double deadline;
   double t0;
   PyObject *stats;
+  PyObject *gov;
 };
 
 
@@ -3004,9 +3005,9 @@ int __pyx_module_is_main_octoproxy__core___fastpath = 0;
 /* #### Code section: global_var ### */
 /* #### Code section: string_decls ### */
 static const char __pyx_k_Compiled_twin_of_octoproxy_core[] = "Compiled twin of ``octoproxy/core/_relay_py.py``: the engine\047s per-frame\nfast path (see that file for the contract). It reads the scanner\047s C arrays\ndirectly, copies frames into the destination buffers with ``memcpy`` and\nrewrites stream ids in place; policy stays in ``Engine.slow_request`` /\n``slow_response``, called for every frame that is not the common case.\n";
-static const char __pyx_k_deadline_down_down_sid_stats_t0[] = "deadline, down, down_sid, stats, t0, up";
+static const char __pyx_k_deadline_down_down_sid_gov_stats[] = "deadline, down, down_sid, gov, stats, t0, up";
 /* #### Code section: decls ### */
-static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending___init__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self, PyObject *__pyx_v_down, PyObject *__pyx_v_down_sid, PyObject *__pyx_v_up, PyObject *__pyx_v_deadline, PyObject *__pyx_v_t0, PyObject *__pyx_v_stats); /* proto */
+static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending___init__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self, PyObject *__pyx_v_down, PyObject *__pyx_v_down_sid, PyObject *__pyx_v_up, PyObject *__pyx_v_deadline, PyObject *__pyx_v_t0, PyObject *__pyx_v_stats, PyObject *__pyx_v_gov); /* proto */
 static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_4down___get__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self); /* proto */
 static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_4down_2__set__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self, PyObject *__pyx_v_value); /* proto */
 static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_4down_4__del__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self); /* proto */
@@ -3022,6 +3023,9 @@ static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2t0_2__set__(struct __p
 static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_5stats___get__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self); /* proto */
 static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_5stats_2__set__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self, PyObject *__pyx_v_value); /* proto */
 static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_5stats_4__del__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self); /* proto */
+static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_3gov___get__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self); /* proto */
+static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_3gov_2__set__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self, PyObject *__pyx_v_value); /* proto */
+static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_3gov_4__del__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_4__setstate_cython__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self, PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_forward(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_engine, PyObject *__pyx_v_down, PyObject *__pyx_v_up, struct __pyx_obj_9octoproxy_8protocol_10_fastframe_Scanner *__pyx_v_scanner, Py_ssize_t __pyx_v_i, PyObject *__pyx_v_mv, double __pyx_v_now, double __pyx_v_route_timeout, double __pyx_v_max_timeout, int __pyx_v_oneway); /* proto */
@@ -3091,7 +3095,7 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_pop;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
     PyObject *__pyx_codeobj_tab[6];
-    PyObject *__pyx_string_tab[139];
+    PyObject *__pyx_string_tab[141];
     PyObject *__pyx_number_tab[3];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -3179,110 +3183,112 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_setstate_cython __pyx_string_tab[35]
 #define __pyx_n_u_test __pyx_string_tab[36]
 #define __pyx_n_u_dict_2 __pyx_string_tab[37]
-#define __pyx_n_u_is_coroutine __pyx_string_tab[38]
-#define __pyx_n_u_route_clusters __pyx_string_tab[39]
-#define __pyx_n_u_route_max_timeouts __pyx_string_tab[40]
-#define __pyx_n_u_route_timeouts __pyx_string_tab[41]
-#define __pyx_n_u_active __pyx_string_tab[42]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[43]
-#define __pyx_n_u_buf __pyx_string_tab[44]
-#define __pyx_n_u_by_status __pyx_string_tab[45]
-#define __pyx_n_u_child __pyx_string_tab[46]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[47]
-#define __pyx_n_u_closed __pyx_string_tab[48]
-#define __pyx_n_u_cluster __pyx_string_tab[49]
-#define __pyx_n_u_count __pyx_string_tab[50]
-#define __pyx_n_u_cython __pyx_string_tab[51]
-#define __pyx_n_u_deadline __pyx_string_tab[52]
-#define __pyx_n_u_default_timeout __pyx_string_tab[53]
-#define __pyx_n_u_dirty __pyx_string_tab[54]
-#define __pyx_n_u_down __pyx_string_tab[55]
-#define __pyx_n_u_down_sid __pyx_string_tab[56]
-#define __pyx_n_u_drain_mode __pyx_string_tab[57]
-#define __pyx_n_u_draining __pyx_string_tab[58]
-#define __pyx_n_u_dst __pyx_string_tab[59]
-#define __pyx_n_u_endpoint __pyx_string_tab[60]
-#define __pyx_n_u_engine __pyx_string_tab[61]
-#define __pyx_n_u_ep __pyx_string_tab[62]
-#define __pyx_n_u_error __pyx_string_tab[63]
-#define __pyx_n_u_forward __pyx_string_tab[64]
-#define __pyx_n_u_get __pyx_string_tab[65]
-#define __pyx_n_u_heappush __pyx_string_tab[66]
-#define __pyx_n_u_heapq __pyx_string_tab[67]
-#define __pyx_n_u_high __pyx_string_tab[68]
-#define __pyx_n_u_high_watermark __pyx_string_tab[69]
-#define __pyx_n_u_i __pyx_string_tab[70]
-#define __pyx_n_u_inbound __pyx_string_tab[71]
-#define __pyx_n_u_inbound_cluster __pyx_string_tab[72]
-#define __pyx_n_u_inbound_max_timeout __pyx_string_tab[73]
-#define __pyx_n_u_inc __pyx_string_tab[74]
-#define __pyx_n_u_inflight __pyx_string_tab[75]
-#define __pyx_n_u_items __pyx_string_tab[76]
-#define __pyx_n_u_late_response __pyx_string_tab[77]
-#define __pyx_n_u_latency __pyx_string_tab[78]
-#define __pyx_n_u_listener __pyx_string_tab[79]
-#define __pyx_n_u_max_frame_size __pyx_string_tab[80]
-#define __pyx_n_u_max_pending __pyx_string_tab[81]
-#define __pyx_n_u_max_size __pyx_string_tab[82]
-#define __pyx_n_u_max_timeout __pyx_string_tab[83]
-#define __pyx_n_u_mv __pyx_string_tab[84]
-#define __pyx_n_u_n __pyx_string_tab[85]
-#define __pyx_n_u_next_sid __pyx_string_tab[86]
-#define __pyx_n_u_now __pyx_string_tab[87]
-#define __pyx_n_u_o __pyx_string_tab[88]
-#define __pyx_n_u_obj __pyx_string_tab[89]
-#define __pyx_n_u_observe __pyx_string_tab[90]
-#define __pyx_n_u_octoproxy_core__fastpath __pyx_string_tab[91]
-#define __pyx_n_u_off __pyx_string_tab[92]
-#define __pyx_n_u_on_idle __pyx_string_tab[93]
-#define __pyx_n_u_oneway __pyx_string_tab[94]
-#define __pyx_n_u_out __pyx_string_tab[95]
-#define __pyx_n_u_outbound __pyx_string_tab[96]
-#define __pyx_n_u_p __pyx_string_tab[97]
-#define __pyx_n_u_pending __pyx_string_tab[98]
-#define __pyx_n_u_pending_count __pyx_string_tab[99]
-#define __pyx_n_u_pick __pyx_string_tab[100]
-#define __pyx_n_u_pop __pyx_string_tab[101]
-#define __pyx_n_u_reject __pyx_string_tab[102]
-#define __pyx_n_u_relay_requests __pyx_string_tab[103]
-#define __pyx_n_u_relay_responses __pyx_string_tab[104]
-#define __pyx_n_u_request_stats __pyx_string_tab[105]
-#define __pyx_n_u_route_clusters_2 __pyx_string_tab[106]
-#define __pyx_n_u_route_id __pyx_string_tab[107]
-#define __pyx_n_u_route_max_timeouts_2 __pyx_string_tab[108]
-#define __pyx_n_u_route_timeout __pyx_string_tab[109]
-#define __pyx_n_u_route_timeouts_2 __pyx_string_tab[110]
-#define __pyx_n_u_rs __pyx_string_tab[111]
-#define __pyx_n_u_rs_cache __pyx_string_tab[112]
-#define __pyx_n_u_scanner __pyx_string_tab[113]
-#define __pyx_n_u_self __pyx_string_tab[114]
-#define __pyx_n_u_setdefault __pyx_string_tab[115]
-#define __pyx_n_u_size __pyx_string_tab[116]
-#define __pyx_n_u_slow_request __pyx_string_tab[117]
-#define __pyx_n_u_slow_response __pyx_string_tab[118]
-#define __pyx_n_u_stamp __pyx_string_tab[119]
-#define __pyx_n_u_stamp_len __pyx_string_tab[120]
-#define __pyx_n_u_state __pyx_string_tab[121]
-#define __pyx_n_u_stats __pyx_string_tab[122]
-#define __pyx_n_u_status __pyx_string_tab[123]
-#define __pyx_n_u_t0 __pyx_string_tab[124]
-#define __pyx_n_u_timer_keys __pyx_string_tab[125]
-#define __pyx_n_u_timer_wheel __pyx_string_tab[126]
-#define __pyx_n_u_up __pyx_string_tab[127]
-#define __pyx_n_u_update __pyx_string_tab[128]
-#define __pyx_n_u_use_setstate __pyx_string_tab[129]
-#define __pyx_n_u_value __pyx_string_tab[130]
-#define __pyx_n_u_values __pyx_string_tab[131]
-#define __pyx_n_u_view __pyx_string_tab[132]
-#define __pyx_kp_b_iso88591_QfA __pyx_string_tab[133]
-#define __pyx_kp_b_iso88591_q_0_kQR_7_1_7_N_1 __pyx_string_tab[134]
-#define __pyx_kp_b_iso88591_at1F_t9C_T_uO_hhi __pyx_string_tab[135]
-#define __pyx_kp_b_iso88591_at1F_E_aq_wfAS_2T_as_A_nAT_T_Qg __pyx_string_tab[136]
-#define __pyx_kp_b_iso88591_G4_hd_tST_q_l_vWE_Q_q_t6_S_G7_s __pyx_string_tab[137]
-#define __pyx_kp_b_iso88591_31_t83fL_q_E_aq_q_is_a_d_Cq_6_Q __pyx_string_tab[138]
+#define __pyx_n_u_inbound_fast __pyx_string_tab[38]
+#define __pyx_n_u_is_coroutine __pyx_string_tab[39]
+#define __pyx_n_u_route_clusters __pyx_string_tab[40]
+#define __pyx_n_u_route_max_timeouts __pyx_string_tab[41]
+#define __pyx_n_u_route_timeouts __pyx_string_tab[42]
+#define __pyx_n_u_active __pyx_string_tab[43]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[44]
+#define __pyx_n_u_buf __pyx_string_tab[45]
+#define __pyx_n_u_by_status __pyx_string_tab[46]
+#define __pyx_n_u_child __pyx_string_tab[47]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[48]
+#define __pyx_n_u_closed __pyx_string_tab[49]
+#define __pyx_n_u_cluster __pyx_string_tab[50]
+#define __pyx_n_u_count __pyx_string_tab[51]
+#define __pyx_n_u_cython __pyx_string_tab[52]
+#define __pyx_n_u_deadline __pyx_string_tab[53]
+#define __pyx_n_u_default_timeout __pyx_string_tab[54]
+#define __pyx_n_u_dirty __pyx_string_tab[55]
+#define __pyx_n_u_down __pyx_string_tab[56]
+#define __pyx_n_u_down_sid __pyx_string_tab[57]
+#define __pyx_n_u_drain_mode __pyx_string_tab[58]
+#define __pyx_n_u_draining __pyx_string_tab[59]
+#define __pyx_n_u_dst __pyx_string_tab[60]
+#define __pyx_n_u_endpoint __pyx_string_tab[61]
+#define __pyx_n_u_engine __pyx_string_tab[62]
+#define __pyx_n_u_ep __pyx_string_tab[63]
+#define __pyx_n_u_error __pyx_string_tab[64]
+#define __pyx_n_u_forward __pyx_string_tab[65]
+#define __pyx_n_u_get __pyx_string_tab[66]
+#define __pyx_n_u_gov __pyx_string_tab[67]
+#define __pyx_n_u_governed_response __pyx_string_tab[68]
+#define __pyx_n_u_heappush __pyx_string_tab[69]
+#define __pyx_n_u_heapq __pyx_string_tab[70]
+#define __pyx_n_u_high __pyx_string_tab[71]
+#define __pyx_n_u_high_watermark __pyx_string_tab[72]
+#define __pyx_n_u_i __pyx_string_tab[73]
+#define __pyx_n_u_inbound __pyx_string_tab[74]
+#define __pyx_n_u_inbound_max_timeout __pyx_string_tab[75]
+#define __pyx_n_u_inc __pyx_string_tab[76]
+#define __pyx_n_u_inflight __pyx_string_tab[77]
+#define __pyx_n_u_items __pyx_string_tab[78]
+#define __pyx_n_u_late_response __pyx_string_tab[79]
+#define __pyx_n_u_latency __pyx_string_tab[80]
+#define __pyx_n_u_listener __pyx_string_tab[81]
+#define __pyx_n_u_max_frame_size __pyx_string_tab[82]
+#define __pyx_n_u_max_pending __pyx_string_tab[83]
+#define __pyx_n_u_max_size __pyx_string_tab[84]
+#define __pyx_n_u_max_timeout __pyx_string_tab[85]
+#define __pyx_n_u_mv __pyx_string_tab[86]
+#define __pyx_n_u_n __pyx_string_tab[87]
+#define __pyx_n_u_next_sid __pyx_string_tab[88]
+#define __pyx_n_u_now __pyx_string_tab[89]
+#define __pyx_n_u_o __pyx_string_tab[90]
+#define __pyx_n_u_obj __pyx_string_tab[91]
+#define __pyx_n_u_observe __pyx_string_tab[92]
+#define __pyx_n_u_octoproxy_core__fastpath __pyx_string_tab[93]
+#define __pyx_n_u_off __pyx_string_tab[94]
+#define __pyx_n_u_on_idle __pyx_string_tab[95]
+#define __pyx_n_u_oneway __pyx_string_tab[96]
+#define __pyx_n_u_out __pyx_string_tab[97]
+#define __pyx_n_u_outbound __pyx_string_tab[98]
+#define __pyx_n_u_p __pyx_string_tab[99]
+#define __pyx_n_u_pending __pyx_string_tab[100]
+#define __pyx_n_u_pending_count __pyx_string_tab[101]
+#define __pyx_n_u_pick __pyx_string_tab[102]
+#define __pyx_n_u_pop __pyx_string_tab[103]
+#define __pyx_n_u_reject __pyx_string_tab[104]
+#define __pyx_n_u_relay_requests __pyx_string_tab[105]
+#define __pyx_n_u_relay_responses __pyx_string_tab[106]
+#define __pyx_n_u_request_stats __pyx_string_tab[107]
+#define __pyx_n_u_route_clusters_2 __pyx_string_tab[108]
+#define __pyx_n_u_route_id __pyx_string_tab[109]
+#define __pyx_n_u_route_max_timeouts_2 __pyx_string_tab[110]
+#define __pyx_n_u_route_timeout __pyx_string_tab[111]
+#define __pyx_n_u_route_timeouts_2 __pyx_string_tab[112]
+#define __pyx_n_u_rs __pyx_string_tab[113]
+#define __pyx_n_u_rs_cache __pyx_string_tab[114]
+#define __pyx_n_u_scanner __pyx_string_tab[115]
+#define __pyx_n_u_self __pyx_string_tab[116]
+#define __pyx_n_u_setdefault __pyx_string_tab[117]
+#define __pyx_n_u_size __pyx_string_tab[118]
+#define __pyx_n_u_slow_request __pyx_string_tab[119]
+#define __pyx_n_u_slow_response __pyx_string_tab[120]
+#define __pyx_n_u_stamp __pyx_string_tab[121]
+#define __pyx_n_u_stamp_len __pyx_string_tab[122]
+#define __pyx_n_u_state __pyx_string_tab[123]
+#define __pyx_n_u_stats __pyx_string_tab[124]
+#define __pyx_n_u_status __pyx_string_tab[125]
+#define __pyx_n_u_t0 __pyx_string_tab[126]
+#define __pyx_n_u_timer_keys __pyx_string_tab[127]
+#define __pyx_n_u_timer_wheel __pyx_string_tab[128]
+#define __pyx_n_u_up __pyx_string_tab[129]
+#define __pyx_n_u_update __pyx_string_tab[130]
+#define __pyx_n_u_use_setstate __pyx_string_tab[131]
+#define __pyx_n_u_value __pyx_string_tab[132]
+#define __pyx_n_u_values __pyx_string_tab[133]
+#define __pyx_n_u_view __pyx_string_tab[134]
+#define __pyx_kp_b_iso88591_QfA __pyx_string_tab[135]
+#define __pyx_kp_b_iso88591_q_0_kQR_7_1_7_N_1 __pyx_string_tab[136]
+#define __pyx_kp_b_iso88591_at1F_t9C_T_uO_hhi __pyx_string_tab[137]
+#define __pyx_kp_b_iso88591_at1F_E_aq_wfAS_2T_as_A_nAT_T_Qg __pyx_string_tab[138]
+#define __pyx_kp_b_iso88591_G4_fD_PTTYY_q_l_vWE_Q_q_t6_S_E __pyx_string_tab[139]
+#define __pyx_kp_b_iso88591_31_t83fL_q_E_aq_q_is_a_d_Cq_6_Q __pyx_string_tab[140]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_1 __pyx_number_tab[1]
-#define __pyx_int_111033869 __pyx_number_tab[2]
+#define __pyx_int_44378525 __pyx_number_tab[2]
 /* #### Code section: module_state_clear ### */
 #if CYTHON_USE_MODULE_STATE
 static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
@@ -3308,7 +3314,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<6; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<139; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<141; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -3343,7 +3349,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<6; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<139; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<141; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -3358,10 +3364,10 @@ return 0;
 #endif
 /* #### Code section: module_code ### */
 
-/* "octoproxy/core/_fastpath.pyx":34
- *     cdef public object stats
+/* "octoproxy/core/_fastpath.pyx":35
+ *     cdef public object gov
  * 
- *     def __init__(self, down, down_sid, up, deadline, t0, stats):             # <<<<<<<<<<<<<<
+ *     def __init__(self, down, down_sid, up, deadline, t0, stats, gov=None):             # <<<<<<<<<<<<<<
  *         self.down = down
  *         self.down_sid = down_sid
 */
@@ -3387,11 +3393,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   PyObject *__pyx_v_deadline = 0;
   PyObject *__pyx_v_t0 = 0;
   PyObject *__pyx_v_stats = 0;
+  PyObject *__pyx_v_gov = 0;
   #if !CYTHON_VECTORCALL_TPNEW
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   #endif
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[6] = {0,0,0,0,0,0};
+  PyObject* values[7] = {0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -3407,58 +3414,71 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   #endif
   __pyx_kwvalues = __Pyx_KwValues_FASTCALL_TPNEW(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_down,&__pyx_mstate_global->__pyx_n_u_down_sid,&__pyx_mstate_global->__pyx_n_u_up,&__pyx_mstate_global->__pyx_n_u_deadline,&__pyx_mstate_global->__pyx_n_u_t0,&__pyx_mstate_global->__pyx_n_u_stats,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_down,&__pyx_mstate_global->__pyx_n_u_down_sid,&__pyx_mstate_global->__pyx_n_u_up,&__pyx_mstate_global->__pyx_n_u_deadline,&__pyx_mstate_global->__pyx_n_u_t0,&__pyx_mstate_global->__pyx_n_u_stats,&__pyx_mstate_global->__pyx_n_u_gov,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL_TPNEW(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 34, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 35, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  7:
+        values[6] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 6);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 35, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 34, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 35, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 34, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 35, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 34, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 35, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 34, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 35, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 34, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 35, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 34, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 35, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 34, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 35, __pyx_L3_error)
+      if (!values[6]) values[6] = __Pyx_NewRef(((PyObject *)Py_None));
       for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 6, 6, i); __PYX_ERR(0, 34, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 0, 6, 7, i); __PYX_ERR(0, 35, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 6)) {
-      goto __pyx_L5_argtuple_error;
     } else {
-      values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 34, __pyx_L3_error)
-      values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 34, __pyx_L3_error)
-      values[2] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 34, __pyx_L3_error)
-      values[3] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 34, __pyx_L3_error)
-      values[4] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 34, __pyx_L3_error)
-      values[5] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 34, __pyx_L3_error)
+      switch (__pyx_nargs) {
+        case  7:
+        values[6] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 6);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 35, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  6:
+        values[5] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 5);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 35, __pyx_L3_error)
+        values[4] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 4);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 35, __pyx_L3_error)
+        values[3] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 3);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 35, __pyx_L3_error)
+        values[2] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 2);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 35, __pyx_L3_error)
+        values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 35, __pyx_L3_error)
+        values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 35, __pyx_L3_error)
+        break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      if (!values[6]) values[6] = __Pyx_NewRef(((PyObject *)Py_None));
     }
     __pyx_v_down = values[0];
     __pyx_v_down_sid = values[1];
@@ -3466,10 +3486,11 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     __pyx_v_deadline = values[3];
     __pyx_v_t0 = values[4];
     __pyx_v_stats = values[5];
+    __pyx_v_gov = values[6];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__init__", 1, 6, 6, __pyx_nargs); __PYX_ERR(0, 34, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__init__", 0, 6, 7, __pyx_nargs); __PYX_ERR(0, 35, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -3480,7 +3501,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return -1;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_9octoproxy_4core_9_fastpath_7Pending___init__(((struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *)__pyx_v_self), __pyx_v_down, __pyx_v_down_sid, __pyx_v_up, __pyx_v_deadline, __pyx_v_t0, __pyx_v_stats);
+  __pyx_r = __pyx_pf_9octoproxy_4core_9_fastpath_7Pending___init__(((struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *)__pyx_v_self), __pyx_v_down, __pyx_v_down_sid, __pyx_v_up, __pyx_v_deadline, __pyx_v_t0, __pyx_v_stats, __pyx_v_gov);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -3490,7 +3511,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return __pyx_r;
 }
 
-static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending___init__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self, PyObject *__pyx_v_down, PyObject *__pyx_v_down_sid, PyObject *__pyx_v_up, PyObject *__pyx_v_deadline, PyObject *__pyx_v_t0, PyObject *__pyx_v_stats) {
+static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending___init__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self, PyObject *__pyx_v_down, PyObject *__pyx_v_down_sid, PyObject *__pyx_v_up, PyObject *__pyx_v_deadline, PyObject *__pyx_v_t0, PyObject *__pyx_v_stats, PyObject *__pyx_v_gov) {
   int __pyx_r;
   __Pyx_RefNannyDeclarations
   unsigned PY_LONG_LONG __pyx_t_1;
@@ -3500,9 +3521,9 @@ static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending___init__(struct __pyx_o
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__init__", 0);
 
-  /* "octoproxy/core/_fastpath.pyx":35
+  /* "octoproxy/core/_fastpath.pyx":36
  * 
- *     def __init__(self, down, down_sid, up, deadline, t0, stats):
+ *     def __init__(self, down, down_sid, up, deadline, t0, stats, gov=None):
  *         self.down = down             # <<<<<<<<<<<<<<
  *         self.down_sid = down_sid
  *         self.up = up
@@ -3512,17 +3533,17 @@ static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending___init__(struct __pyx_o
   __Pyx_GOTREF(__pyx_v_self->down);
   __Pyx_DECREF_SET(__pyx_v_self->down, __pyx_v_down);
 
-  /* "octoproxy/core/_fastpath.pyx":36
- *     def __init__(self, down, down_sid, up, deadline, t0, stats):
+  /* "octoproxy/core/_fastpath.pyx":37
+ *     def __init__(self, down, down_sid, up, deadline, t0, stats, gov=None):
  *         self.down = down
  *         self.down_sid = down_sid             # <<<<<<<<<<<<<<
  *         self.up = up
  *         self.deadline = deadline
 */
-  __pyx_t_1 = __Pyx_PyLong_As_unsigned_PY_LONG_LONG(__pyx_v_down_sid); if (unlikely((__pyx_t_1 == (unsigned PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 36, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_As_unsigned_PY_LONG_LONG(__pyx_v_down_sid); if (unlikely((__pyx_t_1 == (unsigned PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 37, __pyx_L1_error)
   __pyx_v_self->down_sid = __pyx_t_1;
 
-  /* "octoproxy/core/_fastpath.pyx":37
+  /* "octoproxy/core/_fastpath.pyx":38
  *         self.down = down
  *         self.down_sid = down_sid
  *         self.up = up             # <<<<<<<<<<<<<<
@@ -3534,31 +3555,31 @@ static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending___init__(struct __pyx_o
   __Pyx_GOTREF(__pyx_v_self->up);
   __Pyx_DECREF_SET(__pyx_v_self->up, __pyx_v_up);
 
-  /* "octoproxy/core/_fastpath.pyx":38
+  /* "octoproxy/core/_fastpath.pyx":39
  *         self.down_sid = down_sid
  *         self.up = up
  *         self.deadline = deadline             # <<<<<<<<<<<<<<
  *         self.t0 = t0
  *         self.stats = stats
 */
-  __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_deadline); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 38, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_deadline); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 39, __pyx_L1_error)
   __pyx_v_self->deadline = __pyx_t_2;
 
-  /* "octoproxy/core/_fastpath.pyx":39
+  /* "octoproxy/core/_fastpath.pyx":40
  *         self.up = up
  *         self.deadline = deadline
  *         self.t0 = t0             # <<<<<<<<<<<<<<
  *         self.stats = stats
- * 
+ *         self.gov = gov
 */
-  __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_t0); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 39, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_t0); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 40, __pyx_L1_error)
   __pyx_v_self->t0 = __pyx_t_2;
 
-  /* "octoproxy/core/_fastpath.pyx":40
+  /* "octoproxy/core/_fastpath.pyx":41
  *         self.deadline = deadline
  *         self.t0 = t0
  *         self.stats = stats             # <<<<<<<<<<<<<<
- * 
+ *         self.gov = gov
  * 
 */
   __Pyx_INCREF(__pyx_v_stats);
@@ -3566,10 +3587,22 @@ static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending___init__(struct __pyx_o
   __Pyx_GOTREF(__pyx_v_self->stats);
   __Pyx_DECREF_SET(__pyx_v_self->stats, __pyx_v_stats);
 
-  /* "octoproxy/core/_fastpath.pyx":34
- *     cdef public object stats
+  /* "octoproxy/core/_fastpath.pyx":42
+ *         self.t0 = t0
+ *         self.stats = stats
+ *         self.gov = gov             # <<<<<<<<<<<<<<
  * 
- *     def __init__(self, down, down_sid, up, deadline, t0, stats):             # <<<<<<<<<<<<<<
+ * 
+*/
+  __Pyx_INCREF(__pyx_v_gov);
+  __Pyx_GIVEREF(__pyx_v_gov);
+  __Pyx_GOTREF(__pyx_v_self->gov);
+  __Pyx_DECREF_SET(__pyx_v_self->gov, __pyx_v_gov);
+
+  /* "octoproxy/core/_fastpath.pyx":35
+ *     cdef public object gov
+ * 
+ *     def __init__(self, down, down_sid, up, deadline, t0, stats, gov=None):             # <<<<<<<<<<<<<<
  *         self.down = down
  *         self.down_sid = down_sid
 */
@@ -4201,7 +4234,7 @@ static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_8deadline_2__set__(stru
  *     cdef public double deadline
  *     cdef public double t0             # <<<<<<<<<<<<<<
  *     cdef public object stats
- * 
+ *     cdef public object gov
 */
 
 /* Python wrapper */
@@ -4342,8 +4375,8 @@ static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2t0_2__set__(struct __p
  *     cdef public double deadline
  *     cdef public double t0
  *     cdef public object stats             # <<<<<<<<<<<<<<
+ *     cdef public object gov
  * 
- *     def __init__(self, down, down_sid, up, deadline, t0, stats):
 */
 
 /* Python wrapper */
@@ -4501,6 +4534,169 @@ static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_5stats_4__del__(struct 
   return __pyx_r;
 }
 
+/* "octoproxy/core/_fastpath.pyx":33
+ *     cdef public double t0
+ *     cdef public object stats
+ *     cdef public object gov             # <<<<<<<<<<<<<<
+ * 
+ *     def __init__(self, down, down_sid, up, deadline, t0, stats, gov=None):
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_9octoproxy_4core_9_fastpath_7Pending_3gov_1__get__(PyObject *__pyx_v_self); /*proto*/
+static PyObject *__pyx_pw_9octoproxy_4core_9_fastpath_7Pending_3gov_1__get__(PyObject *__pyx_v_self) {
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("__get__ (wrapper)", 0);
+  __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
+  __pyx_r = __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_3gov___get__(((struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *)__pyx_v_self));
+
+  /* function exit code */
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_3gov___get__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self) {
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  PyObject *__pyx_t_2 = NULL;
+  __Pyx_RefNannySetupContext("__get__", 0);
+  {
+      __Pyx_PyCriticalSection __pyx_cs;
+      __pyx_t_1 = ((PyObject *)__pyx_v_self);
+      __Pyx_INCREF(__pyx_t_1);
+      __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
+      /*try:*/ {
+        {
+          PyObject *__pyx_temp;
+          {
+            __pyx_temp = __pyx_r;
+            __Pyx_INCREF(__pyx_v_self->gov);
+            __pyx_r = __pyx_v_self->gov;
+          }
+          __Pyx_XDECREF(__pyx_temp);
+        }
+        __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+        goto __pyx_L3_return;
+      }
+      /*finally:*/ {
+        __pyx_L3_return: {
+          __pyx_t_2 = __pyx_r;
+          __pyx_r = 0;
+          __Pyx_PyCriticalSection_End(&__pyx_cs);
+          __pyx_r = __pyx_t_2;
+          __pyx_t_2 = 0;
+          goto __pyx_L0;
+        }
+      }
+      __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  }
+
+  /* function exit code */
+  __pyx_L0:;
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* Python wrapper */
+static int __pyx_pw_9octoproxy_4core_9_fastpath_7Pending_3gov_3__set__(PyObject *__pyx_v_self, PyObject *__pyx_v_value); /*proto*/
+static int __pyx_pw_9octoproxy_4core_9_fastpath_7Pending_3gov_3__set__(PyObject *__pyx_v_self, PyObject *__pyx_v_value) {
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  int __pyx_r;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("__set__ (wrapper)", 0);
+  __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
+  __pyx_r = __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_3gov_2__set__(((struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *)__pyx_v_self), ((PyObject *)__pyx_v_value));
+
+  /* function exit code */
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_3gov_2__set__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self, PyObject *__pyx_v_value) {
+  int __pyx_r;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  __Pyx_RefNannySetupContext("__set__", 0);
+  {
+      __Pyx_PyCriticalSection __pyx_cs;
+      __pyx_t_1 = ((PyObject *)__pyx_v_self);
+      __Pyx_INCREF(__pyx_t_1);
+      __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
+      /*try:*/ {
+        __Pyx_INCREF(__pyx_v_value);
+        __Pyx_GIVEREF(__pyx_v_value);
+        __Pyx_GOTREF(__pyx_v_self->gov);
+        __Pyx_DECREF_SET(__pyx_v_self->gov, __pyx_v_value);
+      }
+      /*finally:*/ {
+        /*normal exit:*/{
+          __Pyx_PyCriticalSection_End(&__pyx_cs);
+          goto __pyx_L5;
+        }
+        __pyx_L5:;
+      }
+      __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  }
+
+  /* function exit code */
+  __pyx_r = 0;
+
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* Python wrapper */
+static int __pyx_pw_9octoproxy_4core_9_fastpath_7Pending_3gov_5__del__(PyObject *__pyx_v_self); /*proto*/
+static int __pyx_pw_9octoproxy_4core_9_fastpath_7Pending_3gov_5__del__(PyObject *__pyx_v_self) {
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  int __pyx_r;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("__del__ (wrapper)", 0);
+  __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
+  __pyx_r = __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_3gov_4__del__(((struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *)__pyx_v_self));
+
+  /* function exit code */
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static int __pyx_pf_9octoproxy_4core_9_fastpath_7Pending_3gov_4__del__(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v_self) {
+  int __pyx_r;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  __Pyx_RefNannySetupContext("__del__", 0);
+  {
+      __Pyx_PyCriticalSection __pyx_cs;
+      __pyx_t_1 = ((PyObject *)__pyx_v_self);
+      __Pyx_INCREF(__pyx_t_1);
+      __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
+      /*try:*/ {
+        __Pyx_INCREF(Py_None);
+        __Pyx_GIVEREF(Py_None);
+        __Pyx_GOTREF(__pyx_v_self->gov);
+        __Pyx_DECREF_SET(__pyx_v_self->gov, Py_None);
+      }
+      /*finally:*/ {
+        /*normal exit:*/{
+          __Pyx_PyCriticalSection_End(&__pyx_cs);
+          goto __pyx_L5;
+        }
+        __pyx_L5:;
+      }
+      __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  }
+
+  /* function exit code */
+  __pyx_r = 0;
+
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
 /* "(tree fragment)":1
  * def __reduce_cython__(self):             # <<<<<<<<<<<<<<
  *     cdef tuple state
@@ -4572,7 +4768,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
  *     cdef object _dict
  *     cdef bint use_setstate
  *     with CRITICAL_SECTION(self):             # <<<<<<<<<<<<<<
- *         state = (self.deadline, self.down, self.down_sid, self.stats, self.t0, self.up)
+ *         state = (self.deadline, self.down, self.down_sid, self.gov, self.stats, self.t0, self.up)
  *         _dict = getattr(self, '__dict__', None)
 */
   {
@@ -4585,7 +4781,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
         /* "(tree fragment)":6
  *     cdef bint use_setstate
  *     with CRITICAL_SECTION(self):
- *         state = (self.deadline, self.down, self.down_sid, self.stats, self.t0, self.up)             # <<<<<<<<<<<<<<
+ *         state = (self.deadline, self.down, self.down_sid, self.gov, self.stats, self.t0, self.up)             # <<<<<<<<<<<<<<
  *         _dict = getattr(self, '__dict__', None)
  *     if _dict is not None and _dict:
 */
@@ -4595,7 +4791,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
         __Pyx_GOTREF(__pyx_t_3);
         __pyx_t_4 = PyFloat_FromDouble(__pyx_v_self->t0); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 6, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_4);
-        __pyx_t_5 = PyTuple_New(6); if (unlikely(!__pyx_t_5)) __PYX_ERR(1, 6, __pyx_L4_error)
+        __pyx_t_5 = PyTuple_New(7); if (unlikely(!__pyx_t_5)) __PYX_ERR(1, 6, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_5);
         __Pyx_GIVEREF(__pyx_t_2);
         if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_t_2) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
@@ -4604,14 +4800,17 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
         if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_v_self->down) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
         __Pyx_GIVEREF(__pyx_t_3);
         if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 2, __pyx_t_3) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
+        __Pyx_INCREF(__pyx_v_self->gov);
+        __Pyx_GIVEREF(__pyx_v_self->gov);
+        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 3, __pyx_v_self->gov) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
         __Pyx_INCREF(__pyx_v_self->stats);
         __Pyx_GIVEREF(__pyx_v_self->stats);
-        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 3, __pyx_v_self->stats) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
+        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 4, __pyx_v_self->stats) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
         __Pyx_GIVEREF(__pyx_t_4);
-        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 4, __pyx_t_4) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
+        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 5, __pyx_t_4) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
         __Pyx_INCREF(__pyx_v_self->up);
         __Pyx_GIVEREF(__pyx_v_self->up);
-        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 5, __pyx_v_self->up) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
+        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 6, __pyx_v_self->up) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
         __pyx_t_2 = 0;
         __pyx_t_3 = 0;
         __pyx_t_4 = 0;
@@ -4620,7 +4819,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
 
         /* "(tree fragment)":7
  *     with CRITICAL_SECTION(self):
- *         state = (self.deadline, self.down, self.down_sid, self.stats, self.t0, self.up)
+ *         state = (self.deadline, self.down, self.down_sid, self.gov, self.stats, self.t0, self.up)
  *         _dict = getattr(self, '__dict__', None)             # <<<<<<<<<<<<<<
  *     if _dict is not None and _dict:
  *         state += (_dict,)
@@ -4635,7 +4834,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
  *     cdef object _dict
  *     cdef bint use_setstate
  *     with CRITICAL_SECTION(self):             # <<<<<<<<<<<<<<
- *         state = (self.deadline, self.down, self.down_sid, self.stats, self.t0, self.up)
+ *         state = (self.deadline, self.down, self.down_sid, self.gov, self.stats, self.t0, self.up)
  *         _dict = getattr(self, '__dict__', None)
 */
       /*finally:*/ {
@@ -4653,7 +4852,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
   }
 
   /* "(tree fragment)":8
- *         state = (self.deadline, self.down, self.down_sid, self.stats, self.t0, self.up)
+ *         state = (self.deadline, self.down, self.down_sid, self.gov, self.stats, self.t0, self.up)
  *         _dict = getattr(self, '__dict__', None)
  *     if _dict is not None and _dict:             # <<<<<<<<<<<<<<
  *         state += (_dict,)
@@ -4699,12 +4898,12 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
  *         state += (_dict,)
  *         use_setstate = True             # <<<<<<<<<<<<<<
  *     else:
- *         use_setstate = self.down is not None or self.stats is not None or self.up is not None
+ *         use_setstate = self.down is not None or self.gov is not None or self.stats is not None or self.up is not None
 */
     __pyx_v_use_setstate = 1;
 
     /* "(tree fragment)":8
- *         state = (self.deadline, self.down, self.down_sid, self.stats, self.t0, self.up)
+ *         state = (self.deadline, self.down, self.down_sid, self.gov, self.stats, self.t0, self.up)
  *         _dict = getattr(self, '__dict__', None)
  *     if _dict is not None and _dict:             # <<<<<<<<<<<<<<
  *         state += (_dict,)
@@ -4716,12 +4915,21 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
   /* "(tree fragment)":12
  *         use_setstate = True
  *     else:
- *         use_setstate = self.down is not None or self.stats is not None or self.up is not None             # <<<<<<<<<<<<<<
+ *         use_setstate = self.down is not None or self.gov is not None or self.stats is not None or self.up is not None             # <<<<<<<<<<<<<<
  *     if use_setstate:
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, None), state
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, None), state
 */
   /*else*/ {
     __pyx_t_7 = (__pyx_v_self->down != Py_None);
+    if (!__pyx_t_7) {
+
+    } else {
+
+      __pyx_t_6 = __pyx_t_7;
+
+      goto __pyx_L9_bool_binop_done;
+    }
+    __pyx_t_7 = (__pyx_v_self->gov != Py_None);
     if (!__pyx_t_7) {
 
     } else {
@@ -4750,19 +4958,19 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
 
   /* "(tree fragment)":13
  *     else:
- *         use_setstate = self.down is not None or self.stats is not None or self.up is not None
+ *         use_setstate = self.down is not None or self.gov is not None or self.stats is not None or self.up is not None
  *     if use_setstate:             # <<<<<<<<<<<<<<
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, None), state
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, None), state
  *     else:
 */
   if (__pyx_v_use_setstate) {
 
     /* "(tree fragment)":14
- *         use_setstate = self.down is not None or self.stats is not None or self.up is not None
+ *         use_setstate = self.down is not None or self.gov is not None or self.stats is not None or self.up is not None
  *     if use_setstate:
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, None), state             # <<<<<<<<<<<<<<
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, None), state             # <<<<<<<<<<<<<<
  *     else:
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, state)
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, state)
 */
     __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_Pending); if (unlikely(!__pyx_t_5)) __PYX_ERR(1, 14, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
@@ -4771,9 +4979,9 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
     __Pyx_INCREF(((PyObject *)Py_TYPE(((PyObject *)__pyx_v_self))));
     __Pyx_GIVEREF(((PyObject *)Py_TYPE(((PyObject *)__pyx_v_self))));
     if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, ((PyObject *)Py_TYPE(((PyObject *)__pyx_v_self)))) != (0)) __PYX_ERR(1, 14, __pyx_L1_error);
-    __Pyx_INCREF(__pyx_mstate_global->__pyx_int_111033869);
-    __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_111033869);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, __pyx_mstate_global->__pyx_int_111033869) != (0)) __PYX_ERR(1, 14, __pyx_L1_error);
+    __Pyx_INCREF(__pyx_mstate_global->__pyx_int_44378525);
+    __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_44378525);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, __pyx_mstate_global->__pyx_int_44378525) != (0)) __PYX_ERR(1, 14, __pyx_L1_error);
     __Pyx_INCREF(Py_None);
     __Pyx_GIVEREF(Py_None);
     if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 2, Py_None) != (0)) __PYX_ERR(1, 14, __pyx_L1_error);
@@ -4801,17 +5009,17 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
 
     /* "(tree fragment)":13
  *     else:
- *         use_setstate = self.down is not None or self.stats is not None or self.up is not None
+ *         use_setstate = self.down is not None or self.gov is not None or self.stats is not None or self.up is not None
  *     if use_setstate:             # <<<<<<<<<<<<<<
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, None), state
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, None), state
  *     else:
 */
   }
 
   /* "(tree fragment)":16
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, None), state
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, None), state
  *     else:
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, state)             # <<<<<<<<<<<<<<
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, state)             # <<<<<<<<<<<<<<
  * def __setstate_cython__(self, __pyx_state):
  *     __pyx_unpickle_Pending__set_state(self, __pyx_state)
 */
@@ -4823,9 +5031,9 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
     __Pyx_INCREF(((PyObject *)Py_TYPE(((PyObject *)__pyx_v_self))));
     __Pyx_GIVEREF(((PyObject *)Py_TYPE(((PyObject *)__pyx_v_self))));
     if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, ((PyObject *)Py_TYPE(((PyObject *)__pyx_v_self)))) != (0)) __PYX_ERR(1, 16, __pyx_L1_error);
-    __Pyx_INCREF(__pyx_mstate_global->__pyx_int_111033869);
-    __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_111033869);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, __pyx_mstate_global->__pyx_int_111033869) != (0)) __PYX_ERR(1, 16, __pyx_L1_error);
+    __Pyx_INCREF(__pyx_mstate_global->__pyx_int_44378525);
+    __Pyx_GIVEREF(__pyx_mstate_global->__pyx_int_44378525);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, __pyx_mstate_global->__pyx_int_44378525) != (0)) __PYX_ERR(1, 16, __pyx_L1_error);
     __Pyx_INCREF(__pyx_v_state);
     __Pyx_GIVEREF(__pyx_v_state);
     if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 2, __pyx_v_state) != (0)) __PYX_ERR(1, 16, __pyx_L1_error);
@@ -4875,7 +5083,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython_
 
 /* "(tree fragment)":17
  *     else:
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, state)
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, state)
  * def __setstate_cython__(self, __pyx_state):             # <<<<<<<<<<<<<<
  *     __pyx_unpickle_Pending__set_state(self, __pyx_state)
 */
@@ -4977,7 +5185,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_4__setstate_cytho
   __Pyx_RefNannySetupContext("__setstate_cython__", 0);
 
   /* "(tree fragment)":18
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, state)
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, state)
  * def __setstate_cython__(self, __pyx_state):
  *     __pyx_unpickle_Pending__set_state(self, __pyx_state)             # <<<<<<<<<<<<<<
 */
@@ -4995,7 +5203,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_4__setstate_cytho
 
   /* "(tree fragment)":17
  *     else:
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, state)
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, state)
  * def __setstate_cython__(self, __pyx_state):             # <<<<<<<<<<<<<<
  *     __pyx_unpickle_Pending__set_state(self, __pyx_state)
 */
@@ -5014,7 +5222,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_7Pending_4__setstate_cytho
   return __pyx_r;
 }
 
-/* "octoproxy/core/_fastpath.pyx":43
+/* "octoproxy/core/_fastpath.pyx":45
  * 
  * 
  * cdef inline void _put_be64(uchar* p, uint64_t v) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -5027,7 +5235,7 @@ static CYTHON_INLINE void __pyx_f_9octoproxy_4core_9_fastpath__put_be64(__pyx_t_
   int __pyx_t_1;
 
 
-  /* "octoproxy/core/_fastpath.pyx":45
+  /* "octoproxy/core/_fastpath.pyx":47
  * cdef inline void _put_be64(uchar* p, uint64_t v) noexcept nogil:
  *     cdef int i
  *     for i in range(8):             # <<<<<<<<<<<<<<
@@ -5037,7 +5245,7 @@ static CYTHON_INLINE void __pyx_f_9octoproxy_4core_9_fastpath__put_be64(__pyx_t_
   for (__pyx_t_1 = 0; __pyx_t_1 < 8; __pyx_t_1+=1) {
     __pyx_v_i = __pyx_t_1;
 
-    /* "octoproxy/core/_fastpath.pyx":46
+    /* "octoproxy/core/_fastpath.pyx":48
  *     cdef int i
  *     for i in range(8):
  *         p[7 - i] = <uchar>(v & 0xFF)             # <<<<<<<<<<<<<<
@@ -5046,7 +5254,7 @@ static CYTHON_INLINE void __pyx_f_9octoproxy_4core_9_fastpath__put_be64(__pyx_t_
 */
     (__pyx_v_p[(7 - __pyx_v_i)]) = ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar)(__pyx_v_v & 0xFF));
 
-    /* "octoproxy/core/_fastpath.pyx":47
+    /* "octoproxy/core/_fastpath.pyx":49
  *     for i in range(8):
  *         p[7 - i] = <uchar>(v & 0xFF)
  *         v >>= 8             # <<<<<<<<<<<<<<
@@ -5056,7 +5264,7 @@ static CYTHON_INLINE void __pyx_f_9octoproxy_4core_9_fastpath__put_be64(__pyx_t_
     __pyx_v_v = (__pyx_v_v >> 8);
   }
 
-  /* "octoproxy/core/_fastpath.pyx":43
+  /* "octoproxy/core/_fastpath.pyx":45
  * 
  * 
  * cdef inline void _put_be64(uchar* p, uint64_t v) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -5069,7 +5277,7 @@ static CYTHON_INLINE void __pyx_f_9octoproxy_4core_9_fastpath__put_be64(__pyx_t_
 
 }
 
-/* "octoproxy/core/_fastpath.pyx":50
+/* "octoproxy/core/_fastpath.pyx":52
  * 
  * 
  * cdef inline Py_ssize_t _grow(bytearray out, Py_ssize_t n) except -1:             # <<<<<<<<<<<<<<
@@ -5086,7 +5294,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_9octoproxy_4core_9_fastpath__grow(PyObje
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":52
+  /* "octoproxy/core/_fastpath.pyx":54
  * cdef inline Py_ssize_t _grow(bytearray out, Py_ssize_t n) except -1:
  *     """Extend ``out`` by ``n`` bytes; return the offset of the new space."""
  *     cdef Py_ssize_t o = PyByteArray_GET_SIZE(out)             # <<<<<<<<<<<<<<
@@ -5095,30 +5303,30 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_9octoproxy_4core_9_fastpath__grow(PyObje
 */
   __pyx_v_o = PyByteArray_GET_SIZE(__pyx_v_out);
 
-  /* "octoproxy/core/_fastpath.pyx":53
+  /* "octoproxy/core/_fastpath.pyx":55
  *     """Extend ``out`` by ``n`` bytes; return the offset of the new space."""
  *     cdef Py_ssize_t o = PyByteArray_GET_SIZE(out)
  *     if PyByteArray_Resize(out, o + n) < 0:             # <<<<<<<<<<<<<<
  *         raise MemoryError()
  *     return o
 */
-  __pyx_t_1 = PyByteArray_Resize(__pyx_v_out, (__pyx_v_o + __pyx_v_n)); if (unlikely(__pyx_t_1 == ((int)-1))) __PYX_ERR(0, 53, __pyx_L1_error)
+  __pyx_t_1 = PyByteArray_Resize(__pyx_v_out, (__pyx_v_o + __pyx_v_n)); if (unlikely(__pyx_t_1 == ((int)-1))) __PYX_ERR(0, 55, __pyx_L1_error)
   __pyx_t_2 = (__pyx_t_1 < 0);
 
 
   if (unlikely(__pyx_t_2)) {
 
 
-    /* "octoproxy/core/_fastpath.pyx":54
+    /* "octoproxy/core/_fastpath.pyx":56
  *     cdef Py_ssize_t o = PyByteArray_GET_SIZE(out)
  *     if PyByteArray_Resize(out, o + n) < 0:
  *         raise MemoryError()             # <<<<<<<<<<<<<<
  *     return o
  * 
 */
-    PyErr_NoMemory(); __PYX_ERR(0, 54, __pyx_L1_error)
+    PyErr_NoMemory(); __PYX_ERR(0, 56, __pyx_L1_error)
 
-    /* "octoproxy/core/_fastpath.pyx":53
+    /* "octoproxy/core/_fastpath.pyx":55
  *     """Extend ``out`` by ``n`` bytes; return the offset of the new space."""
  *     cdef Py_ssize_t o = PyByteArray_GET_SIZE(out)
  *     if PyByteArray_Resize(out, o + n) < 0:             # <<<<<<<<<<<<<<
@@ -5127,7 +5335,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_9octoproxy_4core_9_fastpath__grow(PyObje
 */
   }
 
-  /* "octoproxy/core/_fastpath.pyx":55
+  /* "octoproxy/core/_fastpath.pyx":57
  *     if PyByteArray_Resize(out, o + n) < 0:
  *         raise MemoryError()
  *     return o             # <<<<<<<<<<<<<<
@@ -5140,7 +5348,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_9octoproxy_4core_9_fastpath__grow(PyObje
   }
   goto __pyx_L0;
 
-  /* "octoproxy/core/_fastpath.pyx":50
+  /* "octoproxy/core/_fastpath.pyx":52
  * 
  * 
  * cdef inline Py_ssize_t _grow(bytearray out, Py_ssize_t n) except -1:             # <<<<<<<<<<<<<<
@@ -5158,7 +5366,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_9octoproxy_4core_9_fastpath__grow(PyObje
   return __pyx_r;
 }
 
-/* "octoproxy/core/_fastpath.pyx":58
+/* "octoproxy/core/_fastpath.pyx":60
  * 
  * 
  * cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t i, const uchar* buf,             # <<<<<<<<<<<<<<
@@ -5211,7 +5419,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_forward", 0);
 
-  /* "octoproxy/core/_fastpath.pyx":60
+  /* "octoproxy/core/_fastpath.pyx":62
  * cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t i, const uchar* buf,
  *                   double now, double route_timeout, double max_timeout, bint oneway) except -1:
  *     cdef Py_ssize_t off = sc.offsets[i], size = sc.sizes[i], o, hlen, slen             # <<<<<<<<<<<<<<
@@ -5221,33 +5429,33 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   __pyx_v_off = (__pyx_v_sc->offsets[__pyx_v_i]);
   __pyx_v_size = (__pyx_v_sc->sizes[__pyx_v_i]);
 
-  /* "octoproxy/core/_fastpath.pyx":61
+  /* "octoproxy/core/_fastpath.pyx":63
  *                   double now, double route_timeout, double max_timeout, bint oneway) except -1:
  *     cdef Py_ssize_t off = sc.offsets[i], size = sc.sizes[i], o, hlen, slen
  *     cdef bytearray out = up.out             # <<<<<<<<<<<<<<
  *     cdef bytes stamp = engine.stamp
  *     cdef uchar* dst
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_out); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 61, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_out); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 63, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (!(likely(PyByteArray_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytearray", __pyx_t_1))) __PYX_ERR(0, 61, __pyx_L1_error)
+  if (!(likely(PyByteArray_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytearray", __pyx_t_1))) __PYX_ERR(0, 63, __pyx_L1_error)
   __pyx_v_out = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":62
+  /* "octoproxy/core/_fastpath.pyx":64
  *     cdef Py_ssize_t off = sc.offsets[i], size = sc.sizes[i], o, hlen, slen
  *     cdef bytearray out = up.out
  *     cdef bytes stamp = engine.stamp             # <<<<<<<<<<<<<<
  *     cdef uchar* dst
  *     cdef KeyRange* kr = &sc.keys[i]
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_stamp); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 62, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_stamp); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 64, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 62, __pyx_L1_error)
+  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 64, __pyx_L1_error)
   __pyx_v_stamp = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":64
+  /* "octoproxy/core/_fastpath.pyx":66
  *     cdef bytes stamp = engine.stamp
  *     cdef uchar* dst
  *     cdef KeyRange* kr = &sc.keys[i]             # <<<<<<<<<<<<<<
@@ -5256,7 +5464,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   __pyx_v_kr = (&(__pyx_v_sc->keys[__pyx_v_i]));
 
-  /* "octoproxy/core/_fastpath.pyx":68
+  /* "octoproxy/core/_fastpath.pyx":70
  *     cdef uint64_t usid
  *     cdef list dirty
  *     slen = len(stamp)             # <<<<<<<<<<<<<<
@@ -5265,12 +5473,12 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   if (unlikely(__pyx_v_stamp == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(0, 68, __pyx_L1_error)
+    __PYX_ERR(0, 70, __pyx_L1_error)
   }
-  __pyx_t_2 = __Pyx_PyBytes_GET_SIZE(__pyx_v_stamp); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyBytes_GET_SIZE(__pyx_v_stamp); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 70, __pyx_L1_error)
   __pyx_v_slen = __pyx_t_2;
 
-  /* "octoproxy/core/_fastpath.pyx":69
+  /* "octoproxy/core/_fastpath.pyx":71
  *     cdef list dirty
  *     slen = len(stamp)
  *     if slen and down.listener == "outbound":             # <<<<<<<<<<<<<<
@@ -5287,9 +5495,9 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_listener); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 69, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_listener); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 71, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_PyObject_CompareBoolEq_object_str(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_outbound, Py_EQ); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 69, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_CompareBoolEq_object_str(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_outbound, Py_EQ); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 71, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
   __pyx_t_3 = __pyx_t_4;
@@ -5298,7 +5506,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   if (__pyx_t_3) {
 
 
-    /* "octoproxy/core/_fastpath.pyx":70
+    /* "octoproxy/core/_fastpath.pyx":72
  *     slen = len(stamp)
  *     if slen and down.listener == "outbound":
  *         hlen = (<Py_ssize_t>buf[off + 18] << 8) | buf[off + 19]             # <<<<<<<<<<<<<<
@@ -5307,17 +5515,17 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     __pyx_v_hlen = ((((Py_ssize_t)(__pyx_v_buf[(__pyx_v_off + 18)])) << 8) | (__pyx_v_buf[(__pyx_v_off + 19)]));
 
-    /* "octoproxy/core/_fastpath.pyx":71
+    /* "octoproxy/core/_fastpath.pyx":73
  *     if slen and down.listener == "outbound":
  *         hlen = (<Py_ssize_t>buf[off + 18] << 8) | buf[off + 19]
  *         o = _grow(out, size + slen)             # <<<<<<<<<<<<<<
  *         dst = <uchar*>PyByteArray_AS_STRING(out) + o
  *         memcpy(dst, buf + off, 20 + hlen)
 */
-    __pyx_t_2 = __pyx_f_9octoproxy_4core_9_fastpath__grow(__pyx_v_out, (__pyx_v_size + __pyx_v_slen)); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1L))) __PYX_ERR(0, 71, __pyx_L1_error)
+    __pyx_t_2 = __pyx_f_9octoproxy_4core_9_fastpath__grow(__pyx_v_out, (__pyx_v_size + __pyx_v_slen)); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1L))) __PYX_ERR(0, 73, __pyx_L1_error)
     __pyx_v_o = __pyx_t_2;
 
-    /* "octoproxy/core/_fastpath.pyx":72
+    /* "octoproxy/core/_fastpath.pyx":74
  *         hlen = (<Py_ssize_t>buf[off + 18] << 8) | buf[off + 19]
  *         o = _grow(out, size + slen)
  *         dst = <uchar*>PyByteArray_AS_STRING(out) + o             # <<<<<<<<<<<<<<
@@ -5326,7 +5534,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     __pyx_v_dst = (((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar *)PyByteArray_AS_STRING(__pyx_v_out)) + __pyx_v_o);
 
-    /* "octoproxy/core/_fastpath.pyx":73
+    /* "octoproxy/core/_fastpath.pyx":75
  *         o = _grow(out, size + slen)
  *         dst = <uchar*>PyByteArray_AS_STRING(out) + o
  *         memcpy(dst, buf + off, 20 + hlen)             # <<<<<<<<<<<<<<
@@ -5335,7 +5543,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     (void)(memcpy(__pyx_v_dst, (__pyx_v_buf + __pyx_v_off), (20 + __pyx_v_hlen)));
 
-    /* "octoproxy/core/_fastpath.pyx":74
+    /* "octoproxy/core/_fastpath.pyx":76
  *         dst = <uchar*>PyByteArray_AS_STRING(out) + o
  *         memcpy(dst, buf + off, 20 + hlen)
  *         memcpy(dst + 20 + hlen, PyBytes_AS_STRING(stamp), slen)             # <<<<<<<<<<<<<<
@@ -5344,7 +5552,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     (void)(memcpy(((__pyx_v_dst + 20) + __pyx_v_hlen), PyBytes_AS_STRING(__pyx_v_stamp), __pyx_v_slen));
 
-    /* "octoproxy/core/_fastpath.pyx":75
+    /* "octoproxy/core/_fastpath.pyx":77
  *         memcpy(dst, buf + off, 20 + hlen)
  *         memcpy(dst + 20 + hlen, PyBytes_AS_STRING(stamp), slen)
  *         memcpy(dst + 20 + hlen + slen, buf + off + 20 + hlen, size - 20 - hlen)             # <<<<<<<<<<<<<<
@@ -5353,7 +5561,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     (void)(memcpy((((__pyx_v_dst + 20) + __pyx_v_hlen) + __pyx_v_slen), (((__pyx_v_buf + __pyx_v_off) + 20) + __pyx_v_hlen), ((__pyx_v_size - 20) - __pyx_v_hlen)));
 
-    /* "octoproxy/core/_fastpath.pyx":77
+    /* "octoproxy/core/_fastpath.pyx":79
  *         memcpy(dst + 20 + hlen + slen, buf + off + 20 + hlen, size - 20 - hlen)
  *         # length and header length grow by the stamp
  *         dst[4] = <uchar>((size - 8 + slen) >> 24)             # <<<<<<<<<<<<<<
@@ -5362,7 +5570,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     (__pyx_v_dst[4]) = ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar)(((__pyx_v_size - 8) + __pyx_v_slen) >> 24));
 
-    /* "octoproxy/core/_fastpath.pyx":78
+    /* "octoproxy/core/_fastpath.pyx":80
  *         # length and header length grow by the stamp
  *         dst[4] = <uchar>((size - 8 + slen) >> 24)
  *         dst[5] = <uchar>((size - 8 + slen) >> 16)             # <<<<<<<<<<<<<<
@@ -5371,7 +5579,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     (__pyx_v_dst[5]) = ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar)(((__pyx_v_size - 8) + __pyx_v_slen) >> 16));
 
-    /* "octoproxy/core/_fastpath.pyx":79
+    /* "octoproxy/core/_fastpath.pyx":81
  *         dst[4] = <uchar>((size - 8 + slen) >> 24)
  *         dst[5] = <uchar>((size - 8 + slen) >> 16)
  *         dst[6] = <uchar>((size - 8 + slen) >> 8)             # <<<<<<<<<<<<<<
@@ -5380,7 +5588,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     (__pyx_v_dst[6]) = ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar)(((__pyx_v_size - 8) + __pyx_v_slen) >> 8));
 
-    /* "octoproxy/core/_fastpath.pyx":80
+    /* "octoproxy/core/_fastpath.pyx":82
  *         dst[5] = <uchar>((size - 8 + slen) >> 16)
  *         dst[6] = <uchar>((size - 8 + slen) >> 8)
  *         dst[7] = <uchar>(size - 8 + slen)             # <<<<<<<<<<<<<<
@@ -5389,7 +5597,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     (__pyx_v_dst[7]) = ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar)((__pyx_v_size - 8) + __pyx_v_slen));
 
-    /* "octoproxy/core/_fastpath.pyx":81
+    /* "octoproxy/core/_fastpath.pyx":83
  *         dst[6] = <uchar>((size - 8 + slen) >> 8)
  *         dst[7] = <uchar>(size - 8 + slen)
  *         dst[18] = <uchar>((hlen + slen) >> 8)             # <<<<<<<<<<<<<<
@@ -5398,7 +5606,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     (__pyx_v_dst[18]) = ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar)((__pyx_v_hlen + __pyx_v_slen) >> 8));
 
-    /* "octoproxy/core/_fastpath.pyx":82
+    /* "octoproxy/core/_fastpath.pyx":84
  *         dst[7] = <uchar>(size - 8 + slen)
  *         dst[18] = <uchar>((hlen + slen) >> 8)
  *         dst[19] = <uchar>(hlen + slen)             # <<<<<<<<<<<<<<
@@ -5407,7 +5615,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     (__pyx_v_dst[19]) = ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar)(__pyx_v_hlen + __pyx_v_slen));
 
-    /* "octoproxy/core/_fastpath.pyx":69
+    /* "octoproxy/core/_fastpath.pyx":71
  *     cdef list dirty
  *     slen = len(stamp)
  *     if slen and down.listener == "outbound":             # <<<<<<<<<<<<<<
@@ -5417,7 +5625,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
     goto __pyx_L3;
   }
 
-  /* "octoproxy/core/_fastpath.pyx":84
+  /* "octoproxy/core/_fastpath.pyx":86
  *         dst[19] = <uchar>(hlen + slen)
  *     else:
  *         o = _grow(out, size)             # <<<<<<<<<<<<<<
@@ -5425,10 +5633,10 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
  *         memcpy(dst, buf + off, size)
 */
   /*else*/ {
-    __pyx_t_2 = __pyx_f_9octoproxy_4core_9_fastpath__grow(__pyx_v_out, __pyx_v_size); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1L))) __PYX_ERR(0, 84, __pyx_L1_error)
+    __pyx_t_2 = __pyx_f_9octoproxy_4core_9_fastpath__grow(__pyx_v_out, __pyx_v_size); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1L))) __PYX_ERR(0, 86, __pyx_L1_error)
     __pyx_v_o = __pyx_t_2;
 
-    /* "octoproxy/core/_fastpath.pyx":85
+    /* "octoproxy/core/_fastpath.pyx":87
  *     else:
  *         o = _grow(out, size)
  *         dst = <uchar*>PyByteArray_AS_STRING(out) + o             # <<<<<<<<<<<<<<
@@ -5437,7 +5645,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     __pyx_v_dst = (((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar *)PyByteArray_AS_STRING(__pyx_v_out)) + __pyx_v_o);
 
-    /* "octoproxy/core/_fastpath.pyx":86
+    /* "octoproxy/core/_fastpath.pyx":88
  *         o = _grow(out, size)
  *         dst = <uchar*>PyByteArray_AS_STRING(out) + o
  *         memcpy(dst, buf + off, size)             # <<<<<<<<<<<<<<
@@ -5448,20 +5656,20 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   }
   __pyx_L3:;
 
-  /* "octoproxy/core/_fastpath.pyx":87
+  /* "octoproxy/core/_fastpath.pyx":89
  *         dst = <uchar*>PyByteArray_AS_STRING(out) + o
  *         memcpy(dst, buf + off, size)
  *     dirty = engine.dirty             # <<<<<<<<<<<<<<
  *     if not dirty or dirty[len(dirty) - 1] is not up:
  *         dirty.append(up)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_dirty); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 87, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_dirty); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (!(likely(PyList_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_1))) __PYX_ERR(0, 87, __pyx_L1_error)
+  if (!(likely(PyList_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_1))) __PYX_ERR(0, 89, __pyx_L1_error)
   __pyx_v_dirty = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":88
+  /* "octoproxy/core/_fastpath.pyx":90
  *         memcpy(dst, buf + off, size)
  *     dirty = engine.dirty
  *     if not dirty or dirty[len(dirty) - 1] is not up:             # <<<<<<<<<<<<<<
@@ -5472,7 +5680,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_v_dirty);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 88, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 90, __pyx_L1_error)
     __pyx_t_4 = (__pyx_temp != 0);
   }
 
@@ -5489,13 +5697,13 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   }
   if (unlikely(__pyx_v_dirty == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 88, __pyx_L1_error)
+    __PYX_ERR(0, 90, __pyx_L1_error)
   }
   if (unlikely(__pyx_v_dirty == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(0, 88, __pyx_L1_error)
+    __PYX_ERR(0, 90, __pyx_L1_error)
   }
-  __pyx_t_2 = __Pyx_PyList_GET_SIZE(__pyx_v_dirty); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyList_GET_SIZE(__pyx_v_dirty); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 90, __pyx_L1_error)
   __pyx_t_6 = (__pyx_t_2 - 1);
 
 
@@ -5508,7 +5716,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   if (__pyx_t_3) {
 
 
-    /* "octoproxy/core/_fastpath.pyx":89
+    /* "octoproxy/core/_fastpath.pyx":91
  *     dirty = engine.dirty
  *     if not dirty or dirty[len(dirty) - 1] is not up:
  *         dirty.append(up)             # <<<<<<<<<<<<<<
@@ -5517,12 +5725,12 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     if (unlikely(__pyx_v_dirty == Py_None)) {
       PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "append");
-      __PYX_ERR(0, 89, __pyx_L1_error)
+      __PYX_ERR(0, 91, __pyx_L1_error)
     }
-    __pyx_t_7 = __Pyx_PyList_Append(__pyx_v_dirty, __pyx_v_up); if (unlikely(__pyx_t_7 == ((int)-1))) __PYX_ERR(0, 89, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyList_Append(__pyx_v_dirty, __pyx_v_up); if (unlikely(__pyx_t_7 == ((int)-1))) __PYX_ERR(0, 91, __pyx_L1_error)
 
 
-    /* "octoproxy/core/_fastpath.pyx":88
+    /* "octoproxy/core/_fastpath.pyx":90
  *         memcpy(dst, buf + off, size)
  *     dirty = engine.dirty
  *     if not dirty or dirty[len(dirty) - 1] is not up:             # <<<<<<<<<<<<<<
@@ -5531,7 +5739,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   }
 
-  /* "octoproxy/core/_fastpath.pyx":90
+  /* "octoproxy/core/_fastpath.pyx":92
  *     if not dirty or dirty[len(dirty) - 1] is not up:
  *         dirty.append(up)
  *     if oneway:             # <<<<<<<<<<<<<<
@@ -5540,16 +5748,16 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   if (__pyx_v_oneway) {
 
-    /* "octoproxy/core/_fastpath.pyx":91
+    /* "octoproxy/core/_fastpath.pyx":93
  *         dirty.append(up)
  *     if oneway:
  *         engine.stats.oneway.inc()             # <<<<<<<<<<<<<<
  *         return 0
  *     usid = up.next_sid
 */
-    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_stats); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 91, __pyx_L1_error)
+    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_stats); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_9);
-    __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_oneway); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 91, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_oneway); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 93, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_10);
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     __pyx_t_8 = __pyx_t_10;
@@ -5560,12 +5768,12 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
       __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_inc, __pyx_callargs+__pyx_t_11, (1-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
       __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 91, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 93, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-    /* "octoproxy/core/_fastpath.pyx":92
+    /* "octoproxy/core/_fastpath.pyx":94
  *     if oneway:
  *         engine.stats.oneway.inc()
  *         return 0             # <<<<<<<<<<<<<<
@@ -5578,7 +5786,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
     }
     goto __pyx_L0;
 
-    /* "octoproxy/core/_fastpath.pyx":90
+    /* "octoproxy/core/_fastpath.pyx":92
  *     if not dirty or dirty[len(dirty) - 1] is not up:
  *         dirty.append(up)
  *     if oneway:             # <<<<<<<<<<<<<<
@@ -5587,32 +5795,32 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   }
 
-  /* "octoproxy/core/_fastpath.pyx":93
+  /* "octoproxy/core/_fastpath.pyx":95
  *         engine.stats.oneway.inc()
  *         return 0
  *     usid = up.next_sid             # <<<<<<<<<<<<<<
  *     up.next_sid = usid + 1
  *     _put_be64(dst + 8, usid)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_next_sid); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 93, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_next_sid); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 95, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_12 = __Pyx_PyLong_As_uint64_t(__pyx_t_1); if (unlikely((__pyx_t_12 == ((uint64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 93, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyLong_As_uint64_t(__pyx_t_1); if (unlikely((__pyx_t_12 == ((uint64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 95, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_usid = __pyx_t_12;
 
-  /* "octoproxy/core/_fastpath.pyx":94
+  /* "octoproxy/core/_fastpath.pyx":96
  *         return 0
  *     usid = up.next_sid
  *     up.next_sid = usid + 1             # <<<<<<<<<<<<<<
  *     _put_be64(dst + 8, usid)
  *     timeout = sc.timeouts[i] / 1000.0 if sc.timeouts[i] else route_timeout
 */
-  __pyx_t_1 = __Pyx_PyLong_From_uint64_t((__pyx_v_usid + 1)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 94, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_uint64_t((__pyx_v_usid + 1)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 96, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_next_sid, __pyx_t_1) < (0)) __PYX_ERR(0, 94, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_next_sid, __pyx_t_1) < (0)) __PYX_ERR(0, 96, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":95
+  /* "octoproxy/core/_fastpath.pyx":97
  *     usid = up.next_sid
  *     up.next_sid = usid + 1
  *     _put_be64(dst + 8, usid)             # <<<<<<<<<<<<<<
@@ -5621,7 +5829,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   __pyx_f_9octoproxy_4core_9_fastpath__put_be64((__pyx_v_dst + 8), __pyx_v_usid);
 
-  /* "octoproxy/core/_fastpath.pyx":96
+  /* "octoproxy/core/_fastpath.pyx":98
  *     up.next_sid = usid + 1
  *     _put_be64(dst + 8, usid)
  *     timeout = sc.timeouts[i] / 1000.0 if sc.timeouts[i] else route_timeout             # <<<<<<<<<<<<<<
@@ -5640,7 +5848,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 
   __pyx_v_timeout = __pyx_t_13;
 
-  /* "octoproxy/core/_fastpath.pyx":97
+  /* "octoproxy/core/_fastpath.pyx":99
  *     _put_be64(dst + 8, usid)
  *     timeout = sc.timeouts[i] / 1000.0 if sc.timeouts[i] else route_timeout
  *     if max_timeout and timeout > max_timeout:             # <<<<<<<<<<<<<<
@@ -5666,7 +5874,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   if (__pyx_t_3) {
 
 
-    /* "octoproxy/core/_fastpath.pyx":98
+    /* "octoproxy/core/_fastpath.pyx":100
  *     timeout = sc.timeouts[i] / 1000.0 if sc.timeouts[i] else route_timeout
  *     if max_timeout and timeout > max_timeout:
  *         timeout = max_timeout             # <<<<<<<<<<<<<<
@@ -5675,7 +5883,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     __pyx_v_timeout = __pyx_v_max_timeout;
 
-    /* "octoproxy/core/_fastpath.pyx":97
+    /* "octoproxy/core/_fastpath.pyx":99
  *     _put_be64(dst + 8, usid)
  *     timeout = sc.timeouts[i] / 1000.0 if sc.timeouts[i] else route_timeout
  *     if max_timeout and timeout > max_timeout:             # <<<<<<<<<<<<<<
@@ -5684,7 +5892,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   }
 
-  /* "octoproxy/core/_fastpath.pyx":99
+  /* "octoproxy/core/_fastpath.pyx":101
  *     if max_timeout and timeout > max_timeout:
  *         timeout = max_timeout
  *     deadline = now + timeout             # <<<<<<<<<<<<<<
@@ -5693,47 +5901,47 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   __pyx_v_deadline = (__pyx_v_now + __pyx_v_timeout);
 
-  /* "octoproxy/core/_fastpath.pyx":100
+  /* "octoproxy/core/_fastpath.pyx":102
  *         timeout = max_timeout
  *     deadline = now + timeout
  *     listener = down.listener             # <<<<<<<<<<<<<<
  *     cdef dict cache = engine.rs_cache[listener]
  *     cdef bytes key = PyBytes_FromStringAndSize(NULL, (kr.s1 - kr.s0) + 1 + (kr.m1 - kr.m0))
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_listener); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 100, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_listener); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 102, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_listener = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":101
+  /* "octoproxy/core/_fastpath.pyx":103
  *     deadline = now + timeout
  *     listener = down.listener
  *     cdef dict cache = engine.rs_cache[listener]             # <<<<<<<<<<<<<<
  *     cdef bytes key = PyBytes_FromStringAndSize(NULL, (kr.s1 - kr.s0) + 1 + (kr.m1 - kr.m0))
  *     cdef char* k = PyBytes_AS_STRING(key)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_rs_cache); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 101, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_rs_cache); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 103, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_10 = __Pyx_PyObject_GetItem(__pyx_t_1, __pyx_v_listener); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 101, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetItem(__pyx_t_1, __pyx_v_listener); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 103, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  if (!(likely(PyDict_CheckExact(__pyx_t_10))||((__pyx_t_10) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_10))) __PYX_ERR(0, 101, __pyx_L1_error)
+  if (!(likely(PyDict_CheckExact(__pyx_t_10))||((__pyx_t_10) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_10))) __PYX_ERR(0, 103, __pyx_L1_error)
   __pyx_v_cache = ((PyObject*)__pyx_t_10);
   __pyx_t_10 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":102
+  /* "octoproxy/core/_fastpath.pyx":104
  *     listener = down.listener
  *     cdef dict cache = engine.rs_cache[listener]
  *     cdef bytes key = PyBytes_FromStringAndSize(NULL, (kr.s1 - kr.s0) + 1 + (kr.m1 - kr.m0))             # <<<<<<<<<<<<<<
  *     cdef char* k = PyBytes_AS_STRING(key)
  *     memcpy(k, buf + kr.s0, kr.s1 - kr.s0)
 */
-  __pyx_t_10 = PyBytes_FromStringAndSize(NULL, (((__pyx_v_kr->s1 - __pyx_v_kr->s0) + 1) + (__pyx_v_kr->m1 - __pyx_v_kr->m0))); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 102, __pyx_L1_error)
+  __pyx_t_10 = PyBytes_FromStringAndSize(NULL, (((__pyx_v_kr->s1 - __pyx_v_kr->s0) + 1) + (__pyx_v_kr->m1 - __pyx_v_kr->m0))); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 104, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __pyx_v_key = ((PyObject*)__pyx_t_10);
   __pyx_t_10 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":103
+  /* "octoproxy/core/_fastpath.pyx":105
  *     cdef dict cache = engine.rs_cache[listener]
  *     cdef bytes key = PyBytes_FromStringAndSize(NULL, (kr.s1 - kr.s0) + 1 + (kr.m1 - kr.m0))
  *     cdef char* k = PyBytes_AS_STRING(key)             # <<<<<<<<<<<<<<
@@ -5742,7 +5950,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   __pyx_v_k = PyBytes_AS_STRING(__pyx_v_key);
 
-  /* "octoproxy/core/_fastpath.pyx":104
+  /* "octoproxy/core/_fastpath.pyx":106
  *     cdef bytes key = PyBytes_FromStringAndSize(NULL, (kr.s1 - kr.s0) + 1 + (kr.m1 - kr.m0))
  *     cdef char* k = PyBytes_AS_STRING(key)
  *     memcpy(k, buf + kr.s0, kr.s1 - kr.s0)             # <<<<<<<<<<<<<<
@@ -5751,7 +5959,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   (void)(memcpy(__pyx_v_k, (__pyx_v_buf + __pyx_v_kr->s0), (__pyx_v_kr->s1 - __pyx_v_kr->s0)));
 
-  /* "octoproxy/core/_fastpath.pyx":105
+  /* "octoproxy/core/_fastpath.pyx":107
  *     cdef char* k = PyBytes_AS_STRING(key)
  *     memcpy(k, buf + kr.s0, kr.s1 - kr.s0)
  *     k[kr.s1 - kr.s0] = 0             # <<<<<<<<<<<<<<
@@ -5760,7 +5968,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   (__pyx_v_k[(__pyx_v_kr->s1 - __pyx_v_kr->s0)]) = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":106
+  /* "octoproxy/core/_fastpath.pyx":108
  *     memcpy(k, buf + kr.s0, kr.s1 - kr.s0)
  *     k[kr.s1 - kr.s0] = 0
  *     memcpy(k + (kr.s1 - kr.s0) + 1, buf + kr.m0, kr.m1 - kr.m0)             # <<<<<<<<<<<<<<
@@ -5769,7 +5977,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   (void)(memcpy(((__pyx_v_k + (__pyx_v_kr->s1 - __pyx_v_kr->s0)) + 1), (__pyx_v_buf + __pyx_v_kr->m0), (__pyx_v_kr->m1 - __pyx_v_kr->m0)));
 
-  /* "octoproxy/core/_fastpath.pyx":107
+  /* "octoproxy/core/_fastpath.pyx":109
  *     k[kr.s1 - kr.s0] = 0
  *     memcpy(k + (kr.s1 - kr.s0) + 1, buf + kr.m0, kr.m1 - kr.m0)
  *     rs = cache.get(key)             # <<<<<<<<<<<<<<
@@ -5778,14 +5986,14 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   if (unlikely(__pyx_v_cache == Py_None)) {
     PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "get");
-    __PYX_ERR(0, 107, __pyx_L1_error)
+    __PYX_ERR(0, 109, __pyx_L1_error)
   }
-  __pyx_t_10 = __Pyx_PyDict_GetItemDefault(__pyx_v_cache, __pyx_v_key, Py_None); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 107, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyDict_GetItemDefault(__pyx_v_cache, __pyx_v_key, Py_None); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 109, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __pyx_v_rs = __pyx_t_10;
   __pyx_t_10 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":108
+  /* "octoproxy/core/_fastpath.pyx":110
  *     memcpy(k + (kr.s1 - kr.s0) + 1, buf + kr.m0, kr.m1 - kr.m0)
  *     rs = cache.get(key)
  *     if rs is None:             # <<<<<<<<<<<<<<
@@ -5796,36 +6004,36 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   if (__pyx_t_3) {
 
 
-    /* "octoproxy/core/_fastpath.pyx":109
+    /* "octoproxy/core/_fastpath.pyx":111
  *     rs = cache.get(key)
  *     if rs is None:
  *         rs = engine.stats.request_stats(             # <<<<<<<<<<<<<<
  *             listener,
  *             PyBytes_FromStringAndSize(<const char*>buf + kr.s0, kr.s1 - kr.s0),
 */
-    __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_stats); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 109, __pyx_L1_error)
+    __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_stats); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 111, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_8);
     __pyx_t_1 = __pyx_t_8;
     __Pyx_INCREF(__pyx_t_1);
 
-    /* "octoproxy/core/_fastpath.pyx":111
+    /* "octoproxy/core/_fastpath.pyx":113
  *         rs = engine.stats.request_stats(
  *             listener,
  *             PyBytes_FromStringAndSize(<const char*>buf + kr.s0, kr.s1 - kr.s0),             # <<<<<<<<<<<<<<
  *             PyBytes_FromStringAndSize(<const char*>buf + kr.m0, kr.m1 - kr.m0),
  *         )
 */
-    __pyx_t_9 = PyBytes_FromStringAndSize((((char const *)__pyx_v_buf) + __pyx_v_kr->s0), (__pyx_v_kr->s1 - __pyx_v_kr->s0)); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 111, __pyx_L1_error)
+    __pyx_t_9 = PyBytes_FromStringAndSize((((char const *)__pyx_v_buf) + __pyx_v_kr->s0), (__pyx_v_kr->s1 - __pyx_v_kr->s0)); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 113, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_9);
 
-    /* "octoproxy/core/_fastpath.pyx":112
+    /* "octoproxy/core/_fastpath.pyx":114
  *             listener,
  *             PyBytes_FromStringAndSize(<const char*>buf + kr.s0, kr.s1 - kr.s0),
  *             PyBytes_FromStringAndSize(<const char*>buf + kr.m0, kr.m1 - kr.m0),             # <<<<<<<<<<<<<<
  *         )
  *         if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
 */
-    __pyx_t_14 = PyBytes_FromStringAndSize((((char const *)__pyx_v_buf) + __pyx_v_kr->m0), (__pyx_v_kr->m1 - __pyx_v_kr->m0)); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 112, __pyx_L1_error)
+    __pyx_t_14 = PyBytes_FromStringAndSize((((char const *)__pyx_v_buf) + __pyx_v_kr->m0), (__pyx_v_kr->m1 - __pyx_v_kr->m0)); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 114, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_14);
     __pyx_t_11 = 0;
     {
@@ -5835,13 +6043,13 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
       __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-      if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 109, __pyx_L1_error)
+      if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 111, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_10);
     }
     __Pyx_DECREF_SET(__pyx_v_rs, __pyx_t_10);
     __pyx_t_10 = 0;
 
-    /* "octoproxy/core/_fastpath.pyx":114
+    /* "octoproxy/core/_fastpath.pyx":116
  *             PyBytes_FromStringAndSize(<const char*>buf + kr.m0, kr.m1 - kr.m0),
  *         )
  *         if len(cache) < 10000:  # beyond, ProxyStats pools them anyway             # <<<<<<<<<<<<<<
@@ -5850,16 +6058,16 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     if (unlikely(__pyx_v_cache == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-      __PYX_ERR(0, 114, __pyx_L1_error)
+      __PYX_ERR(0, 116, __pyx_L1_error)
     }
-    __pyx_t_6 = PyDict_Size(__pyx_v_cache); if (unlikely(__pyx_t_6 == ((Py_ssize_t)-1))) __PYX_ERR(0, 114, __pyx_L1_error)
+    __pyx_t_6 = PyDict_Size(__pyx_v_cache); if (unlikely(__pyx_t_6 == ((Py_ssize_t)-1))) __PYX_ERR(0, 116, __pyx_L1_error)
     __pyx_t_3 = (__pyx_t_6 < 0x2710);
 
 
     if (__pyx_t_3) {
 
 
-      /* "octoproxy/core/_fastpath.pyx":115
+      /* "octoproxy/core/_fastpath.pyx":117
  *         )
  *         if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
  *             cache[key] = rs             # <<<<<<<<<<<<<<
@@ -5868,11 +6076,11 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
       if (unlikely(__pyx_v_cache == Py_None)) {
         PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-        __PYX_ERR(0, 115, __pyx_L1_error)
+        __PYX_ERR(0, 117, __pyx_L1_error)
       }
-      if (unlikely((PyDict_SetItem(__pyx_v_cache, __pyx_v_key, __pyx_v_rs) < 0))) __PYX_ERR(0, 115, __pyx_L1_error)
+      if (unlikely((PyDict_SetItem(__pyx_v_cache, __pyx_v_key, __pyx_v_rs) < 0))) __PYX_ERR(0, 117, __pyx_L1_error)
 
-      /* "octoproxy/core/_fastpath.pyx":114
+      /* "octoproxy/core/_fastpath.pyx":116
  *             PyBytes_FromStringAndSize(<const char*>buf + kr.m0, kr.m1 - kr.m0),
  *         )
  *         if len(cache) < 10000:  # beyond, ProxyStats pools them anyway             # <<<<<<<<<<<<<<
@@ -5881,7 +6089,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
     }
 
-    /* "octoproxy/core/_fastpath.pyx":108
+    /* "octoproxy/core/_fastpath.pyx":110
  *     memcpy(k + (kr.s1 - kr.s0) + 1, buf + kr.m0, kr.m1 - kr.m0)
  *     rs = cache.get(key)
  *     if rs is None:             # <<<<<<<<<<<<<<
@@ -5890,19 +6098,19 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   }
 
-  /* "octoproxy/core/_fastpath.pyx":116
+  /* "octoproxy/core/_fastpath.pyx":118
  *         if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
  *             cache[key] = rs
  *     cdef Pending p = Pending.__new__(Pending)             # <<<<<<<<<<<<<<
  *     p.down = down
  *     p.down_sid = sc.sids[i]
 */
-  __pyx_t_10 = ((PyObject *)__pyx_tp_new_9octoproxy_4core_9_fastpath_Pending(((PyTypeObject *)__pyx_mstate_global->__pyx_ptype_9octoproxy_4core_9_fastpath_Pending), __pyx_mstate_global->__pyx_empty_tuple, NULL)); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 116, __pyx_L1_error)
+  __pyx_t_10 = ((PyObject *)__pyx_tp_new_9octoproxy_4core_9_fastpath_Pending(((PyTypeObject *)__pyx_mstate_global->__pyx_ptype_9octoproxy_4core_9_fastpath_Pending), __pyx_mstate_global->__pyx_empty_tuple, NULL)); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __pyx_v_p = ((struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *)__pyx_t_10);
   __pyx_t_10 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":117
+  /* "octoproxy/core/_fastpath.pyx":119
  *             cache[key] = rs
  *     cdef Pending p = Pending.__new__(Pending)
  *     p.down = down             # <<<<<<<<<<<<<<
@@ -5914,7 +6122,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   __Pyx_GOTREF(__pyx_v_p->down);
   __Pyx_DECREF_SET(__pyx_v_p->down, __pyx_v_down);
 
-  /* "octoproxy/core/_fastpath.pyx":118
+  /* "octoproxy/core/_fastpath.pyx":120
  *     cdef Pending p = Pending.__new__(Pending)
  *     p.down = down
  *     p.down_sid = sc.sids[i]             # <<<<<<<<<<<<<<
@@ -5923,7 +6131,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   __pyx_v_p->down_sid = (__pyx_v_sc->sids[__pyx_v_i]);
 
-  /* "octoproxy/core/_fastpath.pyx":119
+  /* "octoproxy/core/_fastpath.pyx":121
  *     p.down = down
  *     p.down_sid = sc.sids[i]
  *     p.up = up             # <<<<<<<<<<<<<<
@@ -5935,7 +6143,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   __Pyx_GOTREF(__pyx_v_p->up);
   __Pyx_DECREF_SET(__pyx_v_p->up, __pyx_v_up);
 
-  /* "octoproxy/core/_fastpath.pyx":120
+  /* "octoproxy/core/_fastpath.pyx":122
  *     p.down_sid = sc.sids[i]
  *     p.up = up
  *     p.deadline = deadline             # <<<<<<<<<<<<<<
@@ -5944,7 +6152,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   __pyx_v_p->deadline = __pyx_v_deadline;
 
-  /* "octoproxy/core/_fastpath.pyx":121
+  /* "octoproxy/core/_fastpath.pyx":123
  *     p.up = up
  *     p.deadline = deadline
  *     p.t0 = now             # <<<<<<<<<<<<<<
@@ -5953,7 +6161,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   __pyx_v_p->t0 = __pyx_v_now;
 
-  /* "octoproxy/core/_fastpath.pyx":122
+  /* "octoproxy/core/_fastpath.pyx":124
  *     p.deadline = deadline
  *     p.t0 = now
  *     p.stats = rs             # <<<<<<<<<<<<<<
@@ -5965,61 +6173,61 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   __Pyx_GOTREF(__pyx_v_p->stats);
   __Pyx_DECREF_SET(__pyx_v_p->stats, __pyx_v_rs);
 
-  /* "octoproxy/core/_fastpath.pyx":123
+  /* "octoproxy/core/_fastpath.pyx":125
  *     p.t0 = now
  *     p.stats = rs
  *     up.pending[usid] = p             # <<<<<<<<<<<<<<
  *     engine.pending_count += 1
  *     down.inflight += 1
 */
-  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_pending); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 123, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_pending); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
-  if (unlikely((__Pyx_SetItemInt(__pyx_t_10, __pyx_v_usid, ((PyObject *)__pyx_v_p), uint64_t, 0, __Pyx_PyLong_From_uint64_t, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference) < 0))) __PYX_ERR(0, 123, __pyx_L1_error)
+  if (unlikely((__Pyx_SetItemInt(__pyx_t_10, __pyx_v_usid, ((PyObject *)__pyx_v_p), uint64_t, 0, __Pyx_PyLong_From_uint64_t, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference) < 0))) __PYX_ERR(0, 125, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":124
+  /* "octoproxy/core/_fastpath.pyx":126
  *     p.stats = rs
  *     up.pending[usid] = p
  *     engine.pending_count += 1             # <<<<<<<<<<<<<<
  *     down.inflight += 1
  *     ep = up.endpoint
 */
-  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_pending_count); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 124, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_pending_count); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 126, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
-  __pyx_t_8 = __Pyx_PyLong_AddObjC(__pyx_t_10, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 124, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyLong_AddObjC(__pyx_t_10, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 126, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
   __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_pending_count, __pyx_t_8) < (0)) __PYX_ERR(0, 124, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_pending_count, __pyx_t_8) < (0)) __PYX_ERR(0, 126, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":125
+  /* "octoproxy/core/_fastpath.pyx":127
  *     up.pending[usid] = p
  *     engine.pending_count += 1
  *     down.inflight += 1             # <<<<<<<<<<<<<<
  *     ep = up.endpoint
  *     if ep is not None:
 */
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_inflight); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_inflight); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 127, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  __pyx_t_10 = __Pyx_PyLong_AddObjC(__pyx_t_8, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 125, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyLong_AddObjC(__pyx_t_8, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 127, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_inflight, __pyx_t_10) < (0)) __PYX_ERR(0, 125, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_inflight, __pyx_t_10) < (0)) __PYX_ERR(0, 127, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":126
+  /* "octoproxy/core/_fastpath.pyx":128
  *     engine.pending_count += 1
  *     down.inflight += 1
  *     ep = up.endpoint             # <<<<<<<<<<<<<<
  *     if ep is not None:
  *         ep.active += 1
 */
-  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_endpoint); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 126, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_endpoint); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 128, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __pyx_v_ep = __pyx_t_10;
   __pyx_t_10 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":127
+  /* "octoproxy/core/_fastpath.pyx":129
  *     down.inflight += 1
  *     ep = up.endpoint
  *     if ep is not None:             # <<<<<<<<<<<<<<
@@ -6030,22 +6238,22 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   if (__pyx_t_3) {
 
 
-    /* "octoproxy/core/_fastpath.pyx":128
+    /* "octoproxy/core/_fastpath.pyx":130
  *     ep = up.endpoint
  *     if ep is not None:
  *         ep.active += 1             # <<<<<<<<<<<<<<
  *     cdef long long bucket_key = <long long>(deadline * 100) + 1  # TIMER_BUCKETS_PER_SECOND, rounded up
  *     cdef dict wheel = engine.timer_wheel
 */
-    __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_ep, __pyx_mstate_global->__pyx_n_u_active); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 128, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_ep, __pyx_mstate_global->__pyx_n_u_active); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 130, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_10);
-    __pyx_t_8 = __Pyx_PyLong_AddObjC(__pyx_t_10, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 128, __pyx_L1_error)
+    __pyx_t_8 = __Pyx_PyLong_AddObjC(__pyx_t_10, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 130, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_8);
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (__Pyx_PyObject_SetAttrStr(__pyx_v_ep, __pyx_mstate_global->__pyx_n_u_active, __pyx_t_8) < (0)) __PYX_ERR(0, 128, __pyx_L1_error)
+    if (__Pyx_PyObject_SetAttrStr(__pyx_v_ep, __pyx_mstate_global->__pyx_n_u_active, __pyx_t_8) < (0)) __PYX_ERR(0, 130, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
 
-    /* "octoproxy/core/_fastpath.pyx":127
+    /* "octoproxy/core/_fastpath.pyx":129
  *     down.inflight += 1
  *     ep = up.endpoint
  *     if ep is not None:             # <<<<<<<<<<<<<<
@@ -6054,7 +6262,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   }
 
-  /* "octoproxy/core/_fastpath.pyx":129
+  /* "octoproxy/core/_fastpath.pyx":131
  *     if ep is not None:
  *         ep.active += 1
  *     cdef long long bucket_key = <long long>(deadline * 100) + 1  # TIMER_BUCKETS_PER_SECOND, rounded up             # <<<<<<<<<<<<<<
@@ -6063,20 +6271,20 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   __pyx_v_bucket_key = (((PY_LONG_LONG)(__pyx_v_deadline * 100.0)) + 1);
 
-  /* "octoproxy/core/_fastpath.pyx":130
+  /* "octoproxy/core/_fastpath.pyx":132
  *         ep.active += 1
  *     cdef long long bucket_key = <long long>(deadline * 100) + 1  # TIMER_BUCKETS_PER_SECOND, rounded up
  *     cdef dict wheel = engine.timer_wheel             # <<<<<<<<<<<<<<
  *     bucket = wheel.get(bucket_key)
  *     if bucket is None:
 */
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_timer_wheel); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 130, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_timer_wheel); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 132, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  if (!(likely(PyDict_CheckExact(__pyx_t_8))||((__pyx_t_8) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_8))) __PYX_ERR(0, 130, __pyx_L1_error)
+  if (!(likely(PyDict_CheckExact(__pyx_t_8))||((__pyx_t_8) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_8))) __PYX_ERR(0, 132, __pyx_L1_error)
   __pyx_v_wheel = ((PyObject*)__pyx_t_8);
   __pyx_t_8 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":131
+  /* "octoproxy/core/_fastpath.pyx":133
  *     cdef long long bucket_key = <long long>(deadline * 100) + 1  # TIMER_BUCKETS_PER_SECOND, rounded up
  *     cdef dict wheel = engine.timer_wheel
  *     bucket = wheel.get(bucket_key)             # <<<<<<<<<<<<<<
@@ -6085,17 +6293,17 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   if (unlikely(__pyx_v_wheel == Py_None)) {
     PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "get");
-    __PYX_ERR(0, 131, __pyx_L1_error)
+    __PYX_ERR(0, 133, __pyx_L1_error)
   }
-  __pyx_t_8 = __Pyx_PyLong_From_PY_LONG_LONG(__pyx_v_bucket_key); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyLong_From_PY_LONG_LONG(__pyx_v_bucket_key); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  __pyx_t_10 = __Pyx_PyDict_GetItemDefault(__pyx_v_wheel, __pyx_t_8, Py_None); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyDict_GetItemDefault(__pyx_v_wheel, __pyx_t_8, Py_None); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
   __pyx_v_bucket = __pyx_t_10;
   __pyx_t_10 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":132
+  /* "octoproxy/core/_fastpath.pyx":134
  *     cdef dict wheel = engine.timer_wheel
  *     bucket = wheel.get(bucket_key)
  *     if bucket is None:             # <<<<<<<<<<<<<<
@@ -6106,28 +6314,28 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   if (__pyx_t_3) {
 
 
-    /* "octoproxy/core/_fastpath.pyx":133
+    /* "octoproxy/core/_fastpath.pyx":135
  *     bucket = wheel.get(bucket_key)
  *     if bucket is None:
  *         bucket = wheel[bucket_key] = []             # <<<<<<<<<<<<<<
  *         _heappush(engine.timer_keys, bucket_key)
  *     (<list>bucket).append((up, usid, deadline))
 */
-    __pyx_t_10 = PyList_New(0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 133, __pyx_L1_error)
+    __pyx_t_10 = PyList_New(0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 135, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_10);
     __Pyx_INCREF(__pyx_t_10);
     __Pyx_DECREF_SET(__pyx_v_bucket, __pyx_t_10);
     if (unlikely(__pyx_v_wheel == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 133, __pyx_L1_error)
+      __PYX_ERR(0, 135, __pyx_L1_error)
     }
-    __pyx_t_8 = __Pyx_PyLong_From_PY_LONG_LONG(__pyx_v_bucket_key); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 133, __pyx_L1_error)
+    __pyx_t_8 = __Pyx_PyLong_From_PY_LONG_LONG(__pyx_v_bucket_key); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 135, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_8);
-    if (unlikely((PyDict_SetItem(__pyx_v_wheel, __pyx_t_8, __pyx_t_10) < 0))) __PYX_ERR(0, 133, __pyx_L1_error)
+    if (unlikely((PyDict_SetItem(__pyx_v_wheel, __pyx_t_8, __pyx_t_10) < 0))) __PYX_ERR(0, 135, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
 
-    /* "octoproxy/core/_fastpath.pyx":134
+    /* "octoproxy/core/_fastpath.pyx":136
  *     if bucket is None:
  *         bucket = wheel[bucket_key] = []
  *         _heappush(engine.timer_keys, bucket_key)             # <<<<<<<<<<<<<<
@@ -6137,9 +6345,9 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
     __pyx_t_8 = NULL;
     __Pyx_INCREF(__pyx_v_9octoproxy_4core_9_fastpath__heappush);
     __pyx_t_14 = __pyx_v_9octoproxy_4core_9_fastpath__heappush; 
-    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_timer_keys); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 134, __pyx_L1_error)
+    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_timer_keys); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 136, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_9);
-    __pyx_t_1 = __Pyx_PyLong_From_PY_LONG_LONG(__pyx_v_bucket_key); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 134, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyLong_From_PY_LONG_LONG(__pyx_v_bucket_key); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 136, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __pyx_t_11 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -6160,12 +6368,12 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-      if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 134, __pyx_L1_error)
+      if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 136, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_10);
     }
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
 
-    /* "octoproxy/core/_fastpath.pyx":132
+    /* "octoproxy/core/_fastpath.pyx":134
  *     cdef dict wheel = engine.timer_wheel
  *     bucket = wheel.get(bucket_key)
  *     if bucket is None:             # <<<<<<<<<<<<<<
@@ -6174,7 +6382,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   }
 
-  /* "octoproxy/core/_fastpath.pyx":135
+  /* "octoproxy/core/_fastpath.pyx":137
  *         bucket = wheel[bucket_key] = []
  *         _heappush(engine.timer_keys, bucket_key)
  *     (<list>bucket).append((up, usid, deadline))             # <<<<<<<<<<<<<<
@@ -6183,28 +6391,28 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
 */
   if (unlikely(__pyx_v_bucket == Py_None)) {
     PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "append");
-    __PYX_ERR(0, 135, __pyx_L1_error)
+    __PYX_ERR(0, 137, __pyx_L1_error)
   }
-  __pyx_t_10 = __Pyx_PyLong_From_uint64_t(__pyx_v_usid); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 135, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyLong_From_uint64_t(__pyx_v_usid); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 137, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
-  __pyx_t_14 = PyFloat_FromDouble(__pyx_v_deadline); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 135, __pyx_L1_error)
+  __pyx_t_14 = PyFloat_FromDouble(__pyx_v_deadline); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 137, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_14);
-  __pyx_t_1 = PyTuple_New(3); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 135, __pyx_L1_error)
+  __pyx_t_1 = PyTuple_New(3); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(__pyx_v_up);
   __Pyx_GIVEREF(__pyx_v_up);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_v_up) != (0)) __PYX_ERR(0, 135, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_v_up) != (0)) __PYX_ERR(0, 137, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_10);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, __pyx_t_10) != (0)) __PYX_ERR(0, 135, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, __pyx_t_10) != (0)) __PYX_ERR(0, 137, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_14);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 2, __pyx_t_14) != (0)) __PYX_ERR(0, 135, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 2, __pyx_t_14) != (0)) __PYX_ERR(0, 137, __pyx_L1_error);
   __pyx_t_10 = 0;
   __pyx_t_14 = 0;
-  __pyx_t_7 = __Pyx_PyList_Append(((PyObject*)__pyx_v_bucket), __pyx_t_1); if (unlikely(__pyx_t_7 == ((int)-1))) __PYX_ERR(0, 135, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyList_Append(((PyObject*)__pyx_v_bucket), __pyx_t_1); if (unlikely(__pyx_t_7 == ((int)-1))) __PYX_ERR(0, 137, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
 
-  /* "octoproxy/core/_fastpath.pyx":136
+  /* "octoproxy/core/_fastpath.pyx":138
  *         _heappush(engine.timer_keys, bucket_key)
  *     (<list>bucket).append((up, usid, deadline))
  *     return 0             # <<<<<<<<<<<<<<
@@ -6217,7 +6425,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   }
   goto __pyx_L0;
 
-  /* "octoproxy/core/_fastpath.pyx":58
+  /* "octoproxy/core/_fastpath.pyx":60
  * 
  * 
  * cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t i, const uchar* buf,             # <<<<<<<<<<<<<<
@@ -6263,7 +6471,7 @@ static int __pyx_f_9octoproxy_4core_9_fastpath__forward(PyObject *__pyx_v_engine
   return __pyx_r;
 }
 
-/* "octoproxy/core/_fastpath.pyx":139
+/* "octoproxy/core/_fastpath.pyx":141
  * 
  * 
  * def forward(engine, down, up, Scanner scanner, Py_ssize_t i, mv, double now, double route_timeout, double max_timeout, bint oneway):             # <<<<<<<<<<<<<<
@@ -6320,95 +6528,95 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_engine,&__pyx_mstate_global->__pyx_n_u_down,&__pyx_mstate_global->__pyx_n_u_up,&__pyx_mstate_global->__pyx_n_u_scanner,&__pyx_mstate_global->__pyx_n_u_i,&__pyx_mstate_global->__pyx_n_u_mv,&__pyx_mstate_global->__pyx_n_u_now,&__pyx_mstate_global->__pyx_n_u_route_timeout,&__pyx_mstate_global->__pyx_n_u_max_timeout,&__pyx_mstate_global->__pyx_n_u_oneway,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 139, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 141, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case 10:
         values[9] = __Pyx_ArgRef_FASTCALL(__pyx_args, 9);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_FASTCALL(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_FASTCALL(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_FASTCALL(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward", 0) < (0)) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward", 0) < (0)) __PYX_ERR(0, 141, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 10; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward", 1, 10, 10, i); __PYX_ERR(0, 139, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward", 1, 10, 10, i); __PYX_ERR(0, 141, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 10)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 141, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 141, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 141, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 141, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 141, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 141, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_FASTCALL(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 141, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_FASTCALL(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 141, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_FASTCALL(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(0, 141, __pyx_L3_error)
       values[9] = __Pyx_ArgRef_FASTCALL(__pyx_args, 9);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(0, 141, __pyx_L3_error)
     }
     __pyx_v_engine = values[0];
     __pyx_v_down = values[1];
     __pyx_v_up = values[2];
     __pyx_v_scanner = ((struct __pyx_obj_9octoproxy_8protocol_10_fastframe_Scanner *)values[3]);
-    __pyx_v_i = __Pyx_PyIndex_AsSsize_t(values[4]); if (unlikely((__pyx_v_i == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 139, __pyx_L3_error)
+    __pyx_v_i = __Pyx_PyIndex_AsSsize_t(values[4]); if (unlikely((__pyx_v_i == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 141, __pyx_L3_error)
     __pyx_v_mv = values[5];
-    __pyx_v_now = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_now == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 139, __pyx_L3_error)
-    __pyx_v_route_timeout = __Pyx_PyFloat_AsDouble(values[7]); if (unlikely((__pyx_v_route_timeout == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 139, __pyx_L3_error)
-    __pyx_v_max_timeout = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_max_timeout == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 139, __pyx_L3_error)
-    __pyx_v_oneway = __Pyx_PyObject_IsTrue(values[9]); if (unlikely((__pyx_v_oneway == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 139, __pyx_L3_error)
+    __pyx_v_now = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_now == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 141, __pyx_L3_error)
+    __pyx_v_route_timeout = __Pyx_PyFloat_AsDouble(values[7]); if (unlikely((__pyx_v_route_timeout == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 141, __pyx_L3_error)
+    __pyx_v_max_timeout = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_max_timeout == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 141, __pyx_L3_error)
+    __pyx_v_oneway = __Pyx_PyObject_IsTrue(values[9]); if (unlikely((__pyx_v_oneway == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 141, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forward", 1, 10, 10, __pyx_nargs); __PYX_ERR(0, 139, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forward", 1, 10, 10, __pyx_nargs); __PYX_ERR(0, 141, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -6419,7 +6627,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_scanner), __pyx_mstate_global->__pyx_ptype_9octoproxy_8protocol_10_fastframe_Scanner, 1, "scanner", 0))) __PYX_ERR(0, 139, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_scanner), __pyx_mstate_global->__pyx_ptype_9octoproxy_8protocol_10_fastframe_Scanner, 1, "scanner", 0))) __PYX_ERR(0, 141, __pyx_L1_error)
   __pyx_r = __pyx_pf_9octoproxy_4core_9_fastpath_forward(__pyx_self, __pyx_v_engine, __pyx_v_down, __pyx_v_up, __pyx_v_scanner, __pyx_v_i, __pyx_v_mv, __pyx_v_now, __pyx_v_route_timeout, __pyx_v_max_timeout, __pyx_v_oneway);
 
   /* function exit code */
@@ -6462,17 +6670,17 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_forward(CYTHON_UNUSED PyOb
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("forward", 0);
 
-  /* "octoproxy/core/_fastpath.pyx":142
+  /* "octoproxy/core/_fastpath.pyx":144
  *     """Append request frame ``i`` to ``up`` (new stream id, caller stamp) and track it."""
  *     cdef Py_buffer view
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)             # <<<<<<<<<<<<<<
  *     try:
  *         _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, max_timeout, oneway)
 */
-  __pyx_t_1 = PyObject_GetBuffer(__pyx_v_mv, (&__pyx_v_view), PyBUF_SIMPLE); if (unlikely(__pyx_t_1 == ((int)-1))) __PYX_ERR(0, 142, __pyx_L1_error)
+  __pyx_t_1 = PyObject_GetBuffer(__pyx_v_mv, (&__pyx_v_view), PyBUF_SIMPLE); if (unlikely(__pyx_t_1 == ((int)-1))) __PYX_ERR(0, 144, __pyx_L1_error)
 
 
-  /* "octoproxy/core/_fastpath.pyx":143
+  /* "octoproxy/core/_fastpath.pyx":145
  *     cdef Py_buffer view
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
  *     try:             # <<<<<<<<<<<<<<
@@ -6481,18 +6689,18 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_forward(CYTHON_UNUSED PyOb
 */
   /*try:*/ {
 
-    /* "octoproxy/core/_fastpath.pyx":144
+    /* "octoproxy/core/_fastpath.pyx":146
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
  *     try:
  *         _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, max_timeout, oneway)             # <<<<<<<<<<<<<<
  *     finally:
  *         PyBuffer_Release(&view)
 */
-    __pyx_t_1 = __pyx_f_9octoproxy_4core_9_fastpath__forward(__pyx_v_engine, __pyx_v_down, __pyx_v_up, __pyx_v_scanner, __pyx_v_i, ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar const *)__pyx_v_view.buf), __pyx_v_now, __pyx_v_route_timeout, __pyx_v_max_timeout, __pyx_v_oneway); if (unlikely(__pyx_t_1 == ((int)-1))) __PYX_ERR(0, 144, __pyx_L4_error)
+    __pyx_t_1 = __pyx_f_9octoproxy_4core_9_fastpath__forward(__pyx_v_engine, __pyx_v_down, __pyx_v_up, __pyx_v_scanner, __pyx_v_i, ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar const *)__pyx_v_view.buf), __pyx_v_now, __pyx_v_route_timeout, __pyx_v_max_timeout, __pyx_v_oneway); if (unlikely(__pyx_t_1 == ((int)-1))) __PYX_ERR(0, 146, __pyx_L4_error)
 
   }
 
-  /* "octoproxy/core/_fastpath.pyx":146
+  /* "octoproxy/core/_fastpath.pyx":148
  *         _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, max_timeout, oneway)
  *     finally:
  *         PyBuffer_Release(&view)             # <<<<<<<<<<<<<<
@@ -6536,7 +6744,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_forward(CYTHON_UNUSED PyOb
     __pyx_L5:;
   }
 
-  /* "octoproxy/core/_fastpath.pyx":139
+  /* "octoproxy/core/_fastpath.pyx":141
  * 
  * 
  * def forward(engine, down, up, Scanner scanner, Py_ssize_t i, mv, double now, double route_timeout, double max_timeout, bint oneway):             # <<<<<<<<<<<<<<
@@ -6557,7 +6765,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_forward(CYTHON_UNUSED PyOb
   return __pyx_r;
 }
 
-/* "octoproxy/core/_fastpath.pyx":149
+/* "octoproxy/core/_fastpath.pyx":151
  * 
  * 
  * def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):             # <<<<<<<<<<<<<<
@@ -6610,67 +6818,67 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_engine,&__pyx_mstate_global->__pyx_n_u_down,&__pyx_mstate_global->__pyx_n_u_scanner,&__pyx_mstate_global->__pyx_n_u_n,&__pyx_mstate_global->__pyx_n_u_mv,&__pyx_mstate_global->__pyx_n_u_now,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 149, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 151, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 149, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 151, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 149, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 151, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 149, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 151, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 149, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 151, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 149, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 151, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 149, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 151, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "relay_requests", 0) < (0)) __PYX_ERR(0, 149, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "relay_requests", 0) < (0)) __PYX_ERR(0, 151, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("relay_requests", 1, 6, 6, i); __PYX_ERR(0, 149, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("relay_requests", 1, 6, 6, i); __PYX_ERR(0, 151, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 6)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 149, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 151, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 149, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 151, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 149, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 151, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 149, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 151, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 149, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 151, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 149, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 151, __pyx_L3_error)
     }
     __pyx_v_engine = values[0];
     __pyx_v_down = values[1];
     __pyx_v_scanner = ((struct __pyx_obj_9octoproxy_8protocol_10_fastframe_Scanner *)values[2]);
-    __pyx_v_n = __Pyx_PyIndex_AsSsize_t(values[3]); if (unlikely((__pyx_v_n == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 149, __pyx_L3_error)
+    __pyx_v_n = __Pyx_PyIndex_AsSsize_t(values[3]); if (unlikely((__pyx_v_n == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 151, __pyx_L3_error)
     __pyx_v_mv = values[4];
-    __pyx_v_now = __Pyx_PyFloat_AsDouble(values[5]); if (unlikely((__pyx_v_now == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 149, __pyx_L3_error)
+    __pyx_v_now = __Pyx_PyFloat_AsDouble(values[5]); if (unlikely((__pyx_v_now == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 151, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("relay_requests", 1, 6, 6, __pyx_nargs); __PYX_ERR(0, 149, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("relay_requests", 1, 6, 6, __pyx_nargs); __PYX_ERR(0, 151, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -6681,7 +6889,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_scanner), __pyx_mstate_global->__pyx_ptype_9octoproxy_8protocol_10_fastframe_Scanner, 1, "scanner", 0))) __PYX_ERR(0, 149, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_scanner), __pyx_mstate_global->__pyx_ptype_9octoproxy_8protocol_10_fastframe_Scanner, 1, "scanner", 0))) __PYX_ERR(0, 151, __pyx_L1_error)
   __pyx_r = __pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(__pyx_self, __pyx_v_engine, __pyx_v_down, __pyx_v_scanner, __pyx_v_n, __pyx_v_mv, __pyx_v_now);
 
   /* function exit code */
@@ -6748,7 +6956,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("relay_requests", 0);
 
-  /* "octoproxy/core/_fastpath.pyx":155
+  /* "octoproxy/core/_fastpath.pyx":157
  *     cdef int32_t route_id
  *     cdef bint inbound
  *     cdef double route_timeout = 0.0, max_timeout = 0.0             # <<<<<<<<<<<<<<
@@ -6758,16 +6966,16 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
   __pyx_v_route_timeout = 0.0;
   __pyx_v_max_timeout = 0.0;
 
-  /* "octoproxy/core/_fastpath.pyx":159
+  /* "octoproxy/core/_fastpath.pyx":161
  *     cdef Py_ssize_t max_pending, stamp_len, max_size, off, high
  *     cdef const uchar* buf
  *     if down.reject or engine.drain_mode is not None:             # <<<<<<<<<<<<<<
  *         for i in range(n):
  *             engine.slow_request(down, scanner, i, mv, now)
 */
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_reject); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_reject); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 161, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_2); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_2); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 161, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   if (!__pyx_t_3) {
 
@@ -6777,7 +6985,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_drain_mode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_drain_mode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 161, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __pyx_t_3 = (__pyx_t_2 != Py_None);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
@@ -6788,7 +6996,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
   if (__pyx_t_1) {
 
 
-    /* "octoproxy/core/_fastpath.pyx":160
+    /* "octoproxy/core/_fastpath.pyx":162
  *     cdef const uchar* buf
  *     if down.reject or engine.drain_mode is not None:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -6802,7 +7010,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_i = __pyx_t_6;
 
-      /* "octoproxy/core/_fastpath.pyx":161
+      /* "octoproxy/core/_fastpath.pyx":163
  *     if down.reject or engine.drain_mode is not None:
  *         for i in range(n):
  *             engine.slow_request(down, scanner, i, mv, now)             # <<<<<<<<<<<<<<
@@ -6811,9 +7019,9 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
       __pyx_t_7 = __pyx_v_engine;
       __Pyx_INCREF(__pyx_t_7);
-      __pyx_t_8 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 161, __pyx_L1_error)
+      __pyx_t_8 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 163, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_8);
-      __pyx_t_9 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 161, __pyx_L1_error)
+      __pyx_t_9 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 163, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
       __pyx_t_10 = 0;
       {
@@ -6822,14 +7030,14 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
         __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
         __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-        if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 161, __pyx_L1_error)
+        if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 163, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_2);
       }
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     }
 
 
-    /* "octoproxy/core/_fastpath.pyx":162
+    /* "octoproxy/core/_fastpath.pyx":164
  *         for i in range(n):
  *             engine.slow_request(down, scanner, i, mv, now)
  *         return             # <<<<<<<<<<<<<<
@@ -6846,7 +7054,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
     }
     goto __pyx_L0;
 
-    /* "octoproxy/core/_fastpath.pyx":159
+    /* "octoproxy/core/_fastpath.pyx":161
  *     cdef Py_ssize_t max_pending, stamp_len, max_size, off, high
  *     cdef const uchar* buf
  *     if down.reject or engine.drain_mode is not None:             # <<<<<<<<<<<<<<
@@ -6855,35 +7063,35 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
   }
 
-  /* "octoproxy/core/_fastpath.pyx":163
+  /* "octoproxy/core/_fastpath.pyx":165
  *             engine.slow_request(down, scanner, i, mv, now)
  *         return
  *     inbound = down.listener == "inbound"             # <<<<<<<<<<<<<<
  *     high = engine.high_watermark
  *     stamp_len = 0 if inbound else len(<bytes>engine.stamp)
 */
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_listener); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 163, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_listener); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_9 = __Pyx_PyObject_CompareEq_object_str(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_inbound, Py_EQ); __Pyx_XGOTREF(__pyx_t_9); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 163, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_CompareEq_object_str(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_inbound, Py_EQ); __Pyx_XGOTREF(__pyx_t_9); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __pyx_t_1 = __Pyx_PyObject_IsTrue(__pyx_t_9); if (unlikely((__pyx_t_1 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 163, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_IsTrue(__pyx_t_9); if (unlikely((__pyx_t_1 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   __pyx_v_inbound = __pyx_t_1;
 
-  /* "octoproxy/core/_fastpath.pyx":164
+  /* "octoproxy/core/_fastpath.pyx":166
  *         return
  *     inbound = down.listener == "inbound"
  *     high = engine.high_watermark             # <<<<<<<<<<<<<<
  *     stamp_len = 0 if inbound else len(<bytes>engine.stamp)
  *     max_size = engine.max_frame_size - stamp_len
 */
-  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_high_watermark); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 164, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_high_watermark); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 166, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_4 = __Pyx_PyIndex_AsSsize_t(__pyx_t_9); if (unlikely((__pyx_t_4 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 164, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyIndex_AsSsize_t(__pyx_t_9); if (unlikely((__pyx_t_4 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 166, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   __pyx_v_high = __pyx_t_4;
 
-  /* "octoproxy/core/_fastpath.pyx":165
+  /* "octoproxy/core/_fastpath.pyx":167
  *     inbound = down.listener == "inbound"
  *     high = engine.high_watermark
  *     stamp_len = 0 if inbound else len(<bytes>engine.stamp)             # <<<<<<<<<<<<<<
@@ -6894,100 +7102,100 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 
     __pyx_t_4 = 0;
   } else {
-    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_stamp); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 165, __pyx_L1_error)
+    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_stamp); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 167, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_9);
     if (unlikely(__pyx_t_9 == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-      __PYX_ERR(0, 165, __pyx_L1_error)
+      __PYX_ERR(0, 167, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyBytes_GET_SIZE(((PyObject*)__pyx_t_9)); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 165, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyBytes_GET_SIZE(((PyObject*)__pyx_t_9)); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 167, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     __pyx_t_4 = __pyx_t_5;
   }
   __pyx_v_stamp_len = __pyx_t_4;
 
-  /* "octoproxy/core/_fastpath.pyx":166
+  /* "octoproxy/core/_fastpath.pyx":168
  *     high = engine.high_watermark
  *     stamp_len = 0 if inbound else len(<bytes>engine.stamp)
  *     max_size = engine.max_frame_size - stamp_len             # <<<<<<<<<<<<<<
  *     route_clusters = engine._route_clusters
  *     route_timeouts = engine._route_timeouts
 */
-  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_max_frame_size); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_max_frame_size); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_2 = PyLong_FromSsize_t(__pyx_v_stamp_len); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __pyx_t_2 = PyLong_FromSsize_t(__pyx_v_stamp_len); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_8 = __Pyx_PyNumber_Subtract_object_int(__pyx_t_9, __pyx_t_2); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 166, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyNumber_Subtract_object_int(__pyx_t_9, __pyx_t_2); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __pyx_t_4 = __Pyx_PyIndex_AsSsize_t(__pyx_t_8); if (unlikely((__pyx_t_4 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 166, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyIndex_AsSsize_t(__pyx_t_8); if (unlikely((__pyx_t_4 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 168, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
   __pyx_v_max_size = __pyx_t_4;
 
-  /* "octoproxy/core/_fastpath.pyx":167
+  /* "octoproxy/core/_fastpath.pyx":169
  *     stamp_len = 0 if inbound else len(<bytes>engine.stamp)
  *     max_size = engine.max_frame_size - stamp_len
  *     route_clusters = engine._route_clusters             # <<<<<<<<<<<<<<
  *     route_timeouts = engine._route_timeouts
  *     route_max_timeouts = engine._route_max_timeouts
 */
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_route_clusters); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_route_clusters); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 169, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  if (!(likely(PyList_CheckExact(__pyx_t_8))||((__pyx_t_8) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_8))) __PYX_ERR(0, 167, __pyx_L1_error)
+  if (!(likely(PyList_CheckExact(__pyx_t_8))||((__pyx_t_8) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_8))) __PYX_ERR(0, 169, __pyx_L1_error)
   __pyx_v_route_clusters = ((PyObject*)__pyx_t_8);
   __pyx_t_8 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":168
+  /* "octoproxy/core/_fastpath.pyx":170
  *     max_size = engine.max_frame_size - stamp_len
  *     route_clusters = engine._route_clusters
  *     route_timeouts = engine._route_timeouts             # <<<<<<<<<<<<<<
  *     route_max_timeouts = engine._route_max_timeouts
  *     max_pending = engine.max_pending
 */
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_route_timeouts); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_route_timeouts); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 170, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  if (!(likely(PyList_CheckExact(__pyx_t_8))||((__pyx_t_8) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_8))) __PYX_ERR(0, 168, __pyx_L1_error)
+  if (!(likely(PyList_CheckExact(__pyx_t_8))||((__pyx_t_8) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_8))) __PYX_ERR(0, 170, __pyx_L1_error)
   __pyx_v_route_timeouts = ((PyObject*)__pyx_t_8);
   __pyx_t_8 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":169
+  /* "octoproxy/core/_fastpath.pyx":171
  *     route_clusters = engine._route_clusters
  *     route_timeouts = engine._route_timeouts
  *     route_max_timeouts = engine._route_max_timeouts             # <<<<<<<<<<<<<<
  *     max_pending = engine.max_pending
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
 */
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_route_max_timeouts); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_route_max_timeouts); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 171, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  if (!(likely(PyList_CheckExact(__pyx_t_8))||((__pyx_t_8) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_8))) __PYX_ERR(0, 169, __pyx_L1_error)
+  if (!(likely(PyList_CheckExact(__pyx_t_8))||((__pyx_t_8) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_8))) __PYX_ERR(0, 171, __pyx_L1_error)
   __pyx_v_route_max_timeouts = ((PyObject*)__pyx_t_8);
   __pyx_t_8 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":170
+  /* "octoproxy/core/_fastpath.pyx":172
  *     route_timeouts = engine._route_timeouts
  *     route_max_timeouts = engine._route_max_timeouts
  *     max_pending = engine.max_pending             # <<<<<<<<<<<<<<
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
  *     try:
 */
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_max_pending); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 170, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_max_pending); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 172, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  __pyx_t_4 = __Pyx_PyIndex_AsSsize_t(__pyx_t_8); if (unlikely((__pyx_t_4 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 170, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyIndex_AsSsize_t(__pyx_t_8); if (unlikely((__pyx_t_4 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 172, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
   __pyx_v_max_pending = __pyx_t_4;
 
-  /* "octoproxy/core/_fastpath.pyx":171
+  /* "octoproxy/core/_fastpath.pyx":173
  *     route_max_timeouts = engine._route_max_timeouts
  *     max_pending = engine.max_pending
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)             # <<<<<<<<<<<<<<
  *     try:
  *         buf = <const uchar*>view.buf
 */
-  __pyx_t_11 = PyObject_GetBuffer(__pyx_v_mv, (&__pyx_v_view), PyBUF_SIMPLE); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 171, __pyx_L1_error)
+  __pyx_t_11 = PyObject_GetBuffer(__pyx_v_mv, (&__pyx_v_view), PyBUF_SIMPLE); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 173, __pyx_L1_error)
 
 
-  /* "octoproxy/core/_fastpath.pyx":172
+  /* "octoproxy/core/_fastpath.pyx":174
  *     max_pending = engine.max_pending
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
  *     try:             # <<<<<<<<<<<<<<
@@ -6996,7 +7204,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
   /*try:*/ {
 
-    /* "octoproxy/core/_fastpath.pyx":173
+    /* "octoproxy/core/_fastpath.pyx":175
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
  *     try:
  *         buf = <const uchar*>view.buf             # <<<<<<<<<<<<<<
@@ -7005,7 +7213,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
     __pyx_v_buf = ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar const *)__pyx_v_view.buf);
 
-    /* "octoproxy/core/_fastpath.pyx":174
+    /* "octoproxy/core/_fastpath.pyx":176
  *     try:
  *         buf = <const uchar*>view.buf
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -7019,7 +7227,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_i = __pyx_t_6;
 
-      /* "octoproxy/core/_fastpath.pyx":175
+      /* "octoproxy/core/_fastpath.pyx":177
  *         buf = <const uchar*>view.buf
  *         for i in range(n):
  *             off = scanner.offsets[i]             # <<<<<<<<<<<<<<
@@ -7028,7 +7236,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
       __pyx_v_off = (__pyx_v_scanner->offsets[__pyx_v_i]);
 
-      /* "octoproxy/core/_fastpath.pyx":176
+      /* "octoproxy/core/_fastpath.pyx":178
  *         for i in range(n):
  *             off = scanner.offsets[i]
  *             if scanner.types[i] != 1 or (stamp_len and (             # <<<<<<<<<<<<<<
@@ -7056,7 +7264,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
         goto __pyx_L14_bool_binop_done;
       }
 
-      /* "octoproxy/core/_fastpath.pyx":177
+      /* "octoproxy/core/_fastpath.pyx":179
  *             off = scanner.offsets[i]
  *             if scanner.types[i] != 1 or (stamp_len and (
  *                     scanner.sizes[i] > max_size             # <<<<<<<<<<<<<<
@@ -7074,7 +7282,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
         goto __pyx_L14_bool_binop_done;
       }
 
-      /* "octoproxy/core/_fastpath.pyx":178
+      /* "octoproxy/core/_fastpath.pyx":180
  *             if scanner.types[i] != 1 or (stamp_len and (
  *                     scanner.sizes[i] > max_size
  *                     or (((<Py_ssize_t>buf[off + 18]) << 8) | buf[off + 19]) + stamp_len > 0xFFFF)):             # <<<<<<<<<<<<<<
@@ -7088,7 +7296,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 
       __pyx_L14_bool_binop_done:;
 
-      /* "octoproxy/core/_fastpath.pyx":176
+      /* "octoproxy/core/_fastpath.pyx":178
  *         for i in range(n):
  *             off = scanner.offsets[i]
  *             if scanner.types[i] != 1 or (stamp_len and (             # <<<<<<<<<<<<<<
@@ -7098,7 +7306,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
       if (__pyx_t_1) {
 
 
-        /* "octoproxy/core/_fastpath.pyx":180
+        /* "octoproxy/core/_fastpath.pyx":182
  *                     or (((<Py_ssize_t>buf[off + 18]) << 8) | buf[off + 19]) + stamp_len > 0xFFFF)):
  *                 # not a request, or too big to carry the caller stamp: the slow path says why
  *                 engine.slow_request(down, scanner, i, mv, now)             # <<<<<<<<<<<<<<
@@ -7107,9 +7315,9 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
         __pyx_t_2 = __pyx_v_engine;
         __Pyx_INCREF(__pyx_t_2);
-        __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 180, __pyx_L9_error)
+        __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 182, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_9);
-        __pyx_t_7 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 180, __pyx_L9_error)
+        __pyx_t_7 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 182, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_7);
         __pyx_t_10 = 0;
         {
@@ -7118,12 +7326,12 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
           __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
           __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-          if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 180, __pyx_L9_error)
+          if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 182, __pyx_L9_error)
           __Pyx_GOTREF(__pyx_t_8);
         }
         __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":181
+        /* "octoproxy/core/_fastpath.pyx":183
  *                 # not a request, or too big to carry the caller stamp: the slow path says why
  *                 engine.slow_request(down, scanner, i, mv, now)
  *                 continue             # <<<<<<<<<<<<<<
@@ -7132,7 +7340,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
         goto __pyx_L11_continue;
 
-        /* "octoproxy/core/_fastpath.pyx":176
+        /* "octoproxy/core/_fastpath.pyx":178
  *         for i in range(n):
  *             off = scanner.offsets[i]
  *             if scanner.types[i] != 1 or (stamp_len and (             # <<<<<<<<<<<<<<
@@ -7141,73 +7349,73 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
       }
 
-      /* "octoproxy/core/_fastpath.pyx":182
+      /* "octoproxy/core/_fastpath.pyx":184
  *                 engine.slow_request(down, scanner, i, mv, now)
  *                 continue
  *             route_id = scanner.route_ids[i]             # <<<<<<<<<<<<<<
  *             if inbound:
- *                 cluster = engine.inbound_cluster
+ *                 cluster = engine._inbound_fast  # None while the inbound side is governed
 */
       __pyx_v_route_id = (__pyx_v_scanner->route_ids[__pyx_v_i]);
 
-      /* "octoproxy/core/_fastpath.pyx":183
+      /* "octoproxy/core/_fastpath.pyx":185
  *                 continue
  *             route_id = scanner.route_ids[i]
  *             if inbound:             # <<<<<<<<<<<<<<
- *                 cluster = engine.inbound_cluster
+ *                 cluster = engine._inbound_fast  # None while the inbound side is governed
  *                 route_timeout = engine.default_timeout
 */
       if (__pyx_v_inbound) {
 
-        /* "octoproxy/core/_fastpath.pyx":184
+        /* "octoproxy/core/_fastpath.pyx":186
  *             route_id = scanner.route_ids[i]
  *             if inbound:
- *                 cluster = engine.inbound_cluster             # <<<<<<<<<<<<<<
+ *                 cluster = engine._inbound_fast  # None while the inbound side is governed             # <<<<<<<<<<<<<<
  *                 route_timeout = engine.default_timeout
  *                 max_timeout = engine.inbound_max_timeout
 */
-        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_inbound_cluster); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 184, __pyx_L9_error)
+        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_inbound_fast); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 186, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_8);
         __Pyx_XDECREF_SET(__pyx_v_cluster, __pyx_t_8);
         __pyx_t_8 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":185
+        /* "octoproxy/core/_fastpath.pyx":187
  *             if inbound:
- *                 cluster = engine.inbound_cluster
+ *                 cluster = engine._inbound_fast  # None while the inbound side is governed
  *                 route_timeout = engine.default_timeout             # <<<<<<<<<<<<<<
  *                 max_timeout = engine.inbound_max_timeout
  *             elif route_id >= 0:
 */
-        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_default_timeout); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 185, __pyx_L9_error)
+        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_default_timeout); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 187, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_8);
-        __pyx_t_12 = __Pyx_PyFloat_AsDouble(__pyx_t_8); if (unlikely((__pyx_t_12 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 185, __pyx_L9_error)
+        __pyx_t_12 = __Pyx_PyFloat_AsDouble(__pyx_t_8); if (unlikely((__pyx_t_12 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 187, __pyx_L9_error)
         __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
         __pyx_v_route_timeout = __pyx_t_12;
 
-        /* "octoproxy/core/_fastpath.pyx":186
- *                 cluster = engine.inbound_cluster
+        /* "octoproxy/core/_fastpath.pyx":188
+ *                 cluster = engine._inbound_fast  # None while the inbound side is governed
  *                 route_timeout = engine.default_timeout
  *                 max_timeout = engine.inbound_max_timeout             # <<<<<<<<<<<<<<
  *             elif route_id >= 0:
  *                 cluster = route_clusters[route_id]
 */
-        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_inbound_max_timeout); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 186, __pyx_L9_error)
+        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_inbound_max_timeout); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 188, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_8);
-        __pyx_t_12 = __Pyx_PyFloat_AsDouble(__pyx_t_8); if (unlikely((__pyx_t_12 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 186, __pyx_L9_error)
+        __pyx_t_12 = __Pyx_PyFloat_AsDouble(__pyx_t_8); if (unlikely((__pyx_t_12 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 188, __pyx_L9_error)
         __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
         __pyx_v_max_timeout = __pyx_t_12;
 
-        /* "octoproxy/core/_fastpath.pyx":183
+        /* "octoproxy/core/_fastpath.pyx":185
  *                 continue
  *             route_id = scanner.route_ids[i]
  *             if inbound:             # <<<<<<<<<<<<<<
- *                 cluster = engine.inbound_cluster
+ *                 cluster = engine._inbound_fast  # None while the inbound side is governed
  *                 route_timeout = engine.default_timeout
 */
         goto __pyx_L18;
       }
 
-      /* "octoproxy/core/_fastpath.pyx":187
+      /* "octoproxy/core/_fastpath.pyx":189
  *                 route_timeout = engine.default_timeout
  *                 max_timeout = engine.inbound_max_timeout
  *             elif route_id >= 0:             # <<<<<<<<<<<<<<
@@ -7219,7 +7427,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
       if (__pyx_t_1) {
 
 
-        /* "octoproxy/core/_fastpath.pyx":188
+        /* "octoproxy/core/_fastpath.pyx":190
  *                 max_timeout = engine.inbound_max_timeout
  *             elif route_id >= 0:
  *                 cluster = route_clusters[route_id]             # <<<<<<<<<<<<<<
@@ -7228,14 +7436,14 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
         if (unlikely(__pyx_v_route_clusters == Py_None)) {
           PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-          __PYX_ERR(0, 188, __pyx_L9_error)
+          __PYX_ERR(0, 190, __pyx_L9_error)
         }
         __pyx_t_8 = __Pyx_PyList_GET_ITEM(__pyx_v_route_clusters, __pyx_v_route_id);
         __Pyx_INCREF(__pyx_t_8);
         __Pyx_XDECREF_SET(__pyx_v_cluster, __pyx_t_8);
         __pyx_t_8 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":189
+        /* "octoproxy/core/_fastpath.pyx":191
  *             elif route_id >= 0:
  *                 cluster = route_clusters[route_id]
  *                 route_timeout = route_timeouts[route_id]             # <<<<<<<<<<<<<<
@@ -7244,12 +7452,12 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
         if (unlikely(__pyx_v_route_timeouts == Py_None)) {
           PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-          __PYX_ERR(0, 189, __pyx_L9_error)
+          __PYX_ERR(0, 191, __pyx_L9_error)
         }
-        __pyx_t_12 = __Pyx_PyFloat_AsDouble(__Pyx_PyList_GET_ITEM(__pyx_v_route_timeouts, __pyx_v_route_id)); if (unlikely((__pyx_t_12 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 189, __pyx_L9_error)
+        __pyx_t_12 = __Pyx_PyFloat_AsDouble(__Pyx_PyList_GET_ITEM(__pyx_v_route_timeouts, __pyx_v_route_id)); if (unlikely((__pyx_t_12 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 191, __pyx_L9_error)
         __pyx_v_route_timeout = __pyx_t_12;
 
-        /* "octoproxy/core/_fastpath.pyx":190
+        /* "octoproxy/core/_fastpath.pyx":192
  *                 cluster = route_clusters[route_id]
  *                 route_timeout = route_timeouts[route_id]
  *                 max_timeout = route_max_timeouts[route_id]             # <<<<<<<<<<<<<<
@@ -7258,12 +7466,12 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
         if (unlikely(__pyx_v_route_max_timeouts == Py_None)) {
           PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-          __PYX_ERR(0, 190, __pyx_L9_error)
+          __PYX_ERR(0, 192, __pyx_L9_error)
         }
-        __pyx_t_12 = __Pyx_PyFloat_AsDouble(__Pyx_PyList_GET_ITEM(__pyx_v_route_max_timeouts, __pyx_v_route_id)); if (unlikely((__pyx_t_12 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 190, __pyx_L9_error)
+        __pyx_t_12 = __Pyx_PyFloat_AsDouble(__Pyx_PyList_GET_ITEM(__pyx_v_route_max_timeouts, __pyx_v_route_id)); if (unlikely((__pyx_t_12 == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 192, __pyx_L9_error)
         __pyx_v_max_timeout = __pyx_t_12;
 
-        /* "octoproxy/core/_fastpath.pyx":187
+        /* "octoproxy/core/_fastpath.pyx":189
  *                 route_timeout = engine.default_timeout
  *                 max_timeout = engine.inbound_max_timeout
  *             elif route_id >= 0:             # <<<<<<<<<<<<<<
@@ -7273,7 +7481,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
         goto __pyx_L18;
       }
 
-      /* "octoproxy/core/_fastpath.pyx":192
+      /* "octoproxy/core/_fastpath.pyx":194
  *                 max_timeout = route_max_timeouts[route_id]
  *             else:
  *                 cluster = None             # <<<<<<<<<<<<<<
@@ -7286,7 +7494,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
       }
       __pyx_L18:;
 
-      /* "octoproxy/core/_fastpath.pyx":193
+      /* "octoproxy/core/_fastpath.pyx":195
  *             else:
  *                 cluster = None
  *             if cluster is None or engine.pending_count >= max_pending:             # <<<<<<<<<<<<<<
@@ -7302,11 +7510,11 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 
         goto __pyx_L20_bool_binop_done;
       }
-      __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_pending_count); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 193, __pyx_L9_error)
+      __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_pending_count); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 195, __pyx_L9_error)
       __Pyx_GOTREF(__pyx_t_8);
-      __pyx_t_7 = PyLong_FromSsize_t(__pyx_v_max_pending); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 193, __pyx_L9_error)
+      __pyx_t_7 = PyLong_FromSsize_t(__pyx_v_max_pending); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 195, __pyx_L9_error)
       __Pyx_GOTREF(__pyx_t_7);
-      __pyx_t_3 = __Pyx_PyObject_CompareBoolGe_object_int(__pyx_t_8, __pyx_t_7, Py_GE); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 193, __pyx_L9_error)
+      __pyx_t_3 = __Pyx_PyObject_CompareBoolGe_object_int(__pyx_t_8, __pyx_t_7, Py_GE); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 195, __pyx_L9_error)
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
@@ -7316,7 +7524,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
       if (__pyx_t_1) {
 
 
-        /* "octoproxy/core/_fastpath.pyx":194
+        /* "octoproxy/core/_fastpath.pyx":196
  *                 cluster = None
  *             if cluster is None or engine.pending_count >= max_pending:
  *                 engine.slow_request(down, scanner, i, mv, now)             # <<<<<<<<<<<<<<
@@ -7325,9 +7533,9 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
         __pyx_t_8 = __pyx_v_engine;
         __Pyx_INCREF(__pyx_t_8);
-        __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 194, __pyx_L9_error)
+        __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 196, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_9);
-        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 194, __pyx_L9_error)
+        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 196, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_2);
         __pyx_t_10 = 0;
         {
@@ -7336,12 +7544,12 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
           __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-          if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 194, __pyx_L9_error)
+          if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 196, __pyx_L9_error)
           __Pyx_GOTREF(__pyx_t_7);
         }
         __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":195
+        /* "octoproxy/core/_fastpath.pyx":197
  *             if cluster is None or engine.pending_count >= max_pending:
  *                 engine.slow_request(down, scanner, i, mv, now)
  *                 continue             # <<<<<<<<<<<<<<
@@ -7350,7 +7558,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
         goto __pyx_L11_continue;
 
-        /* "octoproxy/core/_fastpath.pyx":193
+        /* "octoproxy/core/_fastpath.pyx":195
  *             else:
  *                 cluster = None
  *             if cluster is None or engine.pending_count >= max_pending:             # <<<<<<<<<<<<<<
@@ -7359,7 +7567,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
       }
 
-      /* "octoproxy/core/_fastpath.pyx":196
+      /* "octoproxy/core/_fastpath.pyx":198
  *                 engine.slow_request(down, scanner, i, mv, now)
  *                 continue
  *             up = cluster.pick()             # <<<<<<<<<<<<<<
@@ -7373,13 +7581,13 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
         PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
         __pyx_t_7 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_pick, __pyx_callargs+__pyx_t_10, (1-__pyx_t_10) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-        if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 196, __pyx_L9_error)
+        if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 198, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_7);
       }
       __Pyx_XDECREF_SET(__pyx_v_up, __pyx_t_7);
       __pyx_t_7 = 0;
 
-      /* "octoproxy/core/_fastpath.pyx":197
+      /* "octoproxy/core/_fastpath.pyx":199
  *                 continue
  *             up = cluster.pick()
  *             if up is None or PyByteArray_GET_SIZE(<bytearray>up.out) > high:  # no link, or a full one             # <<<<<<<<<<<<<<
@@ -7395,7 +7603,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 
         goto __pyx_L23_bool_binop_done;
       }
-      __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_out); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 197, __pyx_L9_error)
+      __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_out); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 199, __pyx_L9_error)
       __Pyx_GOTREF(__pyx_t_7);
       __pyx_t_3 = (PyByteArray_GET_SIZE(__pyx_t_7) > __pyx_v_high);
 
@@ -7407,7 +7615,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
       if (__pyx_t_1) {
 
 
-        /* "octoproxy/core/_fastpath.pyx":198
+        /* "octoproxy/core/_fastpath.pyx":200
  *             up = cluster.pick()
  *             if up is None or PyByteArray_GET_SIZE(<bytearray>up.out) > high:  # no link, or a full one
  *                 engine.slow_request(down, scanner, i, mv, now)             # <<<<<<<<<<<<<<
@@ -7416,9 +7624,9 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
         __pyx_t_2 = __pyx_v_engine;
         __Pyx_INCREF(__pyx_t_2);
-        __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 198, __pyx_L9_error)
+        __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 200, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_9);
-        __pyx_t_8 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 198, __pyx_L9_error)
+        __pyx_t_8 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 200, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_8);
         __pyx_t_10 = 0;
         {
@@ -7427,12 +7635,12 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
           __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
           __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-          if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 198, __pyx_L9_error)
+          if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 200, __pyx_L9_error)
           __Pyx_GOTREF(__pyx_t_7);
         }
         __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":199
+        /* "octoproxy/core/_fastpath.pyx":201
  *             if up is None or PyByteArray_GET_SIZE(<bytearray>up.out) > high:  # no link, or a full one
  *                 engine.slow_request(down, scanner, i, mv, now)
  *                 continue             # <<<<<<<<<<<<<<
@@ -7441,7 +7649,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
         goto __pyx_L11_continue;
 
-        /* "octoproxy/core/_fastpath.pyx":197
+        /* "octoproxy/core/_fastpath.pyx":199
  *                 continue
  *             up = cluster.pick()
  *             if up is None or PyByteArray_GET_SIZE(<bytearray>up.out) > high:  # no link, or a full one             # <<<<<<<<<<<<<<
@@ -7450,21 +7658,21 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
 */
       }
 
-      /* "octoproxy/core/_fastpath.pyx":200
+      /* "octoproxy/core/_fastpath.pyx":202
  *                 engine.slow_request(down, scanner, i, mv, now)
  *                 continue
  *             _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, max_timeout, False)             # <<<<<<<<<<<<<<
  *     finally:
  *         PyBuffer_Release(&view)
 */
-      __pyx_t_11 = __pyx_f_9octoproxy_4core_9_fastpath__forward(__pyx_v_engine, __pyx_v_down, __pyx_v_up, __pyx_v_scanner, __pyx_v_i, ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar const *)__pyx_v_view.buf), __pyx_v_now, __pyx_v_route_timeout, __pyx_v_max_timeout, 0); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 200, __pyx_L9_error)
+      __pyx_t_11 = __pyx_f_9octoproxy_4core_9_fastpath__forward(__pyx_v_engine, __pyx_v_down, __pyx_v_up, __pyx_v_scanner, __pyx_v_i, ((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar const *)__pyx_v_view.buf), __pyx_v_now, __pyx_v_route_timeout, __pyx_v_max_timeout, 0); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 202, __pyx_L9_error)
 
       __pyx_L11_continue:;
     }
 
   }
 
-  /* "octoproxy/core/_fastpath.pyx":202
+  /* "octoproxy/core/_fastpath.pyx":204
  *             _forward(engine, down, up, scanner, i, <const uchar*>view.buf, now, route_timeout, max_timeout, False)
  *     finally:
  *         PyBuffer_Release(&view)             # <<<<<<<<<<<<<<
@@ -7512,7 +7720,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
     __pyx_L10:;
   }
 
-  /* "octoproxy/core/_fastpath.pyx":149
+  /* "octoproxy/core/_fastpath.pyx":151
  * 
  * 
  * def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):             # <<<<<<<<<<<<<<
@@ -7553,7 +7761,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_2relay_requests(CYTHON_UNU
   return __pyx_r;
 }
 
-/* "octoproxy/core/_fastpath.pyx":205
+/* "octoproxy/core/_fastpath.pyx":207
  * 
  * 
  * def relay_responses(engine, up, Scanner scanner, Py_ssize_t n, mv, double now):             # <<<<<<<<<<<<<<
@@ -7606,67 +7814,67 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_engine,&__pyx_mstate_global->__pyx_n_u_up,&__pyx_mstate_global->__pyx_n_u_scanner,&__pyx_mstate_global->__pyx_n_u_n,&__pyx_mstate_global->__pyx_n_u_mv,&__pyx_mstate_global->__pyx_n_u_now,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 205, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 207, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 205, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 207, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 205, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 207, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 205, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 207, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 205, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 207, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 205, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 207, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 205, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 207, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "relay_responses", 0) < (0)) __PYX_ERR(0, 205, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "relay_responses", 0) < (0)) __PYX_ERR(0, 207, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("relay_responses", 1, 6, 6, i); __PYX_ERR(0, 205, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("relay_responses", 1, 6, 6, i); __PYX_ERR(0, 207, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 6)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 205, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 207, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 205, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 207, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 205, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 207, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 205, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 207, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 205, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 207, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 205, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 207, __pyx_L3_error)
     }
     __pyx_v_engine = values[0];
     __pyx_v_up = values[1];
     __pyx_v_scanner = ((struct __pyx_obj_9octoproxy_8protocol_10_fastframe_Scanner *)values[2]);
-    __pyx_v_n = __Pyx_PyIndex_AsSsize_t(values[3]); if (unlikely((__pyx_v_n == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 205, __pyx_L3_error)
+    __pyx_v_n = __Pyx_PyIndex_AsSsize_t(values[3]); if (unlikely((__pyx_v_n == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 207, __pyx_L3_error)
     __pyx_v_mv = values[4];
-    __pyx_v_now = __Pyx_PyFloat_AsDouble(values[5]); if (unlikely((__pyx_v_now == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 205, __pyx_L3_error)
+    __pyx_v_now = __Pyx_PyFloat_AsDouble(values[5]); if (unlikely((__pyx_v_now == (double)-1) && PyErr_Occurred())) __PYX_ERR(0, 207, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("relay_responses", 1, 6, 6, __pyx_nargs); __PYX_ERR(0, 205, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("relay_responses", 1, 6, 6, __pyx_nargs); __PYX_ERR(0, 207, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -7677,7 +7885,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_scanner), __pyx_mstate_global->__pyx_ptype_9octoproxy_8protocol_10_fastframe_Scanner, 1, "scanner", 0))) __PYX_ERR(0, 205, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_scanner), __pyx_mstate_global->__pyx_ptype_9octoproxy_8protocol_10_fastframe_Scanner, 1, "scanner", 0))) __PYX_ERR(0, 207, __pyx_L1_error)
   __pyx_r = __pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(__pyx_self, __pyx_v_engine, __pyx_v_up, __pyx_v_scanner, __pyx_v_n, __pyx_v_mv, __pyx_v_now);
 
   /* function exit code */
@@ -7747,30 +7955,30 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("relay_responses", 0);
 
-  /* "octoproxy/core/_fastpath.pyx":209
+  /* "octoproxy/core/_fastpath.pyx":211
  *     cdef Py_buffer view
  *     cdef Py_ssize_t i, off, size, o
  *     cdef dict pending = up.pending             # <<<<<<<<<<<<<<
  *     cdef Pending p
  *     cdef bytearray out
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_pending); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 209, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_pending); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 211, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (!(likely(PyDict_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_1))) __PYX_ERR(0, 209, __pyx_L1_error)
+  if (!(likely(PyDict_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_1))) __PYX_ERR(0, 211, __pyx_L1_error)
   __pyx_v_pending = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":215
+  /* "octoproxy/core/_fastpath.pyx":217
  *     cdef list dirty
  *     cdef uint32_t status
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)             # <<<<<<<<<<<<<<
  *     try:
  *         for i in range(n):
 */
-  __pyx_t_2 = PyObject_GetBuffer(__pyx_v_mv, (&__pyx_v_view), PyBUF_SIMPLE); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 215, __pyx_L1_error)
+  __pyx_t_2 = PyObject_GetBuffer(__pyx_v_mv, (&__pyx_v_view), PyBUF_SIMPLE); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 217, __pyx_L1_error)
 
 
-  /* "octoproxy/core/_fastpath.pyx":216
+  /* "octoproxy/core/_fastpath.pyx":218
  *     cdef uint32_t status
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
  *     try:             # <<<<<<<<<<<<<<
@@ -7779,7 +7987,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
   /*try:*/ {
 
-    /* "octoproxy/core/_fastpath.pyx":217
+    /* "octoproxy/core/_fastpath.pyx":219
  *     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
  *     try:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -7793,7 +8001,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
     for (__pyx_t_5 = 0; __pyx_t_5 < __pyx_t_4; __pyx_t_5+=1) {
       __pyx_v_i = __pyx_t_5;
 
-      /* "octoproxy/core/_fastpath.pyx":218
+      /* "octoproxy/core/_fastpath.pyx":220
  *     try:
  *         for i in range(n):
  *             if scanner.types[i] != 2 or (scanner.flags[i] & 1):             # <<<<<<<<<<<<<<
@@ -7819,7 +8027,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
       if (__pyx_t_6) {
 
 
-        /* "octoproxy/core/_fastpath.pyx":219
+        /* "octoproxy/core/_fastpath.pyx":221
  *         for i in range(n):
  *             if scanner.types[i] != 2 or (scanner.flags[i] & 1):
  *                 engine.slow_response(up, scanner, i, mv, now)             # <<<<<<<<<<<<<<
@@ -7828,9 +8036,9 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
         __pyx_t_8 = __pyx_v_engine;
         __Pyx_INCREF(__pyx_t_8);
-        __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 219, __pyx_L4_error)
+        __pyx_t_9 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 221, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_9);
-        __pyx_t_10 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 219, __pyx_L4_error)
+        __pyx_t_10 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 221, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_10);
         __pyx_t_11 = 0;
         {
@@ -7839,12 +8047,12 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
           __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
           __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 219, __pyx_L4_error)
+          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 221, __pyx_L4_error)
           __Pyx_GOTREF(__pyx_t_1);
         }
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":220
+        /* "octoproxy/core/_fastpath.pyx":222
  *             if scanner.types[i] != 2 or (scanner.flags[i] & 1):
  *                 engine.slow_response(up, scanner, i, mv, now)
  *                 continue             # <<<<<<<<<<<<<<
@@ -7853,7 +8061,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
         goto __pyx_L6_continue;
 
-        /* "octoproxy/core/_fastpath.pyx":218
+        /* "octoproxy/core/_fastpath.pyx":220
  *     try:
  *         for i in range(n):
  *             if scanner.types[i] != 2 or (scanner.flags[i] & 1):             # <<<<<<<<<<<<<<
@@ -7862,7 +8070,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
       }
 
-      /* "octoproxy/core/_fastpath.pyx":221
+      /* "octoproxy/core/_fastpath.pyx":223
  *                 engine.slow_response(up, scanner, i, mv, now)
  *                 continue
  *             obj = pending.pop(scanner.sids[i], None)             # <<<<<<<<<<<<<<
@@ -7871,17 +8079,17 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
       if (unlikely(__pyx_v_pending == Py_None)) {
         PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "pop");
-        __PYX_ERR(0, 221, __pyx_L4_error)
+        __PYX_ERR(0, 223, __pyx_L4_error)
       }
-      __pyx_t_1 = __Pyx_PyLong_From_uint64_t((__pyx_v_scanner->sids[__pyx_v_i])); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 221, __pyx_L4_error)
+      __pyx_t_1 = __Pyx_PyLong_From_uint64_t((__pyx_v_scanner->sids[__pyx_v_i])); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 223, __pyx_L4_error)
       __Pyx_GOTREF(__pyx_t_1);
-      __pyx_t_10 = __Pyx_PyDict_Pop(__pyx_v_pending, __pyx_t_1, Py_None); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 221, __pyx_L4_error)
+      __pyx_t_10 = __Pyx_PyDict_Pop(__pyx_v_pending, __pyx_t_1, Py_None); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 223, __pyx_L4_error)
       __Pyx_GOTREF(__pyx_t_10);
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_XDECREF_SET(__pyx_v_obj, __pyx_t_10);
       __pyx_t_10 = 0;
 
-      /* "octoproxy/core/_fastpath.pyx":222
+      /* "octoproxy/core/_fastpath.pyx":224
  *                 continue
  *             obj = pending.pop(scanner.sids[i], None)
  *             if obj is None:             # <<<<<<<<<<<<<<
@@ -7892,14 +8100,14 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
       if (__pyx_t_6) {
 
 
-        /* "octoproxy/core/_fastpath.pyx":223
+        /* "octoproxy/core/_fastpath.pyx":225
  *             obj = pending.pop(scanner.sids[i], None)
  *             if obj is None:
  *                 engine.stats.error("late_response")             # <<<<<<<<<<<<<<
  *                 continue
  *             p = <Pending>obj
 */
-        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_stats); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 223, __pyx_L4_error)
+        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_stats); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 225, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_9);
         __pyx_t_1 = __pyx_t_9;
         __Pyx_INCREF(__pyx_t_1);
@@ -7909,21 +8117,21 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
           __pyx_t_10 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_error, __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-          if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 223, __pyx_L4_error)
+          if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 225, __pyx_L4_error)
           __Pyx_GOTREF(__pyx_t_10);
         }
         __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":224
+        /* "octoproxy/core/_fastpath.pyx":226
  *             if obj is None:
  *                 engine.stats.error("late_response")
  *                 continue             # <<<<<<<<<<<<<<
  *             p = <Pending>obj
- *             engine.pending_count -= 1
+ *             if p.gov is not None:  # a governed call: the chain in reverse
 */
         goto __pyx_L6_continue;
 
-        /* "octoproxy/core/_fastpath.pyx":222
+        /* "octoproxy/core/_fastpath.pyx":224
  *                 continue
  *             obj = pending.pop(scanner.sids[i], None)
  *             if obj is None:             # <<<<<<<<<<<<<<
@@ -7932,73 +8140,127 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
       }
 
-      /* "octoproxy/core/_fastpath.pyx":225
+      /* "octoproxy/core/_fastpath.pyx":227
  *                 engine.stats.error("late_response")
  *                 continue
  *             p = <Pending>obj             # <<<<<<<<<<<<<<
- *             engine.pending_count -= 1
- *             down = p.down
+ *             if p.gov is not None:  # a governed call: the chain in reverse
+ *                 engine.governed_response(up, p, scanner, i, mv, now)
 */
       __pyx_t_10 = __pyx_v_obj;
       __Pyx_INCREF(__pyx_t_10);
       __Pyx_XDECREF_SET(__pyx_v_p, ((struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *)__pyx_t_10));
       __pyx_t_10 = 0;
 
-      /* "octoproxy/core/_fastpath.pyx":226
+      /* "octoproxy/core/_fastpath.pyx":228
  *                 continue
  *             p = <Pending>obj
+ *             if p.gov is not None:  # a governed call: the chain in reverse             # <<<<<<<<<<<<<<
+ *                 engine.governed_response(up, p, scanner, i, mv, now)
+ *                 continue
+*/
+      __pyx_t_6 = (__pyx_v_p->gov != Py_None);
+      if (__pyx_t_6) {
+
+
+        /* "octoproxy/core/_fastpath.pyx":229
+ *             p = <Pending>obj
+ *             if p.gov is not None:  # a governed call: the chain in reverse
+ *                 engine.governed_response(up, p, scanner, i, mv, now)             # <<<<<<<<<<<<<<
+ *                 continue
+ *             engine.pending_count -= 1
+*/
+        __pyx_t_9 = __pyx_v_engine;
+        __Pyx_INCREF(__pyx_t_9);
+        __pyx_t_1 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 229, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_1);
+        __pyx_t_8 = PyFloat_FromDouble(__pyx_v_now); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 229, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_8);
+        __pyx_t_11 = 0;
+        {
+          PyObject *__pyx_callargs[7] = {__pyx_t_9, __pyx_v_up, ((PyObject *)__pyx_v_p), ((PyObject *)__pyx_v_scanner), __pyx_t_1, __pyx_v_mv, __pyx_t_8};
+          __pyx_t_10 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_governed_response, __pyx_callargs+__pyx_t_11, (7-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
+          __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+          __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+          if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 229, __pyx_L4_error)
+          __Pyx_GOTREF(__pyx_t_10);
+        }
+        __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+
+        /* "octoproxy/core/_fastpath.pyx":230
+ *             if p.gov is not None:  # a governed call: the chain in reverse
+ *                 engine.governed_response(up, p, scanner, i, mv, now)
+ *                 continue             # <<<<<<<<<<<<<<
+ *             engine.pending_count -= 1
+ *             down = p.down
+*/
+        goto __pyx_L6_continue;
+
+        /* "octoproxy/core/_fastpath.pyx":228
+ *                 continue
+ *             p = <Pending>obj
+ *             if p.gov is not None:  # a governed call: the chain in reverse             # <<<<<<<<<<<<<<
+ *                 engine.governed_response(up, p, scanner, i, mv, now)
+ *                 continue
+*/
+      }
+
+      /* "octoproxy/core/_fastpath.pyx":231
+ *                 engine.governed_response(up, p, scanner, i, mv, now)
+ *                 continue
  *             engine.pending_count -= 1             # <<<<<<<<<<<<<<
  *             down = p.down
  *             down.inflight -= 1
 */
-      __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_pending_count); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 226, __pyx_L4_error)
+      __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_pending_count); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 231, __pyx_L4_error)
       __Pyx_GOTREF(__pyx_t_10);
-      __pyx_t_9 = __Pyx_PyLong_SubtractObjC(__pyx_t_10, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 226, __pyx_L4_error)
-      __Pyx_GOTREF(__pyx_t_9);
+      __pyx_t_8 = __Pyx_PyLong_SubtractObjC(__pyx_t_10, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 231, __pyx_L4_error)
+      __Pyx_GOTREF(__pyx_t_8);
       __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-      if (__Pyx_PyObject_SetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_pending_count, __pyx_t_9) < (0)) __PYX_ERR(0, 226, __pyx_L4_error)
-      __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+      if (__Pyx_PyObject_SetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_pending_count, __pyx_t_8) < (0)) __PYX_ERR(0, 231, __pyx_L4_error)
+      __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
 
-      /* "octoproxy/core/_fastpath.pyx":227
- *             p = <Pending>obj
+      /* "octoproxy/core/_fastpath.pyx":232
+ *                 continue
  *             engine.pending_count -= 1
  *             down = p.down             # <<<<<<<<<<<<<<
  *             down.inflight -= 1
  *             ep = up.endpoint
 */
-      __pyx_t_9 = __pyx_v_p->down;
-      __Pyx_INCREF(__pyx_t_9);
-      __Pyx_XDECREF_SET(__pyx_v_down, __pyx_t_9);
-      __pyx_t_9 = 0;
+      __pyx_t_8 = __pyx_v_p->down;
+      __Pyx_INCREF(__pyx_t_8);
+      __Pyx_XDECREF_SET(__pyx_v_down, __pyx_t_8);
+      __pyx_t_8 = 0;
 
-      /* "octoproxy/core/_fastpath.pyx":228
+      /* "octoproxy/core/_fastpath.pyx":233
  *             engine.pending_count -= 1
  *             down = p.down
  *             down.inflight -= 1             # <<<<<<<<<<<<<<
  *             ep = up.endpoint
  *             if ep is not None:
 */
-      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_inflight); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 228, __pyx_L4_error)
-      __Pyx_GOTREF(__pyx_t_9);
-      __pyx_t_10 = __Pyx_PyLong_SubtractObjC(__pyx_t_9, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 228, __pyx_L4_error)
+      __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_inflight); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 233, __pyx_L4_error)
+      __Pyx_GOTREF(__pyx_t_8);
+      __pyx_t_10 = __Pyx_PyLong_SubtractObjC(__pyx_t_8, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 233, __pyx_L4_error)
       __Pyx_GOTREF(__pyx_t_10);
-      __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-      if (__Pyx_PyObject_SetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_inflight, __pyx_t_10) < (0)) __PYX_ERR(0, 228, __pyx_L4_error)
+      __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+      if (__Pyx_PyObject_SetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_inflight, __pyx_t_10) < (0)) __PYX_ERR(0, 233, __pyx_L4_error)
       __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
 
-      /* "octoproxy/core/_fastpath.pyx":229
+      /* "octoproxy/core/_fastpath.pyx":234
  *             down = p.down
  *             down.inflight -= 1
  *             ep = up.endpoint             # <<<<<<<<<<<<<<
  *             if ep is not None:
  *                 ep.active -= 1
 */
-      __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_endpoint); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 229, __pyx_L4_error)
+      __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_up, __pyx_mstate_global->__pyx_n_u_endpoint); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 234, __pyx_L4_error)
       __Pyx_GOTREF(__pyx_t_10);
       __Pyx_XDECREF_SET(__pyx_v_ep, __pyx_t_10);
       __pyx_t_10 = 0;
 
-      /* "octoproxy/core/_fastpath.pyx":230
+      /* "octoproxy/core/_fastpath.pyx":235
  *             down.inflight -= 1
  *             ep = up.endpoint
  *             if ep is not None:             # <<<<<<<<<<<<<<
@@ -8009,22 +8271,22 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
       if (__pyx_t_6) {
 
 
-        /* "octoproxy/core/_fastpath.pyx":231
+        /* "octoproxy/core/_fastpath.pyx":236
  *             ep = up.endpoint
  *             if ep is not None:
  *                 ep.active -= 1             # <<<<<<<<<<<<<<
  *             rs = p.stats
  *             status = scanner.keys[i].status
 */
-        __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_ep, __pyx_mstate_global->__pyx_n_u_active); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 231, __pyx_L4_error)
+        __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_ep, __pyx_mstate_global->__pyx_n_u_active); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 236, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_10);
-        __pyx_t_9 = __Pyx_PyLong_SubtractObjC(__pyx_t_10, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 231, __pyx_L4_error)
-        __Pyx_GOTREF(__pyx_t_9);
+        __pyx_t_8 = __Pyx_PyLong_SubtractObjC(__pyx_t_10, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 236, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_8);
         __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-        if (__Pyx_PyObject_SetAttrStr(__pyx_v_ep, __pyx_mstate_global->__pyx_n_u_active, __pyx_t_9) < (0)) __PYX_ERR(0, 231, __pyx_L4_error)
-        __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+        if (__Pyx_PyObject_SetAttrStr(__pyx_v_ep, __pyx_mstate_global->__pyx_n_u_active, __pyx_t_8) < (0)) __PYX_ERR(0, 236, __pyx_L4_error)
+        __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":230
+        /* "octoproxy/core/_fastpath.pyx":235
  *             down.inflight -= 1
  *             ep = up.endpoint
  *             if ep is not None:             # <<<<<<<<<<<<<<
@@ -8033,19 +8295,19 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
       }
 
-      /* "octoproxy/core/_fastpath.pyx":232
+      /* "octoproxy/core/_fastpath.pyx":237
  *             if ep is not None:
  *                 ep.active -= 1
  *             rs = p.stats             # <<<<<<<<<<<<<<
  *             status = scanner.keys[i].status
  *             child = rs.by_status.get(status)
 */
-      __pyx_t_9 = __pyx_v_p->stats;
-      __Pyx_INCREF(__pyx_t_9);
-      __Pyx_XDECREF_SET(__pyx_v_rs, __pyx_t_9);
-      __pyx_t_9 = 0;
+      __pyx_t_8 = __pyx_v_p->stats;
+      __Pyx_INCREF(__pyx_t_8);
+      __Pyx_XDECREF_SET(__pyx_v_rs, __pyx_t_8);
+      __pyx_t_8 = 0;
 
-      /* "octoproxy/core/_fastpath.pyx":233
+      /* "octoproxy/core/_fastpath.pyx":238
  *                 ep.active -= 1
  *             rs = p.stats
  *             status = scanner.keys[i].status             # <<<<<<<<<<<<<<
@@ -8056,33 +8318,33 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 
       __pyx_v_status = __pyx_t_12;
 
-      /* "octoproxy/core/_fastpath.pyx":234
+      /* "octoproxy/core/_fastpath.pyx":239
  *             rs = p.stats
  *             status = scanner.keys[i].status
  *             child = rs.by_status.get(status)             # <<<<<<<<<<<<<<
  *             if child is None:
  *                 rs.count(status)
 */
-      __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_rs, __pyx_mstate_global->__pyx_n_u_by_status); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 234, __pyx_L4_error)
+      __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_rs, __pyx_mstate_global->__pyx_n_u_by_status); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 239, __pyx_L4_error)
       __Pyx_GOTREF(__pyx_t_1);
       __pyx_t_10 = __pyx_t_1;
       __Pyx_INCREF(__pyx_t_10);
-      __pyx_t_8 = __Pyx_PyLong_From_uint32_t(__pyx_v_status); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 234, __pyx_L4_error)
-      __Pyx_GOTREF(__pyx_t_8);
+      __pyx_t_9 = __Pyx_PyLong_From_uint32_t(__pyx_v_status); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 239, __pyx_L4_error)
+      __Pyx_GOTREF(__pyx_t_9);
       __pyx_t_11 = 0;
       {
-        PyObject *__pyx_callargs[2] = {__pyx_t_10, __pyx_t_8};
-        __pyx_t_9 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_get, __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+        PyObject *__pyx_callargs[2] = {__pyx_t_10, __pyx_t_9};
+        __pyx_t_8 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_get, __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
-        __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+        __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 234, __pyx_L4_error)
-        __Pyx_GOTREF(__pyx_t_9);
+        if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 239, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_8);
       }
-      __Pyx_XDECREF_SET(__pyx_v_child, __pyx_t_9);
-      __pyx_t_9 = 0;
+      __Pyx_XDECREF_SET(__pyx_v_child, __pyx_t_8);
+      __pyx_t_8 = 0;
 
-      /* "octoproxy/core/_fastpath.pyx":235
+      /* "octoproxy/core/_fastpath.pyx":240
  *             status = scanner.keys[i].status
  *             child = rs.by_status.get(status)
  *             if child is None:             # <<<<<<<<<<<<<<
@@ -8093,7 +8355,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
       if (__pyx_t_6) {
 
 
-        /* "octoproxy/core/_fastpath.pyx":236
+        /* "octoproxy/core/_fastpath.pyx":241
  *             child = rs.by_status.get(status)
  *             if child is None:
  *                 rs.count(status)             # <<<<<<<<<<<<<<
@@ -8102,30 +8364,30 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
         __pyx_t_1 = __pyx_v_rs;
         __Pyx_INCREF(__pyx_t_1);
-        __pyx_t_8 = __Pyx_PyLong_From_uint32_t(__pyx_v_status); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 236, __pyx_L4_error)
-        __Pyx_GOTREF(__pyx_t_8);
+        __pyx_t_9 = __Pyx_PyLong_From_uint32_t(__pyx_v_status); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 241, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_9);
         __pyx_t_11 = 0;
         {
-          PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_t_8};
-          __pyx_t_9 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_count, __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_t_9};
+          __pyx_t_8 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_count, __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-          __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 236, __pyx_L4_error)
-          __Pyx_GOTREF(__pyx_t_9);
+          __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+          if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 241, __pyx_L4_error)
+          __Pyx_GOTREF(__pyx_t_8);
         }
-        __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+        __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":235
+        /* "octoproxy/core/_fastpath.pyx":240
  *             status = scanner.keys[i].status
  *             child = rs.by_status.get(status)
  *             if child is None:             # <<<<<<<<<<<<<<
  *                 rs.count(status)
  *             else:
 */
-        goto __pyx_L13;
+        goto __pyx_L14;
       }
 
-      /* "octoproxy/core/_fastpath.pyx":238
+      /* "octoproxy/core/_fastpath.pyx":243
  *                 rs.count(status)
  *             else:
  *                 child.value += 1             # <<<<<<<<<<<<<<
@@ -8133,59 +8395,59 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
  *             if not down.closed:
 */
       /*else*/ {
-        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_child, __pyx_mstate_global->__pyx_n_u_value); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 238, __pyx_L4_error)
-        __Pyx_GOTREF(__pyx_t_9);
-        __pyx_t_8 = __Pyx_PyLong_AddObjC(__pyx_t_9, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 238, __pyx_L4_error)
+        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_child, __pyx_mstate_global->__pyx_n_u_value); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 243, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_8);
-        __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-        if (__Pyx_PyObject_SetAttrStr(__pyx_v_child, __pyx_mstate_global->__pyx_n_u_value, __pyx_t_8) < (0)) __PYX_ERR(0, 238, __pyx_L4_error)
+        __pyx_t_9 = __Pyx_PyLong_AddObjC(__pyx_t_8, __pyx_mstate_global->__pyx_int_1, 1, 1, 0); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 243, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_9);
         __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+        if (__Pyx_PyObject_SetAttrStr(__pyx_v_child, __pyx_mstate_global->__pyx_n_u_value, __pyx_t_9) < (0)) __PYX_ERR(0, 243, __pyx_L4_error)
+        __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
       }
-      __pyx_L13:;
+      __pyx_L14:;
 
-      /* "octoproxy/core/_fastpath.pyx":239
+      /* "octoproxy/core/_fastpath.pyx":244
  *             else:
  *                 child.value += 1
  *             rs.latency.observe(now - p.t0)             # <<<<<<<<<<<<<<
  *             if not down.closed:
  *                 off = scanner.offsets[i]
 */
-      __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_rs, __pyx_mstate_global->__pyx_n_u_latency); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 239, __pyx_L4_error)
+      __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_rs, __pyx_mstate_global->__pyx_n_u_latency); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 244, __pyx_L4_error)
       __Pyx_GOTREF(__pyx_t_1);
-      __pyx_t_9 = __pyx_t_1;
-      __Pyx_INCREF(__pyx_t_9);
-      __pyx_t_10 = PyFloat_FromDouble((__pyx_v_now - __pyx_v_p->t0)); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 239, __pyx_L4_error)
+      __pyx_t_8 = __pyx_t_1;
+      __Pyx_INCREF(__pyx_t_8);
+      __pyx_t_10 = PyFloat_FromDouble((__pyx_v_now - __pyx_v_p->t0)); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 244, __pyx_L4_error)
       __Pyx_GOTREF(__pyx_t_10);
       __pyx_t_11 = 0;
       {
-        PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_t_10};
-        __pyx_t_8 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_observe, __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-        __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
+        PyObject *__pyx_callargs[2] = {__pyx_t_8, __pyx_t_10};
+        __pyx_t_9 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_observe, __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+        __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
         __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-        if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 239, __pyx_L4_error)
-        __Pyx_GOTREF(__pyx_t_8);
+        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 244, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_9);
       }
-      __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+      __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
 
-      /* "octoproxy/core/_fastpath.pyx":240
+      /* "octoproxy/core/_fastpath.pyx":245
  *                 child.value += 1
  *             rs.latency.observe(now - p.t0)
  *             if not down.closed:             # <<<<<<<<<<<<<<
  *                 off = scanner.offsets[i]
  *                 size = scanner.sizes[i]
 */
-      __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_closed); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 240, __pyx_L4_error)
-      __Pyx_GOTREF(__pyx_t_8);
-      __pyx_t_6 = __Pyx_PyObject_IsTrue(__pyx_t_8); if (unlikely((__pyx_t_6 < 0))) __PYX_ERR(0, 240, __pyx_L4_error)
-      __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_closed); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 245, __pyx_L4_error)
+      __Pyx_GOTREF(__pyx_t_9);
+      __pyx_t_6 = __Pyx_PyObject_IsTrue(__pyx_t_9); if (unlikely((__pyx_t_6 < 0))) __PYX_ERR(0, 245, __pyx_L4_error)
+      __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
       __pyx_t_7 = (!__pyx_t_6);
 
 
       if (__pyx_t_7) {
 
 
-        /* "octoproxy/core/_fastpath.pyx":241
+        /* "octoproxy/core/_fastpath.pyx":246
  *             rs.latency.observe(now - p.t0)
  *             if not down.closed:
  *                 off = scanner.offsets[i]             # <<<<<<<<<<<<<<
@@ -8194,7 +8456,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
         __pyx_v_off = (__pyx_v_scanner->offsets[__pyx_v_i]);
 
-        /* "octoproxy/core/_fastpath.pyx":242
+        /* "octoproxy/core/_fastpath.pyx":247
  *             if not down.closed:
  *                 off = scanner.offsets[i]
  *                 size = scanner.sizes[i]             # <<<<<<<<<<<<<<
@@ -8203,30 +8465,30 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
         __pyx_v_size = (__pyx_v_scanner->sizes[__pyx_v_i]);
 
-        /* "octoproxy/core/_fastpath.pyx":243
+        /* "octoproxy/core/_fastpath.pyx":248
  *                 off = scanner.offsets[i]
  *                 size = scanner.sizes[i]
  *                 out = down.out             # <<<<<<<<<<<<<<
  *                 o = _grow(out, size)
  *                 dst = <uchar*>PyByteArray_AS_STRING(out) + o
 */
-        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_out); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 243, __pyx_L4_error)
-        __Pyx_GOTREF(__pyx_t_8);
-        if (!(likely(PyByteArray_CheckExact(__pyx_t_8))||((__pyx_t_8) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytearray", __pyx_t_8))) __PYX_ERR(0, 243, __pyx_L4_error)
-        __Pyx_XDECREF_SET(__pyx_v_out, ((PyObject*)__pyx_t_8));
-        __pyx_t_8 = 0;
+        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_out); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 248, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_9);
+        if (!(likely(PyByteArray_CheckExact(__pyx_t_9))||((__pyx_t_9) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytearray", __pyx_t_9))) __PYX_ERR(0, 248, __pyx_L4_error)
+        __Pyx_XDECREF_SET(__pyx_v_out, ((PyObject*)__pyx_t_9));
+        __pyx_t_9 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":244
+        /* "octoproxy/core/_fastpath.pyx":249
  *                 size = scanner.sizes[i]
  *                 out = down.out
  *                 o = _grow(out, size)             # <<<<<<<<<<<<<<
  *                 dst = <uchar*>PyByteArray_AS_STRING(out) + o
  *                 memcpy(dst, <const uchar*>view.buf + off, size)
 */
-        __pyx_t_13 = __pyx_f_9octoproxy_4core_9_fastpath__grow(__pyx_v_out, __pyx_v_size); if (unlikely(__pyx_t_13 == ((Py_ssize_t)-1L))) __PYX_ERR(0, 244, __pyx_L4_error)
+        __pyx_t_13 = __pyx_f_9octoproxy_4core_9_fastpath__grow(__pyx_v_out, __pyx_v_size); if (unlikely(__pyx_t_13 == ((Py_ssize_t)-1L))) __PYX_ERR(0, 249, __pyx_L4_error)
         __pyx_v_o = __pyx_t_13;
 
-        /* "octoproxy/core/_fastpath.pyx":245
+        /* "octoproxy/core/_fastpath.pyx":250
  *                 out = down.out
  *                 o = _grow(out, size)
  *                 dst = <uchar*>PyByteArray_AS_STRING(out) + o             # <<<<<<<<<<<<<<
@@ -8235,7 +8497,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
         __pyx_v_dst = (((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar *)PyByteArray_AS_STRING(__pyx_v_out)) + __pyx_v_o);
 
-        /* "octoproxy/core/_fastpath.pyx":246
+        /* "octoproxy/core/_fastpath.pyx":251
  *                 o = _grow(out, size)
  *                 dst = <uchar*>PyByteArray_AS_STRING(out) + o
  *                 memcpy(dst, <const uchar*>view.buf + off, size)             # <<<<<<<<<<<<<<
@@ -8244,7 +8506,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
         (void)(memcpy(__pyx_v_dst, (((__pyx_t_9octoproxy_8protocol_10_fastframe_uchar const *)__pyx_v_view.buf) + __pyx_v_off), __pyx_v_size));
 
-        /* "octoproxy/core/_fastpath.pyx":247
+        /* "octoproxy/core/_fastpath.pyx":252
  *                 dst = <uchar*>PyByteArray_AS_STRING(out) + o
  *                 memcpy(dst, <const uchar*>view.buf + off, size)
  *                 _put_be64(dst + 8, p.down_sid)             # <<<<<<<<<<<<<<
@@ -8253,20 +8515,20 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
         __pyx_f_9octoproxy_4core_9_fastpath__put_be64((__pyx_v_dst + 8), __pyx_v_p->down_sid);
 
-        /* "octoproxy/core/_fastpath.pyx":248
+        /* "octoproxy/core/_fastpath.pyx":253
  *                 memcpy(dst, <const uchar*>view.buf + off, size)
  *                 _put_be64(dst + 8, p.down_sid)
  *                 dirty = engine.dirty             # <<<<<<<<<<<<<<
  *                 if not dirty or dirty[len(dirty) - 1] is not down:
  *                     dirty.append(down)
 */
-        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_dirty); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 248, __pyx_L4_error)
-        __Pyx_GOTREF(__pyx_t_8);
-        if (!(likely(PyList_CheckExact(__pyx_t_8))||((__pyx_t_8) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_8))) __PYX_ERR(0, 248, __pyx_L4_error)
-        __Pyx_XDECREF_SET(__pyx_v_dirty, ((PyObject*)__pyx_t_8));
-        __pyx_t_8 = 0;
+        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_engine, __pyx_mstate_global->__pyx_n_u_dirty); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 253, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_9);
+        if (!(likely(PyList_CheckExact(__pyx_t_9))||((__pyx_t_9) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_9))) __PYX_ERR(0, 253, __pyx_L4_error)
+        __Pyx_XDECREF_SET(__pyx_v_dirty, ((PyObject*)__pyx_t_9));
+        __pyx_t_9 = 0;
 
-        /* "octoproxy/core/_fastpath.pyx":249
+        /* "octoproxy/core/_fastpath.pyx":254
  *                 _put_be64(dst + 8, p.down_sid)
  *                 dirty = engine.dirty
  *                 if not dirty or dirty[len(dirty) - 1] is not down:             # <<<<<<<<<<<<<<
@@ -8277,7 +8539,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
         else
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_v_dirty);
-          if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 249, __pyx_L4_error)
+          if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 254, __pyx_L4_error)
           __pyx_t_6 = (__pyx_temp != 0);
         }
 
@@ -8290,17 +8552,17 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 
           __pyx_t_7 = __pyx_t_14;
 
-          goto __pyx_L16_bool_binop_done;
+          goto __pyx_L17_bool_binop_done;
         }
         if (unlikely(__pyx_v_dirty == Py_None)) {
           PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-          __PYX_ERR(0, 249, __pyx_L4_error)
+          __PYX_ERR(0, 254, __pyx_L4_error)
         }
         if (unlikely(__pyx_v_dirty == Py_None)) {
           PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-          __PYX_ERR(0, 249, __pyx_L4_error)
+          __PYX_ERR(0, 254, __pyx_L4_error)
         }
-        __pyx_t_13 = __Pyx_PyList_GET_SIZE(__pyx_v_dirty); if (unlikely(__pyx_t_13 == ((Py_ssize_t)-1))) __PYX_ERR(0, 249, __pyx_L4_error)
+        __pyx_t_13 = __Pyx_PyList_GET_SIZE(__pyx_v_dirty); if (unlikely(__pyx_t_13 == ((Py_ssize_t)-1))) __PYX_ERR(0, 254, __pyx_L4_error)
         __pyx_t_15 = (__pyx_t_13 - 1);
 
 
@@ -8309,11 +8571,11 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 
         __pyx_t_7 = __pyx_t_14;
 
-        __pyx_L16_bool_binop_done:;
+        __pyx_L17_bool_binop_done:;
         if (__pyx_t_7) {
 
 
-          /* "octoproxy/core/_fastpath.pyx":250
+          /* "octoproxy/core/_fastpath.pyx":255
  *                 dirty = engine.dirty
  *                 if not dirty or dirty[len(dirty) - 1] is not down:
  *                     dirty.append(down)             # <<<<<<<<<<<<<<
@@ -8322,12 +8584,12 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
           if (unlikely(__pyx_v_dirty == Py_None)) {
             PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "append");
-            __PYX_ERR(0, 250, __pyx_L4_error)
+            __PYX_ERR(0, 255, __pyx_L4_error)
           }
-          __pyx_t_16 = __Pyx_PyList_Append(__pyx_v_dirty, __pyx_v_down); if (unlikely(__pyx_t_16 == ((int)-1))) __PYX_ERR(0, 250, __pyx_L4_error)
+          __pyx_t_16 = __Pyx_PyList_Append(__pyx_v_dirty, __pyx_v_down); if (unlikely(__pyx_t_16 == ((int)-1))) __PYX_ERR(0, 255, __pyx_L4_error)
 
 
-          /* "octoproxy/core/_fastpath.pyx":249
+          /* "octoproxy/core/_fastpath.pyx":254
  *                 _put_be64(dst + 8, p.down_sid)
  *                 dirty = engine.dirty
  *                 if not dirty or dirty[len(dirty) - 1] is not down:             # <<<<<<<<<<<<<<
@@ -8336,49 +8598,49 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
         }
 
-        /* "octoproxy/core/_fastpath.pyx":251
+        /* "octoproxy/core/_fastpath.pyx":256
  *                 if not dirty or dirty[len(dirty) - 1] is not down:
  *                     dirty.append(down)
  *                 if down.draining and down.inflight == 0 and down.on_idle is not None:             # <<<<<<<<<<<<<<
  *                     down.on_idle(down)
  *     finally:
 */
-        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_draining); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 251, __pyx_L4_error)
-        __Pyx_GOTREF(__pyx_t_8);
-        __pyx_t_14 = __Pyx_PyObject_IsTrue(__pyx_t_8); if (unlikely((__pyx_t_14 < 0))) __PYX_ERR(0, 251, __pyx_L4_error)
-        __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_draining); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 256, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_9);
+        __pyx_t_14 = __Pyx_PyObject_IsTrue(__pyx_t_9); if (unlikely((__pyx_t_14 < 0))) __PYX_ERR(0, 256, __pyx_L4_error)
+        __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         if (__pyx_t_14) {
 
         } else {
 
           __pyx_t_7 = __pyx_t_14;
 
-          goto __pyx_L19_bool_binop_done;
+          goto __pyx_L20_bool_binop_done;
         }
-        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_inflight); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 251, __pyx_L4_error)
-        __Pyx_GOTREF(__pyx_t_8);
-        __pyx_t_14 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_8, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_14 < 0))) __PYX_ERR(0, 251, __pyx_L4_error)
-        __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_inflight); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 256, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_9);
+        __pyx_t_14 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_9, __pyx_mstate_global->__pyx_int_0, 0, 0)); if (unlikely((__pyx_t_14 < 0))) __PYX_ERR(0, 256, __pyx_L4_error)
+        __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         if (__pyx_t_14) {
 
         } else {
 
           __pyx_t_7 = __pyx_t_14;
 
-          goto __pyx_L19_bool_binop_done;
+          goto __pyx_L20_bool_binop_done;
         }
-        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_on_idle); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 251, __pyx_L4_error)
-        __Pyx_GOTREF(__pyx_t_8);
-        __pyx_t_14 = (__pyx_t_8 != Py_None);
-        __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_down, __pyx_mstate_global->__pyx_n_u_on_idle); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 256, __pyx_L4_error)
+        __Pyx_GOTREF(__pyx_t_9);
+        __pyx_t_14 = (__pyx_t_9 != Py_None);
+        __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
 
         __pyx_t_7 = __pyx_t_14;
 
-        __pyx_L19_bool_binop_done:;
+        __pyx_L20_bool_binop_done:;
         if (__pyx_t_7) {
 
 
-          /* "octoproxy/core/_fastpath.pyx":252
+          /* "octoproxy/core/_fastpath.pyx":257
  *                     dirty.append(down)
  *                 if down.draining and down.inflight == 0 and down.on_idle is not None:
  *                     down.on_idle(down)             # <<<<<<<<<<<<<<
@@ -8390,14 +8652,14 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
           __pyx_t_11 = 0;
           {
             PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_v_down};
-            __pyx_t_8 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_idle, __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+            __pyx_t_9 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_idle, __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
             __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-            if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 252, __pyx_L4_error)
-            __Pyx_GOTREF(__pyx_t_8);
+            if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 257, __pyx_L4_error)
+            __Pyx_GOTREF(__pyx_t_9);
           }
-          __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+          __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
 
-          /* "octoproxy/core/_fastpath.pyx":251
+          /* "octoproxy/core/_fastpath.pyx":256
  *                 if not dirty or dirty[len(dirty) - 1] is not down:
  *                     dirty.append(down)
  *                 if down.draining and down.inflight == 0 and down.on_idle is not None:             # <<<<<<<<<<<<<<
@@ -8406,7 +8668,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 */
         }
 
-        /* "octoproxy/core/_fastpath.pyx":240
+        /* "octoproxy/core/_fastpath.pyx":245
  *                 child.value += 1
  *             rs.latency.observe(now - p.t0)
  *             if not down.closed:             # <<<<<<<<<<<<<<
@@ -8419,7 +8681,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
 
   }
 
-  /* "octoproxy/core/_fastpath.pyx":254
+  /* "octoproxy/core/_fastpath.pyx":259
  *                     down.on_idle(down)
  *     finally:
  *         PyBuffer_Release(&view)             # <<<<<<<<<<<<<<
@@ -8465,7 +8727,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
     __pyx_L5:;
   }
 
-  /* "octoproxy/core/_fastpath.pyx":205
+  /* "octoproxy/core/_fastpath.pyx":207
  * 
  * 
  * def relay_responses(engine, up, Scanner scanner, Py_ssize_t n, mv, double now):             # <<<<<<<<<<<<<<
@@ -8510,7 +8772,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_4relay_responses(CYTHON_UN
  *     int __Pyx_UpdateUnpickledDict(object, object, Py_ssize_t) except -1
  * def __pyx_unpickle_Pending(__pyx_type, long __pyx_checksum, tuple __pyx_state):             # <<<<<<<<<<<<<<
  *     cdef object __pyx_result
- *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x69e3e0d, 0x813e893, 0xda6fe46, b'deadline, down, down_sid, stats, t0, up')
+ *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x2a5299d, 0x6ff914b, 0x2654472, b'deadline, down, down_sid, gov, stats, t0, up')
 */
 
 /* Python wrapper */
@@ -8643,16 +8905,16 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_6__pyx_unpickle_Pending(CY
   /* "(tree fragment)":6
  * def __pyx_unpickle_Pending(__pyx_type, long __pyx_checksum, tuple __pyx_state):
  *     cdef object __pyx_result
- *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x69e3e0d, 0x813e893, 0xda6fe46, b'deadline, down, down_sid, stats, t0, up')             # <<<<<<<<<<<<<<
+ *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x2a5299d, 0x6ff914b, 0x2654472, b'deadline, down, down_sid, gov, stats, t0, up')             # <<<<<<<<<<<<<<
  *     __pyx_result = Pending.__new__(__pyx_type)
  *     if __pyx_state is not None:
 */
-  __pyx_t_1 = __Pyx_CheckUnpickleChecksum(__pyx_v___pyx_checksum, 0x69e3e0d, 0x813e893, 0xda6fe46, __pyx_k_deadline_down_down_sid_stats_t0); if (unlikely(__pyx_t_1 == ((int)-1))) __PYX_ERR(1, 6, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_CheckUnpickleChecksum(__pyx_v___pyx_checksum, 0x2a5299d, 0x6ff914b, 0x2654472, __pyx_k_deadline_down_down_sid_gov_stats); if (unlikely(__pyx_t_1 == ((int)-1))) __PYX_ERR(1, 6, __pyx_L1_error)
 
 
   /* "(tree fragment)":7
  *     cdef object __pyx_result
- *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x69e3e0d, 0x813e893, 0xda6fe46, b'deadline, down, down_sid, stats, t0, up')
+ *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x2a5299d, 0x6ff914b, 0x2654472, b'deadline, down, down_sid, gov, stats, t0, up')
  *     __pyx_result = Pending.__new__(__pyx_type)             # <<<<<<<<<<<<<<
  *     if __pyx_state is not None:
  *         __pyx_unpickle_Pending__set_state(<Pending> __pyx_result, __pyx_state)
@@ -8671,7 +8933,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_6__pyx_unpickle_Pending(CY
   __pyx_t_2 = 0;
 
   /* "(tree fragment)":8
- *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x69e3e0d, 0x813e893, 0xda6fe46, b'deadline, down, down_sid, stats, t0, up')
+ *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x2a5299d, 0x6ff914b, 0x2654472, b'deadline, down, down_sid, gov, stats, t0, up')
  *     __pyx_result = Pending.__new__(__pyx_type)
  *     if __pyx_state is not None:             # <<<<<<<<<<<<<<
  *         __pyx_unpickle_Pending__set_state(<Pending> __pyx_result, __pyx_state)
@@ -8697,7 +8959,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_6__pyx_unpickle_Pending(CY
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
     /* "(tree fragment)":8
- *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x69e3e0d, 0x813e893, 0xda6fe46, b'deadline, down, down_sid, stats, t0, up')
+ *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x2a5299d, 0x6ff914b, 0x2654472, b'deadline, down, down_sid, gov, stats, t0, up')
  *     __pyx_result = Pending.__new__(__pyx_type)
  *     if __pyx_state is not None:             # <<<<<<<<<<<<<<
  *         __pyx_unpickle_Pending__set_state(<Pending> __pyx_result, __pyx_state)
@@ -8710,7 +8972,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_6__pyx_unpickle_Pending(CY
  *         __pyx_unpickle_Pending__set_state(<Pending> __pyx_result, __pyx_state)
  *     return __pyx_result             # <<<<<<<<<<<<<<
  * cdef __pyx_unpickle_Pending__set_state(Pending __pyx_result, __pyx_state: tuple):
- *     __pyx_result.deadline = __pyx_state[0]; __pyx_result.down = __pyx_state[1]; __pyx_result.down_sid = __pyx_state[2]; __pyx_result.stats = __pyx_state[3]; __pyx_result.t0 = __pyx_state[4]; __pyx_result.up = __pyx_state[5]
+ *     __pyx_result.deadline = __pyx_state[0]; __pyx_result.down = __pyx_state[1]; __pyx_result.down_sid = __pyx_state[2]; __pyx_result.gov = __pyx_state[3]; __pyx_result.stats = __pyx_state[4]; __pyx_result.t0 = __pyx_state[5]; __pyx_result.up = __pyx_state[6]
 */
   {
     PyObject *__pyx_temp;
@@ -8728,7 +8990,7 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_6__pyx_unpickle_Pending(CY
  *     int __Pyx_UpdateUnpickledDict(object, object, Py_ssize_t) except -1
  * def __pyx_unpickle_Pending(__pyx_type, long __pyx_checksum, tuple __pyx_state):             # <<<<<<<<<<<<<<
  *     cdef object __pyx_result
- *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x69e3e0d, 0x813e893, 0xda6fe46, b'deadline, down, down_sid, stats, t0, up')
+ *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x2a5299d, 0x6ff914b, 0x2654472, b'deadline, down, down_sid, gov, stats, t0, up')
 */
 
   /* function exit code */
@@ -8748,8 +9010,8 @@ static PyObject *__pyx_pf_9octoproxy_4core_9_fastpath_6__pyx_unpickle_Pending(CY
  *         __pyx_unpickle_Pending__set_state(<Pending> __pyx_result, __pyx_state)
  *     return __pyx_result
  * cdef __pyx_unpickle_Pending__set_state(Pending __pyx_result, __pyx_state: tuple):             # <<<<<<<<<<<<<<
- *     __pyx_result.deadline = __pyx_state[0]; __pyx_result.down = __pyx_state[1]; __pyx_result.down_sid = __pyx_state[2]; __pyx_result.stats = __pyx_state[3]; __pyx_result.t0 = __pyx_state[4]; __pyx_result.up = __pyx_state[5]
- *     __Pyx_UpdateUnpickledDict(__pyx_result, __pyx_state, 6)
+ *     __pyx_result.deadline = __pyx_state[0]; __pyx_result.down = __pyx_state[1]; __pyx_result.down_sid = __pyx_state[2]; __pyx_result.gov = __pyx_state[3]; __pyx_result.stats = __pyx_state[4]; __pyx_result.t0 = __pyx_state[5]; __pyx_result.up = __pyx_state[6]
+ *     __Pyx_UpdateUnpickledDict(__pyx_result, __pyx_state, 7)
 */
 
 static PyObject *__pyx_f_9octoproxy_4core_9_fastpath___pyx_unpickle_Pending__set_state(struct __pyx_obj_9octoproxy_4core_9_fastpath_Pending *__pyx_v___pyx_result, PyObject *__pyx_v___pyx_state) {
@@ -8767,8 +9029,8 @@ static PyObject *__pyx_f_9octoproxy_4core_9_fastpath___pyx_unpickle_Pending__set
   /* "(tree fragment)":12
  *     return __pyx_result
  * cdef __pyx_unpickle_Pending__set_state(Pending __pyx_result, __pyx_state: tuple):
- *     __pyx_result.deadline = __pyx_state[0]; __pyx_result.down = __pyx_state[1]; __pyx_result.down_sid = __pyx_state[2]; __pyx_result.stats = __pyx_state[3]; __pyx_result.t0 = __pyx_state[4]; __pyx_result.up = __pyx_state[5]             # <<<<<<<<<<<<<<
- *     __Pyx_UpdateUnpickledDict(__pyx_result, __pyx_state, 6)
+ *     __pyx_result.deadline = __pyx_state[0]; __pyx_result.down = __pyx_state[1]; __pyx_result.down_sid = __pyx_state[2]; __pyx_result.gov = __pyx_state[3]; __pyx_result.stats = __pyx_state[4]; __pyx_result.t0 = __pyx_state[5]; __pyx_result.up = __pyx_state[6]             # <<<<<<<<<<<<<<
+ *     __Pyx_UpdateUnpickledDict(__pyx_result, __pyx_state, 7)
 */
   __pyx_t_1 = __Pyx_PyFloat_AsDouble(__Pyx_PyTuple_GET_ITEM(__pyx_v___pyx_state, 0)); if (unlikely((__pyx_t_1 == (double)-1) && PyErr_Occurred())) __PYX_ERR(1, 12, __pyx_L1_error)
   __pyx_v___pyx_result->deadline = __pyx_t_1;
@@ -8783,12 +9045,18 @@ static PyObject *__pyx_f_9octoproxy_4core_9_fastpath___pyx_unpickle_Pending__set
   __pyx_t_2 = __Pyx_PyTuple_GET_ITEM(__pyx_v___pyx_state, 3);
   __Pyx_INCREF(__pyx_t_2);
   __Pyx_GIVEREF(__pyx_t_2);
+  __Pyx_GOTREF(__pyx_v___pyx_result->gov);
+  __Pyx_DECREF_SET(__pyx_v___pyx_result->gov, __pyx_t_2);
+  __pyx_t_2 = 0;
+  __pyx_t_2 = __Pyx_PyTuple_GET_ITEM(__pyx_v___pyx_state, 4);
+  __Pyx_INCREF(__pyx_t_2);
+  __Pyx_GIVEREF(__pyx_t_2);
   __Pyx_GOTREF(__pyx_v___pyx_result->stats);
   __Pyx_DECREF_SET(__pyx_v___pyx_result->stats, __pyx_t_2);
   __pyx_t_2 = 0;
-  __pyx_t_1 = __Pyx_PyFloat_AsDouble(__Pyx_PyTuple_GET_ITEM(__pyx_v___pyx_state, 4)); if (unlikely((__pyx_t_1 == (double)-1) && PyErr_Occurred())) __PYX_ERR(1, 12, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyFloat_AsDouble(__Pyx_PyTuple_GET_ITEM(__pyx_v___pyx_state, 5)); if (unlikely((__pyx_t_1 == (double)-1) && PyErr_Occurred())) __PYX_ERR(1, 12, __pyx_L1_error)
   __pyx_v___pyx_result->t0 = __pyx_t_1;
-  __pyx_t_2 = __Pyx_PyTuple_GET_ITEM(__pyx_v___pyx_state, 5);
+  __pyx_t_2 = __Pyx_PyTuple_GET_ITEM(__pyx_v___pyx_state, 6);
   __Pyx_INCREF(__pyx_t_2);
   __Pyx_GIVEREF(__pyx_t_2);
   __Pyx_GOTREF(__pyx_v___pyx_result->up);
@@ -8797,18 +9065,18 @@ static PyObject *__pyx_f_9octoproxy_4core_9_fastpath___pyx_unpickle_Pending__set
 
   /* "(tree fragment)":13
  * cdef __pyx_unpickle_Pending__set_state(Pending __pyx_result, __pyx_state: tuple):
- *     __pyx_result.deadline = __pyx_state[0]; __pyx_result.down = __pyx_state[1]; __pyx_result.down_sid = __pyx_state[2]; __pyx_result.stats = __pyx_state[3]; __pyx_result.t0 = __pyx_state[4]; __pyx_result.up = __pyx_state[5]
- *     __Pyx_UpdateUnpickledDict(__pyx_result, __pyx_state, 6)             # <<<<<<<<<<<<<<
+ *     __pyx_result.deadline = __pyx_state[0]; __pyx_result.down = __pyx_state[1]; __pyx_result.down_sid = __pyx_state[2]; __pyx_result.gov = __pyx_state[3]; __pyx_result.stats = __pyx_state[4]; __pyx_result.t0 = __pyx_state[5]; __pyx_result.up = __pyx_state[6]
+ *     __Pyx_UpdateUnpickledDict(__pyx_result, __pyx_state, 7)             # <<<<<<<<<<<<<<
 */
-  __pyx_t_4 = __Pyx_UpdateUnpickledDict(((PyObject *)__pyx_v___pyx_result), __pyx_v___pyx_state, 6); if (unlikely(__pyx_t_4 == ((int)-1))) __PYX_ERR(1, 13, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_UpdateUnpickledDict(((PyObject *)__pyx_v___pyx_result), __pyx_v___pyx_state, 7); if (unlikely(__pyx_t_4 == ((int)-1))) __PYX_ERR(1, 13, __pyx_L1_error)
 
 
   /* "(tree fragment)":11
  *         __pyx_unpickle_Pending__set_state(<Pending> __pyx_result, __pyx_state)
  *     return __pyx_result
  * cdef __pyx_unpickle_Pending__set_state(Pending __pyx_result, __pyx_state: tuple):             # <<<<<<<<<<<<<<
- *     __pyx_result.deadline = __pyx_state[0]; __pyx_result.down = __pyx_state[1]; __pyx_result.down_sid = __pyx_state[2]; __pyx_result.stats = __pyx_state[3]; __pyx_result.t0 = __pyx_state[4]; __pyx_result.up = __pyx_state[5]
- *     __Pyx_UpdateUnpickledDict(__pyx_result, __pyx_state, 6)
+ *     __pyx_result.deadline = __pyx_state[0]; __pyx_result.down = __pyx_state[1]; __pyx_result.down_sid = __pyx_state[2]; __pyx_result.gov = __pyx_state[3]; __pyx_result.stats = __pyx_state[4]; __pyx_result.t0 = __pyx_state[5]; __pyx_result.up = __pyx_state[6]
+ *     __Pyx_UpdateUnpickledDict(__pyx_result, __pyx_state, 7)
 */
 
   /* function exit code */
@@ -8836,6 +9104,7 @@ static PyObject *__pyx_tp_new__initialisation_9octoproxy_4core_9_fastpath_Pendin
   p->down = Py_None; Py_INCREF(Py_None);
   p->up = Py_None; Py_INCREF(Py_None);
   p->stats = Py_None; Py_INCREF(Py_None);
+  p->gov = Py_None; Py_INCREF(Py_None);
   return o;
 }
 
@@ -8900,6 +9169,7 @@ static void __pyx_tp_dealloc_9octoproxy_4core_9_fastpath_Pending(PyObject *o) {
   Py_CLEAR(p->down);
   Py_CLEAR(p->up);
   Py_CLEAR(p->stats);
+  Py_CLEAR(p->gov);
   PyTypeObject *tp = Py_TYPE(o);
   #if CYTHON_USE_TYPE_SLOTS
   (*tp->tp_free)(o);
@@ -8930,6 +9200,9 @@ static int __pyx_tp_traverse_9octoproxy_4core_9_fastpath_Pending(PyObject *o, vi
   if (p->stats) {
     e = (*v)(p->stats, a); if (e) return e;
   }
+  if (p->gov) {
+    e = (*v)(p->gov, a); if (e) return e;
+  }
   return 0;
 }
 
@@ -8944,6 +9217,9 @@ static int __pyx_tp_clear_9octoproxy_4core_9_fastpath_Pending(PyObject *o) {
   Py_XDECREF(tmp);
   tmp = ((PyObject*)p->stats);
   p->stats = Py_None; Py_INCREF(Py_None);
+  Py_XDECREF(tmp);
+  tmp = ((PyObject*)p->gov);
+  p->gov = Py_None; Py_INCREF(Py_None);
   Py_XDECREF(tmp);
   return 0;
 }
@@ -9029,6 +9305,19 @@ static int __pyx_setprop_9octoproxy_4core_9_fastpath_7Pending_stats(PyObject *o,
   }
 }
 
+static PyObject *__pyx_getprop_9octoproxy_4core_9_fastpath_7Pending_gov(PyObject *o, CYTHON_UNUSED void *x) {
+  return __pyx_pw_9octoproxy_4core_9_fastpath_7Pending_3gov_1__get__(o);
+}
+
+static int __pyx_setprop_9octoproxy_4core_9_fastpath_7Pending_gov(PyObject *o, PyObject *v, CYTHON_UNUSED void *x) {
+  if (v) {
+    return __pyx_pw_9octoproxy_4core_9_fastpath_7Pending_3gov_3__set__(o, v);
+  }
+  else {
+    return __pyx_pw_9octoproxy_4core_9_fastpath_7Pending_3gov_5__del__(o);
+  }
+}
+
 static PyMethodDef __pyx_methods_9octoproxy_4core_9_fastpath_Pending[] = {
   {"__reduce_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_9octoproxy_4core_9_fastpath_7Pending_3__reduce_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_9octoproxy_4core_9_fastpath_7Pending_2__reduce_cython__},
   {"__setstate_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_9octoproxy_4core_9_fastpath_7Pending_5__setstate_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_9octoproxy_4core_9_fastpath_7Pending_4__setstate_cython__},
@@ -9042,12 +9331,13 @@ static struct PyGetSetDef __pyx_getsets_9octoproxy_4core_9_fastpath_Pending[] = 
   {"deadline", __pyx_getprop_9octoproxy_4core_9_fastpath_7Pending_deadline, __pyx_setprop_9octoproxy_4core_9_fastpath_7Pending_deadline, PyDoc_STR("deadline: \047double\047"), 0},
   {"t0", __pyx_getprop_9octoproxy_4core_9_fastpath_7Pending_t0, __pyx_setprop_9octoproxy_4core_9_fastpath_7Pending_t0, PyDoc_STR("t0: \047double\047"), 0},
   {"stats", __pyx_getprop_9octoproxy_4core_9_fastpath_7Pending_stats, __pyx_setprop_9octoproxy_4core_9_fastpath_7Pending_stats, PyDoc_STR("stats: object"), 0},
+  {"gov", __pyx_getprop_9octoproxy_4core_9_fastpath_7Pending_gov, __pyx_setprop_9octoproxy_4core_9_fastpath_7Pending_gov, PyDoc_STR("gov: object"), 0},
   {0, 0, 0, 0, 0}
 };
 #if CYTHON_USE_TYPE_SPECS
 static PyType_Slot __pyx_type_9octoproxy_4core_9_fastpath_Pending_slots[] = {
   {Py_tp_dealloc, (void *)__pyx_tp_dealloc_9octoproxy_4core_9_fastpath_Pending},
-  {Py_tp_doc, (void *)PyDoc_STR("Pending(down, down_sid, up, deadline, t0, stats)\n\nA request forwarded upstream and not answered yet.")},
+  {Py_tp_doc, (void *)PyDoc_STR("Pending(down, down_sid, up, deadline, t0, stats, gov=None)\n\nA request forwarded upstream and not answered yet.")},
   {Py_tp_traverse, (void *)__pyx_tp_traverse_9octoproxy_4core_9_fastpath_Pending},
   {Py_tp_clear, (void *)__pyx_tp_clear_9octoproxy_4core_9_fastpath_Pending},
   {Py_tp_methods, (void *)__pyx_methods_9octoproxy_4core_9_fastpath_Pending},
@@ -9091,7 +9381,7 @@ static PyTypeObject __pyx_type_9octoproxy_4core_9_fastpath_Pending = {
   0, /*tp_setattro*/
   0, /*tp_as_buffer*/
   Py_TPFLAGS_DEFAULT|Py_TPFLAGS_HAVE_VERSION_TAG|Py_TPFLAGS_BASETYPE|Py_TPFLAGS_HAVE_GC, /*tp_flags*/
-  PyDoc_STR("Pending(down, down_sid, up, deadline, t0, stats)\n\nA request forwarded upstream and not answered yet."), /*tp_doc*/
+  PyDoc_STR("Pending(down, down_sid, up, deadline, t0, stats, gov=None)\n\nA request forwarded upstream and not answered yet."), /*tp_doc*/
   __pyx_tp_traverse_9octoproxy_4core_9_fastpath_Pending, /*tp_traverse*/
   __pyx_tp_clear_9octoproxy_4core_9_fastpath_Pending, /*tp_clear*/
   0, /*tp_richcompare*/
@@ -9644,7 +9934,7 @@ __Pyx_RefNannySetupContext("PyInit__fastpath", 0);
 
   /* "(tree fragment)":17
  *     else:
- *         return __pyx_unpickle_Pending, (type(self), 0x69e3e0d, state)
+ *         return __pyx_unpickle_Pending, (type(self), 0x2a5299d, state)
  * def __setstate_cython__(self, __pyx_state):             # <<<<<<<<<<<<<<
  *     __pyx_unpickle_Pending__set_state(self, __pyx_state)
 */
@@ -9656,49 +9946,49 @@ __Pyx_RefNannySetupContext("PyInit__fastpath", 0);
   if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_9octoproxy_4core_9_fastpath_Pending, __pyx_mstate_global->__pyx_n_u_setstate_cython, __pyx_t_3) < (0)) __PYX_ERR(1, 17, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":139
+  /* "octoproxy/core/_fastpath.pyx":141
  * 
  * 
  * def forward(engine, down, up, Scanner scanner, Py_ssize_t i, mv, double now, double route_timeout, double max_timeout, bint oneway):             # <<<<<<<<<<<<<<
  *     """Append request frame ``i`` to ``up`` (new stream id, caller stamp) and track it."""
  *     cdef Py_buffer view
 */
-  __pyx_t_3 = __Pyx_CyFunction_New(&__pyx_mdef_9octoproxy_4core_9_fastpath_1forward, 0, __pyx_mstate_global->__pyx_n_u_forward, NULL, __pyx_mstate_global->__pyx_n_u_octoproxy_core__fastpath, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 139, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_CyFunction_New(&__pyx_mdef_9octoproxy_4core_9_fastpath_1forward, 0, __pyx_mstate_global->__pyx_n_u_forward, NULL, __pyx_mstate_global->__pyx_n_u_octoproxy_core__fastpath, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 141, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_3);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_forward, __pyx_t_3) < (0)) __PYX_ERR(0, 139, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_forward, __pyx_t_3) < (0)) __PYX_ERR(0, 141, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":149
+  /* "octoproxy/core/_fastpath.pyx":151
  * 
  * 
  * def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):             # <<<<<<<<<<<<<<
  *     """Forward the ``n`` scanned frames that came from a downstream link."""
  *     cdef Py_buffer view
 */
-  __pyx_t_3 = __Pyx_CyFunction_New(&__pyx_mdef_9octoproxy_4core_9_fastpath_3relay_requests, 0, __pyx_mstate_global->__pyx_n_u_relay_requests, NULL, __pyx_mstate_global->__pyx_n_u_octoproxy_core__fastpath, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 149, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_CyFunction_New(&__pyx_mdef_9octoproxy_4core_9_fastpath_3relay_requests, 0, __pyx_mstate_global->__pyx_n_u_relay_requests, NULL, __pyx_mstate_global->__pyx_n_u_octoproxy_core__fastpath, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 151, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_3);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_relay_requests, __pyx_t_3) < (0)) __PYX_ERR(0, 149, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_relay_requests, __pyx_t_3) < (0)) __PYX_ERR(0, 151, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
-  /* "octoproxy/core/_fastpath.pyx":205
+  /* "octoproxy/core/_fastpath.pyx":207
  * 
  * 
  * def relay_responses(engine, up, Scanner scanner, Py_ssize_t n, mv, double now):             # <<<<<<<<<<<<<<
  *     """Relay the ``n`` scanned frames that came from an upstream link."""
  *     cdef Py_buffer view
 */
-  __pyx_t_3 = __Pyx_CyFunction_New(&__pyx_mdef_9octoproxy_4core_9_fastpath_5relay_responses, 0, __pyx_mstate_global->__pyx_n_u_relay_responses, NULL, __pyx_mstate_global->__pyx_n_u_octoproxy_core__fastpath, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 205, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_CyFunction_New(&__pyx_mdef_9octoproxy_4core_9_fastpath_5relay_responses, 0, __pyx_mstate_global->__pyx_n_u_relay_responses, NULL, __pyx_mstate_global->__pyx_n_u_octoproxy_core__fastpath, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 207, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_3);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_relay_responses, __pyx_t_3) < (0)) __PYX_ERR(0, 205, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_relay_responses, __pyx_t_3) < (0)) __PYX_ERR(0, 207, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
   /* "(tree fragment)":4
@@ -9706,7 +9996,7 @@ __Pyx_RefNannySetupContext("PyInit__fastpath", 0);
  *     int __Pyx_UpdateUnpickledDict(object, object, Py_ssize_t) except -1
  * def __pyx_unpickle_Pending(__pyx_type, long __pyx_checksum, tuple __pyx_state):             # <<<<<<<<<<<<<<
  *     cdef object __pyx_result
- *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x69e3e0d, 0x813e893, 0xda6fe46, b'deadline, down, down_sid, stats, t0, up')
+ *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x2a5299d, 0x6ff914b, 0x2654472, b'deadline, down, down_sid, gov, stats, t0, up')
 */
   __pyx_t_3 = __Pyx_CyFunction_New(&__pyx_mdef_9octoproxy_4core_9_fastpath_7__pyx_unpickle_Pending, 0, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_Pending, NULL, __pyx_mstate_global->__pyx_n_u_octoproxy_core__fastpath, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_3)) __PYX_ERR(1, 4, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
@@ -9792,38 +10082,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{15},{1},{179},{8},{7},{6},{2},{9},{32},{14},{7},{25},{27},{20},{12},{17},{8},{8},{12},{8},{10},{8},{7},{14},{12},{11},{10},{22},{14},{12},{10},{17},{13},{12},{12},{19},{8},{5},{13},{15},{19},{15},{6},{18},{3},{9},{5},{18},{6},{7},{5},{6},{8},{15},{5},{4},{8},{10},{8},{3},{8},{6},{2},{5},{7},{3},{8},{5},{4},{14},{1},{7},{15},{19},{3},{8},{5},{13},{7},{8},{14},{11},{8},{11},{2},{1},{8},{3},{1},{3},{7},{24},{3},{7},{6},{3},{8},{1},{7},{13},{4},{3},{6},{14},{15},{13},{14},{8},{18},{13},{14},{2},{8},{7},{4},{10},{4},{12},{13},{5},{9},{5},{5},{6},{2},{10},{11},{2},{6},{12},{5},{6},{4}};
-    const struct { const unsigned int length: 9; } bytes_length_index[] = {{11},{55},{60},{446},{145},{491}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{15},{1},{179},{8},{7},{6},{2},{9},{32},{14},{7},{25},{27},{20},{12},{17},{8},{8},{12},{8},{10},{8},{7},{14},{12},{11},{10},{22},{14},{12},{10},{17},{13},{12},{12},{19},{8},{5},{13},{13},{15},{19},{15},{6},{18},{3},{9},{5},{18},{6},{7},{5},{6},{8},{15},{5},{4},{8},{10},{8},{3},{8},{6},{2},{5},{7},{3},{3},{17},{8},{5},{4},{14},{1},{7},{19},{3},{8},{5},{13},{7},{8},{14},{11},{8},{11},{2},{1},{8},{3},{1},{3},{7},{24},{3},{7},{6},{3},{8},{1},{7},{13},{4},{3},{6},{14},{15},{13},{14},{8},{18},{13},{14},{2},{8},{7},{4},{10},{4},{12},{13},{5},{9},{5},{5},{6},{2},{10},{11},{2},{6},{12},{5},{6},{4}};
+    const struct { const unsigned int length: 9; } bytes_length_index[] = {{11},{55},{60},{480},{167},{491}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1603 bytes) */
-static const char cstring[] = "x\332mTMs\323F\030\256\213\023LI\023;8\344\203i*\223\204\360Q\002\206\024\350t\246\035\003\201a\n!_|OG\263\226V\226\022Y\222\265+;\246\235N\2169\356q\217:\352\250\243\216>\346\250\243\216\371\t\374\204\276+\331\206\020<\221v\367\325\373\361\274\317\373l\256R\027cIsQ\243\211-z\355\317u\233b\211\352\210J\217\272T\267-\311 \222\212M\243\216]D\261\331\225\010u\r\205bW8Y\322\306\332\306\315\325\007\253\022\262T\311\305\273X\241D\"^]1\021!\230H\266&\325=\303\244\206%\321\256\203\311\212\364L\223\272\266\047Y\030\253\022\265%\007\374\276\014\240:\266$\202\251\330H\313\310\262l\212\250a[2\204\033VcYR\r\027\212\030m,\242\237 \223\340\025\244\2522\370a\325 \250nbl\211wC1H\266S\211\253\334\262\025j;\256\275\337\275\245\330.\276%k\210P\007Q}\305\351\356?{\261\361|\355\305\332\372Nm\347\331\313\365\rl\251P\251\277\254\310\262\213UO\301\262\222\322!\313\237?\000L\002\350>\177\202\217\335}x\036\003A\362:\336\247[X\223\345~\023X|O\333\224\033\230\032\0247\205A\025\256\360\323<K\021kc\220\023~Md\244I\233\266\352\231\251\305B\315l\305\035\261\000vY\321\261\262G\274fvr1\361L\232\355\373y\304Vp\237\355<\3131\224=\310\326o#\263\266\251 J\244ly\310\034T\3517.\237\242`h\300\373\342\000<\014\221\221/\360\177\203\037\212\t\035tm\020\031fa{ \016,\213\025\034M\217\200\264H\377\330D\000\335hb8\014L\203#J5\200H\327R\014{e\230\207\324=\255\336M[\367\210\242\033\246\252\230\"=\020I]\244\340:R\366\024\323&X\355\227Rl\317\242\031>\025#U8\253XC\202\304~)\020\034\355\252v\307\022\217L\014Uu\305\\`(8\335\001\211*d\262T\3076,X\033\220\002;\330umW\263\335\016rU\230\251\216\221\343xD\027kK7\032\272x\344\016\220\3436\221\273g\030V\035\200\250\375e\300\303\340\370\005\017\006\364ki&D\247\022\"\246\340\027\246\356\330\026\301\342`)]\323\020xD\346}\031.6\014\206\030\037\26189\331\320\305v`\352\347m\266-\013\004+\372\263\354\216m\327w\355:\301n\033\017/\216 \031\257\014/\216\255i0RC5\261\rjDp\247)\374\245x\235~\231\376\"\247\034\013\3319\220)\375\037\341\002\324.\300ny\240\00728eM\220\2769\035\"9\251\213\354d""\250\247\345qB\035\047\245\002a\2404\004\027\205(p\027!\r65\320f\177\316\202\010b\332\235!\234l\337\007CQ\323I_\262\211\255T\315)\254L`\364\266\250\341\312{\270K\262]G\307\330\364\034\317Q\301\323#xx\007\332\310\364\262\027i\033\270s\220K\362K\376\246\257\005\265\203\334q\376g\336\212\245\333\341\371\350\367\336^\274\271\225\344/\260\373\374\252_\361\253I\376\354\301\277p\250$\205kA)\270\036\256\367*I\376\374a\365 \367i\364\273\221i\206\030\345U\376\304\007\353HR(\262\034\233\341\0279\365\177\013\036\005\377E;\275\213=\357\350e\374A\217u\343\2700\303s\274\304+\020[\370nd\226\177\317+\237\306N\047\031;\\cS`k%c\023\207\035\246\361\032\337\366\317\370w\374\235`:\034\rQH\242\313Q-)^d\226_\003\343l\270\020\356D\245\244XJ\306&\3312/\363M\336\360_\005\225`5HsPv\227!\341\257\211\032\320\224\360,\262s\\\004\304\223\213~-\031\273\300\252\254&\254?\362\315d\254\304&YU\204\022\310\007\231\047\331\215\314\\b\225dl\212\275\341k~\311\277,\002\313\354!\333\365\363\200dS\004\264\3316\317\211\200+\242\327\343\342\024{\317\001\304\370\241\316t\216\200\230;@;\312P\255B\213\200\252\301\337\246\266\3424\353p-M\004V\0258/\226\331\032\020\266\304S?=\236\277\033V\303\265h2\252\2123b\036_\017\026\003\034\336\t_E\340=\013\276\213\274\016\\U\001Yq\206\217r\310z\001\352\264\201\301\021(\242\300\014\227\303\311\360n\330\2106\223\362,\237\366s~)\363\371\350\227\201\3149\370V\217\362\321\343\336\271\243\351x\003\234fxA8\235\234\336\017\227\204$J\254\314>@\357O\201\351\177\242\305H\357\251GKG4\336\336\021R8\313Z\200\300\014*BD\355\3037\320\013\214&)L\002\207\205i\326:\206\027\345\367\374\351`$\330\016\363\341\323\350~o\251G\216\026\217\324x\353]\374\356\275\210k%\205\211x\342j\220\017j\301\233\360\257\250\323C\307\047--\000\004*\252\304\022\260#\204U8\240\207\017`\344\032\177\036\234\005\005|)\250Iv\223\267\374Q\337\010H\270\030\242\244p.\311\217\037\252\354:\177\004$\203\260\357\261R\222/\262\021\366\267\277\000\2045\202\327!\\\002\230k<\265\344o\371\3403\305^\363\352p\231\005\265\2031\235w\222""\277\370\225\224\307\017-\376\330\317}\005a\231\317\200z*\247\345=\007\265\312\227\200\222\022\024\027\305\312s\374\227th\213A=\034\t\267\2433\321\235h\273\227\353\225{[p\261\036\036\355\306o\337\307\357?\034\203\034\2320\365\047\3015\230\237*\304\000\332\026z\332\rrAIT\002\t\315\361+\200\245(A\377\240\213y\241\265\2444\307\027`(\360m%\365\204\257\343\001\002\326\212\363\361\374\3550\027\202\206\347x\212u\237\021\220\"\361\257\004\023p\005+\3117k\226\3304\037\341\233\331\335Y`\257\370B\374S5,\2057\242\255\250\r\240[\337\016+\263\032{\313_\373\253~7<\023\376\001\375\275>\3725\336\220c\331\214\315\346P{\377\003g\371\032\336";
-    PyObject *data = __Pyx_DecompressString(cstring, 1603, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1654 bytes) */
+static const char cstring[] = "x\332mT\315s\323F\024\307\305\006\247\244\304\016N\234\204)\225I |\224\200CJ\351t\246\035C\002\303\024B\276\370\036\252YK+[\211,\311\332\225\035\323N\047\307\034\367\270G\035u\324QG\037s\324Q\307\374\t\374\t}+\331\206\000\031\333\273\373\366\355{\277\367{\277\227k\324\301X\322\034\324ha\223^\377s\335\242X\242MD\245\207=\332\264LI\047\222\212\r\275\216\035D\261\321\223\010ut\205bG8\231\322\306\332\306\255\225\373+\0222U\311\301\273X\241D\"n]1\020!\230H\226&\325]\335\240\272)\321\236\215\311\222\364D\223z\226+\231\030\253\022\265$\033\374>\177@\233\330\224\010\246b#-\"\323\264(\242\272e\312\360\\7\033\213\222\252;\220D\357`\361\372\0212\010^B\252*\203\037Vu\202\352\006\306\246\370m(:Iw*q\224\333\226B-\333\261\366{\267\025\313\301\267e\r\021j#\332\\\262{\373O\236m<]{\266\266\276S\333y\362|}\003\233*d\032,K\262\354`\325U\260\254$t\310\362\247\013\200I\000\335\247+\270\354\355\303w\025\010\222\327\361>\335\302\232,\017\212\300\342>)Sn`\252S\334\022\006U\270\302\237\346\232\212X\033\303\230\360\327Bz\022\264e\251\256\221XL\324JW\334\025\013`\227\225&V\366\210\333JO\016&\256A\323\375 \216\330\n\356\323\235k\332\272\262\007\321\006e\244\326\016\025D\211\220m\027\031\303,\203\302\345\257(\030\031\360\2768\000\017#d\3443\374\337\340\207bB\207U\353f\335rM5i\205\254\023\031\032c\271\240\024,\213\025^\031.\001\235\221\301\261\205\240\016\275\205\34104\r\217(\021\004\"=S\321\255\245Q\034Rw\265z/\341\301%JS7T\305\020\341\201U\352 \005\327\221\262\247\030\026\301\352 \225\002xh\nV\305H\025\316*\326\220`t\220\n\324G{\252\3255\305W&\272\252:\242I\320!\234\354\200Q\025\"\231\252m\351&\254\r\010\201m\3548\226\243YN\0279*4\270au\340\203\035\210.\032f[&\301M\214l\333%M\261\266\233z\243)\276r\027\330sZ\310\331\323\007d\r9\373\214\014\035\21265\003\334\023Q\021C0>\014+\016\246\3223t\001J\204\332\227a\324\241UD\377\200\305\311Ne \266C\323 n\253c\232 aQ\244iu-\253\276k\325\tv:x4J\202i\2744\032%K\323\240\311\272j`\013\364\211`\312)|\022\274\366 \315`\221\023\242\205\020m\210\224\374\327p\000j""\017`\267]P\010\031\236\322\"\310\300\234t\222\234\024Gz\322\325\2575rB\"\047\365\002\317@n\010F\207(0\235\020\006\033\032\250u\320lA\0041\254\356\010N\272\037\200\241\250e\047?\262\201\315D\337\t\254Te\364\216\310\341\310{\270G\322]\267\211\261\341\332\256\255\202\247K\360h*:\310p\323\037\322\321q\367 \023g\257x\233\236\346\327\0162\307\331\237x;\222\356\004\347\302\337\373{\321\346V\234\275\300~\345\327\274\212W\215\263g\017\376\205C%\316_\367\213\376\215`\275_\211\263\347\016\253\007\231\217gN\345\312\0141\312\253\374\221\007\326\\\234/\260\014\233\341\323\234z\277\371\017\375\377\302\235\376t\337=z\036\275kFM\3758?\3033\274\310+\3606\177*7\313\277\343\225\217\343_\007\031?\\cS`k\307\343\023\207]\246\361\032\337\366N{\313\336\216_\016\316\004( \341\345\260\026\027\246\231\351\325\3008\033\314\007;a1.\024\343\361I\266\310K|\2237\274\027~\305_\361\223\030\224\335eH\370k\"\007\024%<\013l\214\027\305m\233\345\330+.\342E\323\327\374\214_\362\267\203\261\360B\270\332\317\244!\243\311\005\257\026\217_`UV\023\357~\340\233\361x\221M\262\252xN #\344\236d7Ss\221U\342\361)\210\270\346\025\275\313\342a\211=`\273^\026\260n\212\007\035\266\3153\342\301U\301\306qa\212\275\345\000\363\374a\22359\002\352\226\2411(\305\275\002$\000\356\006\177\235\330\ne\326\345Z\022\010\254*t\245Pbk@\351\025\236\3705\243Kw\203j\260\026N\206UqF\314\345\353\376\202\217\203\345\340E\010\336\263\340\273\300\353\300f\025\220\025f\370\031\016Q/@\236\016p\234\203$\nty1\230\014\356\006\215p3.\315\362\262\227\361\212\251\317\007\257\004t\317\301]=\314\002?cG\345h\003\234fx^8\235\354\357\367\027\205h\212\254\304\336A\355\217\241\027\377\204\013\241\326_=\312G\033;\321\316\233\350\315\373\350\375\337B3gY\033\200\030~E\250\255s\370\nJ\202\036\306\371I\2402_f\355c\370\241\374\236W\366s\320\233,\324W\356\347\372\333G\331\243\307\321\366\333\350\255\034\311\365\250\256E\332n\264\333\216\332\216\010\323\216\363\023\321\3045?\353\327\374W\301_a\267\217\216OZ\332\000\023\324W\211$\340L\0102\177@\017\357\203T4\376""\324?\013\312\371\\\210\223\354\026o{g<\335\047\301B\200\342\374X\234=\177\250\262\033\374!P\017\003q\217\025\343l\001\244\364\336\233\007\032\033\376\313\000\206\007\272\035M]\361\266<\360\231b/yu\264\314\302\224\2001QA\234\235\376b\004\316\037\232|\325\313|\001a\221\317\200\246*_\217\305\034\344*]\004\206\212\220\\$+\315\361\237\223V.\370\365 \027l\207\247\303\345p\273\237\351\227\372[0\220\017\216v\243\327@\334\273c\020I\013\264\360\310\277\016]U\205D@\361Be\2730\t\351x\304\2059~\025\260\024$\250\037\324rI(0.\316\361y\350\021\334-%\236p{\336G\300Z\341Rt\351N\220\t@\331s<\301\272\317\010\010\224xW\375\t\030\335J\374\315\234EV\3469\276\231N\324<{\301\347\243\037\253A1\270\031n\205\035\000\335\376\366\263\022\253\261\327\374\245\267\342\365\202\323\301\037P\337\313\243_\242\rP\204\021\031\255\221\"\377\007r\2779\344";
+    PyObject *data = __Pyx_DecompressString(cstring, 1654, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2075 bytes) */
-static const char cstring[] = "\377(tree fr\377agment)?\377Note tha\377t Cython\377 is deli\377berately\377 stricte\375r!\001n PEP-\377484 and \377rejects \377subclass\377es of bu\377iltin ty\377pes. If \377you need\237 to p%\000%\tt\177hen set\200\000\377e \047annot\277ation_<\000i\177ng\047 dirb\000\373iv\242\000o Fal\177se.add_%\000\377edisable{en\002\001gcis\004\003\377dsrc/oct\377oproxy/c\377ore/_fas\377tpath.py\377xIMPLEME\377NTATIONP\347endg\000\000\004.__\377reduce_c&\212\"__\017\007\244\000s\233\000\021\007~\032\000yx_PyD\236 \377_NextRef\373__\276\004e____\376\223\"_getite\345m\r\001d\047\001\027\000fun\341c\035\001\030\000N\003+\000mai}n1\001modul:\0027nam\002\003ewJ\001\271\000\377_checksu\374J\000\n\001result\203__\026\001A\004!\001\370!\017\003u\037npickK\000\340\004%\003\363vt\265!\235\001quald^\005\362\004_\362\016\213&ex\321\001\302\254@_\222\005\213&\353\000\2150teus\233\000_\361\002is_\211@;ou\232`e_r\005\000\341 \327lus\330`s\010\004ma?x_time!\000\013\005\356\007\005act\201`asy\337ncio.?\006sb\337ufby_\223Aus\377childcli\367ne_\306 trac\377ebackclo\363se\025\000f\002coun\275t\325Cdead)\001d\307efa\301!s\004\356`ty\357down\000\001_si\247ddr\224A\222@e\005\002i\367ngd\262\000ndpo\277intengm\000e\377perrorfo\337rward\354@he\277appush\004\001q\357high\000\001_wa\377termarki\027inb\206\000d\000\004\244`\203\"t\007\005\375\010i\355\000nfl?\000\336\276bslat\272 es\337ponse\t\001nc\347yli\214\001V\001x_f\275r\257asize\311!p\360\326\204\003\324!\013\005\331$mvnn\367ext\334\001nowo\377objobser\263ve\260\205\006\341!e.\260\205\006o\377ffon_idl\177eoneway\305@$\310@\301\002p`\004g\004_\337\"\363a\327pop\236\207\003r\250\000y_/requ\215`s\006\005\277\003\311s\020\004\300Bs\212k\240cid\340\250c\223i\272c\246d\000\nsrs\375r\347`achesc\365a\343\000r\246 fset<\341D\230!slow\206\006\006\003\276\206\004tamps\001\001_\247len\351\206\002\357\206\001s\333ct\3750\232\204\001r_keys\376\004\003wheelup\377updateus\373e_\234\207\005value\376\000\002sview\200\001\377\330\004%\240Q\240f\250\377A\200\001""\340\004\037\230q\377\320 0\260\013\270;\300\377k\320QR\330\004\023\220\3777\230(\240!\2401\330\357\004\007\200|\n\000!\330\010\377)\250\021\250*\260N\300\377!\330\004\013\2101\200\001\377\360\006\000\005\027\220a\220\277t\2301\230F\240\023\000\005\377\330\010\020\220\001\220\030\230\377\026\230t\2409\250C\250\377~\270T\300\026\300u\310\377O\320[h\320hi\340\377\010\030\230\001\230\021\230!\3769\000\010\000\005\031\230\002\230\367!\360\0143\017\014\210E\220\375\025V\000q\330\014\017\210w\377\220f\230A\230S\240\003\377\2402\240T\250\027\260\006\377\260a\260s\270\"\270A\177\330\020\026\220n\240A\022\000\377\031\260#\260T\270\021\330\377\020\021\330\014\022\220\047\230\377\024\230Q\230g\240U\250\357!\2504\250?\002t\2203\213\220a,\001f\245\001\322\000&\001\020\367\220\t\230-\001\320\022$\240\177A\330\014\023\2201\220\004\000\377\020\220\r\230Q\330\014\021/\220\022\2201{\001sM\000W\000\367\022\220+\021\003\021\220!\330\377\014\025\220W\230E\240\021\373\240\"5\001\024\220B\220j\363\240\004\207\0005\000\017\210v\220\377S\230\001\330\020\022\220&~\350\001\340\020\025\220Z\230\306\000\177\016\210h\220h\230a\226 \3652\364 a\326\001t\2204\220\335q\302\001g\230X\017\002\020\027\317\220w\230fD\002\331\000d\230\277!\330\020\024\220E\256 %\375\230#\002h\320\0363\2601\277\260E\270\022\2701\372\001a\377\220u\230N\250$\250e_\2602\260U\270+\000\031\332 \327$\230b\251 1\320\000\020\030W\230\006\230\364\000\023e\000v\277 \365\005\355@c\301@\047\260\022\260\3773\260g\270Q\330\024\031\237\230\027\240\001\240\267  \001z\353\240\024\337 \032\031\000b\270\004\377\270D\300\t\310\027\320P\316\"\000\030\230\010!\001\260K\n\033~\234\000\010\021\220\024\220[\371\000\375G\347 {\270$\270h\300\377d\310%\310t\320STn\207a\007\220q\177\000l\250\256`\237\007\200v\210W\311\000\230@\330\373\010\022\301 \010\027\220q\340\376\002\000t\2306\240\027\250\005\377\250S\260\004\260G\2707\377\300%\300s\310$\310d\277\320RY\320YZ\371aq\377\330\010\017\320\017(\250\004\377\250A\250W\260K\270ww\300a\340\004\013q\200""\001\302a\327!\320 \233 \360\326`\010\200\367t\2108\360@f\230L\250\365\007\377@\010\306h\022\220-\230\377q\240\006\240i\250s\260\377$\260a\330\010\t\330\004\177\016\210d\220*\230C\244@\377\004\013\2106\220\021\330\004\377\020\220\005\220]\240#\240\377Q\240g\250V\2601\330\375\004\325@\320\025%\240R\240\377q\330\004\025\220V\2301>\000\004\330\004\031\230\0265\001\353B\367\330\004\026\201\205\014\016\210n\230\357D\240\001\330u\013\047\230\030j\273`!\315\204\017\032i\000\024\033\220 \371\021z\000i\001\024\032\230,\240\376\261A$\250b\260\005\260S\377\270\003\2702\270S\300\001\377\300\024\300R\300u\310B\377\310j\320XZ\320Z[\377\340\020\026\220m\2401\240\327F\250)\331@d\211a\021\330}\014\314aj\250\001\250\021\305\205\001n\350`\032\230&\211\000\020 \375\000\357a\330\020\036\350a\330\021\032\377\230#\230Q\330\020\032\230\371.%\002\033\000\016\250a\250q\376\035\000\320\0360\260\001\260\021\371\340\031\000\247\002x\220s\230%\377\230s\240&\250\017\260s|\354a`\021\021\220\027\230\005\277\205\001\377\017\210s\220#\220U\230\377#\320\0351\260\021\260+\217\270R\270v\262\000\355\204\002\231\017\024\377\220A\220X\230V\2404\277\240y\260\003\260>\335\000V\377\3105\320P_\320_l\007\320lm\261\207\006";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2075, 2606);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2138 bytes) */
+static const char cstring[] = "\377(tree fr\377agment)?\377Note tha\377t Cython\377 is deli\377berately\377 stricte\375r!\001n PEP-\377484 and \377rejects \377subclass\377es of bu\377iltin ty\377pes. If \377you need\237 to p%\000%\tt\177hen set\200\000\377e \047annot\277ation_<\000i\177ng\047 dirb\000\373iv\242\000o Fal\177se.add_%\000\377edisable{en\002\001gcis\004\003\377dsrc/oct\377oproxy/c\377ore/_fas\377tpath.py\377xIMPLEME\377NTATIONP\347endg\000\000\004.__\377reduce_c&\212\"__\017\007\244\000s\233\000\021\007~\032\000yx_PyD\236 \377_NextRef\373__\276\004e____\376\223\"_getite\345m\r\001d\047\001\027\000fun\341c\035\001\030\000N\003+\000mai}n1\001modul:\0027nam\002\003ewJ\001\271\000\377_checksu\374J\000\n\001result\203__\026\001A\004!\001\370!\017\003u\037npickK\000\340\004%\003\363vt\265!\235\001quald^\005\362\004_\362\016\213&ex\321\001\302\254@_\222\005\213&\353\000\2150te\365s\233\000_\361\002inbo\367und\206B_is_v\226@ou\247`e_r\005\000\256\356 lus\345`s\010\004m\177ax_time!\000\334\013\005\007\005act\216`as\277yncio.?\006s\277bufby_\240Au\377schildcl\357ine_\323 tra\377cebackcl\247ose\025\000f\002c\215\000t\336\342Cdead)\001de\343fa\316!s\004\373`tyd\367own\000\001_sid\323dr\241A\237@e\005\002in\373gd\262\000ndpoi\337ntengm\000ep\377errorfor\357ward\371@gov\276\000\000erned\332`s\377ponsehea\337ppush\004\001qh\367igh\000\001_wat\177ermarki\246$t\254%\202(i\362\000nfl0\000>\320bslateN\006\t\001\237ncyli\221\001G\001x\367_fr\301asize\302\316!p\350\204\003\331!\013\005\336$mv\337nnext\341\001no\377woobjobs\317erve\302\205\006\346!e.\376\302\205\006offon_i\377dleonewa\221y\312@\315@\337Bp`\004g\004_\334\344\"\205\204\001pop\260\207\003re\377lay_requ\222\237`s\006\005\226#s\020\004\305Bs\014\217k\245cid\255c\230i\277c\253d\336\000\nsrsr\354`ac\337hesca\343\000rs?elfset\346D\230!\217slow\206\006\006\003\206\004t\357amps\001\001_lein\373\206\002\201\207\001s\340ct0\237\204\001\277r_keys\004\003w\377heelupup\377dateuse_\276\256\207\005value\000\002s\377view\200\001\330\004\377%\240Q\240f\250A""\200\377\001\340\004\037\230q\320 \3770\260\013\270;\300k\320\377QR\330\004\023\2207\230\377(\240!\2401\330\004\007\373\200|\n\000!\330\010)\250\377\021\250*\260N\300!\330\377\004\013\2101\200\001\360\006\377\000\005\027\220a\220t\230\3571\230F\240\023\000\005\330\010\377\020\220\001\220\030\230\026\230\377t\2409\250C\250~\270\377T\300\026\300u\310O\320\377[h\320hi\340\010\030\277\230\001\230\021\230!9\000\010\377\000\005\031\230\002\230!\360}\0143\017\014\210E\220\025V\000\377q\330\014\017\210w\220f\377\230A\230S\240\003\2402\377\240T\250\027\260\006\260a\377\260s\270\"\270A\330\020\337\026\220n\240A\022\000\031\260\377#\260T\270\021\330\020\021\377\330\014\022\220\047\230\024\230\377Q\230g\240U\250!\250\3734\250?\002t\2203\220a\342,\001f\245\001\322\000&\001\020\220\t\375\230.\000\017\210q\220\005\220\373W\230L\001\320\026(\250\001\377\250\024\250S\260\t\270\023\357\270D\300\001M\003\320\022$\377\240A\330\014\023\2201\220\376\004\000\020\220\r\230Q\330\014_\021\220\022\2201\235\001so\000\356y\000\022\220+\021\003\021\220!\367\330\014\025O\000E\240\021\240\375\"5\001\024\220B\220j\240\371\004\251\0005\000\017\210v\220S\335\230W\000\022\220&\212!\340\020\357\025\220Z\230\350\000\016\210h\257\220h\230a\270 2\226@a\276\370\001t\2204\220q\344\001g\373\230X\017\002\020\027\220w\230\371fD\002\373\000d\230!\330\020\267\024\220E\320 %\230#\002h\377\320\0363\2601\260E\270\367\022\2701\234!a\220u\230\377N\250$\250e\2602\260\353U\270+\000\031\374 $\230b\372\313 1\320\000\020\030\230\006\230\252\226 \023e\000v\341 \005\217`c\376\343@\047\260\022\2603\260g\377\270Q\330\024\031\230\027\240s\001\240\331  \001z\240\024\201@\335\032\031\000b\270\004\235 \t\310w\027\320P\"\000\030\230\010!\001\366\322K\n\033\234\000\010\021\220\024\353\220[\371\000G\211@{\270$\377\270f\300D\310\010\320P\377T\320TY\320Y]\320\273]^\260a\007\220q\206\000l}\250\327`\007\200v\210W\320\000\356\301@\330\010\022\310 \010\027\220\373q\340\002\000t\2306\240\027\353\250\005\231@\004\335\000\027\300\005\377""\300S\310\004\310G\320S\377Z\320Z_\320_b\320\377bf\320fj\320jq\367\320qr\261\204\001q\330\010\017\377\320\017(\250\004\250A\250\377W\260K\270w\300a\340\356\004\013q\200\001\372a!\320 \376\261 \360\010\000\005\010\200t\373\2108\250`f\230L\250\007\372\267`\010\376h\022\220-\230q\377\240\006\240i\250s\260$\377\260a\330\010\t\330\004\016\277\210d\220*\230C\272@\004\377\013\2106\220\021\330\004\020\376\310`]\240#\240Q\240g\277\250V\2601\330\004\353@\320\377\025%\240R\240q\330\004\337\025\220V\2301\000\004\330\004\347\031\230\0265\001\201b\330\004\026\376\271\205\014\016\210n\230D\240\001]\330u\013\047\230\030\321`!\205\205\017-\032i\000\024\033\237 \021z\000i\001\337\024\032\230,\240\307A$\250\377b\260\005\260S\270\003\270\3772\270S\300\001\300\024\300\377R\300u\310B\310j\320\375X\266 [\340\020\026\220m\277\2401\240F\250)\357@d\356\237a\021\330\014\342aj\250\001}\250\231\205\003\330\020\032\230&\211\000{\020 \375\000a\330\020\036\376a\177\330\021\032\230#\230Q\030\001\371.%\002\033\000\016\250a\250q\376\035\000\320\0360\260\001\260\021\371\3405\000\247\002x\220s\230%\377\230s\240&\250\017\260s|\202\204\001`\021\021\220\027\230\005\325\205\001\377\017\210s\220#\220U\230\377#\320\0351\260\021\260+\217\270R\270v\262\000\203\205\002\231\017\024\377\220A\220X\230V\2404\277\240y\260\003\260>\335\000V\357\3105\320P\217`l\320l\001m\351\207\006";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2138, 2680);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (2606 bytes) */
-static const char bytes[] = "(tree fragment)?Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notedisableenablegcisenabledsrc/octoproxy/core/_fastpath.pyxIMPLEMENTATIONPendingPending.__reduce_cython__Pending.__setstate_cython____Pyx_PyDict_NextRef__annotate____class_getitem____dict____func____getstate____main____module____name____new____pyx_checksum__pyx_result__pyx_state__pyx_type__pyx_unpickle_Pending__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___dict_is_coroutine_route_clusters_route_max_timeouts_route_timeoutsactiveasyncio.coroutinesbufby_statuschildcline_in_tracebackclosedclustercountcythondeadlinedefault_timeoutdirtydowndown_siddrain_modedrainingdstendpointengineeperrorforwardgetheappushheapqhighhigh_watermarkiinboundinbound_clusterinbound_max_timeoutincinflightitemslate_responselatencylistenermax_frame_sizemax_pendingmax_sizemax_timeoutmvnnext_sidnowoobjobserveoctoproxy.core._fastpathoffon_idleonewayoutoutboundppendingpending_countpickpoprejectrelay_requestsrelay_responsesrequest_statsroute_clustersroute_idroute_max_timeoutsroute_timeoutroute_timeoutsrsrs_cachescannerselfsetdefaultsizeslow_requestslow_responsestampstamp_lenstatestatsstatust0timer_keystimer_wheelupupdateuse_setstatevaluevaluesview\200\001\330\004%\240Q\240f\250A\200\001\340\004\037\230q\320 0\260\013\270;\300k\320QR\330\004\023\2207\230(\240!\2401\330\004\007\200|\2207\230!\330\010)\250\021\250*\260N\300!\330\004\013\2101\200\001\360\006\000\005\027\220a\220t\2301\230F\240!\330\004\005\330\010\020\220\001\220\030\230\026\230t\2409\250C\250~\270T\300\026\300u\310O\320[h\320hi\340\010\030\230\001\230\021\230!\200\001\360\010\000\005\031\230\002\230!\360\014\000\005\027\220a\220t\2301\230F\240!\330\004\005\330\010\014\210E\220\025\220a\220q\330\014\017\210w\220f\230A\230S\240\003\2402\240T\250\027\260\006\260a\260s""\270\"\270A\330\020\026\220n\240A\240T\250\031\260#\260T\270\021\330\020\021\330\014\022\220\047\230\024\230Q\230g\240U\250!\2504\250q\330\014\017\210t\2203\220a\330\020\026\220f\230F\240!\2401\330\020\021\330\014\020\220\t\230\021\330\014\022\320\022$\240A\330\014\023\2201\220A\330\014\020\220\r\230Q\330\014\021\220\022\2201\330\014\017\210s\220\047\230\021\330\020\022\220+\230Q\330\014\021\220\021\220!\330\014\025\220W\230E\240\021\240\"\240A\330\014\024\220B\220j\240\004\240A\240Q\330\014\017\210v\220S\230\001\330\020\022\220&\230\001\230\021\340\020\025\220Z\230q\330\014\016\210h\220h\230a\230t\2402\240Q\240a\330\014\017\210t\2204\220q\330\020\026\220g\230X\240Q\240a\330\020\027\220w\230f\240A\240Q\330\020\026\220d\230!\330\020\024\220E\230\021\230%\230q\330\020\026\220h\320\0363\2601\260E\270\022\2701\330\020\026\220a\220u\230N\250$\250e\2602\260U\270!\330\020\031\230\021\230$\230b\240\003\2401\240A\330\020\030\230\006\230a\330\020\023\2204\220v\230S\240\005\240Q\240c\250\021\250\047\260\022\2603\260g\270Q\330\024\031\230\027\240\001\240\021\330\020\023\2204\220z\240\024\240T\250\032\2603\260b\270\004\270D\300\t\310\027\320PQ\330\024\030\230\010\240\001\240\021\340\010\030\230\001\230\021\230!\200\001\360\010\000\n\033\230!\330\010\021\220\024\220[\240\004\240G\2504\250{\270$\270h\300d\310%\310t\320ST\330\010\020\220\007\220q\230\006\230l\250!\330\004\007\200v\210W\220E\230\024\230Q\330\010\022\220!\330\010\027\220q\340\010\027\220t\2306\240\027\250\005\250S\260\004\260G\2707\300%\300s\310$\310d\320RY\320YZ\330\004\007\200q\330\010\017\320\017(\250\004\250A\250W\260K\270w\300a\340\010\017\320\017(\250\004\250A\250W\260K\270q\200\001\360\014\000\005!\320 3\2601\360\010\000\005\010\200t\2108\2203\220f\230L\250\007\250q\330\010\014\210E\220\025\220a\220q\330\014\022\220-\230q\240\006\240i\250s\260$\260a\330\010\t\330\004\016\210d\220*\230C\230q\330\004\013\2106\220\021\330\004\020\220\005\220]\240#\240Q\240g\250V\2601\330\004\017\210v\320\025%\240R\240q\330\004""\025\220V\2301\330\004\025\220V\2301\330\004\031\230\026\230q\330\004\022\220&\230\001\330\004\026\220a\220t\2301\230F\240!\330\004\005\330\010\016\210n\230D\240\001\330\010\014\210E\220\025\220a\220q\330\014\022\220\047\230\030\240\021\240!\330\014\017\210w\220f\230A\230S\240\003\2402\240T\250\032\2601\330\024\033\2306\240\021\240#\240R\240q\330\024\032\230,\240c\250\021\250$\250b\260\005\260S\270\003\2702\270S\300\001\300\024\300R\300u\310B\310j\320XZ\320Z[\340\020\026\220m\2401\240F\250)\2603\260d\270!\330\020\021\330\014\027\220w\230j\250\001\250\021\330\014\017\210q\330\020\032\230&\240\001\330\020 \240\006\240a\330\020\036\230f\240A\330\021\032\230#\230Q\330\020\032\230.\250\001\250\021\330\020 \240\016\250a\250q\330\020\036\320\0360\260\001\260\021\340\020\032\230!\330\014\017\210x\220s\230%\230s\240&\250\017\260s\270!\330\020\026\220m\2401\240F\250)\2603\260d\270!\330\020\021\330\014\021\220\027\230\005\230Q\330\014\017\210s\220#\220U\230#\320\0351\260\021\260+\270R\270v\300R\300q\330\020\026\220m\2401\240F\250)\2603\260d\270!\330\020\021\330\014\024\220A\220X\230V\2404\240y\260\003\260>\300\024\300V\3105\320P_\320_l\320lm\340\010\030\230\001\230\021\230!";
+    #else /* compression: none (2680 bytes) */
+static const char bytes[] = "(tree fragment)?Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notedisableenablegcisenabledsrc/octoproxy/core/_fastpath.pyxIMPLEMENTATIONPendingPending.__reduce_cython__Pending.__setstate_cython____Pyx_PyDict_NextRef__annotate____class_getitem____dict____func____getstate____main____module____name____new____pyx_checksum__pyx_result__pyx_state__pyx_type__pyx_unpickle_Pending__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___dict_inbound_fast_is_coroutine_route_clusters_route_max_timeouts_route_timeoutsactiveasyncio.coroutinesbufby_statuschildcline_in_tracebackclosedclustercountcythondeadlinedefault_timeoutdirtydowndown_siddrain_modedrainingdstendpointengineeperrorforwardgetgovgoverned_responseheappushheapqhighhigh_watermarkiinboundinbound_max_timeoutincinflightitemslate_responselatencylistenermax_frame_sizemax_pendingmax_sizemax_timeoutmvnnext_sidnowoobjobserveoctoproxy.core._fastpathoffon_idleonewayoutoutboundppendingpending_countpickpoprejectrelay_requestsrelay_responsesrequest_statsroute_clustersroute_idroute_max_timeoutsroute_timeoutroute_timeoutsrsrs_cachescannerselfsetdefaultsizeslow_requestslow_responsestampstamp_lenstatestatsstatust0timer_keystimer_wheelupupdateuse_setstatevaluevaluesview\200\001\330\004%\240Q\240f\250A\200\001\340\004\037\230q\320 0\260\013\270;\300k\320QR\330\004\023\2207\230(\240!\2401\330\004\007\200|\2207\230!\330\010)\250\021\250*\260N\300!\330\004\013\2101\200\001\360\006\000\005\027\220a\220t\2301\230F\240!\330\004\005\330\010\020\220\001\220\030\230\026\230t\2409\250C\250~\270T\300\026\300u\310O\320[h\320hi\340\010\030\230\001\230\021\230!\200\001\360\010\000\005\031\230\002\230!\360\014\000\005\027\220a\220t\2301\230F\240!\330\004\005\330\010\014\210E\220\025\220a\220q\330\014\017\210w\220f\230A\230S\240\003\2402\240T\250\027""\260\006\260a\260s\270\"\270A\330\020\026\220n\240A\240T\250\031\260#\260T\270\021\330\020\021\330\014\022\220\047\230\024\230Q\230g\240U\250!\2504\250q\330\014\017\210t\2203\220a\330\020\026\220f\230F\240!\2401\330\020\021\330\014\020\220\t\230\021\330\014\017\210q\220\005\220W\230A\330\020\026\320\026(\250\001\250\024\250S\260\t\270\023\270D\300\001\330\020\021\330\014\022\320\022$\240A\330\014\023\2201\220A\330\014\020\220\r\230Q\330\014\021\220\022\2201\330\014\017\210s\220\047\230\021\330\020\022\220+\230Q\330\014\021\220\021\220!\330\014\025\220W\230E\240\021\240\"\240A\330\014\024\220B\220j\240\004\240A\240Q\330\014\017\210v\220S\230\001\330\020\022\220&\230\001\230\021\340\020\025\220Z\230q\330\014\016\210h\220h\230a\230t\2402\240Q\240a\330\014\017\210t\2204\220q\330\020\026\220g\230X\240Q\240a\330\020\027\220w\230f\240A\240Q\330\020\026\220d\230!\330\020\024\220E\230\021\230%\230q\330\020\026\220h\320\0363\2601\260E\270\022\2701\330\020\026\220a\220u\230N\250$\250e\2602\260U\270!\330\020\031\230\021\230$\230b\240\003\2401\240A\330\020\030\230\006\230a\330\020\023\2204\220v\230S\240\005\240Q\240c\250\021\250\047\260\022\2603\260g\270Q\330\024\031\230\027\240\001\240\021\330\020\023\2204\220z\240\024\240T\250\032\2603\260b\270\004\270D\300\t\310\027\320PQ\330\024\030\230\010\240\001\240\021\340\010\030\230\001\230\021\230!\200\001\360\010\000\n\033\230!\330\010\021\220\024\220[\240\004\240G\2504\250{\270$\270f\300D\310\010\320PT\320TY\320Y]\320]^\330\010\020\220\007\220q\230\006\230l\250!\330\004\007\200v\210W\220E\230\024\230Q\330\010\022\220!\330\010\027\220q\340\010\027\220t\2306\240\027\250\005\250S\260\004\260E\270\027\300\005\300S\310\004\310G\320SZ\320Z_\320_b\320bf\320fj\320jq\320qr\330\004\007\200q\330\010\017\320\017(\250\004\250A\250W\260K\270w\300a\340\010\017\320\017(\250\004\250A\250W\260K\270q\200\001\360\014\000\005!\320 3\2601\360\010\000\005\010\200t\2108\2203\220f\230L\250\007\250q\330\010\014\210E\220\025\220a\220q\330\014\022\220-\230q""\240\006\240i\250s\260$\260a\330\010\t\330\004\016\210d\220*\230C\230q\330\004\013\2106\220\021\330\004\020\220\005\220]\240#\240Q\240g\250V\2601\330\004\017\210v\320\025%\240R\240q\330\004\025\220V\2301\330\004\025\220V\2301\330\004\031\230\026\230q\330\004\022\220&\230\001\330\004\026\220a\220t\2301\230F\240!\330\004\005\330\010\016\210n\230D\240\001\330\010\014\210E\220\025\220a\220q\330\014\022\220\047\230\030\240\021\240!\330\014\017\210w\220f\230A\230S\240\003\2402\240T\250\032\2601\330\024\033\2306\240\021\240#\240R\240q\330\024\032\230,\240c\250\021\250$\250b\260\005\260S\270\003\2702\270S\300\001\300\024\300R\300u\310B\310j\320XZ\320Z[\340\020\026\220m\2401\240F\250)\2603\260d\270!\330\020\021\330\014\027\220w\230j\250\001\250\021\330\014\017\210q\330\020\032\230&\240\001\330\020 \240\006\240a\330\020\036\230f\240A\330\021\032\230#\230Q\330\020\032\230.\250\001\250\021\330\020 \240\016\250a\250q\330\020\036\320\0360\260\001\260\021\340\020\032\230!\330\014\017\210x\220s\230%\230s\240&\250\017\260s\270!\330\020\026\220m\2401\240F\250)\2603\260d\270!\330\020\021\330\014\021\220\027\230\005\230Q\330\014\017\210s\220#\220U\230#\320\0351\260\021\260+\270R\270v\300R\300q\330\020\026\220m\2401\240F\250)\2603\260d\270!\330\020\021\330\014\024\220A\220X\230V\2404\240y\260\003\260>\300\024\300V\3105\320P_\320_l\320lm\340\010\030\230\001\230\021\230!";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 133; i++) {
+    for (int i = 0; i < 135; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 9) PyUnicode_InternInPlace(&string);
@@ -9834,8 +10124,8 @@ static const char bytes[] = "(tree fragment)?Note that Cython is deliberately st
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 133; i < 139; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-133].length;
+    for (int i = 135; i < 141; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-135].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -9845,14 +10135,14 @@ static const char bytes[] = "(tree fragment)?Note that Cython is deliberately st
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 139; i++) {
+    for (Py_ssize_t i = 0; i < 141; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 133;
+      PyObject **table = stringtab + 135;
       for (Py_ssize_t i=0; i<6; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -9877,7 +10167,7 @@ static const char bytes[] = "(tree fragment)?Note that Cython is deliberately st
   {
     PyObject **numbertab = __pyx_mstate->__pyx_number_tab + 0;
     int8_t const cint_constants_1[] = {0,1};
-    int32_t const cint_constants_4[] = {111033869L};
+    int32_t const cint_constants_4[] = {44378525L};
     for (int i = 0; i < 3; i++) {
       numbertab[i] = PyLong_FromLong((i < 2 ? cint_constants_1[i - 0] : cint_constants_4[i - 2]));
       if (unlikely(!numbertab[i])) __PYX_ERR(0, 1, __pyx_L1_error)
@@ -9942,7 +10232,7 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   {
     const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 1};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_state, __pyx_mstate->__pyx_n_u_dict_2, __pyx_mstate->__pyx_n_u_use_setstate};
-    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_reduce_cython, __pyx_mstate->__pyx_kp_b_iso88591_G4_hd_tST_q_l_vWE_Q_q_t6_S_G7_s, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_reduce_cython, __pyx_mstate->__pyx_kp_b_iso88591_G4_fD_PTTYY_q_l_vWE_Q_q_t6_S_E, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
     const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 17};
@@ -9950,17 +10240,17 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_setstate_cython, __pyx_mstate->__pyx_kp_b_iso88591_QfA, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 139};
+    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 141};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_engine, __pyx_mstate->__pyx_n_u_down, __pyx_mstate->__pyx_n_u_up, __pyx_mstate->__pyx_n_u_scanner, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_mv, __pyx_mstate->__pyx_n_u_now, __pyx_mstate->__pyx_n_u_route_timeout, __pyx_mstate->__pyx_n_u_max_timeout, __pyx_mstate->__pyx_n_u_oneway, __pyx_mstate->__pyx_n_u_view};
     __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_octoproxy_core__fastpath_pyx, __pyx_mstate->__pyx_n_u_forward, __pyx_mstate->__pyx_kp_b_iso88591_at1F_t9C_T_uO_hhi, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 23, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 149};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 23, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 151};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_engine, __pyx_mstate->__pyx_n_u_down, __pyx_mstate->__pyx_n_u_scanner, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_mv, __pyx_mstate->__pyx_n_u_now, __pyx_mstate->__pyx_n_u_view, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_route_id, __pyx_mstate->__pyx_n_u_inbound, __pyx_mstate->__pyx_n_u_route_timeout, __pyx_mstate->__pyx_n_u_max_timeout, __pyx_mstate->__pyx_n_u_route_clusters_2, __pyx_mstate->__pyx_n_u_route_timeouts_2, __pyx_mstate->__pyx_n_u_route_max_timeouts_2, __pyx_mstate->__pyx_n_u_max_pending, __pyx_mstate->__pyx_n_u_stamp_len, __pyx_mstate->__pyx_n_u_max_size, __pyx_mstate->__pyx_n_u_off, __pyx_mstate->__pyx_n_u_high, __pyx_mstate->__pyx_n_u_buf, __pyx_mstate->__pyx_n_u_cluster, __pyx_mstate->__pyx_n_u_up};
     __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_octoproxy_core__fastpath_pyx, __pyx_mstate->__pyx_n_u_relay_requests, __pyx_mstate->__pyx_kp_b_iso88591_31_t83fL_q_E_aq_q_is_a_d_Cq_6_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 22, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 205};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 22, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 207};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_engine, __pyx_mstate->__pyx_n_u_up, __pyx_mstate->__pyx_n_u_scanner, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_mv, __pyx_mstate->__pyx_n_u_now, __pyx_mstate->__pyx_n_u_view, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_off, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_o, __pyx_mstate->__pyx_n_u_pending, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_dst, __pyx_mstate->__pyx_n_u_dirty, __pyx_mstate->__pyx_n_u_status, __pyx_mstate->__pyx_n_u_obj, __pyx_mstate->__pyx_n_u_down, __pyx_mstate->__pyx_n_u_ep, __pyx_mstate->__pyx_n_u_rs, __pyx_mstate->__pyx_n_u_child};
     __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src_octoproxy_core__fastpath_pyx, __pyx_mstate->__pyx_n_u_relay_responses, __pyx_mstate->__pyx_kp_b_iso88591_at1F_E_aq_wfAS_2T_as_A_nAT_T_Qg, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }

@@ -40,14 +40,15 @@ import heapq
 import json
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from struct import Struct
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._balancer import Endpoint
 from ..protocol._errors import RemoteProtocolError
 from ..protocol._frame import parse_header
 from ..protocol._protocol import PREFIX_SIZE, Flags, FrameType, Status
-from ..frame import encode_frame, encode_header
+from ._balancer import Endpoint
+from ..frame import encode_header
 from ..governance import (
     CONTINUE,
     CircuitBreaker,
@@ -124,14 +125,17 @@ class Call:
         "request_unit",
         "stats",
         "traceparent",
+        "tracestate",
     )
 
-    def __init__(self, route: Any, service: str, method: str, caller: str, metadata: dict[str, str], down: Link, down_sid: int, t0: float, t0_ms: int) -> None:
+    def __init__(self, route: Any, service: str, method: str, caller: str, metadata: Mapping[str, str], down: Link, down_sid: int, t0: float, t0_ms: int) -> None:
         self.route = route
         self.service = service
         self.method = method
         self.caller = caller
-        #: the request's metadata; filters may change it (the frame is then re-encoded)
+        #: the request's metadata, read-only (the parsed header's map; empty when
+        #: no filter or rule of the route reads metadata); filters add entries
+        #: through their own fields (e.g. ``traceparent``), appended to the header
         self.metadata = metadata
         self.header: Any = None
         self.body_off = 0
@@ -152,7 +156,9 @@ class Call:
         #: a REQUESTS unit of the cluster's breaker is held by this try
         self.request_unit = False
         self.stats: Any = None
+        #: set by the trace filter: the values this hop sends on
         self.traceparent = ""
+        self.tracestate: str | None = None
 
 
 class Filter(Protocol):
@@ -221,13 +227,11 @@ class TraceFilter:
 
     def on_request(self, call: Call, now_ms: int) -> Verdict:
         md = call.metadata
-        tp, ts = self.tracer.next_hop(md.get("traceparent"), md.get("tracestate"))
-        md["traceparent"] = tp
-        if ts is None:
-            md.pop("tracestate", None)
-        else:
-            md["tracestate"] = ts
+        incoming = md.get("tracestate")
+        tp, ts = self.tracer.next_hop(md.get("traceparent"), incoming)
         call.traceparent = tp
+        # a new trace drops the old tracestate: overwritten with an empty value
+        call.tracestate = "" if ts is None and incoming else None
         return CONTINUE
 
     def on_response(self, call: Call, status: int, now_ms: int) -> None:
@@ -307,6 +311,7 @@ class ClusterGov:
             self.outlier = None
         elif self.outlier is None:
             self.outlier = OutlierDetector(self.name, oc, now_ms)
+            self._members_key = ()  # the next sync() tells it the endpoints
         elif self.outlier.config != oc:
             self.outlier.set_config(oc)
         bl = policy.breaker if policy is not None else None
@@ -337,7 +342,7 @@ class ClusterGov:
 class RouteGov:
     """A governed route: its resolved filter tuple, its cluster, its retry policy."""
 
-    __slots__ = ("route", "cluster", "cgov", "filters", "retry", "policy")
+    __slots__ = ("route", "cluster", "cgov", "filters", "retry", "policy", "reads_metadata")
 
     def __init__(self, route: Route, cluster: Cluster, cgov: ClusterGov, filters: tuple[Filter, ...], retry: RetryPolicy | None, policy: ServicePolicy) -> None:
         self.route = route
@@ -346,6 +351,9 @@ class RouteGov:
         self.filters = filters
         self.retry = retry
         self.policy = policy
+        #: the header is parsed only when a filter or a routing rule reads the metadata
+        rules = policy.routing.rules if policy.routing is not None else ()
+        self.reads_metadata = any(isinstance(f, TraceFilter) for f in filters) or any(r.match_metadata for r in rules)
 
 
 class InboundGov:
@@ -457,20 +465,34 @@ def _least_pending(links: list[Link]) -> Link:
     return best
 
 
-def _frame_of(call: Call, caller_stamp: str, ftype: int, header: Any, mv: memoryview, body_off: int, end: int) -> bytes:
-    """Re-encode the request with its (possibly changed) metadata and the caller stamp."""
-    return encode_frame(
-        ftype,
-        0,
-        encode_header(
-            service=header.service,
-            method=header.method,
-            caller=caller_stamp or header.caller,
-            timeout_ms=header.timeout_ms,
-            metadata=call.metadata,
-        ),
-        mv[body_off:end],
-    )
+_EMPTY_MD: Mapping[str, str] = {}
+_U32 = Struct(">I")
+_U16 = Struct(">H")
+
+
+def _frame_of(call: Call, stamp: bytes, mv: memoryview, off: int, hlen: int, size: int) -> bytes:
+    """The request as forwarded: its header with ``stamp`` and this hop's trace context appended.
+
+    Protobuf merges concatenated messages (the last scalar wins, map entries
+    merge by key), so appending fields overrides them without re-encoding the
+    header, as the fast path does with the caller stamp.
+    """
+    extra = stamp
+    if call.traceparent:
+        md = {"traceparent": call.traceparent}
+        if call.tracestate is not None:
+            md["tracestate"] = call.tracestate
+        extra = extra + encode_header(metadata=md)
+    if not extra:
+        return bytes(mv[off : off + size])
+    hend = off + PREFIX_SIZE + hlen
+    n = len(extra)
+    frame = bytearray(mv[off:hend])
+    frame += extra
+    frame += mv[hend : off + size]
+    _U32.pack_into(frame, 4, size - 8 + n)
+    _U16.pack_into(frame, 18, hlen + n)
+    return bytes(frame)
 
 
 class Outbound:
@@ -497,16 +519,17 @@ class Outbound:
             engine.park(cluster, down, mv, off, size, now)  # held before any filter takes a unit
             return
         hlen = mv[off + 18] << 8 | mv[off + 19]
-        try:
-            header = parse_header(mv[off + PREFIX_SIZE : off + PREFIX_SIZE + hlen])
-        except RemoteProtocolError as exc:
-            engine._refuse(down, scanner, i, "protocol_error", Status.PROTOCOL_ERROR, str(exc))
-            return
+        md = _EMPTY_MD
+        if rg.reads_metadata:
+            try:
+                md = parse_header(mv[off + PREFIX_SIZE : off + PREFIX_SIZE + hlen]).metadata
+            except RemoteProtocolError as exc:
+                engine._refuse(down, scanner, i, "protocol_error", Status.PROTOCOL_ERROR, str(exc))
+                return
         now_ms = engine.now_ms(now)
-        call = Call(rg, header.service, header.method, self.caller, dict(header.metadata), down, sid, now, now_ms)
-        call.header = header
         service_b, method_b = scanner.routing_key(i)
-        call.stats = engine.stats.request_stats("outbound", service_b, method_b)
+        call = Call(rg, service_b.decode(errors="replace"), method_b.decode(errors="replace"), self.caller, md, down, sid, now, now_ms)
+        call.stats = engine.request_stats("outbound", service_b, method_b)
         filters = rg.filters
         for k, f in enumerate(filters):
             v = f.on_request(call, now_ms)
@@ -515,8 +538,8 @@ class Outbound:
                     g.on_response(call, v.status, now_ms)
                 engine._refuse(down, scanner, i, f.kind, v.status, v.reason)
                 return
-        call.frame = _frame_of(call, self.caller, ftype, header, mv, off + PREFIX_SIZE + hlen, off + size)
-        if len(call.frame) > engine.max_frame_size:
+        call.frame = _frame_of(call, engine.stamp, mv, off, hlen, size)
+        if len(call.frame) > engine.max_frame_size or len(call.frame) - size + hlen > 0xFFFF:
             self._finish(call, Status.FRAME_TOO_LARGE, f"frame of {len(call.frame)} bytes exceeds {engine.max_frame_size} bytes", now)
             return
         route = rg.route
@@ -702,7 +725,7 @@ class Inbound:
             engine._refuse(down, scanner, i, "protocol_error", Status.PROTOCOL_ERROR, str(exc))
             return
         now_ms = engine.now_ms(now)
-        call = Call(ig, header.service, header.method, header.caller, dict(header.metadata), down, sid, now, now_ms)
+        call = Call(ig, header.service, header.method, header.caller, header.metadata, down, sid, now, now_ms)
         filters = ig.filters
         for k, f in enumerate(filters):
             v = f.on_request(call, now_ms)
@@ -711,10 +734,7 @@ class Inbound:
                     g.on_response(call, v.status, now_ms)
                 engine._refuse(down, scanner, i, f.kind, v.status, v.reason)
                 return
-        if call.traceparent:  # the metadata changed: re-encode
-            call.frame = _frame_of(call, "", ftype, header, mv, off + PREFIX_SIZE + hlen, off + size)
-        else:
-            call.frame = bytes(mv[off : off + size])
+        call.frame = _frame_of(call, b"", mv, off, hlen, size)
         if oneway:
             up.out += call.frame
             engine._mark(up)
@@ -726,7 +746,7 @@ class Inbound:
         if engine.inbound_max_timeout and timeout > engine.inbound_max_timeout:
             timeout = engine.inbound_max_timeout
         service_b, method_b = scanner.routing_key(i)
-        call.stats = engine.stats.request_stats("inbound", service_b, method_b)
+        call.stats = engine.request_stats("inbound", service_b, method_b)
         call.attempt = 1
         engine.send_governed(up, call, now, max(1, int(timeout * 1000)))
 

@@ -461,10 +461,11 @@ class ProxySettings:
         "`proxy.service`'s configuration for this environment from the control plane.",
     )
     region: str = _opt(
-        _STR, "", "Where this proxy runs, for locality-aware routing (region > center > IDC); also registered. Empty = unknown."
+        _STR, "", "This proxy's region: governed routes prefer endpoints near it (docs/governance.md).",
+        default_doc="`discovery.region`, else none",
     )
-    center: str = _opt(_STR, "", "This proxy's center (the locality tier between region and IDC); also registered.")
-    idc: str = _opt(_STR, "", "This proxy's data centre (IDC); also registered.")
+    center: str = _opt(_STR, "", "This proxy's center (between region and IDC), for locality-aware routing.")
+    idc: str = _opt(_STR, "", "This proxy's data centre (IDC).", default_doc="`discovery.idc`, else none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -561,6 +562,10 @@ class EndpointConfig:
     region: str = _opt(_STR, "", "Region of the endpoint, for locality-aware routing.")
     idc: str = _opt(_STR, "", "Data centre (IDC) of the endpoint.")
     tags: Mapping[str, str] = _opt(_STR_MAP, _EMPTY, "Routing tags (e.g. a set / swimlane name).")
+    center: str = _opt(_STR, "", "Center of the endpoint (between region and IDC).")
+    role: str = _opt(
+        _choice(("normal", "backup")), "normal", "`backup`: governed routes use it only when no normal endpoint is usable."
+    )
 
     def to_endpoint(self) -> Endpoint:
         """Build the balancer's (mutable) view of this endpoint.
@@ -568,7 +573,7 @@ class EndpointConfig:
         Returns:
             A new healthy :class:`~octoproxy.core._balancer.Endpoint` with no requests in flight.
         """
-        return Endpoint(self.address, self.weight, self.region, self.idc, dict(self.tags))
+        return Endpoint(self.address, self.weight, self.region, self.idc, dict(self.tags), center=self.center, backup=self.role == "backup")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,9 +38,9 @@ from ..common._secretfile import load_or_create_secret, write_fresh_secret
 from ..common._unix import bind_unix, remove_stale_socket
 from .._version import __version__
 from ..core._authz import policy_from_config
-from ..governance import Locality, PolicySet
 from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ..core._guard import InboundGuard, InboundPeer
+from ..governance import Locality, PolicySet, dump_policy_set
 from ._handover import serve_hot_restart
 from ..core._hot_restart import ParentEvent, ParentState, parent_machine
 from ..common._memory import trim_memory, tune_malloc
@@ -165,10 +165,12 @@ class Proxy:
             inbound_max_timeout=(config.inbound.max_timeout or 0.0) if config.inbound is not None else 0.0,
             high_watermark=up.high_watermark,
         )
-        # this proxy's own locality (governed routes prefer it): [proxy], else what [discovery] registers
-        px, disc = config.proxy, config.discovery
+        px_cfg = config.proxy
+        disc = config.discovery  # this proxy's own locality (governed routes prefer it)
         self.engine.locality = Locality(
-            px.region or (disc.region if disc is not None else ""), px.center, px.idc or (disc.idc if disc is not None else "")
+            px_cfg.region or (disc.region if disc is not None else ""),
+            px_cfg.center,
+            px_cfg.idc or (disc.idc if disc is not None else ""),
         )
         if config.inbound is not None:
             app = Cluster("local_app", "least_request", [Endpoint(f"unix:{config.inbound.app_uds}")])
@@ -989,8 +991,13 @@ class Proxy:
 
         async def governance(_req: Request) -> Response:
             # the control plane's policies this proxy holds (proxy/_discovery.py)
-            if self.discovery is None:
-                return Response(200, {"version": "", "applied": 0, "policy": None, "sources": {}, "members": {}})
+            if self.discovery is None:  # the [governance] table alone
+                local = self.config.governance
+                return Response(200, {
+                    "version": local.version if local is not None else "", "applied": 0,
+                    "policy": dump_policy_set(local) if local is not None else None, "control_plane_version": "",
+                    "local_version": local.version if local is not None else None, "sources": {}, "endpoints": {},
+                })  # fmt: skip
             return Response(200, self.discovery.governance_state())
 
         async def subscribe(req: Request) -> Response:

@@ -193,7 +193,11 @@ def test_inbound_side_governed_by_its_own_service_policy() -> None:
     assert refused.header.status == Status.RATE_LIMITED and refused.flags & NOT_PROCESSED
     feed(engine, up, encode_response(req.stream_id, b"ok"))
     assert bytes(frames(peer)[0].body) == b"ok"
-    assert engine.stats.caller_stats("inbound", "echo", "m", "web").by_status[0].value == 1
+    cs = engine.stats.caller_stats("inbound", "echo", "m", "web")
+    assert cs.by_status[0].value == 1 and cs.by_status[Status.RATE_LIMITED].value == 1  # its own answers too
+    feed(engine, peer, encode_request(4, "echo", "other", b"", caller="web"))  # its own bucket: forwarded
+    feed(engine, peer, encode_request(5, "echo", "other", b"", caller="web"))  # refused: counted under its method
+    assert engine.stats.caller_stats("inbound", "echo", "other", "web").by_status[Status.RATE_LIMITED].value == 1
     engine.set_governance(None, 0.0)
     assert engine._inbound_fast is app
 

@@ -166,9 +166,14 @@ class Filter(Protocol):
 
     Attributes:
         kind: the ``rejected_total{reason}`` label of its answers.
+        on_request_acts: False when ``on_request`` always continues and changes
+            nothing (the chain then skips the call).
+        on_response_acts: False when ``on_response`` does nothing (skipped too).
     """
 
     kind: str
+    on_request_acts: bool
+    on_response_acts: bool
 
     def on_request(self, call: Call, now_ms: int) -> Verdict:
         """Look at (and possibly change) a request: CONTINUE, or an answer verdict."""
@@ -184,6 +189,8 @@ class RateLimitFilter:
 
     __slots__ = ("limiter",)
     kind = "rate_limited"
+    on_request_acts = True
+    on_response_acts = False
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
@@ -200,6 +207,8 @@ class BreakerFilter:
 
     __slots__ = ("breaker",)
     kind = "circuit_breaker"
+    on_request_acts = True
+    on_response_acts = True
 
     def __init__(self, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
@@ -221,6 +230,8 @@ class TraceFilter:
 
     __slots__ = ("tracer",)
     kind = "trace"
+    on_request_acts = True
+    on_response_acts = False
 
     def __init__(self, tracer: Tracer) -> None:
         self.tracer = tracer
@@ -241,21 +252,31 @@ class TraceFilter:
 class ObserveFilter:
     """Per (direction, service, method, caller, status) counts and latency; the sampled access log."""
 
-    __slots__ = ("stats", "direction", "sample_rate", "_random")
+    __slots__ = ("stats", "direction", "sample_rate", "_random", "_cache")
     kind = "observe"
+    on_request_acts = False
+    on_response_acts = True
 
     def __init__(self, stats: ProxyStats, direction: str, sample_rate: float, rng: random.Random) -> None:
         self.stats = stats
         self.direction = direction
         self.sample_rate = sample_rate
         self._random = rng.random
+        #: (the call's RequestStats, caller) -> CallerStats
+        self._cache: dict[tuple[Any, str], Any] = {}
 
     def on_request(self, call: Call, now_ms: int) -> Verdict:
         return CONTINUE
 
     def on_response(self, call: Call, status: int, now_ms: int) -> None:
         seconds = max(0, now_ms - call.t0_ms) / 1000.0
-        self.stats.caller_stats(self.direction, call.service, call.method, call.caller).observe(status, seconds)
+        key = (call.stats, call.caller)
+        cs = self._cache.get(key)
+        if cs is None:
+            cs = self.stats.caller_stats(self.direction, call.service, call.method, call.caller)
+            if len(self._cache) < 10000:
+                self._cache[key] = cs
+        cs.observe(status, seconds)
         if self.sample_rate > 0.0 and self._random() < self.sample_rate:
             access_log.info(
                 json.dumps(
@@ -276,6 +297,42 @@ class ObserveFilter:
 
 
 _STATUS_VALUES = {int(s) for s in Status}
+
+
+class Chain:
+    """A resolved filter tuple, with the calls that do something picked out once.
+
+    Attributes:
+        filters: every filter, in request order.
+        requests: ``(filter, undo)`` for each filter whose ``on_request`` acts;
+            ``undo`` is the filters before it whose ``on_response`` acts, reversed
+            (what runs when that filter answers).
+        responses: the filters whose ``on_response`` acts, in reverse order.
+    """
+
+    __slots__ = ("filters", "requests", "responses")
+
+    def __init__(self, filters: tuple[Filter, ...]) -> None:
+        self.filters = filters
+        self.requests = tuple(
+            (f, tuple(g for g in reversed(filters[:k]) if g.on_response_acts)) for k, f in enumerate(filters) if f.on_request_acts
+        )
+        self.responses = tuple(g for g in reversed(filters) if g.on_response_acts)
+
+    def request(self, call: Call, now_ms: int) -> tuple[Filter, Verdict] | None:
+        """Run the request side; None when every filter continued, else the filter that answered and its verdict."""
+        for f, undo in self.requests:
+            v = f.on_request(call, now_ms)
+            if v is not CONTINUE:
+                for g in undo:
+                    g.on_response(call, v.status, now_ms)
+                return f, v
+        return None
+
+    def response(self, call: Call, status: int, now_ms: int) -> None:
+        """Run the response side, in reverse order."""
+        for g in self.responses:
+            g.on_response(call, status, now_ms)
 
 
 class ClusterGov:
@@ -342,13 +399,14 @@ class ClusterGov:
 class RouteGov:
     """A governed route: its resolved filter tuple, its cluster, its retry policy."""
 
-    __slots__ = ("route", "cluster", "cgov", "filters", "retry", "policy", "reads_metadata")
+    __slots__ = ("route", "cluster", "cgov", "filters", "chain", "retry", "policy", "reads_metadata")
 
     def __init__(self, route: Route, cluster: Cluster, cgov: ClusterGov, filters: tuple[Filter, ...], retry: RetryPolicy | None, policy: ServicePolicy) -> None:
         self.route = route
         self.cluster = cluster
         self.cgov = cgov
         self.filters = filters
+        self.chain = Chain(filters)
         self.retry = retry
         self.policy = policy
         #: the header is parsed only when a filter or a routing rule reads the metadata
@@ -359,17 +417,20 @@ class RouteGov:
 class InboundGov:
     """The inbound side's filter tuple (this proxy's own service's policy)."""
 
-    __slots__ = ("filters", "policy", "limiter", "breaker")
+    __slots__ = ("filters", "chain", "policy", "limiter", "breaker")
 
     def __init__(self, filters: tuple[Filter, ...], policy: ServicePolicy, limiter: RateLimiter | None, breaker: CircuitBreaker | None) -> None:
         self.filters = filters
+        self.chain = Chain(filters)
         self.policy = policy
         self.limiter = limiter
         self.breaker = breaker
 
 
 def _outbound_filters(policy: ServicePolicy, stats: ProxyStats, old: RouteGov | None, rng: random.Random) -> tuple[Filter, ...]:
-    filters: list[Filter] = []
+    # observe first: its on_response runs last, and for every answer of a later filter
+    sample = policy.access_log.sample_rate if policy.access_log is not None else 0.0
+    filters: list[Filter] = [ObserveFilter(stats, "outbound", sample, rng)]
     rules = tuple(r for r in policy.rate_limits if r.direction is Direction.OUTBOUND)
     if rules:
         prev = next((f for f in old.filters if isinstance(f, RateLimitFilter)), None) if old is not None else None
@@ -379,8 +440,6 @@ def _outbound_filters(policy: ServicePolicy, stats: ProxyStats, old: RouteGov | 
             filters.append(RateLimitFilter(RateLimiter(rules, Direction.OUTBOUND)))
     if policy.tracing is not None and policy.tracing.enabled:
         filters.append(TraceFilter(Tracer(policy.tracing)))
-    sample = policy.access_log.sample_rate if policy.access_log is not None else 0.0
-    filters.append(ObserveFilter(stats, "outbound", sample, rng))
     return tuple(filters)
 
 
@@ -391,7 +450,8 @@ def build_inbound(policy: ServicePolicy | None, stats: ProxyStats, old: InboundG
     rules = tuple(r for r in policy.rate_limits if r.direction is Direction.INBOUND)
     if not rules and policy.breaker is None and policy.tracing is None and policy.access_log is None:
         return None
-    filters: list[Filter] = []
+    sample = policy.access_log.sample_rate if policy.access_log is not None else 0.0
+    filters: list[Filter] = [ObserveFilter(stats, "inbound", sample, rng)]
     limiter = None
     if rules:
         if old is not None and old.limiter is not None and old.limiter._rules == rules:
@@ -410,8 +470,6 @@ def build_inbound(policy: ServicePolicy | None, stats: ProxyStats, old: InboundG
         filters.append(BreakerFilter(breaker))
     if policy.tracing is not None and policy.tracing.enabled:
         filters.append(TraceFilter(Tracer(policy.tracing)))
-    sample = policy.access_log.sample_rate if policy.access_log is not None else 0.0
-    filters.append(ObserveFilter(stats, "inbound", sample, rng))
     return InboundGov(tuple(filters), policy, limiter, breaker)
 
 
@@ -530,14 +588,10 @@ class Outbound:
         service_b, method_b = scanner.routing_key(i)
         call = Call(rg, service_b.decode(errors="replace"), method_b.decode(errors="replace"), self.caller, md, down, sid, now, now_ms)
         call.stats = engine.request_stats("outbound", service_b, method_b)
-        filters = rg.filters
-        for k, f in enumerate(filters):
-            v = f.on_request(call, now_ms)
-            if v is not CONTINUE:
-                for g in reversed(filters[:k]):
-                    g.on_response(call, v.status, now_ms)
-                engine._refuse(down, scanner, i, f.kind, v.status, v.reason)
-                return
+        refused = rg.chain.request(call, now_ms)
+        if refused is not None:
+            engine._refuse(down, scanner, i, refused[0].kind, refused[1].status, refused[1].reason)
+            return
         call.frame = _frame_of(call, engine.stamp, mv, off, hlen, size)
         if len(call.frame) > engine.max_frame_size or len(call.frame) - size + hlen > 0xFFFF:
             self._finish(call, Status.FRAME_TOO_LARGE, f"frame of {len(call.frame)} bytes exceeds {engine.max_frame_size} bytes", now)
@@ -557,10 +611,10 @@ class Outbound:
         first = call.timeout_ms
         if rg.retry is not None and rg.retry.per_try_timeout_ms > 0:
             first = min(first, rg.retry.per_try_timeout_ms)
-        refused = self._try(call, now, now_ms, first)
-        if refused is not None:
-            engine.stats.rejected(refused[1])
-            self._finish(call, refused[0].status, refused[0].reason, now)
+        not_sent = self._try(call, now, now_ms, first)
+        if not_sent is not None:
+            engine.stats.rejected(not_sent[1])
+            self._finish(call, not_sent[0].status, not_sent[0].reason, now)
 
     def _oneway(self, call: Call, now_ms: int) -> None:
         engine = self.engine
@@ -573,8 +627,7 @@ class Outbound:
                 up.out += call.frame
                 engine._mark(up)
                 engine.stats.oneway.inc()
-        for g in reversed(rg.filters):
-            g.on_response(call, _OK, now_ms)
+        rg.chain.response(call, _OK, now_ms)
 
     def _try(self, call: Call, now: float, now_ms: int, timeout_ms: int) -> tuple[Verdict, str] | None:
         """Balance and forward one try; None when sent, else why it could not go (and the ``rejected_total`` reason)."""
@@ -677,9 +730,7 @@ class Outbound:
         engine = self.engine
         if call.stats is not None:
             engine.stats.finished(call.stats, status, now - call.t0)
-        now_ms = engine.now_ms(now)
-        for g in reversed(call.route.filters):
-            g.on_response(call, status, now_ms)
+        call.route.chain.response(call, status, engine.now_ms(now))
         down = call.down
         if down.draining and down.inflight == 0 and down.on_idle is not None:
             down.on_idle(down)
@@ -726,27 +777,22 @@ class Inbound:
             return
         now_ms = engine.now_ms(now)
         call = Call(ig, header.service, header.method, header.caller, header.metadata, down, sid, now, now_ms)
-        filters = ig.filters
-        for k, f in enumerate(filters):
-            v = f.on_request(call, now_ms)
-            if v is not CONTINUE:
-                for g in reversed(filters[:k]):
-                    g.on_response(call, v.status, now_ms)
-                engine._refuse(down, scanner, i, f.kind, v.status, v.reason)
-                return
+        service_b, method_b = scanner.routing_key(i)
+        call.stats = engine.request_stats("inbound", service_b, method_b)
+        refused = ig.chain.request(call, now_ms)
+        if refused is not None:
+            engine._refuse(down, scanner, i, refused[0].kind, refused[1].status, refused[1].reason)
+            return
         call.frame = _frame_of(call, b"", mv, off, hlen, size)
         if oneway:
             up.out += call.frame
             engine._mark(up)
             engine.stats.oneway.inc()
-            for g in reversed(filters):
-                g.on_response(call, _OK, now_ms)
+            ig.chain.response(call, _OK, now_ms)
             return
         timeout = timeout_ms / 1000.0 if timeout_ms else engine.default_timeout
         if engine.inbound_max_timeout and timeout > engine.inbound_max_timeout:
             timeout = engine.inbound_max_timeout
-        service_b, method_b = scanner.routing_key(i)
-        call.stats = engine.request_stats("inbound", service_b, method_b)
         call.attempt = 1
         engine.send_governed(up, call, now, max(1, int(timeout * 1000)))
 
@@ -759,9 +805,7 @@ class Inbound:
             engine._answer(call.down, call.down_sid, status, error)
         if call.stats is not None:
             engine.stats.finished(call.stats, status, now - call.t0)
-        now_ms = engine.now_ms(now)
-        for g in reversed(call.route.filters):
-            g.on_response(call, status, now_ms)
+        call.route.chain.response(call, status, engine.now_ms(now))
         down = call.down
         if down.draining and down.inflight == 0 and down.on_idle is not None:
             down.on_idle(down)

@@ -226,6 +226,16 @@ async def test_policy_set_with_ctl_reaches_the_proxies_live() -> None:
 
                     # calls kept flowing, and no proxy restarted or NACKed anything
                     await client.call("echo", "whoami", b"", timeout=5)
+
+                    # echo's own proxy divides inbound cluster_rate limits among echo's live instances
+                    assert (await governance(pp))["inbound_instances"] == 1
+                    other = f"127.0.0.1:{free_port()}"
+                    rc, out, err = await ctl(d, cp, "endpoints", "register", "echo", other, "--ttl", "60")
+                    assert rc == 0, err
+                    await until(pp, lambda g: g["inbound_instances"] == 2, 2)
+                    rc, out, err = await ctl(d, cp, "endpoints", "set-status", "echo", other, "UNHEALTHY")
+                    assert rc == 0, err
+                    await until(pp, lambda g: g["inbound_instances"] == 1, 2)
                 assert all(p.process.returncode is None for p in procs)
                 assert "NACK" not in cpx.stderr() and "rejected" not in cpx.stderr()
                 nursery.cancel_scope.cancel()

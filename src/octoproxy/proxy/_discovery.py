@@ -401,7 +401,7 @@ class Discovery:
         names = [n for n in set(names) if n in self.subscribed]
         if not names:
             return
-        own = proxy_service(self) if self.proxy.config.inbound is not None else ""
+        own = self._own_service()
         self.client.unsubscribe(names, types=(TYPE_ENDPOINTS, TYPE_ROUTES))
         self.client.unsubscribe([n for n in names if n != own], types=(TYPE_GOVERNANCE,))  # (ours stays watched)
         for n in names:
@@ -521,6 +521,10 @@ class Discovery:
         guard.set_policy(policy)
         log.info("authorization policy of %s version %s applied (%d rules, default %s)", change.name, change.version, len(policy.rules), policy.default)
 
+    def _own_service(self) -> str:
+        """The service this proxy serves (registers), or ``""``."""
+        return proxy_service(self) if self.proxy.config.inbound is not None else ""
+
     def _apply_governance(self) -> None:
         """Hand the control plane's policies for what we hold to the proxy, if they changed.
 
@@ -570,6 +574,10 @@ class Discovery:
             if change.type_url == TYPE_AUTHZ:
                 self._apply_authz(change)
                 continue
+            if change.type_url == TYPE_ENDPOINTS and change.name == self._own_service():
+                # inbound cluster_rate limits are divided among our service's live instances
+                eps = getattr(change.resource, "endpoints", ())
+                self.engine.set_inbound_instances(sum(1 for ep in eps if ep.status == pb.Endpoint.HEALTHY))
             if change.type_url != TYPE_ENDPOINTS or change.name not in self.subscribed:
                 continue  # (not subscribed: our own service, watched by _register)
             if change.resource is None:
@@ -770,6 +778,7 @@ class Discovery:
             "applied": self.governance_applied,
             "policy": dump_policy_set(ps) if ps is not None else None,
             "control_plane_version": pushed.version if pushed is not None else "",
+            "inbound_instances": self.engine.inbound_instances,
             "local_version": local.version if local is not None else None,
             "sources": {
                 name: {

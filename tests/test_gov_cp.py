@@ -275,3 +275,69 @@ async def test_policy_over_etcd_reaches_the_proxies(etcd_single: list[Member]) -
         finally:
             for p in reversed(procs):
                 await stop(p)
+
+
+async def test_warmup_start_from_the_control_plane_shapes_the_split_of_calls() -> None:
+    """A provider registered long ago and one that just came up: with a slow-start window in echo's
+    policy the new one gets the floor share (10 % of its weight); with the window set to 0, its half."""
+    with trio.fail_after(90), short_tmpdir() as d:
+        procs: list[Proc] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                old_app, new_app = App(), App()
+                await nursery.start(sdk.serve, str(d / "old.sock"), old_app.handler)
+                await nursery.start(sdk.serve, str(d / "new.sock"), new_app.handler)
+                cp_port, old_port, new_port = free_port(), free_port(), free_port()
+                cp = await start_process(_cp_argv(cp_port, d), "octoproxy control-plane ready", d, "cp")
+                procs.append(cp)
+                for service in ("caller-app", "echo"):
+                    await _join_token(d, cp, service)
+                # the old provider's address was registered ten minutes ago (its start is kept when its proxy registers)
+                old = f"127.0.0.1:{old_port}"
+                ten_minutes_ago = int(time.time() * 1000) - 600_000
+                body = {"service": "echo", "endpoint": {"address": old, "warmup_start_unix_ms": ten_minutes_ago}, "ttl": 60}
+                status, _, reply = await http_request(cp.admin, "POST", "/v1/endpoints/register", json.dumps(body).encode(),
+                                                      token=(d / "cp-state" / "operator.token").read_text().strip(), timeout=5)  # fmt: skip
+                assert status == 200, reply
+                (d / "warm.json").write_text(json.dumps({"routing": {"locality": "off", "slow_start": {"window": 60.0}}}))
+                rc, out, err = await ctl(d, cp, "policy", "set", "echo", str(d / "warm.json"))
+                assert rc == 0, err
+                for name, port in (("old", old_port), ("new", new_port)):
+                    (d / f"{name}.toml").write_text(provider_toml(d, port, d / f"{name}.sock", name=name) + _discovery(d, cp_port, "echo"))
+                    pp = await start_process(proxy_argv(d / f"{name}.toml"), "octoproxy ready", d, f"{name}-proxy")
+                    procs.append(pp)
+                    await wait_ready(pp, 20)
+                (d / "c.toml").write_text(
+                    f'[proxy]\nservice = "caller-app"\n[outbound]\nuds = "{d}/caller.sock"\n[admin]\nlisten = "127.0.0.1:0"\n'
+                    f"[upstream]\nconnect_timeout = 0.5\n" + _discovery(d, cp_port, "caller-app")
+                )
+                cpx = await start_process(proxy_argv(d / "c.toml"), "octoproxy ready", d, "caller-proxy")
+                procs.append(cpx)
+                async with sdk.open_client(d / "caller.sock") as client:
+                    await client.call("echo", "whoami", b"", timeout=5)
+                    g = await until(cpx, lambda g: len(g["endpoints"].get("echo", {})) == 2 and echo_policy(g) is not None, 5)
+                    starts = {a: e["warmup_start_unix_ms"] for a, e in g["endpoints"]["echo"].items()}
+                    assert starts.pop(old) == ten_minutes_ago and list(starts.values())[0] > ten_minutes_ago + 500_000
+                    with trio.fail_after(5):  # both connected
+                        while not all(e["connections"] for e in (await cpx.json("/clusters"))["echo"]["endpoints"]):  # type: ignore[index]
+                            await trio.sleep(0.05)
+
+                    async def new_share(n: int) -> float:
+                        before_old, before_new = len(old_app.seen), len(new_app.seen)
+                        for _ in range(n):
+                            await client.call("echo", "m", b"", timeout=5)
+                        got_new = len(new_app.seen) - before_new
+                        return got_new / (got_new + len(old_app.seen) - before_old)
+
+                    warming = await new_share(300)
+                    assert 0.02 < warming < 0.25, warming  # the floor: 10 % of its weight, ~9 % of the calls
+                    (d / "cold.json").write_text(json.dumps({"routing": {"locality": "off", "slow_start": {"window": 0.0}}}))
+                    rc, out, err = await ctl(d, cp, "policy", "set", "echo", str(d / "cold.json"))
+                    assert rc == 0, err
+                    await until(cpx, lambda g: g["control_plane_version"] == "echo=2", 2)
+                    warm = await new_share(300)
+                    assert 0.3 < warm < 0.7, warm
+                nursery.cancel_scope.cancel()
+        finally:
+            for p in reversed(procs):
+                await stop(p)

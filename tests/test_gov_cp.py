@@ -307,6 +307,7 @@ async def test_warmup_start_from_the_control_plane_shapes_the_split_of_calls() -
                     pp = await start_process(proxy_argv(d / f"{name}.toml"), "octoproxy ready", d, f"{name}-proxy")
                     procs.append(pp)
                     await wait_ready(pp, 20)
+                    assert echo_policy(await governance(pp)) is not None  # its own service's policy, before ready
                 (d / "c.toml").write_text(
                     f'[proxy]\nservice = "caller-app"\n[outbound]\nuds = "{d}/caller.sock"\n[admin]\nlisten = "127.0.0.1:0"\n'
                     f"[upstream]\nconnect_timeout = 0.5\n" + _discovery(d, cp_port, "caller-app")

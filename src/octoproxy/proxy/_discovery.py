@@ -331,6 +331,8 @@ class Discovery:
             if self.appconfig is not None:
                 await self.appconfig.restore()  # the last known values, until the control plane answers
                 self.client.subscribe_nowait([self.appconfig.name], types=(TYPE_APPCONFIG,))
+            if self._own_service():  # our service's policy (inbound limits...): waited for by _restore
+                self.client.subscribe_nowait([self._own_service()], types=(TYPE_GOVERNANCE,))
             self.engine.on_unknown_service = self._lazy_subscribe
             self.engine.unrouted_timeout = self.cfg.subscribe_timeout + 1.0
             task_status.started()
@@ -342,8 +344,6 @@ class Discovery:
                 nursery.start_soon(self._register)
             if self.engine.inbound_guard is not None and proxy_service(self):
                 nursery.start_soon(self._watch_authz)
-            if self.proxy.config.inbound is not None and proxy_service(self):
-                nursery.start_soon(self._watch_own_governance)
 
     async def _restore(self) -> None:
         """Subscribe to what the file says, before the proxy reports ready.
@@ -352,7 +352,12 @@ class Discovery:
         the right shape) is logged in one line and ignored: the proxy starts
         without it (and rewrites it on the next change), so a bad file never
         blocks a start or a hot restart.
+
+        The policies come with them (and our own service's, subscribed in
+        :meth:`run`): a proxy reports ready, and a hot restart's successor
+        takes traffic, with the control plane's governance in force.
         """
+        deadline = trio.current_time() + self.cfg.subscribe_timeout
         names: list[str] = []
         try:
             names = await run_blocking(read_subscriptions_file, self.path)
@@ -370,6 +375,13 @@ class Discovery:
                 await self.subscribe(names, timeout=self.cfg.subscribe_timeout)
             except trio.TooSlowError:
                 log.warning("subscriptions not all held after %.1fs; kept, serving what is known", self.cfg.subscribe_timeout)
+        own = self._own_service()
+        if own:
+            try:
+                timeout = max(deadline - trio.current_time(), 0.0)
+                await self.client.subscribe([own], timeout=timeout, types=(TYPE_GOVERNANCE,))
+            except trio.TooSlowError:
+                log.warning("no answer about the governance policy of %s yet; [governance] applies meanwhile", own)
         self.restored.set()
 
     # ------------------------------------------------------------ subscriptions
@@ -490,13 +502,6 @@ class Discovery:
             await self.client.subscribe([proxy_service(self)], timeout=self.cfg.subscribe_timeout, types=(TYPE_AUTHZ,))
         except trio.TooSlowError:
             log.warning("no answer about the authorization policy of %s yet; [authz] applies meanwhile", proxy_service(self))
-
-    async def _watch_own_governance(self) -> None:
-        """Subscribe to our own service's GovernancePolicy (its inbound rate limits, breaker, tracing)."""
-        try:
-            await self.client.subscribe([proxy_service(self)], timeout=self.cfg.subscribe_timeout, types=(TYPE_GOVERNANCE,))
-        except trio.TooSlowError:
-            log.warning("no answer about the governance policy of %s yet; [governance] applies meanwhile", proxy_service(self))
 
     def _validate(self, type_url: str, name: str, resource: Any) -> None:
         """NACK an invalid delivery (raising rejects the update; nothing changes)."""

@@ -399,7 +399,7 @@ class ClusterGov:
 class RouteGov:
     """A governed route: its resolved filter tuple, its cluster, its retry policy."""
 
-    __slots__ = ("route", "cluster", "cgov", "filters", "chain", "retry", "policy", "reads_metadata")
+    __slots__ = ("route", "cluster", "cgov", "filters", "chain", "retry", "policy", "reads_metadata", "idempotent")
 
     def __init__(self, route: Route, cluster: Cluster, cgov: ClusterGov, filters: tuple[Filter, ...], retry: RetryPolicy | None, policy: ServicePolicy) -> None:
         self.route = route
@@ -408,6 +408,8 @@ class RouteGov:
         self.filters = filters
         self.chain = Chain(filters)
         self.retry = retry
+        #: method -> whether the retry policy marks it idempotent (bounded cache)
+        self.idempotent: dict[str, bool] = {}
         self.policy = policy
         #: the header is parsed only when a filter or a routing rule reads the metadata
         rules = policy.routing.rules if policy.routing is not None else ()
@@ -602,7 +604,13 @@ class Outbound:
             timeout = route.max_timeout
         call.timeout_ms = max(1, int(timeout * 1000))
         call.deadline_ms = now_ms + call.timeout_ms
-        call.idempotent = rg.retry is not None and rg.retry.is_idempotent(call.method)
+        if rg.retry is not None:
+            idem = rg.idempotent.get(call.method)
+            if idem is None:
+                idem = rg.retry.is_idempotent(call.method)
+                if len(rg.idempotent) < 1024:
+                    rg.idempotent[call.method] = idem
+            call.idempotent = idem
         if rg.cgov.budget is not None:
             rg.cgov.budget.deposit(now_ms)
         if oneway:
@@ -646,7 +654,7 @@ class Outbound:
             call.tried = call.tried | {picked.address}
         else:
             return answer(Status.UNAVAILABLE, f"no connected endpoint in cluster {cluster.name!r}"), "unavailable"
-        up = _least_pending(links)
+        up = links[0] if len(links) == 1 else _least_pending(links)
         if len(up.out) > engine.high_watermark and engine._not_taking(up, now):
             other = engine._least_queued(cluster, now)
             if other is None:

@@ -11,6 +11,7 @@ endpoints it installed.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -141,7 +142,7 @@ async def test_policy_set_with_ctl_reaches_the_proxies_live() -> None:
                     assert held["retry"]["max_attempts"] == 3 and held["retry"]["idempotent_methods"] == ["Get*"]
                     assert held["routing"]["locality"] == "enforce" and held["routing"]["rules"][0]["name"] == "blue"
                     assert held["breaker"]["max_requests"] == 100 and held["breaker"]["max_retries"] == 3  # defaults spelled out
-                    assert g["version"] == "local:L1|echo=1" and g["sources"]["echo"]["policy_version"] == 1
+                    assert re.fullmatch(r"local:L1\|echo=1#[0-9a-f]{8}", g["version"]) and g["sources"]["echo"]["policy_version"] == 1
                     assert "tracing" not in held  # a pushed policy replaces the local table of its service
                     rc, out, _ = await ctl(d, cp, "policy", "get", "echo")
                     assert rc == 0 and json.loads(out) == held  # the canonical form is what travels
@@ -156,7 +157,7 @@ async def test_policy_set_with_ctl_reaches_the_proxies_live() -> None:
                     rc, out, _ = await ctl(d, cp, "policy", "get", "echo")
                     assert json.loads(out) == held
                     await trio.sleep(0.3)
-                    assert echo_policy(await governance(cpx)) == held and (await governance(cpx))["version"] == "local:L1|echo=1"
+                    assert echo_policy(await governance(cpx)) == held and (await governance(cpx))["version"] == g["version"]
 
                     # the data path applies what is pushed: a forced empty subset answers NO_ROUTE, naming the rule
                     (d / "green.json").write_text(json.dumps(FORCE_GREEN))
@@ -196,7 +197,8 @@ async def test_policy_set_with_ctl_reaches_the_proxies_live() -> None:
                     g = await until(cpx, lambda g: (g["sources"].get("echo") or {}).get("policy_version") == 3, 2)
                     routing = echo_policy(g)["routing"]
                     assert [r["name"] for r in routing["rules"]] == ["green"] and routing["rules"][0]["force"] is False
-                    assert g["version"].startswith("local:L1|echo=3+routes:") and not g["sources"]["echo"]["route_rules_ignored"]
+                    assert re.fullmatch(r"local:L1\|echo=3#[0-9a-f]{8}\+routes:[0-9a-f]{12}", g["version"]), g["version"]
+                    assert not g["sources"]["echo"]["route_rules_ignored"]
                     await client.call("echo", "whoami", b"", timeout=5)  # green-only is gone: calls flow again
 
                     # history, newest first
@@ -335,7 +337,7 @@ async def test_warmup_start_from_the_control_plane_shapes_the_split_of_calls() -
                     (d / "cold.json").write_text(json.dumps({"routing": {"locality": "off", "slow_start": {"window": 0.0}}}))
                     rc, out, err = await ctl(d, cp, "policy", "set", "echo", str(d / "cold.json"))
                     assert rc == 0, err
-                    await until(cpx, lambda g: g["control_plane_version"] == "echo=2", 2)
+                    await until(cpx, lambda g: g["control_plane_version"].startswith("echo=2#"), 2)
                     warm = await new_share(300)
                     assert 0.3 < warm < 0.7, warm
                 nursery.cancel_scope.cancel()

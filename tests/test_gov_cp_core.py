@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -158,8 +159,12 @@ def test_route_rules_become_the_routing_of_a_policy_without_one() -> None:
 
     own = policy_from_message(pb.GovernancePolicy(service="echo", version=3, policy_json='{"routing": {"locality": "off"}}'))
     held = HeldPolicies(policy=(3, own), routes=_rules("a"))
-    wins = control_plane_policy_set({"echo": held, "pay": HeldPolicies(policy=(1, ServicePolicy("pay")))})
-    assert held.routes_ignored and wins is not None and wins.version == "echo=3;pay=1"
+    pay = HeldPolicies(policy=(1, ServicePolicy("pay")), policy_resource_version="0123456789abcdef")
+    wins = control_plane_policy_set({"echo": held, "pay": pay})
+    assert held.routes_ignored and wins is not None and wins.version == "echo=3;pay=1#01234567"
+    # a control plane that lost its store numbers from 1 again: the content hash keeps versions apart
+    other = control_plane_policy_set({"pay": replace(pay, policy_resource_version="fedcba9876543210")})
+    assert other is not None and other.version == "pay=1#fedcba98"
     assert wins.services["echo"] == own and wins.services["pay"].empty  # an empty policy still overrides the local one
 
 

@@ -162,10 +162,14 @@ class HeldPolicies:
     Attributes:
         policy: ``(version number, parsed policy)`` of the service's GovernancePolicy.
         routes: ``(resource version, message)`` of the service's RouteRules.
+        policy_resource_version: the GovernancePolicy's resource version (its
+            content hash): version numbers restart when a control plane loses
+            its store, content hashes do not collide.
     """
 
     policy: tuple[int, ServicePolicy] | None = None
     routes: tuple[str, pb.RouteRules] | None = None
+    policy_resource_version: str = ""
 
     @property
     def routes_ignored(self) -> bool:
@@ -180,9 +184,9 @@ def control_plane_policy_set(held: Mapping[str, HeldPolicies]) -> PolicySet | No
     own ``[governance]`` table applies to it). A service with route rules and
     no routing section in its policy gets a routing policy made of those rules
     (every other routing key at its default). The version names every part,
-    ``<service>=<policy version>[+routes:<route rules version>]`` joined with
-    ``;`` in name order (``-`` when there is no policy), so equal versions mean
-    equal content.
+    ``<service>=<policy version>[#<its content hash>][+routes:<route rules
+    version>]`` joined with ``;`` in name order (``-`` when there is no
+    policy), so equal versions mean equal content.
 
     Returns:
         The set, or ``None`` when no service has anything pushed.
@@ -200,7 +204,10 @@ def control_plane_policy_set(held: Mapping[str, HeldPolicies]) -> PolicySet | No
         if policy is None:
             continue
         services[name] = policy
-        parts.append(f"{name}={h.policy[0] if h.policy is not None else '-'}{used_routes}")
+        number = f"{h.policy[0]}#{h.policy_resource_version[:8]}" if h.policy is not None and h.policy_resource_version else (
+            str(h.policy[0]) if h.policy is not None else "-"
+        )
+        parts.append(f"{name}={number}{used_routes}")
     if not services:
         return None
     return PolicySet(version=";".join(parts), services=services)

@@ -545,7 +545,7 @@ class Discovery:
             cached = self._parsed.get(name)
             if cached is None or cached[0] != versions[name]:
                 cached = self._parsed[name] = (versions[name], policy_from_governance(msg))
-            held[name] = HeldPolicies(policy=(msg.version, cached[1]))
+            held[name] = HeldPolicies(policy=(msg.version, cached[1]), policy_resource_version=versions[name])
         for name in set(self._parsed) - set(policies):
             del self._parsed[name]
         route_versions = self.client.core.versions(TYPE_ROUTES)

@@ -148,7 +148,7 @@ max_ejection_percent = 50
 max_retries = 64
 [governance.services.echo.retry]
 max_attempts = 3
-idempotent_methods = ["echo", "who"]
+idempotent_methods = ["echo", "who", "sleep"]
 """
 
 
@@ -192,6 +192,11 @@ async def test_killed_provider_is_retried_elsewhere_with_no_failed_idempotent_ca
         async with gov_mesh([("a", {}), ("b", {}), ("c", {})], RESILIENT) as m, sdk.open_client(m.sock) as client:
             idem = Load("echo")
             unsafe = Load("count")
+            slow: list[bytes] = []
+
+            async def sleeper() -> None:  # surely in flight on every provider at the kill
+                slow.append(await client.call("echo", "sleep", b"0.5", timeout=5))
+
             async with trio.open_nursery() as n:
                 for w in range(6):
                     n.start_soon(idem.worker, client, w)
@@ -199,11 +204,15 @@ async def test_killed_provider_is_retried_elsewhere_with_no_failed_idempotent_ca
                     n.start_soon(unsafe.worker, client, 100 + w)
                 await trio.sleep(1.0)
                 before = idem.ok
+                for _ in range(20):
+                    n.start_soon(sleeper)
+                await trio.sleep(0.2)
                 m.kill("c")
                 await trio.sleep(1.5)
                 idem.stop.set()
                 unsafe.stop.set()
             assert idem.failures == [], idem.failures[:3]
+            assert slow == [b"slept"] * 20  # the ones in flight on c went again elsewhere
             assert idem.ok > before + 50
             # a call that may have been processed by the killed provider is never resent:
             # it fails, and only the ones that were in flight on its connection do
@@ -231,8 +240,12 @@ async def test_dead_app_answers_not_processed_and_even_unsafe_calls_move_on() ->
             assert failures == []
             ids = await seen(client, m, ["a"])
             assert all(ids[f"id-{i}"] == 1 for i in range(100))
-            # b's proxy said NOT_PROCESSED (its rejected counter) and b was ejected or retried around
+            # b's proxy said NOT_PROCESSED (its rejected counter), and b was ejected
             assert await m.providers["b"].proxy.metric("octoproxy_rejected_total") >= 1
+            gov = (await m.caller.json("/clusters"))["echo"]["governance"]  # type: ignore[index]
+            assert gov["ejected"] == [f"127.0.0.1:{m.providers['b'].port}"]
+            assert gov["breaker"]["requests"] == 0 and gov["breaker"]["retries"] == 0
+            assert await m.caller.metric('octoproxy_outlier_ejections_total{cluster="echo"}') == 1
 
 
 TAGS = """
@@ -303,6 +316,8 @@ async def test_circuit_breaker_answers_overloaded_with_the_reason() -> None:
                 assert "circuit breaker open" in info.value.message and "max_requests (2)" in info.value.message
             assert results == [b"slept", b"slept"]
             assert await client.call("echo", "who", b"", timeout=5) == b"a"  # units given back
+            dump = await m.caller.json("/config_dump")
+            assert dump["governance"] == {"version": "", "governed_routes": ["echo/*"]}  # type: ignore[index]
             assert await m.caller.metric('octoproxy_rejected_total{reason="circuit_breaker"}') == 1
 
 
@@ -384,6 +399,7 @@ async def test_ungoverned_route_has_no_caller_metrics() -> None:
         async with gov_mesh([("a", {})]) as m, sdk.open_client(m.sock) as client:
             assert await client.call("echo", "who", b"", timeout=5) == b"a"
             assert await m.caller.metric("octoproxy_calls_total{") == 0
+            assert (await m.caller.json("/config_dump"))["governance"] is None  # type: ignore[index]
             assert await m.caller.metric('octoproxy_requests_total{direction="outbound",service="echo",method="who",status="OK"}') == 1
 
 
@@ -415,3 +431,38 @@ async def test_locality_prefers_the_same_idc_then_region_then_others_then_backup
                 m.kill(dead)
                 await trio.sleep(0.3)  # its connection is seen lost
                 assert (await who())[nxt] >= 39, (dead, nxt)
+
+
+STEADY_LIMIT = """
+[governance]
+[[governance.services.echo.rate_limits]]
+name = "steady"
+direction = "outbound"
+rate = 30.0
+burst = 3.0
+"""
+
+
+async def test_rate_limit_holds_its_rate_within_ten_percent_over_ten_seconds() -> None:
+    with trio.fail_after(40):
+        async with gov_mesh([("a", {})], STEADY_LIMIT) as m, sdk.open_client(m.sock) as client:
+            ok = 0
+            limited = 0
+
+            async def worker() -> None:
+                nonlocal ok, limited
+                while trio.current_time() < end:
+                    try:
+                        await client.call("echo", "who", b"", timeout=5)
+                        ok += 1
+                    except sdk.CallError as exc:
+                        assert exc.status == Status.RATE_LIMITED
+                        limited += 1
+                    await trio.sleep(0.005)
+
+            end = trio.current_time() + 10.0
+            async with trio.open_nursery() as n:
+                for _ in range(4):
+                    n.start_soon(worker)
+            assert limited > ok  # offered well above the rate
+            assert abs(ok - (30 * 10 + 3)) <= 30, ok

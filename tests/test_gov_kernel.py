@@ -13,8 +13,8 @@ import pytest
 from octoproxy import Flags, Status
 from octoproxy.core._balancer import Endpoint
 from octoproxy.frame import encode_request, encode_response
-from octoproxy.governance import NOT_PROCESSED, parse_policy_set
-from octoproxy.core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link
+from octoproxy.governance import NOT_PROCESSED, Resource, parse_policy_set
+from octoproxy.core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from octoproxy.core._pipeline import Inbound, Outbound
 from test_engine import down, feed, frames, make, relay  # noqa: F401  (relay: the twins fixture)
 
@@ -229,3 +229,64 @@ def test_inbound_cluster_rate_is_divided_among_live_instances() -> None:
     assert limit is not None and limit.rate == 25.0
     engine.set_governance(gov(rate_limits=[{"name": "q", "cluster_rate": 100.0}]), 1.0)  # same rules: kept
     assert engine.inbound.gov is not None and engine.inbound.gov.limiter is ig.limiter
+
+
+def test_held_requests_take_pending_units_and_max_pending_answers_overloaded() -> None:
+    cluster = Cluster("echo", "round_robin", [Endpoint("10.0.0.1:9000")])
+    cluster.endpoints[0].healthy = False
+    engine = Engine(routes=[Route("echo", "*", "echo", 1.0)], clusters=[cluster], caller="web")
+    engine.set_governance(gov(breaker={"max_pending": 2}), 0.0)
+    cluster.connecting = 1  # a connection is on its way
+    d = down()
+    for sid in (1, 2, 3):
+        feed(engine, d, encode_request(sid, "echo", "m", b""))
+    (refused,) = frames(d)
+    assert refused.stream_id == 3 and refused.header.status == Status.OVERLOADED and "max_pending (2)" in refused.header.error
+    assert len(cluster.parked) == 2
+    breaker = cluster.gov.breaker if cluster.gov is not None else None
+    assert breaker is not None and breaker.in_use(Resource.PENDING) == 2
+    up = Link(UPSTREAM, "u", endpoint=cluster.endpoints[0], cluster=cluster)
+    cluster.connecting = 0
+    cluster.add_link(up)
+    engine.unpark(cluster, 0.1)
+    assert len(frames(up)) == 2 and breaker.in_use(Resource.PENDING) == 0
+    cluster.links.clear()
+    cluster.endpoints[0].healthy = False
+    cluster.connecting = 1
+    feed(engine, d, encode_request(4, "echo", "m", b""), 0.2)
+    assert breaker.in_use(Resource.PENDING) == 1
+    engine.expire(5.0)  # the park timeout: answered, its unit given back
+    answered = {f.stream_id: f.header.status for f in frames(d)}
+    assert answered[4] == Status.UNAVAILABLE and breaker.in_use(Resource.PENDING) == 0
+
+
+def test_a_filter_that_holds_parks_the_request_until_replayed() -> None:
+    from octoproxy.governance import CONTINUE, hold
+
+    class Gate:
+        kind = "gate"
+        on_request_acts = True
+        on_response_acts = False
+        closed = True
+
+        def on_request(self, call: Any, now_ms: int) -> Any:
+            return hold("gate closed") if self.closed else CONTINUE
+
+        def on_response(self, call: Any, status: int, now_ms: int) -> None:
+            return None
+
+    from octoproxy.core._pipeline import Chain
+
+    engine, (up,) = make()
+    engine.set_governance(gov(breaker={}), 0.0)
+    rg = engine._route_gov[0]
+    assert rg is not None
+    gate = Gate()
+    rg.chain = Chain((gate, *rg.filters))
+    d = down()
+    feed(engine, d, encode_request(1, "echo", "m", b""))
+    cluster = engine.clusters["echo"]
+    assert not up.out and not d.out and len(cluster.parked) == 1
+    gate.closed = False
+    engine.unpark(cluster, 0.1)
+    assert len(frames(up)) == 1 and not cluster.parked

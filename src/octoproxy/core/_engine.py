@@ -786,6 +786,8 @@ class Engine:
             return
         parked = cluster.parked
         cluster.parked = []
+        if cluster.gov is not None:
+            cluster.gov.settle_held(0)  # each governed one takes a unit again if it waits again
         try:
             for down, raw, t in parked:
                 if down.closed:
@@ -830,6 +832,8 @@ class Engine:
                         continue
                     self._refuse_raw(down, raw, "unavailable", Status.UNAVAILABLE, f"no connection to cluster {cluster.name!r} in time")
                 cluster.parked = keep
+                if cluster.gov is not None:
+                    cluster.gov.settle_held(len(keep))
 
     def abort_all(self, reason: str, links: Iterable[Link] = ()) -> int:
         """Answer everything still waiting UNAVAILABLE (end of a drain). Returns how many.
@@ -847,6 +851,8 @@ class Engine:
                 for link in cluster_links:
                     every[id(link)] = link
             parked, cluster.parked = cluster.parked, []
+            if cluster.gov is not None:
+                cluster.gov.settle_held(0)
             for down, raw, _t in parked:
                 if raw[3] == _REQUEST:
                     self._refuse_raw(down, raw, "drain", Status.UNAVAILABLE, reason)

@@ -53,6 +53,7 @@ from ..governance import (
     CONTINUE,
     CircuitBreaker,
     Direction,
+    Kind,
     Locality,
     Member,
     OutlierDetector,
@@ -68,6 +69,7 @@ from ..governance import (
     Verdict,
     answer,
     decide,
+    hold,
 )
 from ..governance import NOT_PROCESSED as NOT_PROCESSED
 
@@ -320,7 +322,8 @@ class Chain:
         self.responses = tuple(g for g in reversed(filters) if g.on_response_acts)
 
     def request(self, call: Call, now_ms: int) -> tuple[Filter, Verdict] | None:
-        """Run the request side; None when every filter continued, else the filter that answered and its verdict."""
+        """Run the request side; None when every filter continued, else the filter that answered
+        (or asked to hold: the request then waits in the held queue) and its verdict."""
         for f, undo in self.requests:
             v = f.on_request(call, now_ms)
             if v is not CONTINUE:
@@ -345,7 +348,7 @@ class ClusterGov:
         rng: randomness of the router.
     """
 
-    __slots__ = ("name", "router", "outlier", "breaker", "budget", "_members_key")
+    __slots__ = ("name", "router", "outlier", "breaker", "budget", "_members_key", "held", "_held_breaker")
 
     def __init__(self, name: str, local: Locality, now_ms: int, rng: random.Random) -> None:
         self.name = name
@@ -354,6 +357,9 @@ class ClusterGov:
         self.breaker: CircuitBreaker | None = None
         self.budget: RetryBudget | None = None
         self._members_key: tuple[Any, ...] = ()
+        #: PENDING units taken by requests waiting in the cluster's held queue, and from which breaker
+        self.held = 0
+        self._held_breaker: CircuitBreaker | None = None
 
     def configure(self, policy: ServicePolicy | None, now_ms: int) -> None:
         """Apply a (new) policy in place: units held stay held, ejections keep their end."""
@@ -383,6 +389,36 @@ class ClusterGov:
             self.budget = None
         elif self.budget is None or self.budget.config != rp.budget:
             self.budget = RetryBudget(rp.budget, now_ms)
+
+    def hold(self) -> Verdict:
+        """A request is about to wait for a connection: HOLD (a PENDING unit taken), or OVERLOADED (``max_pending``)."""
+        breaker = self.breaker
+        if breaker is None:
+            return _HOLD
+        if self.held and self._held_breaker is not breaker:
+            self.settle_held(0)  # units of a breaker a pushed policy replaced
+        v = breaker.hold_pending()
+        if v.kind is Kind.HOLD:
+            self.held += 1
+            self._held_breaker = breaker
+        return v
+
+    def settle_held(self, waiting: int) -> None:
+        """Give back the PENDING units beyond ``waiting`` requests still held (they left the queue)."""
+        breaker = self._held_breaker
+        while self.held > waiting:
+            self.held -= 1
+            if breaker is not None:
+                breaker.release(Resource.PENDING)
+
+    def state(self, now_ms: int) -> dict[str, Any]:
+        """What ``GET /clusters`` shows: ejected endpoints, breaker units in use, retries the budget allows."""
+        out: dict[str, Any] = {"ejected": sorted(self.router._ejected)}
+        if self.breaker is not None:
+            out["breaker"] = {r.name.lower(): self.breaker.in_use(r) for r in Resource}
+        if self.budget is not None:
+            out["retry_budget_available"] = self.budget.available(now_ms)
+        return out
 
     def sync(self, endpoints: Sequence[Endpoint]) -> None:
         """Follow the cluster's endpoints (discovery changed them, or their fields)."""
@@ -576,7 +612,12 @@ class Outbound:
             engine._refuse(down, scanner, i, "overloaded", Status.OVERLOADED, "too many requests in flight")
             return
         if not any(cluster.links.values()) and cluster.connecting:
-            engine.park(cluster, down, mv, off, size, now)  # held before any filter takes a unit
+            # held before any filter takes a unit (it runs them when replayed)
+            v = rg.cgov.hold()
+            if v.kind is not Kind.HOLD:
+                engine._refuse(down, scanner, i, "circuit_breaker", v.status, v.reason)
+                return
+            engine.park(cluster, down, mv, off, size, now)
             return
         hlen = mv[off + 18] << 8 | mv[off + 19]
         md = _EMPTY_MD
@@ -592,7 +633,10 @@ class Outbound:
         call.stats = engine.request_stats("outbound", service_b, method_b)
         refused = rg.chain.request(call, now_ms)
         if refused is not None:
-            engine._refuse(down, scanner, i, refused[0].kind, refused[1].status, refused[1].reason)
+            if refused[1].kind is Kind.HOLD:  # a filter asks to wait: the held queue (it runs again on replay)
+                engine.park(cluster, down, mv, off, size, now)
+            else:
+                engine._refuse(down, scanner, i, refused[0].kind, refused[1].status, refused[1].reason)
             return
         call.frame = _frame_of(call, engine.stamp, mv, off, hlen, size)
         if len(call.frame) > engine.max_frame_size or len(call.frame) - size + hlen > 0xFFFF:
@@ -744,6 +788,7 @@ class Outbound:
             down.on_idle(down)
 
 
+_HOLD = hold("waiting for a connection")
 _FAILURES = frozenset({int(Status.UNAVAILABLE), int(Status.TIMEOUT), int(Status.OVERLOADED)})
 
 
@@ -789,7 +834,10 @@ class Inbound:
         call.stats = engine.request_stats("inbound", service_b, method_b)
         refused = ig.chain.request(call, now_ms)
         if refused is not None:
-            engine._refuse(down, scanner, i, refused[0].kind, refused[1].status, refused[1].reason)
+            if refused[1].kind is Kind.HOLD:
+                engine.park(cluster, down, mv, off, size, now)
+            else:
+                engine._refuse(down, scanner, i, refused[0].kind, refused[1].status, refused[1].reason)
             return
         call.frame = _frame_of(call, b"", mv, off, hlen, size)
         if oneway:

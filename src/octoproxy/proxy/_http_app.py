@@ -1,0 +1,242 @@
+"""The provider side of HTTP/1.1 in the mesh: frames in, the app's HTTP port out (Trio shell).
+
+With ``inbound.app_codec = "http1"`` the inbound side's "local app" is this
+bridge, in the proxy's own process: it serves frames on a private abstract
+Unix socket (one per process, so two generations of a hot restart never
+share it), which the engine's local-app pool dials exactly as it dials an SDK
+app. Each request frame's body (a normalised HTTP/1.1 request,
+:mod:`octoproxy.protocol._http1`) is sent to ``inbound.app_http`` on a pooled
+keep-alive connection (at most ``inbound.app_http_connections``, which is
+also how many requests the app sees at once; more wait, with their
+deadlines), and the app's response goes back as the response frame's body.
+
+Failures: the app refusing the connection or closing it without an answer
+is UNAVAILABLE, no answer by the request's deadline (or
+``inbound.app_http_timeout``) is TIMEOUT, a malformed or oversized answer is
+APPLICATION_ERROR; the caller's proxy maps these to 503, 504 and 502.
+
+A pooled connection the app closed while idle is noticed before reuse (it
+reads as EOF); one that fails on reuse before any byte of the answer came
+is retried once on a fresh connection for idempotent methods.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import socket
+import h11
+import trio
+
+from .._protocol import Status  # LAYOUT: ..protocol._protocol
+from ..protocol._http1 import HttpMappingError, decode_request, encode_response
+from ..sdk._server_core import TIMEOUT_OUTCOME, Request
+from ..sdk._trio_server import _Server
+
+log = logging.getLogger("octoproxy.proxy.http_app")
+
+__all__ = ["HttpAppBridge"]
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_ids = itertools.count(1)
+
+
+class _AppError(Exception):
+    def __init__(self, status: int, message: str, *, retry: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry = retry
+
+
+class _AppConn:
+    """One keep-alive connection to the app."""
+
+    __slots__ = ("stream", "h11")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    def stale(self) -> bool:
+        """The app closed (or wrote unasked) while the connection sat idle in the pool."""
+        sock = self.stream.socket
+        try:
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # type: ignore[attr-defined]
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        del data  # EOF, or bytes nobody asked for: either way not reusable
+        return True
+
+
+class _BridgeServer(_Server):
+    """The SDK's frame server, with the handler outcome taken from the app's HTTP answer."""
+
+    def __init__(self, bridge: HttpAppBridge, limit: trio.Semaphore, max_frame_size: int) -> None:
+        super().__init__(bridge.handle_unused, limit, max_frame_size)
+        self.bridge = bridge
+
+    async def run_handler(self, req: Request) -> tuple[int, str, bytes]:
+        now = trio.current_time()
+        deadline = min(req.deadline if req.deadline is not None else math.inf, now + self.bridge.timeout)
+        if now >= deadline:
+            return TIMEOUT_OUTCOME
+        with trio.move_on_at(deadline):
+            return await self.bridge.exchange(req)
+        return TIMEOUT_OUTCOME
+
+
+class HttpAppBridge:
+    """Frames from the engine -> the app's HTTP/1.1 port, pooled.
+
+    Args:
+        app_http: the app's ``host:port``.
+        connections: most connections to the app at once (and requests in flight to it).
+        timeout: longest wait for the app's answer when the request has no deadline of its own.
+        max_frame_size: the frame size limit; a bigger answer is refused.
+    """
+
+    def __init__(self, app_http: str, connections: int, timeout: float, max_frame_size: int) -> None:
+        from .._config import split_host_port  # LAYOUT: ._config
+
+        self.host, self.port = split_host_port(app_http)
+        self.app_http = app_http
+        self.connections = connections
+        self.timeout = timeout
+        self.max_frame_size = max_frame_size
+        self.max_response = max_frame_size - 4096
+        #: the abstract socket name the engine's local-app pool dials (``unix:`` + NUL + name)
+        self.name = f"\0octoproxy-http1-{os.getpid()}-{next(_ids)}"
+        self.address = "unix:" + self.name
+        self._idle: list[_AppConn] = []
+        self.app_up = False
+
+    async def handle_unused(self, req: Request) -> bytes:  # pragma: no cover - run_handler is overridden
+        raise AssertionError("unused")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Wait until the app's port accepts, then serve frames on :attr:`address` until cancelled."""
+        task_status.started()
+        delay = 0.05
+        warned = trio.current_time() + 5.0
+        while True:
+            try:
+                with trio.fail_after(2.0):
+                    stream = await trio.open_tcp_stream(self.host, self.port)
+            except (OSError, trio.TooSlowError) as exc:
+                if trio.current_time() >= warned:
+                    log.warning("the app's HTTP port %s does not answer yet (%s)", self.app_http, exc)
+                    warned = trio.current_time() + 30.0
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            self._idle.append(_AppConn(stream))
+            break
+        self.app_up = True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.name)
+            sock.listen(64)
+        except BaseException:
+            sock.close()
+            raise
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        server = _BridgeServer(self, trio.Semaphore(self.connections), self.max_frame_size)
+        try:
+            await trio.serve_listeners(server.handle_connection, [listener])
+        finally:
+            for conn in self._idle:
+                await trio.aclose_forcefully(conn.stream)
+            self._idle.clear()
+
+    # ------------------------------------------------------------ one exchange
+
+    async def exchange(self, req: Request) -> tuple[int, str, bytes]:
+        """Send one request frame's HTTP request to the app: ``(status, error, body)`` for the response frame."""
+        try:
+            method, target, headers, body = decode_request(req.body)
+            headers.append((b"content-length", str(len(body)).encode()))
+            request = h11.Request(method=method, target=target, headers=headers)
+        except (HttpMappingError, h11.LocalProtocolError) as exc:
+            return Status.APPLICATION_ERROR, f"not a valid HTTP request frame: {exc}", b""
+        for attempt in (0, 1):
+            conn, reused = await self._checkout()
+            try:
+                answer = await self._round_trip(conn, request, body)
+            except _AppError as exc:
+                await trio.aclose_forcefully(conn.stream)
+                if exc.retry and reused and attempt == 0 and method in _IDEMPOTENT:
+                    continue
+                return exc.status, exc.message, b""
+            except BaseException:
+                await trio.aclose_forcefully(conn.stream)  # cancelled (deadline) mid-exchange: never reused
+                raise
+            self._checkin(conn)
+            return Status.OK, "", answer
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _checkout(self) -> tuple[_AppConn, bool]:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.h11.our_state is h11.IDLE and not conn.stale():
+                return conn, True
+            await trio.aclose_forcefully(conn.stream)
+        try:
+            stream = await trio.open_tcp_stream(self.host, self.port)
+        except OSError as exc:
+            raise _AppError(Status.UNAVAILABLE, f"the app does not accept on {self.app_http}: {exc.strerror or exc}") from None
+        return _AppConn(stream), False
+
+    def _checkin(self, conn: _AppConn) -> None:
+        h = conn.h11
+        if h.our_state is h11.DONE and h.their_state is h11.DONE:
+            h.start_next_cycle()
+            if len(self._idle) < self.connections:
+                self._idle.append(conn)
+                return
+        conn.stream.socket.close()
+
+    async def _round_trip(self, conn: _AppConn, request: h11.Request, body: bytes) -> bytes:
+        h = conn.h11
+        data = h.send(request) or b""
+        if body:
+            data += h.send(h11.Data(data=body)) or b""
+        data += h.send(h11.EndOfMessage()) or b""
+        got_any = False
+        try:
+            await conn.stream.send_all(data)
+            status = 0
+            reason = b""
+            headers: list[tuple[bytes, bytes]] = []
+            parts: list[bytes] = []
+            size = 0
+            while True:
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    chunk = await conn.stream.receive_some(65536)
+                    if chunk:
+                        got_any = True
+                    h.receive_data(chunk)
+                    continue
+                if isinstance(event, h11.InformationalResponse):
+                    continue
+                if isinstance(event, h11.Response):
+                    status, reason, headers = event.status_code, event.reason, list(event.headers)
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > self.max_response:
+                        raise _AppError(Status.APPLICATION_ERROR, f"the app's response exceeds {self.max_response} bytes")
+                    parts.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    return encode_response(status, reason, headers, b"".join(parts), head=request.method == b"HEAD")
+                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    raise _AppError(Status.UNAVAILABLE, "the app closed the connection without answering", retry=not got_any)
+        except h11.RemoteProtocolError as exc:
+            if not got_any:
+                raise _AppError(Status.UNAVAILABLE, "the app closed the connection without answering", retry=True) from None
+            raise _AppError(Status.APPLICATION_ERROR, f"malformed HTTP response from the app: {exc}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _AppError(Status.UNAVAILABLE, f"connection to the app lost: {exc}", retry=not got_any) from None

@@ -1,0 +1,316 @@
+"""The caller side of HTTP/1.1 in the mesh: a listener for plain HTTP clients (Trio shell).
+
+Each accepted connection runs one task: read, feed the sans-IO
+:class:`~octoproxy.protocol._http1.ServerConnection`, and forward each complete
+request as one frame through an in-process SDK client connected to this
+proxy's own outbound socket, so the request takes exactly the path an SDK
+app's call takes (routes, policies, balancing, hot restart, metrics); the
+engine is untouched. Answers go back in order (pipelining), one request at a
+time per connection.
+
+Limits: ``http.max_connections`` (beyond it: 503 OVERLOADED and close), a
+request begun must arrive whole within ``http.read_timeout`` (408), an idle
+keep-alive connection is closed after ``http.idle_timeout``, bodies above
+``http.max_body`` get 413 and heads above ``http.max_header_size`` get 431.
+
+Drain (SIGTERM, hot restart): :meth:`HttpListener.drain` marks every
+connection closing. A request that arrives on a closing connection is still
+answered (forwarded during a hot restart, where the SDK client resends it to
+the new generation; 503 during a plain shutdown), with ``Connection: close``.
+A connection that stays idle is closed once it has been quiet for
+``http.drain_grace``, after a last non-blocking read: a request already in
+the socket is answered, never dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from .. import sdk
+from .._protocol import Status  # LAYOUT: ..protocol._protocol
+from ..protocol._http1 import HttpExchange, Refusal, ServerConnection, encode_request
+
+log = logging.getLogger("octoproxy.proxy.http")
+
+__all__ = ["HttpListener"]
+
+_RECV = 65536
+
+
+class _Conn:
+    __slots__ = ("sock", "core", "scope", "last_active", "busy")
+
+    def __init__(self, sock: socket.socket, core: ServerConnection, now: float) -> None:
+        self.sock = sock
+        self.core = core
+        self.scope: trio.CancelScope | None = None  # the current read wait
+        self.last_active = now
+        self.busy = False
+
+
+class HttpListener:
+    """Plain HTTP/1.1 clients -> frames on this proxy's outbound path.
+
+    Args:
+        cfg: the ``[http]`` section.
+        outbound_uds: this proxy's outbound socket (the in-process client dials it).
+        max_frame_size: the frame size limit (the in-process client's too).
+        registry: metrics registry.
+        can_forward: during a drain, whether a new request may still be forwarded
+            (a hot restart: yes, the next generation takes it; a shutdown: no).
+    """
+
+    def __init__(self, cfg: Any, outbound_uds: str, max_frame_size: int, registry: Any, can_forward: Callable[[], bool]) -> None:
+        self.cfg = cfg
+        self.outbound_uds = outbound_uds
+        self.max_frame_size = max_frame_size
+        self.can_forward = can_forward
+        self.conns: set[_Conn] = set()
+        self.draining = False
+        self._client: sdk.Client | None = None
+        self._client_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self._responses = registry.counter("octoproxy_http_responses_total", "HTTP/1.1 listener answers, by status code class.", ("code",))
+        self._errors = registry.counter("octoproxy_http_errors_total", "HTTP/1.1 listener refusals and failures, by kind.", ("kind",))
+        registry.gauge_func("octoproxy_http_connections", "Open connections on the HTTP/1.1 listener.", lambda: float(len(self.conns)))
+
+    # ------------------------------------------------------------ accepting
+
+    async def serve(self, lsock: socket.socket, conn_nursery: trio.Nursery) -> None:
+        """Accept until cancelled; connections are served in ``conn_nursery`` (they outlive the accept loop)."""
+        self._nursery = conn_nursery
+        overflow = 0
+        while True:
+            await trio.lowlevel.wait_readable(lsock)
+            try:
+                sock, _addr = lsock.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED):
+                    self._errors.labels("accept_failed").inc()
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if len(self.conns) >= self.cfg.max_connections:
+                self._errors.labels("connection_limit").inc()
+                if overflow >= 64:  # a flood: no task per refused connection
+                    sock.close()
+                    continue
+                overflow += 1
+
+                async def refuse(s: socket.socket = sock) -> None:
+                    nonlocal overflow
+                    try:
+                        await self._refuse_connection(s)
+                    finally:
+                        overflow -= 1
+
+                conn_nursery.start_soon(refuse)
+                continue
+            conn = _Conn(sock, ServerConnection(self.cfg.max_body, self.cfg.max_header_size), trio.current_time())
+            self.conns.add(conn)  # counted at once: the limit above sees it before its task runs
+            conn_nursery.start_soon(self._serve_conn, conn)
+
+    async def _refuse_connection(self, sock: socket.socket) -> None:
+        """Over the connection limit: 503 OVERLOADED, then close after reading what came (no RST)."""
+        core = ServerConnection(1, self.cfg.max_header_size)
+        core.closing = True
+        core.respond_error(None, Status.OVERLOADED, f"connection limit {self.cfg.max_connections} reached")
+        try:
+            with trio.move_on_after(1.0):
+                await self._send(sock, core.data_to_send())
+                sock.shutdown(socket.SHUT_WR)
+                while await self._recv(sock):
+                    pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    # ------------------------------------------------------------ draining
+
+    def drain(self) -> None:
+        """Stop keeping connections alive: answer what arrives with ``Connection: close``, close idle ones."""
+        self.draining = True
+        now = trio.current_time()
+        for conn in self.conns:
+            conn.core.closing = True
+            self._arm_drain(conn, now)
+
+    def _arm_drain(self, conn: _Conn, now: float) -> None:
+        if conn.scope is not None and conn.core.idle and not conn.busy:
+            conn.scope.deadline = min(conn.scope.deadline, max(now, conn.last_active + self.cfg.drain_grace))
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.conns)
+
+    # ------------------------------------------------------------ one connection
+
+    async def _serve_conn(self, conn: _Conn) -> None:
+        sock = conn.sock
+        core = conn.core
+        cfg = self.cfg
+        begun: float | None = None  # when the first bytes of the current request arrived
+        try:
+            while True:
+                item = core.next_request()
+                out = core.data_to_send()  # a 100 Continue
+                if out:
+                    await self._send(sock, out)
+                if item is None:
+                    if core.eof:
+                        return
+                    now = trio.current_time()
+                    if core.idle:
+                        begun = None
+                        deadline = conn.last_active + cfg.idle_timeout if cfg.idle_timeout else math.inf
+                        if self.draining:
+                            deadline = min(deadline, max(now, conn.last_active + cfg.drain_grace))
+                    else:
+                        if begun is None:
+                            begun = now
+                        deadline = begun + cfg.read_timeout
+                    data = await self._read(conn, deadline)
+                    if data is None:  # the deadline passed
+                        refusal = core.timed_out()
+                        if refusal is None:
+                            self._errors.labels("idle_closed" if not self.draining else "drain_closed").inc()
+                            return
+                        self._errors.labels("read_timeout").inc()
+                        core.refuse(refusal)
+                        await self._finish(conn, 408)
+                        return
+                    core.receive_data(data)
+                    continue
+                conn.busy = True
+                if isinstance(item, Refusal):
+                    self._errors.labels(f"refused_{item.code}").inc()
+                    core.refuse(item)
+                    await self._finish(conn, item.code)
+                    return
+                if self.draining:
+                    core.closing = True
+                code = await self._forward(core, item)
+                await self._send(sock, core.data_to_send())
+                self._responses.labels(f"{code // 100}xx").inc()
+                conn.busy = False
+                conn.last_active = trio.current_time()
+                begun = None
+                if core.closing:
+                    await self._finish(conn, None)
+                    return
+        except (OSError, trio.TooSlowError):
+            self._errors.labels("connection_lost").inc()
+        finally:
+            self.conns.discard(conn)
+            sock.close()
+
+    async def _read(self, conn: _Conn, deadline: float) -> bytes | None:
+        """Bytes from the client (``b""`` at EOF), or None if ``deadline`` passed first.
+
+        During a drain the wait's deadline may be brought forward
+        (:meth:`_arm_drain`); when it passes, one last non-blocking read still
+        takes a request that is already in the socket.
+        """
+        sock = conn.sock
+        with trio.CancelScope(deadline=deadline) as scope:
+            conn.scope = scope
+            if self.draining:
+                self._arm_drain(conn, trio.current_time())
+            try:
+                while True:
+                    try:
+                        return sock.recv(_RECV)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(sock)
+            finally:
+                conn.scope = None
+        try:  # cancelled: a last look, so a request already on its way is never dropped
+            return sock.recv(_RECV)
+        except BlockingIOError:
+            return None
+
+    async def _recv(self, sock: socket.socket) -> bytes:
+        while True:
+            try:
+                return sock.recv(_RECV)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+
+    async def _send(self, sock: socket.socket, data: bytes) -> None:
+        """Write all of ``data``; a client that takes none of it for ``read_timeout`` is cut off."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = sock.send(view)
+            except BlockingIOError:
+                with trio.fail_after(self.cfg.read_timeout):
+                    await trio.lowlevel.wait_writable(sock)
+                continue
+            view = view[n:]
+
+    async def _finish(self, conn: _Conn, code: int | None) -> None:
+        """Send what is owed, then close gracefully: FIN first, and read (bounded) until the client closes."""
+        sock = conn.sock
+        if code is not None:
+            self._responses.labels(f"{code // 100}xx").inc()
+        try:
+            await self._send(sock, conn.core.data_to_send())
+            sock.shutdown(socket.SHUT_WR)
+            with trio.move_on_after(1.0):  # a close with unread bytes would reset, and lose our answer
+                total = 0
+                while total < (1 << 20):
+                    data = await self._recv(sock)
+                    if not data:
+                        break
+                    total += len(data)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ forwarding
+
+    async def _get_client(self) -> sdk.Client:
+        if self._client is not None:
+            return self._client
+        async with self._client_lock:
+            if self._client is None:
+                assert self._nursery is not None
+                self._client = await sdk.connect(self._nursery, self.outbound_uds, max_frame_size=self.max_frame_size, connect_timeout=2.0)
+            return self._client
+
+    async def _forward(self, core: ServerConnection, ex: HttpExchange) -> int:
+        """Send ``ex`` as one frame, write its answer into ``core``; returns the HTTP status code sent."""
+        if not ex.service:
+            core.respond_error(ex, Status.NO_ROUTE, "no Host header or absolute-form target names a service")
+            return 404
+        if self.draining and not self.can_forward():
+            core.closing = True
+            core.respond_error(ex, Status.UNAVAILABLE, "the proxy is shutting down")
+            return 503
+        try:
+            client = await self._get_client()
+            with trio.fail_after(self.cfg.request_timeout):
+                reply = await client.call(ex.service, ex.frame_method, encode_request(ex), metadata=ex.metadata or None)
+        except sdk.CallError as exc:
+            core.respond_error(ex, exc.status, exc.message)
+            return int(core.last_code)
+        except trio.TooSlowError:
+            core.respond_error(ex, Status.TIMEOUT, f"no answer within http.request_timeout {self.cfg.request_timeout:g}s")
+            return 504
+        except OSError as exc:  # the in-process client could not reach this proxy's outbound socket
+            log.warning("HTTP listener: cannot reach the outbound socket %s: %s", self.outbound_uds, exc)
+            core.respond_error(ex, Status.UNAVAILABLE, "the proxy's outbound path is not reachable")
+            return 503
+        core.respond(ex, reply)
+        return int(core.last_code)

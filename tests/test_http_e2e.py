@@ -5,7 +5,6 @@ every part a real process on loopback."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import urllib.request
@@ -48,6 +47,11 @@ def _requests_calls(m: HttpMesh) -> list[str]:
             assert r.headers["x-path"] == f"/echo?i={i}"
             assert r.headers["x-method"] == "POST"
             out.append(r.headers["x-host"])
+        # the provider's proxy keeps its connections to the app alive: 5 requests, 1 connection
+        assert s.get(f"{m.base}/connections", headers={"Host": SERVICE}, timeout=5).text == "1"
+        # the app closing its side is noticed before the pooled connection is used again
+        assert s.get(f"{m.base}/close", headers={"Host": SERVICE}, timeout=5).text == "bye"
+        assert s.get(f"{m.base}/connections", headers={"Host": SERVICE}, timeout=5).text == "2"
         # HTTP_PROXY style: absolute-form, the host naming the service
         r = s.get(f"http://{SERVICE}/echo/abs", proxies={"http": m.proxy_url}, timeout=5)
         assert r.status_code == 200 and r.headers["x-path"] == "/echo/abs"
@@ -60,7 +64,7 @@ async def test_requests_keepalive_and_proxy_form() -> None:
             hosts = await trio.to_thread.run_sync(_requests_calls, m)
             assert hosts == [SERVICE] * 5
             # keep-alive: one client connection served all six requests
-            assert await m.caller.metric('octoproxy_http_responses_total{code="2xx"}') == 6
+            assert await m.caller.metric('octoproxy_http_responses_total{code="2xx"}') == 9
             assert await m.caller.metric("octoproxy_http_connections") <= 1
             # the exchange crossed the mesh as frames: counted by route, method = "POST /echo"
             assert await m.provider.metric('octoproxy_requests_total{direction="inbound",service="web",method="POST /echo"') == 5
@@ -278,7 +282,3 @@ def test_no_extensions_env_is_honoured() -> None:
     assert frame.IMPLEMENTATION in ("cython", "python")
     if os.environ.get("OCTOPROXY_NO_EXTENSIONS") == "1":
         assert frame.IMPLEMENTATION == "python"
-
-
-def _json(b: bytes) -> object:
-    return json.loads(b)

@@ -11,6 +11,7 @@ Keep-alive (HTTP/1.1), one thread per connection. Paths:
   /status?code=C   an empty answer with status C
   /count           records the body (a unique id) and returns it; /seen returns {"unique": N, "duplicates": M}
   /close           answers with Connection: close
+  /connections     how many TCP connections the app has accepted
 Prints "http app ready port=N" on stdout once listening.
 """
 
@@ -25,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 SEEN: dict[bytes, int] = {}
 LOCK = threading.Lock()
+CONNECTIONS = [0]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -32,6 +34,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with LOCK:
+            CONNECTIONS[0] += 1
 
     def _body(self) -> bytes:
         n = int(self.headers.get("Content-Length") or 0)
@@ -80,6 +87,8 @@ class Handler(BaseHTTPRequestHandler):
                 dups = sum(n - 1 for n in SEEN.values())
                 out = {"unique": len(SEEN), "duplicates": dups}
             self._send(200, json.dumps(out).encode())
+        elif path == "/connections":
+            self._send(200, str(CONNECTIONS[0]).encode())
         elif path == "/close":
             self.close_connection = True
             self._send(200, b"bye", {"Connection": "close"})

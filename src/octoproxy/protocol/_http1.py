@@ -164,7 +164,7 @@ class HttpExchange:
 def _end_to_end(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop fields, and those the Connection field names."""
     headers = list(headers)
-    named = set()
+    named: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
             named.update(v.strip().lower() for v in value.split(b","))

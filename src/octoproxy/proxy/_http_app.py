@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import socket
 import h11
 import trio
@@ -61,15 +62,10 @@ class _AppConn:
 
     def stale(self) -> bool:
         """The app closed (or wrote unasked) while the connection sat idle in the pool."""
-        sock = self.stream.socket
-        try:
-            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # type: ignore[attr-defined]
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        del data  # EOF, or bytes nobody asked for: either way not reusable
-        return True
+        # readable while idle means EOF or bytes nobody asked for: either way not reusable
+        poller = select.poll()
+        poller.register(self.stream.socket.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
 
 
 class _BridgeServer(_Server):
@@ -170,7 +166,7 @@ class HttpAppBridge:
                 await trio.aclose_forcefully(conn.stream)
                 if exc.retry and reused and attempt == 0 and method in _IDEMPOTENT:
                     continue
-                return exc.status, exc.message, b""
+                return exc.status, str(exc), b""
             except BaseException:
                 await trio.aclose_forcefully(conn.stream)  # cancelled (deadline) mid-exchange: never reused
                 raise

@@ -906,7 +906,7 @@ def _check_cross_fields(cfg: ProxyConfig, data: Mapping[str, object]) -> ProxyCo
     inbound = data.get("inbound")
     if cfg.inbound is not None and isinstance(inbound, Mapping):
         if cfg.inbound.app_codec == "frame" and "app_uds" not in inbound:
-            errors.add("inbound.app_uds: required (the local app's Unix socket), unless app_codec = \"http1\"")
+            errors.add("inbound.app_uds: required key missing (the app's Unix socket; an HTTP app: app_codec = \"http1\", app_http)")
         if cfg.inbound.app_codec == "http1" and cfg.inbound.app_http is None:
             errors.add("inbound.app_http: required with app_codec = \"http1\" (the app's HTTP port, host:port)")
     errors.raise_any()

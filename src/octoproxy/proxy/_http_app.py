@@ -28,11 +28,11 @@ import math
 import os
 import select
 import socket
-import h11
 import trio
 
 from .._protocol import Status  # LAYOUT: ..protocol._protocol
-from ..protocol._http1 import HttpMappingError, decode_request, encode_response
+from ..protocol._http1 import decode_request, encode_response
+from ..protocol._http1_app import AppResponseError, encode_app_request, response_reader
 from ..sdk._server_core import TIMEOUT_OUTCOME, Request
 from ..sdk._trio_server import _Server
 
@@ -54,11 +54,11 @@ class _AppError(Exception):
 class _AppConn:
     """One keep-alive connection to the app."""
 
-    __slots__ = ("stream", "h11")
+    __slots__ = ("stream", "reusable")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reusable = True
 
     def stale(self) -> bool:
         """The app closed (or wrote unasked) while the connection sat idle in the pool."""
@@ -154,14 +154,13 @@ class HttpAppBridge:
         """Send one request frame's HTTP request to the app: ``(status, error, body)`` for the response frame."""
         try:
             method, target, headers, body = decode_request(req.body)
-            headers.append((b"content-length", str(len(body)).encode()))
-            request = h11.Request(method=method, target=target, headers=headers)
-        except (HttpMappingError, h11.LocalProtocolError) as exc:
+            data = encode_app_request(method, target, headers, body)
+        except ValueError as exc:  # HttpMappingError too
             return Status.APPLICATION_ERROR, f"not a valid HTTP request frame: {exc}", b""
         for attempt in (0, 1):
             conn, reused = await self._checkout()
             try:
-                answer = await self._round_trip(conn, request, body)
+                answer = await self._round_trip(conn, method, data)
             except _AppError as exc:
                 await trio.aclose_forcefully(conn.stream)
                 if exc.retry and reused and attempt == 0 and method in _IDEMPOTENT:
@@ -177,7 +176,7 @@ class HttpAppBridge:
     async def _checkout(self) -> tuple[_AppConn, bool]:
         while self._idle:
             conn = self._idle.pop()
-            if conn.h11.our_state is h11.IDLE and not conn.stale():
+            if not conn.stale():
                 return conn, True
             await trio.aclose_forcefully(conn.stream)
         try:
@@ -187,52 +186,22 @@ class HttpAppBridge:
         return _AppConn(stream), False
 
     def _checkin(self, conn: _AppConn) -> None:
-        h = conn.h11
-        if h.our_state is h11.DONE and h.their_state is h11.DONE:
-            h.start_next_cycle()
-            if len(self._idle) < self.connections:
-                self._idle.append(conn)
-                return
+        if conn.reusable and len(self._idle) < self.connections:
+            self._idle.append(conn)
+            return
         conn.stream.socket.close()
 
-    async def _round_trip(self, conn: _AppConn, request: h11.Request, body: bytes) -> bytes:
-        h = conn.h11
-        data = h.send(request) or b""
-        if body:
-            data += h.send(h11.Data(data=body)) or b""
-        data += h.send(h11.EndOfMessage()) or b""
-        got_any = False
+    async def _round_trip(self, conn: _AppConn, method: bytes, data: bytes) -> bytes:
+        reader = response_reader(method, self.max_response)
         try:
             await conn.stream.send_all(data)
-            status = 0
-            reason = b""
-            headers: list[tuple[bytes, bytes]] = []
-            parts: list[bytes] = []
-            size = 0
-            while True:
-                event = h.next_event()
-                if event is h11.NEED_DATA:
-                    chunk = await conn.stream.receive_some(65536)
-                    if chunk:
-                        got_any = True
-                    h.receive_data(chunk)
-                    continue
-                if isinstance(event, h11.InformationalResponse):
-                    continue
-                if isinstance(event, h11.Response):
-                    status, reason, headers = event.status_code, event.reason, list(event.headers)
-                elif isinstance(event, h11.Data):
-                    size += len(event.data)
-                    if size > self.max_response:
-                        raise _AppError(Status.APPLICATION_ERROR, f"the app's response exceeds {self.max_response} bytes")
-                    parts.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    return encode_response(status, reason, headers, b"".join(parts), head=request.method == b"HEAD")
-                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                    raise _AppError(Status.UNAVAILABLE, "the app closed the connection without answering", retry=not got_any)
-        except h11.RemoteProtocolError as exc:
-            if not got_any:
-                raise _AppError(Status.UNAVAILABLE, "the app closed the connection without answering", retry=True) from None
-            raise _AppError(Status.APPLICATION_ERROR, f"malformed HTTP response from the app: {exc}") from None
+            while not reader.feed(await conn.stream.receive_some(65536)):
+                pass
+        except AppResponseError as exc:
+            if not exc.partial:  # closed before any byte of an answer: a stale connection
+                raise _AppError(Status.UNAVAILABLE, str(exc), retry=True) from None
+            raise _AppError(Status.APPLICATION_ERROR, str(exc)) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise _AppError(Status.UNAVAILABLE, f"connection to the app lost: {exc}", retry=not got_any) from None
+            raise _AppError(Status.UNAVAILABLE, f"connection to the app lost: {exc}", retry=not reader.got) from None
+        conn.reusable = reader.keep_alive
+        return encode_response(reader.status, reader.reason, reader.headers, reader.body, head=method == b"HEAD")

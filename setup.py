@@ -1,5 +1,5 @@
-"""Build script: the compiled parts are ``octoproxy._fastframe`` (frame codec,
-scanner, route table) and ``octoproxy._fastpath`` (the proxy's per-frame relay).
+"""Build script: the compiled parts are ``octoproxy.protocol._fastframe`` (frame codec,
+scanner, route table) and ``octoproxy.core._fastpath`` (the proxy's per-frame relay).
 
 Environment switches:
   OCTOPROXY_NO_EXTENSIONS=1  build a pure-Python wheel (the twin is used at run time)
@@ -24,8 +24,8 @@ def extensions() -> list:
     macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if TRACE else []
     args = ["-O3"] if sys.platform != "win32" else []
     exts = [
-        Extension(f"octoproxy.{name}", [f"src/octoproxy/{name}.pyx"], define_macros=macros, extra_compile_args=args)
-        for name in ("_fastframe", "_fastpath", "_fastguard")
+        Extension(f"octoproxy.{name}", [f"src/octoproxy/{name.replace('.', '/')}.pyx"], define_macros=macros, extra_compile_args=args)
+        for name in ("protocol._fastframe", "core._fastpath", "core._fastguard")
     ]
     directives = {
         "language_level": "3",

@@ -74,7 +74,7 @@ import _abuse_raw as raw  # noqa: E402
 from e2e import Proc, free_port, start_process, stop, wait_ready  # noqa: E402
 
 from octoproxy import Status, sdk  # noqa: E402
-from octoproxy._admin import http_request  # noqa: E402
+from octoproxy.common._admin import http_request  # noqa: E402
 
 PROVIDER_APP = REPO / "tests" / "apps" / "provider.py"
 MIB = 1 << 20

@@ -23,12 +23,12 @@ import time
 # The installed package (pip install '.[test]'), never the checkout's src/: that
 # one has no compiled module unless it was built in place.
 try:
-    from octoproxy import _frame_py
+    from octoproxy.protocol import _frame_py
 except ImportError:  # pragma: no cover
     sys.exit("bench/codec.py: octoproxy is not installed; run `pip install '.[test]'` first")
 
 try:
-    from octoproxy import _fastframe
+    from octoproxy.protocol import _fastframe
 except ImportError:  # pragma: no cover
     _fastframe = None  # type: ignore[assignment]
 
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     args = ap.parse_args()
     if _fastframe is None:
-        sys.exit("the compiled module octoproxy._fastframe is not built (pip install .)")
+        sys.exit("the compiled module octoproxy.protocol._fastframe is not built (pip install .)")
     try:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     except (AttributeError, OSError):

@@ -84,11 +84,11 @@ from pathlib import Path
 import trio
 from trio_websocket import connect_websocket_url
 
-from octoproxy._admin import http_request
-from octoproxy._xds_client import TYPE_ROUTES, XdsClient
+from octoproxy.common._admin import http_request
+from octoproxy.discovery._xds_client import TYPE_ROUTES, XdsClient
 from octoproxy.controlplane import TYPE_ENDPOINTS, DiscoveryClient, ResourceChange
 from octoproxy.controlplane._server import MAX_MESSAGE_SIZE
-from octoproxy.proto import octoproxy_discovery_pb2 as pb
+from octoproxy.protocol.proto import octoproxy_discovery_pb2 as pb
 
 BENCH_DIR = Path(__file__).resolve().parent
 # Authentication is on: every control plane of this bench shares one operator token, which the

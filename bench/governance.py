@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 
 
-from octoproxy._balancer import Endpoint, RoundRobin, WeightedRandom
-from octoproxy._protocol import Status
+from octoproxy.core._balancer import Endpoint, RoundRobin, WeightedRandom
+from octoproxy.protocol._protocol import Status
 from octoproxy.governance import (
     BreakerLimits,
     BudgetConfig,

@@ -32,7 +32,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from octoproxy._admin import http_request
+from octoproxy.common._admin import http_request
 from octoproxy.controlplane import DiscoveryClient
 from octoproxy.identity import make_key_and_csr
 

@@ -12,7 +12,7 @@ import sys
 from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "src" / "octoproxy" / "proto"
+PROTO_DIR = ROOT / "src" / "octoproxy" / "protocol" / "proto"
 
 for proto in sorted(PROTO_DIR.glob("*.proto")):
     rc = protoc.main(["protoc", f"-I{PROTO_DIR}", f"--python_out={PROTO_DIR}", f"--pyi_out={PROTO_DIR}", str(proto)])

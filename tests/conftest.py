@@ -12,12 +12,12 @@ from types import ModuleType
 
 import pytest
 
-from octoproxy import _frame_py
+from octoproxy.protocol import _frame_py
 
 NO_EXTENSIONS = os.environ.get("OCTOPROXY_NO_EXTENSIONS", "") not in ("", "0")
 
 try:
-    from octoproxy import _fastframe
+    from octoproxy.protocol import _fastframe
 except ImportError:  # a failing test reports it; see test_compiled_module_loaded
     _fastframe = None  # type: ignore[assignment]
 

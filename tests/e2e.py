@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from octoproxy import Status, sdk
-from octoproxy._admin import http_request
+from octoproxy.common._admin import http_request
 
 HERE = Path(__file__).resolve().parent
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from octoproxy._admin import (
+from octoproxy.common._admin import (
     AdminAuth,
     Request,
     Response,

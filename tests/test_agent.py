@@ -21,7 +21,7 @@ import trio
 from e2e import _wait_for_line, caller_toml, free_port, provider, provider_toml, proxy, short_tmpdir, wait_ready
 import octoproxy
 from octoproxy import sdk
-from octoproxy._admin import http_request
+from octoproxy.common._admin import http_request
 
 pytestmark = pytest.mark.e2e
 

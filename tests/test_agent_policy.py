@@ -9,7 +9,7 @@ import re
 import pytest
 
 from octoproxy.agent import _policy
-from octoproxy._errors import ConfigError
+from octoproxy.protocol._errors import ConfigError
 from octoproxy.agent._api import resolve_upgrade
 from octoproxy.agent._config import UpgradeSettings, parse_agent_config, render_agent_reference
 from octoproxy.agent._policy import (

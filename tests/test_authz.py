@@ -7,11 +7,11 @@ import os
 import pytest
 
 from octoproxy import FrameType, Status
-from octoproxy._balancer import Endpoint
+from octoproxy.core._balancer import Endpoint
 from octoproxy.frame import FrameDecoder, encode_frame, encode_request
-from octoproxy.proxy._authz import Policy, Rule, parse_rules, policy_from_config
-from octoproxy.proxy._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link
-from octoproxy.proxy._guard import InboundGuard, InboundPeer
+from octoproxy.core._authz import Policy, Rule, parse_rules, policy_from_config
+from octoproxy.core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link
+from octoproxy.core._guard import InboundGuard, InboundPeer
 
 NO_EXTENSIONS = os.environ.get("OCTOPROXY_NO_EXTENSIONS", "") not in ("", "0")
 
@@ -212,18 +212,18 @@ def test_stamp_that_does_not_fit_is_refused() -> None:
 
 
 def _guard_impls() -> list:
-    from octoproxy.proxy import _guard_py
+    from octoproxy.core import _guard_py
 
     impls = [_guard_py]
     if not NO_EXTENSIONS:
-        from octoproxy import _fastguard  # a missing extension is a failure here, as for the codec
+        from octoproxy.core import _fastguard  # a missing extension is a failure here, as for the codec
 
         impls.append(_fastguard)
     return impls
 
 
 def test_compiled_guard_loaded() -> None:
-    from octoproxy.proxy import _guard
+    from octoproxy.core import _guard
 
     assert _guard.IMPLEMENTATION == ("python" if NO_EXTENSIONS else "cython")
 
@@ -270,7 +270,7 @@ def FrameDecoder_all(data: bytes) -> list:
 def test_policy_from_a_pushed_message() -> None:
     from types import SimpleNamespace as NS
 
-    from octoproxy.proxy._authz import policy_from_message
+    from octoproxy.core._authz import policy_from_message
 
     msg = NS(service="echo", default_action="deny", rules=[NS(action="allow", callers=["web"], methods=[])])
     p = policy_from_message(msg, "echo", "v7")

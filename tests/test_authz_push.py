@@ -18,11 +18,11 @@ import trio
 
 from e2e import Proc, free_port, provider_toml, proxy_argv, short_tmpdir, start_process, stop, wait_ready
 from octoproxy import Status, sdk
-from octoproxy._admin import http_request
-from octoproxy._xds_client import TYPE_AUTHZ
+from octoproxy.common._admin import http_request
+from octoproxy.discovery._xds_client import TYPE_AUTHZ
 from octoproxy.controlplane import DiscoveryClient, EmbeddedStore, EtcdStore
 from octoproxy.controlplane._store import check_authz_policy
-from octoproxy.proto import octoproxy_discovery_pb2 as pb
+from octoproxy.protocol.proto import octoproxy_discovery_pb2 as pb
 from test_controlplane import wait_for
 from test_etcd import Member, etcd_bin, etcd_single  # noqa: F401  (fixtures)
 from test_mesh_tls import App, _cp_argv, _discovery, _join_token

@@ -1,4 +1,4 @@
-"""Load-balancing policies: deterministic, seeded tests of octoproxy._balancer."""
+"""Load-balancing policies: deterministic, seeded tests of octoproxy.core._balancer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from octoproxy._balancer import (
+from octoproxy.core._balancer import (
     BALANCERS,
     Balancer,
     Endpoint,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import IMPLS, NO_EXTENSIONS
 from octoproxy import LocalProtocolError, RemoteProtocolError, Status, frame
-from octoproxy import _frame_py
+from octoproxy.protocol import _frame_py
 from octoproxy.frame import Header
 
 PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -73,7 +73,7 @@ def test_compiled_module_loaded() -> None:
     elif os.environ.get("OCTOPROXY_ALLOW_NO_EXTENSIONS"):
         pytest.skip("explicitly allowed to run without the compiled module")  # never set in CI
     else:
-        assert "cython" in IMPLS, "octoproxy._fastframe is not built: run `pip install .`"
+        assert "cython" in IMPLS, "octoproxy.protocol._fastframe is not built: run `pip install .`"
         assert frame.IMPLEMENTATION == "cython"
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from octoproxy._balancer import Endpoint
-from octoproxy._config import (
+from octoproxy.core._balancer import Endpoint
+from octoproxy.proxy._config import (
     ProxyConfig,
     config_errors,
     RouteConfig,
@@ -22,7 +22,7 @@ from octoproxy._config import (
     render_config_reference,
     split_host_port,
 )
-from octoproxy._errors import ConfigError
+from octoproxy.protocol._errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "configuration.md"

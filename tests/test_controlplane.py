@@ -19,7 +19,7 @@ import pytest
 import trio
 from trio_websocket import HandshakeError, open_websocket_url
 
-from octoproxy._admin import http_request
+from octoproxy.common._admin import http_request
 from octoproxy.controlplane import (
     TYPE_ENDPOINTS,
     TYPE_ROUTES,
@@ -29,7 +29,7 @@ from octoproxy.controlplane import (
     EmbeddedStore,
     ResourceChange,
 )
-from octoproxy.proto import octoproxy_discovery_pb2 as pb
+from octoproxy.protocol.proto import octoproxy_discovery_pb2 as pb
 
 STEP = 10.0  # generous bound for any single wait
 

@@ -12,18 +12,19 @@ from types import ModuleType
 
 import pytest
 
-from octoproxy import _frame_py
-from octoproxy.proxy import _engine, _relay_py
+from octoproxy.protocol import _frame_py
+from octoproxy.core import _engine, _relay_py
 
 from octoproxy import Flags, FrameType, RemoteProtocolError, Status
-from octoproxy._balancer import Endpoint
+from octoproxy.core._balancer import Endpoint
 from octoproxy.frame import FrameDecoder, encode_frame, encode_header, encode_request, encode_response
-from octoproxy.proxy._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+from octoproxy.core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 
 
 RELAYS: dict[str, tuple[ModuleType, ModuleType]] = {"python": (_relay_py, _frame_py)}
 try:
-    from octoproxy import _fastframe, _fastpath
+    from octoproxy.core import _fastpath
+    from octoproxy.protocol import _fastframe
 
     if not _engine.Scanner is _frame_py.Scanner:  # not forced to the twin (OCTOPROXY_NO_EXTENSIONS)
         RELAYS["cython"] = (_fastpath, _fastframe)

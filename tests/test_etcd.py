@@ -19,9 +19,9 @@ import pytest
 import trio
 from test_controlplane import OPERATOR_TOKEN, STEP, addresses, ep, free_port, kill, start_control_plane, wait_for
 
-from octoproxy._admin import http_request
+from octoproxy.common._admin import http_request
 from octoproxy.controlplane import DiscoveryClient, EtcdStore
-from octoproxy.proto import octoproxy_discovery_pb2 as pb
+from octoproxy.protocol.proto import octoproxy_discovery_pb2 as pb
 
 pytestmark = [pytest.mark.etcd, pytest.mark.e2e]
 

@@ -30,7 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from octoproxy._config import ProxyConfig, load_config, parse_config
+from octoproxy.proxy._config import ProxyConfig, load_config, parse_config
 from octoproxy.agent._config import AgentConfig, parse_agent_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import trio
 import trio.testing
 from e2e import Proc, free_port, proxy_argv, short_tmpdir, start_process, stop
 
-from octoproxy._admin import http_request
+from octoproxy.common._admin import http_request
 from octoproxy.proxy._discovery import SUBSCRIPTIONS_FILE_MAX, read_subscriptions_file, service_names, write_atomic
 
 pytestmark = pytest.mark.e2e

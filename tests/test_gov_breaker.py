@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from octoproxy._protocol import Status
+from octoproxy.protocol._protocol import Status
 from octoproxy.governance import CONTINUE, BreakerError, BreakerLimits, CircuitBreaker, Kind, Resource
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from octoproxy._protocol import Status
+from octoproxy.protocol._protocol import Status
 from octoproxy.governance import OutlierConfig, OutlierDetector, OutlierError, is_failure
 from octoproxy.governance._outlier import TRANSITIONS, Event, State, diagram
 

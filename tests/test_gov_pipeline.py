@@ -14,8 +14,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from octoproxy._balancer import Endpoint
-from octoproxy._protocol import Status
+from octoproxy.core._balancer import Endpoint
+from octoproxy.protocol._protocol import Status
 from octoproxy.governance import (
     CONTINUE,
     BreakerLimits,

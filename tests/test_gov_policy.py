@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from octoproxy._errors import ConfigError
-from octoproxy._protocol import Status
+from octoproxy.protocol._errors import ConfigError
+from octoproxy.protocol._protocol import Status
 from octoproxy.governance import (
     BreakerLimits,
     Direction,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from octoproxy._protocol import Status
+from octoproxy.protocol._protocol import Status
 from octoproxy.governance import CONTINUE, Direction, RateLimiter, RateLimitRule, TokenBucket
 from octoproxy.governance._ratelimit import Limit
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from octoproxy._protocol import Flags, Status
+from octoproxy.protocol._protocol import Flags, Status
 from octoproxy.governance import NOT_PROCESSED, BudgetConfig, RetryBudget, RetryPolicy, decide
 
 POL = RetryPolicy(max_attempts=3, idempotent_methods=("Get*", "Ping"), per_try_timeout_ms=200)

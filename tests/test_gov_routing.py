@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from octoproxy._balancer import Endpoint
-from octoproxy._protocol import Status
+from octoproxy.core._balancer import Endpoint
+from octoproxy.protocol._protocol import Status
 from octoproxy.governance import Kind, Locality, LocalityMode, Member, RouteRule, Router, RoutingPolicy, SlowStart, Verdict
 from octoproxy.governance._routing import method_matches, slow_start_factor
 
@@ -243,7 +243,7 @@ def test_weighted_pick_distribution(weights: list[int], seed: int) -> None:
 
 def test_conversion_from_proto() -> None:
     from octoproxy.governance._proto import member_from_proto, rules_from_proto
-    from octoproxy.proto import octoproxy_discovery_pb2 as pb
+    from octoproxy.protocol.proto import octoproxy_discovery_pb2 as pb
 
     msg = pb.RouteRules(service="svc", rules=[
         pb.RouteRule(name="blue", method="Get*", match_metadata={"swimlane": "blue"}, endpoint_tags={"swimlane": "blue"},

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from octoproxy._balancer import Endpoint
-from octoproxy._protocol import Status
+from octoproxy.core._balancer import Endpoint
+from octoproxy.protocol._protocol import Status
 from octoproxy.governance import Locality, LocalityMode, Member, RouteRule, Router, RoutingPolicy, SlowStart, Verdict
 from octoproxy.governance._routing import method_matches, slow_start_factor
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from e2e import Proc, free_port, provider, provider_toml, proxy_argv, short_tmpdir, start_process, stop, wait_ready
-from octoproxy._admin import http_request
+from octoproxy.common._admin import http_request
 
 pytestmark = pytest.mark.e2e
 

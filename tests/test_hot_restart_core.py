@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from octoproxy.proxy._hot_restart import (
+from octoproxy.core._hot_restart import (
     CHILD,
     PARENT,
     ChildEvent,

@@ -26,7 +26,7 @@ import trio
 from e2e import Proc, caller_toml, free_port, provider, provider_toml, proxy, short_tmpdir, wait_ready
 from octoproxy import FrameType, Status, sdk
 from octoproxy.frame import FrameDecoder, encode_frame, encode_request
-from octoproxy.proxy._engine import DOWNSTREAM, Engine, Link
+from octoproxy.core._engine import DOWNSTREAM, Engine, Link
 from octoproxy.proxy._io import Budget, Conn, Flusher
 
 pytestmark = pytest.mark.e2e

@@ -27,12 +27,12 @@ from test_cp_trust import cp  # noqa: F401 (fixture: an in-process control plane
 from test_discovery_e2e import cp_argv, join_token
 from test_etcd import etcd_bin, etcd_single  # noqa: F401 (fixtures)
 
-from octoproxy import _appconfig as core
+from octoproxy.discovery import _appconfig as core
 from octoproxy import sdk
-from octoproxy._admin import http_request
-from octoproxy._xds_client import TYPE_APPCONFIG
+from octoproxy.common._admin import http_request
+from octoproxy.discovery._xds_client import TYPE_APPCONFIG
 from octoproxy.controlplane import DiscoveryClient
-from octoproxy.proto import octoproxy_discovery_pb2 as pb
+from octoproxy.protocol.proto import octoproxy_discovery_pb2 as pb
 from octoproxy.proxy import _appconfig as proxy_appconfig
 from octoproxy.sdk import aio, sync
 

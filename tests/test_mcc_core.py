@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from octoproxy import _appconfig as core
-from octoproxy._protocol import Status
-from octoproxy._xds_client import INVALID_ARGUMENT, TYPE_APPCONFIG, XdsClient
-from octoproxy.proto import octoproxy_discovery_pb2 as pb
+from octoproxy.discovery import _appconfig as core
+from octoproxy.protocol._protocol import Status
+from octoproxy.discovery._xds_client import INVALID_ARGUMENT, TYPE_APPCONFIG, XdsClient
+from octoproxy.protocol.proto import octoproxy_discovery_pb2 as pb
 from octoproxy.sdk import CallError
 from octoproxy.sdk import _config_core as cfgcore
 from octoproxy.sdk._subscribe_core import HttpReply
@@ -146,8 +146,8 @@ def test_sdk_core_parses_answers() -> None:
 def test_proxy_environment_and_app_config_file_keys(tmp_path: object) -> None:
     from pathlib import Path
 
-    from octoproxy._config import parse_config
-    from octoproxy._errors import ConfigError
+    from octoproxy.proxy._config import parse_config
+    from octoproxy.protocol._errors import ConfigError
 
     cfg = parse_config({"proxy": {"service": "app"}, "outbound": {"uds": "/tmp/x.sock"}})
     assert cfg.proxy.environment == "default" and cfg.app_config_path == Path("/tmp/x.sock.appconfig.json")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from octoproxy._metrics import DEFAULT_LATENCY_BUCKETS, Registry
+from octoproxy.common._metrics import DEFAULT_LATENCY_BUCKETS, Registry
 
 
 def test_empty_registry_renders_nothing() -> None:

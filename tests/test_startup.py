@@ -25,8 +25,8 @@ import pytest
 import trio
 from e2e import free_port, provider, proxy_argv, short_tmpdir, start_process, stop
 
-from octoproxy._admin import http_request
-from octoproxy._startup import _why
+from octoproxy.common._admin import http_request
+from octoproxy.common._startup import _why
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
@@ -192,7 +192,7 @@ async def test_ready_line_waits_for_the_local_app() -> None:
 
 def test_other_errors_are_not_turned_into_a_line(tmp_path: Path) -> None:
     """Only a failed bind of a known listener becomes one line; anything else keeps its traceback."""
-    from octoproxy._startup import describe_listen_failure
+    from octoproxy.common._startup import describe_listen_failure
 
     listeners = [("outbound.uds", str(tmp_path / "out.sock")), ("admin.listen", "127.0.0.1:0")]
     assert describe_listen_failure(ValueError("bug"), listeners) is None

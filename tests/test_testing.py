@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from octoproxy import Status, sdk
-from octoproxy._admin import http_request
+from octoproxy.common._admin import http_request
 from octoproxy.testing import HotRestartError, Mesh, Provider, open_mesh
 
 

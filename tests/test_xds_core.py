@@ -12,10 +12,10 @@ import pathlib
 import pytest
 from google.protobuf.message import Message
 
-from octoproxy._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES, DiscoveryError, XdsClient
-from octoproxy._xds_server import LimitExceeded, XdsServerSession, check_address, check_endpoint, check_service_name
+from octoproxy.discovery._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES, DiscoveryError, XdsClient
+from octoproxy.discovery._xds_server import LimitExceeded, XdsServerSession, check_address, check_endpoint, check_service_name
 from octoproxy.controlplane._store import resource_version
-from octoproxy.proto import octoproxy_discovery_pb2 as pb
+from octoproxy.protocol.proto import octoproxy_discovery_pb2 as pb
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "src" / "octoproxy"
 
@@ -295,7 +295,7 @@ def test_endpoint_address_policy(address: str, ok: bool) -> None:
     assert (check_address(address) is None) == ok, check_address(address)
 
 
-@pytest.mark.parametrize("name", ["_xds_client.py", "_xds_server.py"])
+@pytest.mark.parametrize("name", ["discovery/_xds_client.py", "discovery/_xds_server.py"])
 def test_cores_are_sans_io(name: str) -> None:
     text = (SRC / name).read_text()
     mods: set[str] = set()

@@ -8,9 +8,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from ._errors import exception_leaves
-from ._secretfile import SecretFileError
-from ._startup import describe_listen_failure
+from .protocol._errors import exception_leaves
+from .common._secretfile import SecretFileError
+from .common._startup import describe_listen_failure
 from ._version import __version__
 
 
@@ -120,11 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _listeners(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The command's listeners, ``(key, address)``, in the order it binds them."""
-    from ._errors import ConfigError
+    from .protocol._errors import ConfigError
 
     try:
         if args.command == "run":
-            from ._config import load_config
+            from .proxy._config import load_config
 
             cfg = load_config(args.config)
             inbound = cfg.inbound.listen if cfg.inbound is not None else ""
@@ -152,8 +152,8 @@ def _debug(args: argparse.Namespace) -> bool:
     if getattr(args, "log_level", None) == "debug":
         return True
     if args.command == "run":
-        from ._config import load_config
-        from ._errors import ConfigError
+        from .proxy._config import load_config
+        from .protocol._errors import ConfigError
 
         try:
             return load_config(args.config).proxy.log_level == "debug"

@@ -33,7 +33,7 @@ from pathlib import Path
 import trio
 
 from . import sdk
-from ._admin import http_request
+from .common._admin import http_request
 
 __all__ = ["main"]
 
@@ -350,7 +350,7 @@ async def _wait_ready(admin: str, timeout: float = 20.0) -> None:
 
 def _token(path: str | Path) -> bytes:
     """An admin token, from the file its proxy or agent created (mode 0600)."""
-    from ._secretfile import read_secret
+    from .common._secretfile import read_secret
 
     return read_secret(path)
 

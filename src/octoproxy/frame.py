@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from ._frame import Frame, Header, parse_header
-from ._protocol import (
+from .protocol._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .protocol._frame import Frame, Header, parse_header
+from .protocol._protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     MAGIC,
     PREFIX_SIZE,
@@ -26,12 +26,12 @@ from ._protocol import (
 NO_EXTENSIONS = os.environ.get("OCTOPROXY_NO_EXTENSIONS", "") not in ("", "0")
 
 if TYPE_CHECKING or NO_EXTENSIONS:
-    from . import _frame_py as _impl
+    from .protocol import _frame_py as _impl
 else:
     try:
-        from . import _fastframe as _impl  # type: ignore[no-redef]
+        from .protocol import _fastframe as _impl  # type: ignore[no-redef]
     except ImportError:  # pragma: no cover - depends on the build
-        from . import _frame_py as _impl
+        from .protocol import _frame_py as _impl
 
 IMPLEMENTATION: str = _impl.IMPLEMENTATION
 FrameDecoder = _impl.FrameDecoder

@@ -86,12 +86,12 @@ from typing import Any, NoReturn
 import trio
 
 from . import sdk
-from ._config import ProxyConfig, parse_config
+from .proxy._config import ProxyConfig, parse_config
 from .controlplane import ControlPlaneServer, EmbeddedStore
 from .controlplane._auth import make_join_token
 from .identity import DEFAULT_TRUST_DOMAIN, CertificateAuthority
 from .proxy._handover import Channel
-from .proxy._hot_restart import HotRestartError
+from .core._hot_restart import HotRestartError
 from .proxy._main import complete_hand_over, take_over_proxy
 from .proxy._server import Proxy
 

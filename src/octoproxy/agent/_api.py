@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._admin import Request, Response, Routes, http_request
-from .._errors import OctoproxyError
+from ..common._admin import Request, Response, Routes, http_request
+from ..protocol._errors import OctoproxyError
 
 if TYPE_CHECKING:
     from ._config import UpgradeSettings
@@ -101,7 +101,7 @@ def _allowed_config(path: Path, allowed: UpgradeSettings, current_config: Path) 
 
 
 def admin_routes(agent: Agent) -> Routes:
-    """The agent's admin routes, for :func:`~octoproxy._admin.serve_admin`.
+    """The agent's admin routes, for :func:`~octoproxy.common._admin.serve_admin`.
 
     Args:
         agent: the agent they report on and act on.

@@ -20,8 +20,8 @@ from typing import BinaryIO
 
 import trio
 
-from .._admin import http_request
-from .._secretfile import SecretFileError, read_secret
+from ..common._admin import http_request
+from ..common._secretfile import SecretFileError, read_secret
 from ._policy import Event
 
 __all__ = ["ChildRunner", "ProxyChild", "Report", "kv", "parse_ready_line", "READY_PREFIX"]

@@ -1,7 +1,7 @@
 """The TOML configuration of ``octoproxy agent -c agent.toml``.
 
 Declared with the same field machinery as the proxy's configuration
-(:mod:`octoproxy._config`): each key carries its kind, default and doc, so
+(:mod:`octoproxy.proxy._config`): each key carries its kind, default and doc, so
 validation, errors that name the key, and the reference in ``docs/agent.md``
 (:func:`render_agent_reference`) come from one place.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import types
 
-from .._config import (
+from ..proxy._config import (
     _EMPTY, _PATH, _Bad, _integer, _Kind, _LISTEN, _opt, _optional, _parse_table, _render_table, _required,
     _seconds, _section, _table,
 )
-from .._errors import ConfigError
+from ..protocol._errors import ConfigError
 from ._policy import PolicyConfig
 
 if sys.version_info >= (3, 11):

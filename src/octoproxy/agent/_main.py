@@ -9,9 +9,9 @@ from pathlib import Path
 
 import trio
 
-from .._config import describe_config_error
-from .._errors import ConfigError
-from .._secretfile import SecretFileError, read_secret
+from ..proxy._config import describe_config_error
+from ..protocol._errors import ConfigError
+from ..common._secretfile import SecretFileError, read_secret
 from ._api import UpgradeClientError, post_upgrade
 from ._config import load_agent_config
 from ._supervisor import Agent

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .._errors import OctoproxyError
+from ..protocol._errors import OctoproxyError
 
 __all__ = [
     "State", "Event", "Action", "Guard", "Edge", "Decision", "PolicyConfig", "PolicyError", "Policy",

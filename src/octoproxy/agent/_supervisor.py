@@ -32,10 +32,10 @@ from typing import Any
 
 import trio
 
-from .._admin import AdminAuth, serve_admin
-from .._secretfile import load_or_create_secret
-from .._errors import OctoproxyError
-from .._metrics import Registry
+from ..common._admin import AdminAuth, serve_admin
+from ..common._secretfile import load_or_create_secret
+from ..protocol._errors import OctoproxyError
+from ..common._metrics import Registry
 from ._child import REAP_BOUND, ChildRunner, ProxyChild, kv
 from ._config import AgentSettings, UpgradeSettings
 from ._policy import Action, Decision, Event, Policy, State

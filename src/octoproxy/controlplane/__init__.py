@@ -3,14 +3,14 @@
 See ``docs/control-plane.md`` for the protocol.
 """
 
-from .._xds_client import TYPE_ENDPOINTS as TYPE_ENDPOINTS
-from .._xds_client import TYPE_ROUTES as TYPE_ROUTES
-from .._xds_client import DiscoveryError as DiscoveryError
-from .._xds_client import ResourceChange as ResourceChange
+from ..discovery._xds_client import TYPE_ENDPOINTS as TYPE_ENDPOINTS
+from ..discovery._xds_client import TYPE_ROUTES as TYPE_ROUTES
+from ..discovery._xds_client import DiscoveryError as DiscoveryError
+from ..discovery._xds_client import ResourceChange as ResourceChange
 from ._auth import Authenticator as Authenticator
 from ._auth import Principal as Principal
 from ._auth import make_join_token as make_join_token
-from ._client import DiscoveryClient as DiscoveryClient
+from ..discovery._client import DiscoveryClient as DiscoveryClient
 from ._embedded import EmbeddedStore as EmbeddedStore
 from ._etcd import EtcdError as EtcdError
 from ._etcd import EtcdStore as EtcdStore

@@ -35,10 +35,10 @@ from typing import Any
 import trio
 from google.protobuf import json_format
 
-from .._admin import Handler, Request, Response
-from .._xds_client import RESOURCE_TYPES
-from .._xds_server import check_endpoint, check_route_rules, check_service_name
-from ..proto import octoproxy_discovery_pb2 as pb
+from ..common._admin import Handler, Request, Response
+from ..discovery._xds_client import RESOURCE_TYPES
+from ..discovery._xds_server import check_endpoint, check_route_rules, check_service_name
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ._appconfig import appconfig_routes
 from ._auth import RateLimitedLog, make_join_token
 from ._server import ControlPlaneServer

@@ -2,7 +2,7 @@
 
 Operators only (the admin API's bearer token), like every write. The record
 logic (versions, limits, gradual release) is the sans-IO
-:mod:`octoproxy._appconfig`; this module applies one operation to the record
+:mod:`octoproxy.discovery._appconfig`; this module applies one operation to the record
 with :meth:`Store.update_app_config` (a compare-and-swap in etcd, so two
 operators writing through two replicas lose nothing).
 
@@ -25,9 +25,9 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from .. import _appconfig as core
-from .._admin import Request, Response
-from ..proto import octoproxy_discovery_pb2 as pb
+from ..discovery import _appconfig as core
+from ..common._admin import Request, Response
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ._store import Store
 
 __all__ = ["appconfig_routes"]

@@ -27,9 +27,9 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .._xds_server import check_service_name
-from ..ctl._paths import default_state_dir as default_state_dir
-from ..proto import octoproxy_discovery_pb2 as pb
+from ..discovery._xds_server import check_service_name
+from ..common._paths import default_state_dir as default_state_dir
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 
 __all__ = [
     "Principal",

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import trio
 from google.protobuf import json_format
 
-from ..proto import octoproxy_discovery_pb2 as pb
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ._store import Lease, LeaseNotFound, RegistryView, Store
 
 __all__ = ["EmbeddedStore"]

@@ -5,7 +5,7 @@ etcd3, aioetcd3, ...) is built on asyncio and/or grpcio's event loop, neither
 of which runs under Trio. etcd's gRPC gateway serves the same v3 API as JSON
 over HTTP/1.1 (keys and values base64), which a few dozen lines over h11 and
 ``trio.open_tcp_stream`` speak natively, with Trio cancellation and deadlines:
-unary calls reuse :func:`octoproxy._admin.http_request`, the watch is one
+unary calls reuse :func:`octoproxy.common._admin.http_request`, the watch is one
 long-lived chunked response read here line by line.
 
 Theory of operation: keys live under a prefix (default ``/octoproxy/``):
@@ -26,7 +26,7 @@ TLS: with ``https://`` endpoints the store verifies etcd's certificate
 against ``ca_file`` (else the system's trust store) and presents a client
 certificate (``cert_file`` + ``key_file``) when given, for etcd started with
 ``--client-cert-auth``. Plain HTTP calls go through
-:func:`octoproxy._admin.http_request`; TLS ones through :func:`_https_request`
+:func:`octoproxy.common._admin.http_request`; TLS ones through :func:`_https_request`
 here (same h11 exchange over a ``trio.SSLStream``).
 """
 
@@ -45,8 +45,8 @@ import h11
 import trio
 from google.protobuf import json_format
 
-from .._admin import http_request
-from ..proto import octoproxy_discovery_pb2 as pb
+from ..common._admin import http_request
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ._store import Lease, LeaseNotFound, RegistryView, Store, StoreError, StoreUnavailable
 
 __all__ = ["EtcdStore", "EtcdError", "client_ssl_context"]

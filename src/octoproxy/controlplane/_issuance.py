@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..identity import parse_spiffe_id
-from ..proto import octoproxy_discovery_pb2 as pb
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ._auth import Principal
 
 if TYPE_CHECKING:  # cryptography is imported when a certificate is requested, not by every proxy

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from .._admin import _parse_address, serve_admin
+from ..common._admin import _parse_address, serve_admin
 from ..identity import DEFAULT_LEAF_TTL, DEFAULT_TRUST_DOMAIN, CertificateAuthority, CertificateError, load_or_create_ca
 from ._admin_api import admin_routes
 from ._auth import Authenticator, default_state_dir
@@ -39,7 +39,7 @@ from ._server import (
     ControlPlaneServer,
 )
 from ._store import Store
-from .._xds_server import DEFAULT_MAX_SUBSCRIPTION_BYTES, DEFAULT_MAX_SUBSCRIPTIONS
+from ..discovery._xds_server import DEFAULT_MAX_SUBSCRIPTION_BYTES, DEFAULT_MAX_SUBSCRIPTIONS
 
 __all__ = ["serve", "run_from_cli", "Options", "tune_gc", "read_or_create_token"]
 

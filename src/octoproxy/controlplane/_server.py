@@ -4,7 +4,7 @@ Theory of operation: :meth:`ControlPlaneServer.serve` accepts WebSocket
 connections at ``/v1/discovery`` (trio-websocket runs one task per connection
 in its handler nursery). Each connection is a :class:`_Session` with three
 tasks: the *reader* feeds ``ClientMessage`` s to the sans-IO
-:class:`~octoproxy._xds_server.XdsServerSession` or performs registrations on
+:class:`~octoproxy.discovery._xds_server.XdsServerSession` or performs registrations on
 the store and acknowledges them; the *sender* waits until the core has dirty
 names, looks them up in the store's view and sends what differs; the *lease
 keeper* keeps the session's registrations alive while the connection is (a
@@ -55,10 +55,11 @@ import trio
 from google.protobuf.message import DecodeError
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
-from .. import _appconfig
-from .._errors import exception_leaves
-from .._xds_client import RESOURCE_TYPES, TYPE_APPCONFIG, TYPE_AUTHZ, DiscoveryError
-from .._xds_server import (
+from ..discovery import _appconfig
+from ..discovery._xds_client import DISCOVERY_PATH, MAX_MESSAGE_SIZE, MESSAGE_TOO_BIG, POLICY_VIOLATION
+from ..protocol._errors import exception_leaves
+from ..discovery._xds_client import RESOURCE_TYPES, TYPE_APPCONFIG, TYPE_AUTHZ, DiscoveryError
+from ..discovery._xds_server import (
     DEFAULT_MAX_SUBSCRIPTION_BYTES,
     DEFAULT_MAX_SUBSCRIPTIONS,
     LimitExceeded,
@@ -69,8 +70,8 @@ from .._xds_server import (
     check_service_name,
 )
 from ..identity import DEFAULT_LEAF_TTL, parse_spiffe_id
-from ..proto import octoproxy_discovery_pb2 as pb
-from ..proxy._io import trim_memory
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
+from ..common._memory import trim_memory
 from ._auth import Authenticator, Principal, RateLimitedLog
 from ._issuance import answer_certificate_request
 from ._store import TYPE_TOKENS, LeaseNotFound, Store, StoreChange, StoreError, resource_version
@@ -82,18 +83,10 @@ __all__ = ["ControlPlaneServer", "DISCOVERY_PATH"]
 
 logger = logging.getLogger("octoproxy.controlplane.server")
 
-#: the WebSocket path of the discovery stream
-DISCOVERY_PATH = "/v1/discovery"
-#: what a client accepts from the server (responses can carry many endpoints)
-MAX_MESSAGE_SIZE = 16 << 20
 #: what the server accepts from one client message by default
 DEFAULT_MAX_CLIENT_MESSAGE = 4 << 20
 DEFAULT_MAX_REGISTRATIONS = 16
 DEFAULT_MAX_SESSIONS_PER_PEER = 64
-#: WebSocket close code for "you went over a limit / lost your credentials"
-POLICY_VIOLATION = 1008
-#: WebSocket close code trio-websocket sends for a message over ``max_message_size``
-MESSAGE_TOO_BIG = 1009
 #: closed sessions' subscriptions (plus 1,000 per session) that make a memory release due
 RELEASE_WEIGHT = 20_000
 #: seconds from a release becoming due to doing it

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import trio
 
-from .._errors import OctoproxyError
-from .._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ, TYPE_ENDPOINTS, TYPE_ROUTES
-from .._xds_server import check_service_name
-from ..proto import octoproxy_discovery_pb2 as pb
-from ..proxy._authz import policy_from_message
+from ..protocol._errors import OctoproxyError
+from ..discovery._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ, TYPE_ENDPOINTS, TYPE_ROUTES
+from ..discovery._xds_server import check_service_name
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
+from ..core._authz import policy_from_message
 
 __all__ = [
     "Store",
@@ -83,7 +83,7 @@ def check_authz_policy(policy: pb.AuthorizationPolicy) -> str | None:
     """Why ``policy`` must not be stored, or None if it is valid.
 
     The same validation the provider's proxy applies to a delivery
-    (:func:`octoproxy.proxy._authz.policy_from_message`), so the control plane
+    (:func:`octoproxy.core._authz.policy_from_message`), so the control plane
     never stores a policy every proxy would NACK.
     """
     error = check_service_name(policy.service)
@@ -112,7 +112,7 @@ class RegistryView:
         self.routes: dict[str, pb.RouteRules] = {}
         #: join tokens by id (hashes only)
         self.tokens: dict[str, pb.JoinToken] = {}
-        #: app configuration records by resource name ``"<service>.<env>"`` (octoproxy._appconfig)
+        #: app configuration records by resource name ``"<service>.<env>"`` (octoproxy.discovery._appconfig)
         self.app_configs: dict[str, pb.AppConfigRecord] = {}
         #: pushed authorization policies by service (docs/security.md, Authorization)
         self.authz: dict[str, pb.AuthorizationPolicy] = {}
@@ -401,7 +401,7 @@ class Store(abc.ABC):
         """
 
     async def put_app_config(self, record: pb.AppConfigRecord) -> None:
-        """Store an app configuration record (never leased; see :mod:`octoproxy._appconfig`).
+        """Store an app configuration record (never leased; see :mod:`octoproxy.discovery._appconfig`).
 
         Raises:
             StoreUnavailable: if the backing store cannot be reached.

@@ -10,6 +10,6 @@ from ._main import CtlError as CtlError
 from ._main import add_ctl_parser as add_ctl_parser
 from ._main import parse_duration as parse_duration
 from ._main import run_ctl as run_ctl
-from ._paths import default_state_dir as default_state_dir
+from ..common._paths import default_state_dir as default_state_dir
 
 __all__ = ["GROUPS", "Api", "CtlError", "add_ctl_parser", "parse_duration", "run_ctl", "default_state_dir"]

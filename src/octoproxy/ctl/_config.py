@@ -1,7 +1,7 @@
 """``octoproxy ctl config``: configuration for apps (docs/control-plane.md).
 
 Every command goes through the control plane's admin API with the operator
-token; the version logic is in :mod:`octoproxy._appconfig`.
+token; the version logic is in :mod:`octoproxy.discovery._appconfig`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from ._config import config_group
-from ._paths import default_state_dir
+from ..common._paths import default_state_dir
 
 __all__ = ["add_ctl_parser", "run_ctl", "GROUPS", "Api", "CtlError", "parse_duration"]
 
@@ -84,7 +84,7 @@ class Api:
         """
         import trio
 
-        from .._admin import http_request
+        from ..common._admin import http_request
 
         data = json.dumps(body).encode() if body is not None else b""
         headers = [("Authorization", f"Bearer {self.token}"), ("Content-Type", "application/json")]

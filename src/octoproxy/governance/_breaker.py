@@ -15,8 +15,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .._errors import OctoproxyError
-from .._protocol import Status
+from ..protocol._errors import OctoproxyError
+from ..protocol._protocol import Status
 from ._verdict import CONTINUE, Verdict, answer, hold
 
 __all__ = ["BreakerLimits", "Resource", "BreakerError", "CircuitBreaker"]

@@ -34,8 +34,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .._errors import OctoproxyError
-from .._protocol import Status
+from ..protocol._errors import OctoproxyError
+from ..protocol._protocol import Status
 
 __all__ = [
     "State",

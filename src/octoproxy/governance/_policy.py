@@ -39,8 +39,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._errors import ConfigError
-from .._protocol import Status
+from ..protocol._errors import ConfigError
+from ..protocol._protocol import Status
 from ._breaker import BreakerLimits
 from ._outlier import OutlierConfig
 from ._ratelimit import Direction, RateLimitRule

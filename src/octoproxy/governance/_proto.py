@@ -15,8 +15,8 @@ with NO_ROUTE unless ``fallback_to_all`` is set, so a proto rule maps to
 
 from __future__ import annotations
 
-from .._balancer import Endpoint
-from ..proto import octoproxy_discovery_pb2 as pb
+from ..core._balancer import Endpoint
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ._routing import Member, RouteRule
 
 __all__ = ["rule_from_proto", "rules_from_proto", "member_from_proto"]

@@ -29,7 +29,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .._protocol import Status
+from ..protocol._protocol import Status
 from ._routing import method_matches
 from ._verdict import CONTINUE, Verdict, answer
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from .._protocol import Flags, Status
+from ..protocol._protocol import Flags, Status
 
 __all__ = [
     "NOT_PROCESSED",

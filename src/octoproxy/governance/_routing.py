@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A :class:`Router` serves one cluster. It holds the cluster's members (each a
-:class:`~octoproxy._balancer.Endpoint` plus the fields the balancer does not
+:class:`~octoproxy.core._balancer.Endpoint` plus the fields the balancer does not
 have yet: center, backup role, warm-up start), a :class:`RoutingPolicy` and the
 proxy's own :class:`Locality`. For a request (service, method, metadata) it
 
@@ -42,8 +42,8 @@ from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .._balancer import Endpoint
-from .._protocol import Status
+from ..core._balancer import Endpoint
+from ..protocol._protocol import Status
 from ._verdict import Verdict, answer
 
 __all__ = [

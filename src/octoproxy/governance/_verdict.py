@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 
-from .._protocol import Status
+from ..protocol._protocol import Status
 
 __all__ = ["Kind", "Verdict", "CONTINUE", "answer", "hold"]
 

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .._errors import OctoproxyError
+from ..protocol._errors import OctoproxyError
 from ._names import CONTROL_PLANE_PATH, DEFAULT_LEAF_TTL, check_trust_domain, spiffe_id
 
 __all__ = [

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._errors import ConfigError
+from ..protocol._errors import ConfigError
 from ._names import parse_spiffe_id
 
 __all__ = [

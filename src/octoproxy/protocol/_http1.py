@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import h11
 
-from .._protocol import Status  # LAYOUT: from ._protocol
+from ._protocol import Status
 
 __all__ = [
     "CODECS",

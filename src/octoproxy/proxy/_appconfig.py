@@ -3,7 +3,7 @@
 Theory of operation: the proxy subscribes to ``<proxy.service>.<proxy.environment>``
 of type ``octoproxy.v1.AppConfig`` on its discovery stream; the control plane
 sends the configuration already resolved for this instance (gradual release).
-A delivery is checked first (:func:`octoproxy._appconfig.validate_delivered`):
+A delivery is checked first (:func:`octoproxy.discovery._appconfig.validate_delivered`):
 a bad one is NACKed and changes nothing. Each accepted version is written to
 ``discovery.app_config_file`` (the subscriptions file's atomic writer, mode
 0600, in a worker thread) and read back at start (the subscriptions file's
@@ -28,8 +28,8 @@ from typing import Any
 
 import trio
 
-from .. import _appconfig as core
-from ..proto import octoproxy_discovery_pb2 as pb
+from ..discovery import _appconfig as core
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ._discovery import SubscriptionsFileError, read_state_file, run_blocking, write_atomic
 
 __all__ = ["AppConfigState", "MAX_WATCHERS", "MAX_WATCH_TIMEOUT", "APP_CONFIG_FILE_MAX"]

@@ -40,13 +40,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from .._balancer import Endpoint
-from .._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ
-from .._xds_server import check_service_name
-from ..controlplane import TYPE_ENDPOINTS, DiscoveryClient, ResourceChange
-from ..proto import octoproxy_discovery_pb2 as pb
-from ._authz import policy_from_message
-from ._engine import Cluster, Route
+from ..core._balancer import Endpoint
+from ..discovery._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ
+from ..discovery._xds_server import check_service_name
+from ..discovery import TYPE_ENDPOINTS, ResourceChange
+from ..discovery._client import DiscoveryClient
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
+from ..core._authz import policy_from_message
+from ..core._engine import Cluster, Route
 
 if TYPE_CHECKING:
     from ._appconfig import AppConfigState

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._secretfile import SecretFileError, read_secret, same_secret
-from ._hot_restart import (
+from ..common._secretfile import SecretFileError, read_secret, same_secret
+from ..core._hot_restart import (
     PROTOCOL_VERSION,
     ChildEvent,
     HotRestartError,

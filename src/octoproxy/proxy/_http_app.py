@@ -30,7 +30,7 @@ import select
 import socket
 import trio
 
-from .._protocol import Status  # LAYOUT: ..protocol._protocol
+from ..protocol._protocol import Status
 from ..protocol._http1 import decode_request, encode_response
 from ..protocol._http1_app import AppResponseError, encode_app_request, response_reader
 from ..sdk._server_core import TIMEOUT_OUTCOME, Request
@@ -96,7 +96,7 @@ class HttpAppBridge:
     """
 
     def __init__(self, app_http: str, connections: int, timeout: float, max_frame_size: int) -> None:
-        from .._config import split_host_port  # LAYOUT: ._config
+        from ._config import split_host_port
 
         self.host, self.port = split_host_port(app_http)
         self.app_http = app_http

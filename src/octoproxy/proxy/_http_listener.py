@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from .. import sdk
-from .._protocol import Status  # LAYOUT: ..protocol._protocol
+from ..protocol._protocol import Status
 from ..protocol._http1 import HttpExchange, Refusal, ServerConnection, encode_request
 
 log = logging.getLogger("octoproxy.proxy.http")

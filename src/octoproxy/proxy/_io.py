@@ -29,8 +29,6 @@ read until it has taken half of them.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import socket
@@ -38,9 +36,9 @@ from collections.abc import Callable
 
 import trio
 
-from .._errors import RemoteProtocolError
-from .._protocol import PREFIX_SIZE
-from ._engine import DOWNSTREAM, Engine, Link
+from ..protocol._errors import RemoteProtocolError
+from ..protocol._protocol import PREFIX_SIZE
+from ..core._engine import DOWNSTREAM, Engine, Link
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -488,52 +486,6 @@ class Flusher:
         return dirty
 
 
-_libc_trim: Callable[[int], int] | None = None
-_trim_checked = False
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        name = ctypes.util.find_library("c")
-        return ctypes.CDLL(name) if name else None
-    except OSError:  # pragma: no cover
-        return None
-
-
-def tune_malloc() -> None:
-    """Keep glibc from moving big frame buffers onto the heap.
-
-    glibc serves allocations above ``M_MMAP_THRESHOLD`` with mmap (given back
-    on free) but raises that threshold after each such free, up to 32 MiB;
-    then 16 MiB frame buffers come from the heap and stay resident after they
-    are freed. A fixed threshold keeps them mmapped.
-    """
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is not None:
-        mallopt(-3, SMALL_FRAME * 2)  # M_MMAP_THRESHOLD
-
-
-def trim_memory() -> bool:
-    """Give freed heap memory back to the system (glibc ``malloc_trim(0)``); False where unavailable.
-
-    After a flood of connections closes, glibc keeps the freed arenas; RSS
-    then stays at the flood's peak. Called rate-limited by the proxy's sweeper.
-    """
-    global _libc_trim, _trim_checked
-    if not _trim_checked:
-        _trim_checked = True
-        trim = getattr(_libc(), "malloc_trim", None)
-        if trim is not None:
-            trim.argtypes = [ctypes.c_size_t]
-            trim.restype = ctypes.c_int
-            _libc_trim = trim
-    if _libc_trim is None:
-        return False
-    _libc_trim(0)
-    return True
-
-
 def is_transient_accept_error(exc: OSError) -> bool:
     return exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -550,7 +502,7 @@ async def connect_raw(address: str, timeout: float) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sockaddr: object = target
     else:
-        from .._config import split_host_port
+        from ._config import split_host_port
 
         host, port = split_host_port(address)
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

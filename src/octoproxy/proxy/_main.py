@@ -12,11 +12,11 @@ from typing import Any
 
 import trio
 
-from .._config import ProxyConfig, describe_config_error, load_config
-from .._errors import ConfigError
-from .._secretfile import SecretFileError
+from ._config import ProxyConfig, describe_config_error, load_config
+from ..protocol._errors import ConfigError
+from ..common._secretfile import SecretFileError
 from ._handover import Channel, take_over
-from ._hot_restart import HotRestartError, encode
+from ..core._hot_restart import HotRestartError, encode
 from ._server import Proxy
 
 log = logging.getLogger("octoproxy.proxy")

@@ -29,22 +29,23 @@ from typing import TYPE_CHECKING, Any, cast
 import trio
 
 from .. import frame
-from .._admin import AdminAuth, Request, Response, serve_admin
-from .._balancer import Endpoint
-from .._config import ProxyConfig, split_host_port
-from .._metrics import Registry
-from .._secretfile import load_or_create_secret, write_fresh_secret
-from .._unix import bind_unix, remove_stale_socket
+from ..common._admin import AdminAuth, Request, Response, serve_admin
+from ..core._balancer import Endpoint
+from ._config import ProxyConfig, split_host_port
+from ..common._metrics import Registry
+from ..common._secretfile import load_or_create_secret, write_fresh_secret
+from ..common._unix import bind_unix, remove_stale_socket
 from .._version import __version__
-from ._authz import policy_from_config
-from ._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
-from ._guard import InboundGuard, InboundPeer
+from ..core._authz import policy_from_config
+from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+from ..core._guard import InboundGuard, InboundPeer
 from ._handover import serve_hot_restart
 from ._http_app import HttpAppBridge
 from ._http_listener import HttpListener
-from ._hot_restart import ParentEvent, ParentState, parent_machine
-from ._io import Budget, Conn, Flusher, connect_raw, is_transient_accept_error, tune_malloc, trim_memory
-from ._stats import ProxyStats
+from ..core._hot_restart import ParentEvent, ParentState, parent_machine
+from ..common._memory import trim_memory, tune_malloc
+from ._io import Budget, Conn, Flusher, connect_raw, is_transient_accept_error
+from ..core._stats import ProxyStats
 from ._tls import CertificateFiles, ControlPlaneCertificates, HandshakeError, accept_tls, connect_tls
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from .._errors import ConfigError
+from ..protocol._errors import ConfigError
 from ..identity._tls import MeshContexts, TlsMaterial, load_material, peer_service
 from ._tlssock import TLSConnection
 

@@ -48,7 +48,7 @@ the same. See docs/sdk.md.
 
 from __future__ import annotations
 
-from .._protocol import Status as Status
+from ..protocol._protocol import Status as Status
 from ._core import MAX_RESENDS as MAX_RESENDS
 from ._core import CallError as CallError
 from ._core import ClientClosedError as ClientClosedError

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TypeVar
 
-from .._protocol import DEFAULT_MAX_FRAME_SIZE, FrameType, Status
+from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, FrameType, Status
 from ..frame import encode_frame
 from . import _config_core as cfgcore
 from . import _subscribe_core as subcore

@@ -17,7 +17,7 @@ import signal
 from types import TracebackType
 from typing import Any
 
-from .._protocol import DEFAULT_MAX_FRAME_SIZE, Status
+from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, Status
 from ._asyncio import Handler
 from ._core import logger
 from ._server_core import TIMEOUT_OUTCOME, Request, ServerConnectionCore, check_body, check_server_args, expired, outcome_of_exception

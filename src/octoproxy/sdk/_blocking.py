@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
-from .._protocol import DEFAULT_MAX_FRAME_SIZE, FrameType, Status
+from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, FrameType, Status
 from ..frame import encode_frame
 from . import _config_core as cfgcore
 from . import _subscribe_core as subcore

@@ -22,7 +22,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from .._protocol import DEFAULT_MAX_FRAME_SIZE, Status
+from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, Status
 from ._blocking import SEND_TIMEOUT, Handler, _now, _set_send_timeout
 from ._core import RECV_SIZE, logger
 from ._server_core import TIMEOUT_OUTCOME, Request, ServerConnectionCore, check_body, check_server_args, expired, outcome_of_exception

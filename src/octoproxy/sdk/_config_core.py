@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import h11
 
-from .._protocol import Status
+from ..protocol._protocol import Status
 from ._core import CallError
 
 __all__ = ["AppConfig", "config_path", "config_request", "config_result", "POLL"]

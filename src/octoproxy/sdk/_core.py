@@ -50,8 +50,8 @@ import logging
 import math
 from typing import Any, Generic, TypeVar
 
-from .._errors import OctoproxyError, RemoteProtocolError
-from .._protocol import PREFIX_SIZE, Flags, FrameType, Status
+from ..protocol._errors import OctoproxyError, RemoteProtocolError
+from ..protocol._protocol import PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import Frame, FrameDecoder, encode_frame, encode_header, encode_request, encode_response
 
 __all__ = [

@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from .._errors import OctoproxyError, RemoteProtocolError
-from .._protocol import PREFIX_SIZE, FrameType, Status
+from ..protocol._errors import OctoproxyError, RemoteProtocolError
+from ..protocol._protocol import PREFIX_SIZE, FrameType, Status
 from ..frame import FrameDecoder, encode_frame, encode_header, encode_response
 
 __all__ = [

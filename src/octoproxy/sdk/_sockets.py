@@ -1,4 +1,4 @@
-"""Blocking Unix-socket helpers for the asyncio and thread front ends (the Trio ones in ``_unix.py`` import Trio)."""
+"""Blocking Unix-socket helpers for the asyncio and thread front ends (the Trio ones in ``common/_unix.py`` import Trio)."""
 
 from __future__ import annotations
 

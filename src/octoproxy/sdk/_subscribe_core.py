@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import h11
 
-from .._protocol import Status
+from ..protocol._protocol import Status
 from ._core import CallError
 
 __all__ = ["HttpReply", "parse_admin_address", "subscribe_body", "subscribe_request", "subscribe_result", "next_delay"]

@@ -32,7 +32,7 @@ from typing import NoReturn
 
 import trio
 
-from .._protocol import DEFAULT_MAX_FRAME_SIZE, FrameType, Status
+from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, FrameType, Status
 from ..frame import encode_frame
 from . import _config_core as cfgcore
 from . import _subscribe_core as subcore
@@ -581,7 +581,7 @@ async def subscribe(admin: str, services: Iterable[str], *, timeout: float = 5.0
             ``retry_for``, or TIMEOUT if it did not get the endpoints in time;
             NO_ROUTE if the proxy has no discovery configured.
     """
-    from .._admin import http_request
+    from ..common._admin import http_request
 
     names, body = subcore.subscribe_body(services, timeout)
     delay = subcore.FIRST_DELAY
@@ -605,7 +605,7 @@ async def subscribe(admin: str, services: Iterable[str], *, timeout: float = 5.0
 
 
 async def _config_once(admin: str, watch: str | None, poll: float, timeout: float, retry_for: float) -> cfgcore.AppConfig:
-    from .._admin import http_request
+    from ..common._admin import http_request
 
     path = cfgcore.config_path(watch, poll)
     delay = subcore.FIRST_DELAY

@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 
 import trio
 
-from .._protocol import DEFAULT_MAX_FRAME_SIZE
-from .._unix import bind_unix, remove_stale_socket
+from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE
+from ..common._unix import bind_unix, remove_stale_socket
 from ._core import RECV_SIZE, logger
 from ._server_core import (
     TIMEOUT_OUTCOME,
@@ -45,7 +45,7 @@ async def _open_unix_listener(path: str, mode: int, backlog: int) -> trio.Socket
 
 
 def _only_interrupts(group: BaseExceptionGroup[BaseException]) -> bool:
-    from .._errors import exception_leaves
+    from ..protocol._errors import exception_leaves
 
     return all(isinstance(leaf, KeyboardInterrupt) for leaf in exception_leaves(group))
 

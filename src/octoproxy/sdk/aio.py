@@ -18,7 +18,7 @@ See docs/sdk.md.
 
 from __future__ import annotations
 
-from .._protocol import Status as Status
+from ..protocol._protocol import Status as Status
 from ._asyncio import Client as Client
 from ._asyncio import Handler as Handler
 from ._asyncio import connect as connect

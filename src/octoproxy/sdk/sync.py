@@ -18,7 +18,7 @@ See docs/sdk.md.
 
 from __future__ import annotations
 
-from .._protocol import Status as Status
+from ..protocol._protocol import Status as Status
 from ._blocking import Client as Client
 from ._blocking import Handler as Handler
 from ._blocking import connect as connect

@@ -15,7 +15,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from ._errors import OctoproxyError
+from ..protocol._errors import OctoproxyError
 
 __all__ = ["SecretFileError", "load_or_create_secret", "read_secret", "write_fresh_secret", "same_secret"]
 

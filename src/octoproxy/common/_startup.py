@@ -24,7 +24,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._errors import exception_leaves
+from ..protocol._errors import exception_leaves
 
 __all__ = ["describe_listen_failure", "Listener"]
 

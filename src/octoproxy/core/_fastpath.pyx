@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Compiled twin of ``octoproxy/proxy/_relay_py.py``: the engine's per-frame
+"""Compiled twin of ``octoproxy/core/_relay_py.py``: the engine's per-frame
 fast path (see that file for the contract). It reads the scanner's C arrays
 directly, copies frames into the destination buffers with ``memcpy`` and
 rewrites stream ids in place; policy stays in ``Engine.slow_request`` /
@@ -12,7 +12,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 
-from octoproxy._fastframe cimport Scanner, KeyRange, uchar
+from octoproxy.protocol._fastframe cimport Scanner, KeyRange, uchar
 
 import heapq
 

@@ -5,7 +5,7 @@ the proxy *wants* (its subscriptions), the resources it *holds* (name ->
 version and decoded message), and the names the server said do not exist
 (*absent*). Every method takes protocol messages in and returns the messages to
 send (and, for responses, the changes applied); nothing here touches a socket
-or a clock, so the Trio shell (:mod:`octoproxy.controlplane._client`) only
+or a clock, so the Trio shell (:mod:`octoproxy.discovery._client`) only
 moves bytes and the same object survives any number of reconnects.
 
 - :meth:`XdsClient.subscribe` / :meth:`XdsClient.unsubscribe` record the wish
@@ -30,8 +30,18 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError, Message
 
-from ._errors import OctoproxyError
-from .proto import octoproxy_discovery_pb2 as pb
+from ..protocol._errors import OctoproxyError
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
+
+# The stream both sides speak (a WebSocket; constants of the protocol, not of one side).
+#: the WebSocket path of the discovery stream
+DISCOVERY_PATH = "/v1/discovery"
+#: what a client accepts from the server (responses can carry many endpoints)
+MAX_MESSAGE_SIZE = 16 << 20
+#: WebSocket close code for "you went over a limit / lost your credentials"
+POLICY_VIOLATION = 1008
+#: WebSocket close code trio-websocket sends for a message over ``max_message_size``
+MESSAGE_TOO_BIG = 1009
 
 __all__ = [
     "TYPE_ENDPOINTS",
@@ -51,7 +61,7 @@ TYPE_ENDPOINTS = "octoproxy.v1.ClusterLoadAssignment"
 #: type_url of the routing rules of a service (:class:`pb.RouteRules`).
 TYPE_ROUTES = "octoproxy.v1.RouteRules"
 #: type_url of an app's configuration (:class:`pb.AppConfig`, name ``"<service>.<environment>"``;
-#: see :mod:`octoproxy._appconfig`).
+#: see :mod:`octoproxy.discovery._appconfig`).
 TYPE_APPCONFIG = "octoproxy.v1.AppConfig"
 #: type_url of the authorization policy of a service (:class:`pb.AuthorizationPolicy`).
 TYPE_AUTHZ = "octoproxy.v1.AuthorizationPolicy"

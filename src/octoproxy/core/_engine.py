@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from struct import Struct
 from typing import Any
 
-from .._balancer import Balancer, Endpoint, make_balancer
-from .._errors import RemoteProtocolError
-from .._frame import parse_header
-from .._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
+from ._balancer import Balancer, Endpoint, make_balancer
+from ..protocol._errors import RemoteProtocolError
+from ..protocol._frame import parse_header
+from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
 from ._stats import ProxyStats, RequestStats
 from ._relay import Pending, forward, relay_requests, relay_responses

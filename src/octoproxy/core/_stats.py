@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._metrics import CounterChild, HistogramChild, Registry
-from .._protocol import Status
+from ..common._metrics import CounterChild, HistogramChild, Registry
+from ..protocol._protocol import Status
 
 __all__ = ["ProxyStats", "RequestStats"]
 

@@ -1,12 +1,12 @@
 # cython: language_level=3
-"""Compiled twin of ``octoproxy/proxy/_guard_py.py``: the inbound guard's per-frame loops.
+"""Compiled twin of ``octoproxy/core/_guard_py.py``: the inbound guard's per-frame loops.
 
 Two loops over a scan's frames, in C: find the first request that needs the
 guard's policy (``first_unclean``), and copy frames with the caller stamp
 inserted after each request's header (``stamp_frames``). Which frames need
 policy (a route miss, an ``authorization`` metadata candidate, a frame too
 large for the stamp) is decided by the Python caller for those frames only;
-see ``proxy/_guard.py``. Keep the two implementations in step.
+see ``core/_guard.py``. Keep the two implementations in step.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
@@ -14,7 +14,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyBy
 from cpython.bytes cimport PyBytes_AS_STRING
 from libc.string cimport memcpy
 
-from octoproxy._fastframe cimport Scanner, uchar
+from octoproxy.protocol._fastframe cimport Scanner, uchar
 
 IMPLEMENTATION = "cython"
 

@@ -51,7 +51,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .._errors import OctoproxyError
+from ..protocol._errors import OctoproxyError
 
 __all__ = [
     "ChildEvent",

@@ -1,4 +1,4 @@
-"""Pure-Python twin of ``octoproxy._fastguard``: the inbound guard's per-frame loops.
+"""Pure-Python twin of ``octoproxy.core._fastguard``: the inbound guard's per-frame loops.
 
 ``first_unclean`` finds the first request that needs the guard's policy (a
 route miss or an ``authorization`` metadata candidate); ``stamp_frames``

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from ._balancer import BALANCERS, Endpoint
-from ._errors import ConfigError
-from ._protocol import DEFAULT_MAX_FRAME_SIZE
+from ..core._balancer import BALANCERS, Endpoint
+from ..protocol._errors import ConfigError
+from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -599,7 +599,7 @@ class EndpointConfig:
         """Build the balancer's (mutable) view of this endpoint.
 
         Returns:
-            A new healthy :class:`~octoproxy._balancer.Endpoint` with no requests in flight.
+            A new healthy :class:`~octoproxy.core._balancer.Endpoint` with no requests in flight.
         """
         return Endpoint(self.address, self.weight, self.region, self.idc, dict(self.tags))
 
@@ -679,7 +679,7 @@ def _convert_str_list(v: object, key: str, base_dir: Path | None) -> tuple[str, 
 
 
 def _convert_trust_domain(v: object, key: str, base_dir: Path | None) -> str:
-    from .identity._names import check_trust_domain
+    from ..identity._names import check_trust_domain
 
     try:
         if isinstance(v, str):

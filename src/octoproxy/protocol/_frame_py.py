@@ -1,4 +1,4 @@
-"""Pure-Python twin of ``octoproxy._fastframe``: the frame codec, the scanner
+"""Pure-Python twin of ``octoproxy.protocol._fastframe``: the frame codec, the scanner
 and the route table. Behaviour, results and exceptions are identical to the
 Cython module (the test suite runs every codec test on both and compares
 them on random input). Keep the two files in step: same names, same error
@@ -9,7 +9,7 @@ Theory of operation
 A byte stream is a sequence of frames (docs/protocol.md). Two consumers:
 
 * :class:`FrameDecoder`, h11-style (``receive_data`` / ``next_frame``), for the
-  SDK and for tests: it buffers and yields :class:`~octoproxy._frame.Frame`
+  SDK and for tests: it buffers and yields :class:`~octoproxy.protocol._frame.Frame`
   objects.
 * :class:`Scanner`, for the proxy's hot path: it walks a buffer the caller
   owns and records, per complete frame, offset, size, type, flags, stream id,

@@ -1,4 +1,4 @@
-# Declarations shared with other compiled modules (octoproxy._fastpath).
+# Declarations shared with other compiled modules (octoproxy.core._fastpath).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 
 ctypedef unsigned char uchar

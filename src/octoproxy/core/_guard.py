@@ -25,7 +25,7 @@ A batch where nothing changes (plaintext mode, every frame allowed, no
 credential) goes to the fast path as it was read; otherwise the frames that
 survive are rewritten into one scratch buffer, scanned again (C speed) and
 forwarded from there. The per-frame loops (find the first frame that needs
-policy; copy and stamp the others) are compiled (``_fastguard.pyx``, twin
+policy; copy and stamp the others) are compiled (``core/_fastguard.pyx``, twin
 ``_guard_py.py``); only frames that need policy run Python here.
 """
 
@@ -35,8 +35,8 @@ import logging
 from struct import Struct
 from typing import TYPE_CHECKING
 
-from .._errors import RemoteProtocolError
-from .._protocol import PREFIX_SIZE, Status
+from ..protocol._errors import RemoteProtocolError
+from ..protocol._protocol import PREFIX_SIZE, Status
 from ..frame import NO_EXTENSIONS, RouteTable, Scanner, encode_header, parse_header
 from ._authz import CallerView, Policy
 from ._relay import relay_requests
@@ -45,7 +45,7 @@ if TYPE_CHECKING or NO_EXTENSIONS:
     from ._guard_py import IMPLEMENTATION, first_unclean, has_credential, stamp_frames
 else:
     try:
-        from .._fastguard import IMPLEMENTATION, first_unclean, has_credential, stamp_frames  # type: ignore[no-redef]
+        from ._fastguard import IMPLEMENTATION, first_unclean, has_credential, stamp_frames  # type: ignore[no-redef]
     except ImportError:  # pragma: no cover - depends on the build
         from ._guard_py import IMPLEMENTATION, first_unclean, has_credential, stamp_frames
 

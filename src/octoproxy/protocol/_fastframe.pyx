@@ -1,7 +1,7 @@
 # cython: language_level=3
-"""Compiled frame codec, scanner and route table (see ``_frame_py.py``).
+"""Compiled frame codec, scanner and route table (see ``protocol/_frame_py.py``).
 
-This module and ``_frame_py.py`` are twins: same names, same results, same
+This module and ``protocol/_frame_py.py`` are twins: same names, same results, same
 exception classes and messages, same order of checks. The tests run every
 codec test on both and compare them on random input. What this one adds is
 speed: the scanner keeps per-frame results in C arrays, the route table is a

@@ -1,4 +1,4 @@
-"""Pure-Python twin of ``octoproxy._fastpath``: the engine's per-frame fast path.
+"""Pure-Python twin of ``octoproxy.core._fastpath``: the engine's per-frame fast path.
 
 The common case of each frame (a routed REQUEST with a healthy upstream; a
 RESPONSE with a pending entry) is handled here, in one pass over a scan's
@@ -13,7 +13,7 @@ import heapq
 from struct import Struct
 from typing import TYPE_CHECKING, Any
 
-from .._protocol import PREFIX_SIZE
+from ..protocol._protocol import PREFIX_SIZE
 
 if TYPE_CHECKING:
     from ._engine import Engine, Link

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ._xds_client import RESOURCE_TYPES, DiscoveryError
-from .proto import octoproxy_discovery_pb2 as pb
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 
 __all__ = [
     "Nack",

@@ -1,4 +1,4 @@
-"""Pick the engine's fast path: compiled ``octoproxy._fastpath`` or its twin.
+"""Pick the engine's fast path: compiled ``octoproxy.core._fastpath`` or its twin.
 
 Same rule as :mod:`octoproxy.frame`: ``OCTOPROXY_NO_EXTENSIONS=1`` forces the
 pure-Python twin; otherwise the compiled module if it imports.
@@ -14,7 +14,7 @@ if TYPE_CHECKING or NO_EXTENSIONS:
     from ._relay_py import IMPLEMENTATION, Pending, forward, relay_requests, relay_responses
 else:
     try:
-        from .._fastpath import IMPLEMENTATION, Pending, forward, relay_requests, relay_responses  # type: ignore[no-redef]
+        from ._fastpath import IMPLEMENTATION, Pending, forward, relay_requests, relay_responses  # type: ignore[no-redef]
     except ImportError:  # pragma: no cover - depends on the build
         from ._relay_py import IMPLEMENTATION, Pending, forward, relay_requests, relay_responses
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 from ._xds_client import TYPE_APPCONFIG
 from ._xds_server import check_service_name
-from .proto import octoproxy_discovery_pb2 as pb
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 
 __all__ = [
     "TYPE_APPCONFIG", "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_KEYS", "MAX_TOTAL_BYTES", "MAX_HISTORY",

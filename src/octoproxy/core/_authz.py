@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._protocol import Status
+from ..protocol._protocol import Status
 
 __all__ = ["Rule", "Policy", "CallerView", "ALLOW", "parse_rules"]
 

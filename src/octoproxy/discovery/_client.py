@@ -3,9 +3,9 @@
 Theory of operation: :meth:`DiscoveryClient.run` loops over the control-plane
 URLs: connect, run a session until it breaks, back off (not after a session
 that worked: the next URL is tried at once), go on with the next URL. The
-protocol state lives in a sans-IO :class:`~octoproxy._xds_client.XdsClient`
+protocol state lives in a sans-IO :class:`~octoproxy.discovery._xds_client.XdsClient`
 that outlives connections: on each new connection its
-:meth:`~octoproxy._xds_client.XdsClient.on_reconnect` re-subscribes with the
+:meth:`~octoproxy.discovery._xds_client.XdsClient.on_reconnect` re-subscribes with the
 versions held, every registration is sent again, and every request still
 waiting for its acknowledgement is resent. While disconnected, held resources
 stay as they were: only the control plane removes them.
@@ -53,10 +53,9 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
-from .._errors import exception_leaves
-from .._xds_client import TYPE_ENDPOINTS, TYPE_ROUTES, DiscoveryError, ResourceChange, Validator, XdsClient
-from ..proto import octoproxy_discovery_pb2 as pb
-from ._server import MAX_MESSAGE_SIZE, MESSAGE_TOO_BIG, POLICY_VIOLATION
+from ..protocol._errors import exception_leaves
+from ._xds_client import MAX_MESSAGE_SIZE, MESSAGE_TOO_BIG, POLICY_VIOLATION, TYPE_ENDPOINTS, TYPE_ROUTES, DiscoveryError, ResourceChange, Validator, XdsClient
+from ..protocol.proto import octoproxy_discovery_pb2 as pb
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +22,13 @@ from octoproxy.protocol._http1 import (
     error_response,
     route_of,
 )
+from octoproxy.protocol._http1_app import _httptools
+from octoproxy.protocol._http1_fast import FastServerConnection
+
+CONNS = [pytest.param(ServerConnection, id="h11")]
+if _httptools is not None:
+    CONNS.append(pytest.param(FastServerConnection, id="httptools"))
+both = pytest.mark.parametrize("conn_cls", CONNS)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +95,7 @@ def test_error_statuses() -> None:
             assert status in HTTP_STATUS
 
 
-def feed(conn: ServerConnection, data: bytes) -> HttpExchange | Refusal | None:
+def feed(conn: Any, data: bytes) -> HttpExchange | Refusal | None:
     conn.receive_data(data)
     return conn.next_request()
 
@@ -95,8 +104,9 @@ def ok_frame(body: bytes = b"hi") -> bytes:
     return encode_response(200, b"OK", [], body)
 
 
-def test_keepalive_cycle_and_pipelining() -> None:
-    conn = ServerConnection(1024, 4096)
+@both
+def test_keepalive_cycle_and_pipelining(conn_cls: type) -> None:
+    conn = conn_cls(1024, 4096)
     first = feed(conn, b"GET /1 HTTP/1.1\r\nHost: web\r\n\r\nGET /2 HTTP/1.1\r\nHost: web\r\n\r\n")
     assert isinstance(first, HttpExchange) and first.target == b"/1" and first.service == "web"
     conn.respond(first, ok_frame(b"one"))
@@ -109,8 +119,9 @@ def test_keepalive_cycle_and_pipelining() -> None:
     assert conn.next_request() is None and conn.idle
 
 
-def test_chunked_request_is_joined() -> None:
-    conn = ServerConnection(1024, 4096)
+@both
+def test_chunked_request_is_joined(conn_cls: type) -> None:
+    conn = conn_cls(1024, 4096)
     assert feed(conn, b"POST /c HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n") is None
     assert not conn.idle
     ex = feed(conn, b"2\r\nde\r\n0\r\n\r\n")
@@ -119,11 +130,12 @@ def test_chunked_request_is_joined() -> None:
     assert b"content-length: 5\r\n" in encode_request(ex)
 
 
-def test_body_limits() -> None:
-    conn = ServerConnection(4, 4096)
+@both
+def test_body_limits(conn_cls: type) -> None:
+    conn = conn_cls(4, 4096)
     r = feed(conn, b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\n")
     assert isinstance(r, Refusal) and r.code == 413 and conn.closing
-    conn = ServerConnection(4, 4096)
+    conn = conn_cls(4, 4096)
     r = feed(conn, b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n")
     assert isinstance(r, Refusal) and r.code == 413
     conn.refuse(r)
@@ -131,10 +143,11 @@ def test_body_limits() -> None:
     assert out.startswith(b"HTTP/1.1 413 ") and b"connection: close" in out
 
 
-def test_expect_100_continue_sent_once_when_body_is_awaited() -> None:
-    conn = ServerConnection(1024, 4096)
+@both
+def test_expect_100_continue_sent_once_when_body_is_awaited(conn_cls: type) -> None:
+    conn = conn_cls(1024, 4096)
     assert feed(conn, b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n") is None
-    assert conn.data_to_send() == b"HTTP/1.1 100 \r\n\r\n"
+    assert conn.data_to_send().startswith(b"HTTP/1.1 100 ")
     assert conn.next_request() is None and conn.data_to_send() == b""
     ex = feed(conn, b"abc")
     assert isinstance(ex, HttpExchange) and ex.body == b"abc"
@@ -152,23 +165,26 @@ def test_expect_100_continue_sent_once_when_body_is_awaited() -> None:
         (b"GET https://web/ HTTP/1.1\r\nHost: web\r\n\r\n", 400),
     ],
 )
-def test_refusals(data: bytes, code: int) -> None:
-    conn = ServerConnection(1024, 4096)
+@both
+def test_refusals(conn_cls: type, data: bytes, code: int) -> None:
+    conn = conn_cls(1024, 4096)
     r = feed(conn, data)
     assert isinstance(r, Refusal) and r.code == code, r
     conn.refuse(r)
     assert conn.data_to_send().startswith(b"HTTP/1.1 %d " % code)
 
 
-def test_incomplete_head_over_limit_is_431() -> None:
-    conn = ServerConnection(1024, 4096)
+@both
+def test_incomplete_head_over_limit_is_431(conn_cls: type) -> None:
+    conn = conn_cls(1024, 4096)
     r = feed(conn, b"GET / HTTP/1.1\r\nx: " + b"a" * 5000)
     assert isinstance(r, Refusal) and r.code == 431
 
 
-def test_http10_and_connection_close_close_after_the_answer() -> None:
+@both
+def test_http10_and_connection_close_close_after_the_answer(conn_cls: type) -> None:
     for req in (b"GET / HTTP/1.0\r\nHost: web\r\n\r\n", b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"):
-        conn = ServerConnection(1024, 4096)
+        conn = conn_cls(1024, 4096)
         ex = feed(conn, req)
         assert isinstance(ex, HttpExchange)
         conn.respond(ex, ok_frame())
@@ -176,8 +192,9 @@ def test_http10_and_connection_close_close_after_the_answer() -> None:
         assert b"connection: close" in conn.data_to_send().lower()
 
 
-def test_drain_marks_the_answer_connection_close() -> None:
-    conn = ServerConnection(1024, 4096)
+@both
+def test_drain_marks_the_answer_connection_close(conn_cls: type) -> None:
+    conn = conn_cls(1024, 4096)
     ex = feed(conn, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
     assert isinstance(ex, HttpExchange)
     conn.closing = True  # what the listener does on drain
@@ -185,8 +202,9 @@ def test_drain_marks_the_answer_connection_close() -> None:
     assert b"connection: close\r\n" in conn.data_to_send()
 
 
-def test_error_answer_and_head() -> None:
-    conn = ServerConnection(1024, 4096)
+@both
+def test_error_answer_and_head(conn_cls: type) -> None:
+    conn = conn_cls(1024, 4096)
     ex = feed(conn, b"HEAD / HTTP/1.1\r\nHost: web\r\n\r\n")
     assert isinstance(ex, HttpExchange)
     conn.respond_error(ex, Status.TIMEOUT, "late")
@@ -196,27 +214,30 @@ def test_error_answer_and_head() -> None:
     assert not conn.closing
 
 
-def test_bad_app_response_becomes_502() -> None:
-    conn = ServerConnection(1024, 4096)
+@both
+def test_bad_app_response_becomes_502(conn_cls: type) -> None:
+    conn = conn_cls(1024, 4096)
     ex = feed(conn, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
     assert isinstance(ex, HttpExchange)
     conn.respond(ex, b"HTTP/1.1 200 OK\r\nbad header\x00: x\r\n\r\n")
     assert conn.data_to_send().startswith(b"HTTP/1.1 502 ")
 
 
-def test_timed_out() -> None:
-    conn = ServerConnection(1024, 4096)
+@both
+def test_timed_out(conn_cls: type) -> None:
+    conn = conn_cls(1024, 4096)
     assert conn.timed_out() is None  # idle: just close
     assert feed(conn, b"GET / HTTP/1.1\r\nHo") is None
     r = conn.timed_out()
     assert isinstance(r, Refusal) and r.code == 408
 
 
+@both
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600), st.integers(min_value=1, max_value=50))
-def test_fuzz_server_connection_never_raises(data: bytes, step: int) -> None:
+def test_fuzz_server_connection_never_raises(conn_cls: type, data: bytes, step: int) -> None:
     """Any bytes, split anywhere: requests, refusals or 'need more', never an exception."""
-    conn = ServerConnection(256, 512)
+    conn = conn_cls(256, 512)
     for i in range(0, len(data) + 1, step):
         conn.receive_data(data[i : i + step])
         for _ in range(8):
@@ -239,3 +260,52 @@ def test_fuzz_frame_body_decoders(data: bytes) -> None:
             decode(data)
         except HttpMappingError:
             pass
+
+
+_TOK = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=8)
+
+
+@st.composite
+def pipelined_requests(draw: Any) -> tuple[bytes, list[tuple[bytes, bytes, bytes]]]:
+    """1-3 valid requests (Content-Length or chunked bodies), and what each must become."""
+    data = b""
+    want = []
+    for _ in range(draw(st.integers(1, 3))):
+        method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE"]))
+        path = b"/" + "/".join(draw(st.lists(_TOK, max_size=3))).encode()
+        if draw(st.booleans()):
+            path += b"?q=" + draw(_TOK).encode()
+        headers = [(draw(_TOK).encode(), draw(_TOK).encode()) for _ in range(draw(st.integers(0, 3)))]
+        headers = [(b"x-" + n, v) for n, v in headers]
+        body = draw(st.binary(max_size=40))
+        head = method + b" " + path + b" HTTP/1.1\r\nHost: web\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+        if body and draw(st.booleans()):
+            chunks = [body[i : i + 7] for i in range(0, len(body), 7)]
+            data += head + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+        else:
+            data += head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        want.append((method, path, body))
+    return data, want
+
+
+@settings(max_examples=200, deadline=None)
+@given(pipelined_requests(), st.integers(min_value=1, max_value=64))
+def test_differential_h11_and_httptools(case: tuple[bytes, list[tuple[bytes, bytes, bytes]]], step: int) -> None:
+    """The same pipelined requests, split the same way, give the same exchanges and answers from both cores."""
+    if len(CONNS) < 2:
+        pytest.skip("httptools not installed")
+    data, want = case
+    results = []
+    for cls in (ServerConnection, FastServerConnection):
+        conn: Any = cls(1024, 4096)
+        got = []
+        for i in range(0, len(data), step):
+            conn.receive_data(data[i : i + step])
+            while (r := conn.next_request()) is not None:
+                assert isinstance(r, HttpExchange), r
+                got.append((r.method, r.target, r.headers, r.body, r.service))
+                conn.respond(r, ok_frame(r.body))
+        conn.data_to_send()
+        results.append(got)
+    assert results[0] == results[1]
+    assert [(m, t, b) for m, t, _h, b, _s in results[0]] == want

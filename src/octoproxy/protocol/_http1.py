@@ -43,6 +43,7 @@ __all__ = [
     "encode_request",
     "encode_response",
     "error_response",
+    "make_exchange",
     "route_of",
 ]
 
@@ -277,6 +278,23 @@ def error_response(status: int, error: str) -> tuple[int, list[tuple[bytes, byte
     return code, headers, (f"{name}: {error}\n" if error else f"{name}\n").encode()
 
 
+def make_exchange(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, http10: bool) -> HttpExchange:
+    """A received request as an :class:`HttpExchange` (service named, hop-by-hop fields gone).
+
+    Raises:
+        HttpMappingError: an absolute-form target with a scheme other than http.
+    """
+    service, target = route_of(target, headers)
+    fields = _end_to_end(headers)
+    if not any(n == b"host" for n, _v in fields):
+        fields.insert(0, (b"host", service.encode("latin-1")))
+    md = {}
+    for n, v in fields:
+        if n == b"traceparent":
+            md["traceparent"] = v.decode("latin-1")
+    return HttpExchange(method, target, fields, body, service, http10, md)
+
+
 # ------------------------------------------------------------------ server connection
 
 
@@ -382,22 +400,12 @@ class ServerConnection:
         return Refusal(code, reason)
 
     def _exchange(self, req: h11.Request) -> HttpExchange | Refusal:
-        headers = list(req.headers)
-        try:
-            service, target = route_of(req.target, headers)
-        except HttpMappingError as exc:
-            return self._refused(400, str(exc))
-        http10 = req.http_version == b"1.0"
-        fields = _end_to_end(headers)
-        if not any(n == b"host" for n, _v in fields):
-            fields.insert(0, (b"host", service.encode("latin-1")))
-        md = {}
-        for n, v in fields:
-            if n == b"traceparent":
-                md["traceparent"] = v.decode("latin-1")
         body = b"".join(self._body)
         self._body = []
-        return HttpExchange(req.method, target, fields, body, service, http10, md)
+        try:
+            return make_exchange(req.method, req.target, list(req.headers), body, req.http_version == b"1.0")
+        except HttpMappingError as exc:
+            return self._refused(400, str(exc))
 
     def _send(self, code: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes, head: bool) -> None:
         if self.closing:

@@ -36,6 +36,7 @@ import trio
 from .. import sdk
 from ..protocol._protocol import Status
 from ..protocol._http1 import HttpExchange, Refusal, ServerConnection, encode_request
+from ..protocol._http1_fast import FastServerConnection, server_connection
 
 log = logging.getLogger("octoproxy.proxy.http")
 
@@ -47,7 +48,7 @@ _RECV = 65536
 class _Conn:
     __slots__ = ("sock", "core", "scope", "last_active", "busy")
 
-    def __init__(self, sock: socket.socket, core: ServerConnection, now: float) -> None:
+    def __init__(self, sock: socket.socket, core: ServerConnection | FastServerConnection, now: float) -> None:
         self.sock = sock
         self.core = core
         self.scope: trio.CancelScope | None = None  # the current read wait
@@ -117,7 +118,7 @@ class HttpListener:
 
                 conn_nursery.start_soon(refuse)
                 continue
-            conn = _Conn(sock, ServerConnection(self.cfg.max_body, self.cfg.max_header_size), trio.current_time())
+            conn = _Conn(sock, server_connection(self.cfg.max_body, self.cfg.max_header_size), trio.current_time())
             self.conns.add(conn)  # counted at once: the limit above sees it before its task runs
             conn_nursery.start_soon(self._serve_conn, conn)
 
@@ -289,7 +290,7 @@ class HttpListener:
                 self._client = await sdk.connect(self._nursery, self.outbound_uds, max_frame_size=self.max_frame_size, connect_timeout=2.0)
             return self._client
 
-    async def _forward(self, core: ServerConnection, ex: HttpExchange) -> int:
+    async def _forward(self, core: ServerConnection | FastServerConnection, ex: HttpExchange) -> int:
         """Send ``ex`` as one frame, write its answer into ``core``; returns the HTTP status code sent."""
         if not ex.service:
             core.respond_error(ex, Status.NO_ROUTE, "no Host header or absolute-form target names a service")

@@ -33,6 +33,7 @@ import trio
 from ..protocol._protocol import Status
 from ..protocol._http1 import decode_request, encode_response
 from ..protocol._http1_app import AppResponseError, encode_app_request, response_reader
+from ._io import connect_raw
 from ..sdk._server_core import TIMEOUT_OUTCOME, Request
 from ..sdk._trio_server import _Server
 
@@ -54,17 +55,32 @@ class _AppError(Exception):
 class _AppConn:
     """One keep-alive connection to the app."""
 
-    __slots__ = ("stream", "reusable")
+    __slots__ = ("sock", "reusable")
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock  # non-blocking; raw recv/send as the proxy's own connections (PERFORMANCE.md)
         self.reusable = True
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+
+    async def receive_some(self) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(65536)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
 
     def stale(self) -> bool:
         """The app closed (or wrote unasked) while the connection sat idle in the pool."""
         # readable while idle means EOF or bytes nobody asked for: either way not reusable
         poller = select.poll()
-        poller.register(self.stream.socket.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
         return bool(poller.poll(0))
 
 
@@ -120,8 +136,7 @@ class HttpAppBridge:
         warned = trio.current_time() + 5.0
         while True:
             try:
-                with trio.fail_after(2.0):
-                    stream = await trio.open_tcp_stream(self.host, self.port)
+                sock = await connect_raw(self.app_http, 2.0)
             except (OSError, trio.TooSlowError) as exc:
                 if trio.current_time() >= warned:
                     log.warning("the app's HTTP port %s does not answer yet (%s)", self.app_http, exc)
@@ -129,7 +144,7 @@ class HttpAppBridge:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            self._idle.append(_AppConn(stream))
+            self._idle.append(_AppConn(sock))
             break
         self.app_up = True
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -145,7 +160,7 @@ class HttpAppBridge:
             await trio.serve_listeners(server.handle_connection, [listener])
         finally:
             for conn in self._idle:
-                await trio.aclose_forcefully(conn.stream)
+                conn.sock.close()
             self._idle.clear()
 
     # ------------------------------------------------------------ one exchange
@@ -162,12 +177,12 @@ class HttpAppBridge:
             try:
                 answer = await self._round_trip(conn, method, data)
             except _AppError as exc:
-                await trio.aclose_forcefully(conn.stream)
+                conn.sock.close()
                 if exc.retry and reused and attempt == 0 and method in _IDEMPOTENT:
                     continue
                 return exc.status, str(exc), b""
             except BaseException:
-                await trio.aclose_forcefully(conn.stream)  # cancelled (deadline) mid-exchange: never reused
+                conn.sock.close()  # cancelled (deadline) mid-exchange: never reused
                 raise
             self._checkin(conn)
             return Status.OK, "", answer
@@ -178,24 +193,24 @@ class HttpAppBridge:
             conn = self._idle.pop()
             if not conn.stale():
                 return conn, True
-            await trio.aclose_forcefully(conn.stream)
+            conn.sock.close()
         try:
-            stream = await trio.open_tcp_stream(self.host, self.port)
-        except OSError as exc:
-            raise _AppError(Status.UNAVAILABLE, f"the app does not accept on {self.app_http}: {exc.strerror or exc}") from None
-        return _AppConn(stream), False
+            sock = await connect_raw(self.app_http, self.timeout)
+        except (OSError, trio.TooSlowError) as exc:
+            raise _AppError(Status.UNAVAILABLE, f"the app does not accept on {self.app_http}: {getattr(exc, 'strerror', None) or exc or 'timeout'}") from None
+        return _AppConn(sock), False
 
     def _checkin(self, conn: _AppConn) -> None:
         if conn.reusable and len(self._idle) < self.connections:
             self._idle.append(conn)
             return
-        conn.stream.socket.close()
+        conn.sock.close()
 
     async def _round_trip(self, conn: _AppConn, method: bytes, data: bytes) -> bytes:
         reader = response_reader(method, self.max_response)
         try:
-            await conn.stream.send_all(data)
-            while not reader.feed(await conn.stream.receive_some(65536)):
+            await conn.send_all(data)
+            while not reader.feed(await conn.receive_some()):
                 pass
         except AppResponseError as exc:
             if not exc.partial:  # closed before any byte of an answer: a stale connection

@@ -4,7 +4,7 @@ Two readers with one interface, picked once at import as the frame codec's
 twins are: :class:`FastResponseReader` over httptools (llhttp, the parser
 uvicorn uses; about 40 times cheaper than h11 here, docs/http.md) when it is
 installed, and :class:`H11ResponseReader`, the reference, otherwise or under
-``OCTOPROXY_NO_EXTENSIONS=1``. Both are tested on the same cases
+``OCTOPROXY_NO_EXTENSIONS=1`` (``OCTOPROXY_HTTP_PARSER=h11`` picks it alone, e.g. to measure it). Both are tested on the same cases
 (``tests/test_http1_app.py``), including a differential test over random
 responses split at random points.
 
@@ -187,8 +187,8 @@ class FastResponseReader:
 
 _httptools: Any
 try:
-    if os.environ.get("OCTOPROXY_NO_EXTENSIONS", "") not in ("", "0"):
-        raise ImportError("OCTOPROXY_NO_EXTENSIONS")
+    if os.environ.get("OCTOPROXY_NO_EXTENSIONS", "") not in ("", "0") or os.environ.get("OCTOPROXY_HTTP_PARSER") == "h11":
+        raise ImportError("the h11 twin was asked for")
     import httptools as _httptools
 
     IMPLEMENTATION = "httptools"

@@ -83,6 +83,11 @@ def _httpx_calls(m: HttpMesh) -> None:
         # a chunked response from the app arrives whole
         r = c.get("/chunked?n=4")
         assert r.status_code == 200 and r.text == "".join(f"chunk-{i}\n" for i in range(4))
+        big = os.urandom(900_000)  # under the 1 MiB default body limit
+        r = c.post("/echo", content=big)
+        assert r.status_code == 200 and r.content == big
+        r = c.get("/big?n=3000000")  # a response far over max_body: only max_frame_size bounds answers
+        assert r.status_code == 200 and len(r.content) == 3_000_000
         r = c.head("/big?n=1234")
         assert r.status_code == 200 and r.headers["content-length"] == "1234" and r.content == b""
     with httpx.Client(proxy=m.proxy_url, timeout=5) as c:

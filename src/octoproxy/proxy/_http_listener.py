@@ -213,6 +213,9 @@ class HttpListener:
                     return
         except (OSError, trio.TooSlowError):
             self._errors.labels("connection_lost").inc()
+        except Exception:  # a bug must cost this connection, never the proxy
+            log.exception("HTTP listener: connection failed")
+            self._errors.labels("internal_error").inc()
         finally:
             self.conns.discard(conn)
             sock.close()

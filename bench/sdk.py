@@ -233,7 +233,7 @@ def wait_line(proc: subprocess.Popen[bytes], prefix: bytes, timeout: float = 20.
 def proxy_config(d: Path, port: int) -> str:
     return f"""
 [proxy]
-service = "bench"
+service = "echo"  # the route below points at this proxy's own inbound, which serves only its own service
 drain_time = 1.0
 shutdown_time = 2.0
 [outbound]

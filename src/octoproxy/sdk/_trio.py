@@ -8,10 +8,11 @@ to the connection's core and sets the events of the waiters it answers.
 
 Serving is in ``_trio_server.py``; it writes through the same :class:`FrameWriter`.
 
-One writer per stream: :class:`FrameWriter` makes writers take turns with a
-:class:`trio.Lock`, and every ``send_all`` runs shielded under its own
-deadline, so cancelling a caller never leaves half a frame on the wire and a
-peer that stops reading cannot pin us forever. A write that fails (or times out
+One writer per stream: :class:`FrameWriter` queues the frames of concurrent
+writers and one of them writes them all with one ``send_all`` per round
+(coalescing: one system call for many calls in flight); every ``send_all``
+runs shielded under its own deadline, so cancelling a caller never leaves
+half a frame on the wire and a peer that stops reading cannot pin us forever. A write that fails (or times out
 half-way) leaves the byte stream unusable, so the writer closes it: the
 connection's reader then sees :class:`trio.ClosedResourceError` and tears the
 connection down in one place. Control frames the reader must write (PONG) are
@@ -72,8 +73,32 @@ class ClosedError(ClientClosedError, trio.ClosedResourceError):
     """The client was closed: both the SDK's :class:`ClientClosedError` and Trio's ClosedResourceError."""
 
 
+class _Queued:
+    """One ``send`` waiting in a :class:`FrameWriter`'s queue."""
+
+    __slots__ = ("data", "unless", "state")
+
+    def __init__(self, data: bytes, unless: Callable[[], bool] | None) -> None:
+        self.data = data
+        self.unless = unless
+        #: None: queued; True: written; False: vetoed by ``unless``
+        self.state: bool | None = None
+
+
 class FrameWriter:
-    """Serialises whole-frame writes to one stream (see the module docstring).
+    """Whole-frame writes to one stream, coalesced (see the module docstring).
+
+    Writers queue their frames; the first one to find nobody writing becomes
+    the flusher and writes everything queued, in rounds, with one
+    ``send_all`` per round, while the others wait for the round that carries
+    their bytes. With 32 calls in flight that is one system call for many
+    frames instead of one each (the asyncio transport does the same), and the
+    order of frames on the wire is the order of the ``send`` calls.
+
+    A waiter cancelled before its round starts takes its frame out of the
+    queue (nothing of it is written); once the round started, the frame goes
+    out whole. Queued bytes are bounded by the writers waiting: each waits
+    until its bytes are on the wire (or the stream failed).
 
     Attributes:
         broken: set once a write failed; every later write fails at once.
@@ -83,7 +108,10 @@ class FrameWriter:
         self._stream = stream
         self._nursery = nursery
         self._timeout = timeout
-        self._lock = trio.Lock()
+        self._queue: list[_Queued] = []
+        self._writing = False
+        self._round_done = trio.Event()
+        self._failure: BaseException | None = None
         self._posted: list[bytes] = []
         self._flushing = False
         self.broken = False
@@ -93,9 +121,10 @@ class FrameWriter:
 
         Args:
             data: the encoded frames.
-            unless: checked once the lock is held; if it returns true nothing is
-                written (the connection started draining while we queued).
-            timeout: overrides the writer's deadline for this write.
+            unless: checked just before the round that would write ``data``;
+                if it returns true nothing is written (the connection started
+                draining while we queued).
+            timeout: overrides the writer's deadline for a round this call flushes.
 
         Returns:
             True if written, False if ``unless`` vetoed the write.
@@ -104,21 +133,62 @@ class FrameWriter:
             trio.BrokenResourceError: the write failed or timed out now or
                 earlier; the stream has been closed.
         """
-        async with self._lock:  # waiting for the lock is cancellable: nothing is written yet
-            if self.broken:
-                raise trio.BrokenResourceError("an earlier write on this connection failed")
-            if unless is not None and unless():
-                return False
-            with trio.CancelScope(shield=True):
+        if self.broken:
+            raise trio.BrokenResourceError("an earlier write on this connection failed")
+        entry = _Queued(data, unless)
+        self._queue.append(entry)
+        if self._writing:
+            while entry.state is None and not self.broken:
+                done = self._round_done
                 try:
-                    with trio.fail_after(self._timeout if timeout is None else timeout):
-                        await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
-                    # A partial frame may be on the wire: nothing more can be written.
-                    self.broken = True
-                    await trio.aclose_forcefully(self._stream)
-                    raise trio.BrokenResourceError(f"write failed: {exc!r}") from exc
-        return True
+                    await done.wait()
+                except BaseException:
+                    if entry.state is None and entry in self._queue:  # not taken by a round yet: nothing written
+                        self._queue.remove(entry)
+                    raise
+            if entry.state is None:  # the stream failed before or while writing our bytes
+                raise trio.BrokenResourceError(f"write failed: {self._failure!r}")
+            return entry.state
+        await trio.lowlevel.checkpoint_if_cancelled()  # cancellable before anything is written
+        await self._flush_rounds(self._timeout if timeout is None else timeout)
+        if entry.state is None:
+            raise trio.BrokenResourceError(f"write failed: {self._failure!r}")
+        return entry.state
+
+    async def _flush_rounds(self, timeout: float) -> None:
+        """Write what is queued, round after round, until the queue is empty."""
+        self._writing = True
+        try:
+            with trio.CancelScope(shield=True):
+                while self._queue and not self.broken:
+                    batch, self._queue = self._queue, []
+                    chunks = []
+                    for e in batch:
+                        if e.unless is not None and e.unless():
+                            e.state = False
+                        else:
+                            chunks.append(e.data)
+                    try:
+                        if chunks:
+                            with trio.fail_after(timeout):
+                                await self._stream.send_all(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
+                        # A partial frame may be on the wire: nothing more can be written.
+                        self.broken = True
+                        self._failure = exc
+                        await trio.aclose_forcefully(self._stream)
+                        return
+                    for e in batch:
+                        if e.state is None:
+                            e.state = True
+                    self._next_round()
+        finally:
+            self._writing = False
+            self._next_round()
+
+    def _next_round(self) -> None:
+        self._round_done.set()
+        self._round_done = trio.Event()
 
     def post(self, data: bytes) -> None:
         """Queue a small control frame; a background task writes the queue."""

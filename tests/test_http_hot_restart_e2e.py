@@ -197,3 +197,29 @@ async def test_drain_closes_idle_keepalive_connections() -> None:
             assert waited < 5
             with trio.fail_after(10):
                 await m.caller.process.wait()
+
+
+async def test_drain_finishes_a_request_in_flight() -> None:
+    """SIGTERM while a request waits for the app: it is answered 200, with Connection: close."""
+    with trio.fail_after(30):
+        async with http_mesh() as m:
+
+            def slow() -> bytes:
+                with socket.create_connection(("127.0.0.1", m.http_port), timeout=10) as s:
+                    s.sendall(b"GET /sleep?s=1 HTTP/1.1\r\nHost: web\r\n\r\n")
+                    out = b""
+                    while chunk := s.recv(4096):
+                        out += chunk
+                    return out
+
+            async with trio.open_nursery() as n:
+                got: list[bytes] = []
+
+                async def run() -> None:
+                    got.append(await trio.to_thread.run_sync(slow))
+
+                n.start_soon(run)
+                await trio.sleep(0.4)
+                m.caller.process.send_signal(signal.SIGTERM)
+            assert got[0].startswith(b"HTTP/1.1 200 ") and got[0].endswith(b"slept"), got
+            assert b"connection: close" in got[0].lower()

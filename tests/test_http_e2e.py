@@ -41,7 +41,8 @@ def _requests_calls(m: HttpMesh) -> list[str]:
     out = []
     with requests.Session() as s:  # keep-alive: one connection for all
         for i in range(5):
-            r = s.post(f"{m.base}/echo?i={i}", data=f"hello {i}".encode(), headers={"Host": SERVICE}, timeout=5)
+            r = s.post(f"{m.base}/echo?i={i}", data=f"hello {i}".encode(), headers={"Host": SERVICE, "x-octoproxy-caller": "forged"}, timeout=5)
+            assert r.headers["x-caller"] == "client-app"  # stamped by the caller's proxy; the forged one is gone
             assert r.status_code == 200, r.text
             assert r.content == f"hello {i}".encode()
             assert r.headers["x-path"] == f"/echo?i={i}"

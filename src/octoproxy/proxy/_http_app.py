@@ -15,6 +15,10 @@ is UNAVAILABLE, no answer by the request's deadline (or
 ``inbound.app_http_timeout``) is TIMEOUT, a malformed or oversized answer is
 APPLICATION_ERROR; the caller's proxy maps these to 503, 504 and 502.
 
+The app learns the calling service from ``x-octoproxy-caller`` (the frame's
+``caller``, which the caller's proxy stamps and mTLS verifies); whatever a
+client wrote in that header is removed first.
+
 A pooled connection the app closed while idle is noticed before reuse (it
 reads as EOF); one that fails on reuse before any byte of the answer came
 is retried once on a fresh connection for idempotent methods.
@@ -41,6 +45,8 @@ log = logging.getLogger("octoproxy.proxy.http_app")
 
 __all__ = ["HttpAppBridge"]
 
+#: the request header that names the calling service to the app (any value a client sent is replaced)
+CALLER_HEADER = b"x-octoproxy-caller"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _ids = itertools.count(1)
 
@@ -169,6 +175,10 @@ class HttpAppBridge:
         """Send one request frame's HTTP request to the app: ``(status, error, body)`` for the response frame."""
         try:
             method, target, headers, body = decode_request(req.body)
+            # the caller as its proxy stamped it (verified by mTLS when on): the app's only source for it
+            headers = [h for h in headers if h[0] != CALLER_HEADER]
+            if req.caller:
+                headers.append((CALLER_HEADER, req.caller.encode()))
             data = encode_app_request(method, target, headers, body)
         except ValueError as exc:  # HttpMappingError too
             return Status.APPLICATION_ERROR, f"not a valid HTTP request frame: {exc}", b""

@@ -69,6 +69,9 @@ async def test_requests_keepalive_and_proxy_form() -> None:
             assert await m.caller.metric("octoproxy_http_connections") <= 1
             # the exchange crossed the mesh as frames: counted by route, method = "POST /echo"
             assert await m.provider.metric('octoproxy_requests_total{direction="inbound",service="web",method="POST /echo"') == 5
+            assert await m.caller.metric('octoproxy_requests_total{direction="outbound",service="web",method="POST /echo"') == 5
+            # fed straight into the engine: no in-process SDK connection on the outbound socket
+            assert await m.caller.metric('octoproxy_connections_accepted_total{listener="outbound"}') == 0
 
 
 def _httpx_calls(m: HttpMesh) -> None:

@@ -33,8 +33,9 @@ from typing import Any
 
 import trio
 
-from .. import sdk
-from ..protocol._protocol import Status
+from .. import frame, sdk
+from ..core._engine import DOWNSTREAM, Link
+from ..protocol._protocol import Flags, Status
 from ..protocol._http1 import HttpExchange, Refusal, ServerConnection, encode_request
 from ..protocol._http1_fast import FastServerConnection, server_connection
 
@@ -56,6 +57,67 @@ class _Conn:
         self.busy = False
 
 
+class _Waiter:
+    __slots__ = ("event", "frame")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.frame: Any = None
+
+
+class DirectLink:
+    """The listener's own downstream link into the engine's outbound pipeline (no socket).
+
+    A request is fed to the engine as a frame, exactly as if it had been read
+    from an SDK connection (routing, policies, caller stamping, deadlines,
+    metrics: ``direction="outbound"``); the engine's answers land in
+    ``link.out``, which the flusher hands to :meth:`try_send` (the duck-typed
+    part of :class:`~octoproxy.proxy._io.Conn` the engine's shell uses), where
+    they are decoded and given to the waiting request by stream id. This saves
+    the Unix-socket round trip and two task wake-ups of an in-process SDK
+    client per request (docs/http.md).
+    """
+
+    def __init__(self, engine: Any, flusher: Any, max_frame_size: int) -> None:
+        self.engine = engine
+        self.flusher = flusher
+        self.link = Link(DOWNSTREAM, "http#direct", listener="outbound")
+        self.link.io = self
+        self.decoder = frame.FrameDecoder(max_frame_size)
+        self.waiters: dict[int, _Waiter] = {}
+        self.next_sid = 1
+
+    def try_send(self) -> None:
+        out = self.link.out
+        if not out:
+            return
+        self.decoder.receive_data(bytes(out))
+        out.clear()
+        for f in self.decoder:
+            waiter = self.waiters.pop(f.stream_id, None)
+            if waiter is not None:
+                waiter.frame = f
+                waiter.event.set()
+
+    def lost(self, reason: str) -> None:  # the engine's shell API; nothing to close here
+        pass
+
+    async def call(self, service: str, method: str, body: bytes, metadata: dict[str, str] | None) -> Any:
+        """Feed one request; return the response frame (its ``flags``, ``header``, ``body``)."""
+        sid = self.next_sid
+        self.next_sid = sid + 1 if sid < (1 << 62) else 1
+        waiter = self.waiters[sid] = _Waiter()
+        buf = bytearray(frame.encode_request(sid, service, method, body, metadata=metadata))
+        try:
+            scanner = self.engine.new_scanner(self.link)
+            self.engine.feed(self.link, scanner, buf, len(buf), trio.current_time())
+            self.flusher.flush()
+            await waiter.event.wait()
+        finally:
+            self.waiters.pop(sid, None)
+        return waiter.frame
+
+
 class HttpListener:
     """Plain HTTP/1.1 clients -> frames on this proxy's outbound path.
 
@@ -68,8 +130,17 @@ class HttpListener:
             (a hot restart: yes, the next generation takes it; a shutdown: no).
     """
 
-    def __init__(self, cfg: Any, outbound_uds: str, max_frame_size: int, registry: Any, can_forward: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        outbound_uds: str,
+        max_frame_size: int,
+        registry: Any,
+        can_forward: Callable[[], bool],
+        direct: DirectLink | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.direct = direct
         self.outbound_uds = outbound_uds
         self.max_frame_size = max_frame_size
         self.can_forward = can_forward
@@ -302,10 +373,20 @@ class HttpListener:
             core.closing = True
             core.respond_error(ex, Status.UNAVAILABLE, "the proxy is shutting down")
             return 503
+        data = encode_request(ex)
         try:
-            client = await self._get_client()
             with trio.fail_after(self.cfg.request_timeout):
-                reply = await client.call(ex.service, ex.frame_method, encode_request(ex), metadata=ex.metadata or None)
+                if self.direct is not None and not self.draining:
+                    f = await self.direct.call(ex.service, ex.frame_method, data, ex.metadata or None)
+                    if not f.flags & Flags.HOT_RESTART:
+                        status = f.header.status
+                        if status != Status.OK:
+                            raise sdk.CallError(status, f.header.error)
+                        core.respond(ex, bytes(f.body))
+                        return int(core.last_code)
+                # draining (a hot restart): the SDK client resends to the next generation
+                client = await self._get_client()
+                reply = await client.call(ex.service, ex.frame_method, data, metadata=ex.metadata or None)
         except sdk.CallError as exc:
             core.respond_error(ex, exc.status, exc.message)
             return int(core.last_code)

@@ -41,7 +41,7 @@ from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ..core._guard import InboundGuard, InboundPeer
 from ._handover import serve_hot_restart
 from ._http_app import HttpAppBridge
-from ._http_listener import HttpListener
+from ._http_listener import DirectLink, HttpListener
 from ..core._hot_restart import ParentEvent, ParentState, parent_machine
 from ..common._memory import trim_memory, tune_malloc
 from ._io import Budget, Conn, Flusher, connect_raw, is_transient_accept_error
@@ -184,6 +184,8 @@ class Proxy:
         px = config.proxy
         self.budget = Budget(px.memory_budget, px.connection_buffer_limit, px.frame_timeout, up.high_watermark)
         self.flusher = Flusher(self.engine, self.budget)
+        if self.http is not None:  # HTTP requests go straight into the outbound pipeline
+            self.http.direct = DirectLink(self.engine, self.flusher, config.proxy.max_frame_size)
         #: data connections allowed by the fd limit (set in run(); see _fd_room)
         self._fd_base = 0
         self._fd_limit = 1 << 30

@@ -1,12 +1,14 @@
 """The caller side of HTTP/1.1 in the mesh: a listener for plain HTTP clients (Trio shell).
 
-Each accepted connection runs one task: read, feed the sans-IO
-:class:`~octoproxy.protocol._http1.ServerConnection`, and forward each complete
-request as one frame through an in-process SDK client connected to this
-proxy's own outbound socket, so the request takes exactly the path an SDK
-app's call takes (routes, policies, balancing, hot restart, metrics); the
-engine is untouched. Answers go back in order (pipelining), one request at a
-time per connection.
+Each accepted connection runs one task: read, feed the sans-IO server
+connection core (:mod:`octoproxy.protocol._http1_fast`, or its h11 twin), and
+forward each complete request as one frame, fed straight into the engine's
+outbound pipeline through a socketless downstream link (:class:`DirectLink`),
+so the request takes exactly the path an SDK app's call takes (routes,
+policies, balancing, deadlines, metrics). During a hot restart it goes
+through an in-process SDK client on this proxy's outbound socket instead,
+which resends it to the next generation. Answers go back in order
+(pipelining), one request at a time per connection.
 
 Limits: ``http.max_connections`` (beyond it: 503 OVERLOADED and close), a
 request begun must arrive whole within ``http.read_timeout`` (408), an idle

@@ -1,14 +1,16 @@
 """The provider side of HTTP/1.1 in the mesh: frames in, the app's HTTP port out (Trio shell).
 
 With ``inbound.app_codec = "http1"`` the inbound side's "local app" is this
-bridge, in the proxy's own process: it serves frames on a private abstract
-Unix socket (one per process, so two generations of a hot restart never
-share it), which the engine's local-app pool dials exactly as it dials an SDK
-app. Each request frame's body (a normalised HTTP/1.1 request,
-:mod:`octoproxy.protocol._http1`) is sent to ``inbound.app_http`` on a pooled
-keep-alive connection (at most ``inbound.app_http_connections``, which is
-also how many requests the app sees at once; more wait, with their
-deadlines), and the app's response goes back as the response frame's body.
+bridge, served inside the proxy: once the app's port accepts, it adds a
+socketless link to the engine's local-app cluster (:class:`_AppLinkIO`, the
+part of the shell's ``Conn`` the engine uses), so the engine hands it request
+frames exactly as it would write them to an SDK app's socket, and takes the
+answers back as response frames on that link. Each request frame's body (a
+normalised HTTP/1.1 request, :mod:`octoproxy.protocol._http1`) is sent to
+``inbound.app_http`` on a pooled keep-alive connection (at most
+``inbound.app_http_connections``, which is also how many requests the app
+sees at once; more wait, with their deadlines), and the app's response goes
+back as the response frame's body.
 
 Failures: the app refusing the connection or closing it without an answer
 is UNAVAILABLE, no answer by the request's deadline (or
@@ -26,20 +28,22 @@ is retried once on a fresh connection for idempotent methods.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import os
 import select
 import socket
+from typing import Any
+
 import trio
 
-from ..protocol._protocol import Status
+
+from .. import frame
+from ..core._engine import UPSTREAM, Link
 from ..protocol._http1 import decode_request, encode_response
 from ..protocol._http1_app import AppResponseError, encode_app_request, response_reader
+from ..protocol._protocol import FrameType, Status
 from ._io import connect_raw
-from ..sdk._server_core import TIMEOUT_OUTCOME, Request
-from ..sdk._trio_server import _Server
+from ..sdk._server_core import TIMEOUT_OUTCOME, Request, response_frame
 
 log = logging.getLogger("octoproxy.proxy.http_app")
 
@@ -48,7 +52,6 @@ __all__ = ["HttpAppBridge"]
 #: the request header that names the calling service to the app (any value a client sent is replaced)
 CALLER_HEADER = b"x-octoproxy-caller"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_ids = itertools.count(1)
 
 
 class _AppError(Exception):
@@ -90,21 +93,58 @@ class _AppConn:
         return bool(poller.poll(0))
 
 
-class _BridgeServer(_Server):
-    """The SDK's frame server, with the handler outcome taken from the app's HTTP answer."""
+class _AppLinkIO:
+    """The engine's local-app link, served in process (duck-typed as the shell's ``Conn``).
 
-    def __init__(self, bridge: HttpAppBridge, limit: trio.Semaphore, max_frame_size: int) -> None:
-        super().__init__(bridge.handle_unused, limit, max_frame_size)
+    The engine writes request frames for the app into ``link.out``; the
+    flusher calls :meth:`try_send`, which decodes them and starts one task per
+    request (at most ``connections`` talk to the app at once). Each answer is
+    fed back to the engine as a response frame on the same link, exactly as
+    if it had been read from an app's socket.
+    """
+
+    def __init__(self, bridge: HttpAppBridge, engine: Any, flusher: Any, link: Link, nursery: trio.Nursery) -> None:
         self.bridge = bridge
+        self.engine = engine
+        self.flusher = flusher
+        self.link = link
+        self.nursery = nursery
+        self.decoder = frame.FrameDecoder(bridge.max_frame_size)
+        self.limit = trio.Semaphore(bridge.connections)
 
-    async def run_handler(self, req: Request) -> tuple[int, str, bytes]:
+    def try_send(self) -> None:
+        out = self.link.out
+        if not out:
+            return
+        self.decoder.receive_data(bytes(out))
+        out.clear()
+        for f in self.decoder:
+            if f.type == FrameType.REQUEST or f.type == FrameType.ONEWAY:
+                self.nursery.start_soon(self._serve, f)
+
+    def lost(self, reason: str) -> None:  # the shell API; nothing to close
+        pass
+
+    async def _serve(self, f: Any) -> None:
         now = trio.current_time()
-        deadline = min(req.deadline if req.deadline is not None else math.inf, now + self.bridge.timeout)
-        if now >= deadline:
-            return TIMEOUT_OUTCOME
-        with trio.move_on_at(deadline):
-            return await self.bridge.exchange(req)
-        return TIMEOUT_OUTCOME
+        header = f.header
+        req = Request(
+            service=f.service,
+            method=f.method,
+            body=bytes(f.body),
+            caller=header.caller,
+            metadata=dict(header.metadata),
+            stream_id=f.stream_id,
+            deadline=now + f.timeout_ms / 1000 if f.timeout_ms else None,
+            oneway=f.type == FrameType.ONEWAY,
+        )
+        async with self.limit:
+            status, error, body = await self.bridge.run_handler(req)
+        if req.oneway:
+            return
+        buf = bytearray(response_frame(req, status, error, body, self.bridge.max_frame_size))
+        self.engine.feed(self.link, self.engine.new_scanner(self.link), buf, len(buf), trio.current_time())
+        self.flusher.flush()
 
 
 class HttpAppBridge:
@@ -126,18 +166,13 @@ class HttpAppBridge:
         self.timeout = timeout
         self.max_frame_size = max_frame_size
         self.max_response = max_frame_size - 4096
-        #: the abstract socket name the engine's local-app pool dials (``unix:`` + NUL + name)
-        self.name = f"\0octoproxy-http1-{os.getpid()}-{next(_ids)}"
-        self.address = "unix:" + self.name
+        #: the local-app endpoint's address as the engine and ``GET /ready`` show it
+        self.address = f"http1:{app_http}"
         self._idle: list[_AppConn] = []
         self.app_up = False
 
-    async def handle_unused(self, req: Request) -> bytes:  # pragma: no cover - run_handler is overridden
-        raise AssertionError("unused")
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Wait until the app's port accepts, then serve frames on :attr:`address` until cancelled."""
-        task_status.started()
+    async def run(self, engine: Any, flusher: Any, cluster: Any) -> None:
+        """Wait until the app's port accepts, then serve the engine's local-app link until cancelled."""
         delay = 0.05
         warned = trio.current_time() + 5.0
         while True:
@@ -153,21 +188,32 @@ class HttpAppBridge:
             self._idle.append(_AppConn(sock))
             break
         self.app_up = True
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ep = cluster.endpoints[0]
+        link = Link(UPSTREAM, f"local_app/{self.address}", endpoint=ep, cluster=cluster)
+        link.last_rx = trio.current_time()
         try:
-            sock.bind(self.name)
-            sock.listen(64)
-        except BaseException:
-            sock.close()
-            raise
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        server = _BridgeServer(self, trio.Semaphore(self.connections), self.max_frame_size)
-        try:
-            await trio.serve_listeners(server.handle_connection, [listener])
+            async with trio.open_nursery() as nursery:
+                link.io = _AppLinkIO(self, engine, flusher, link, nursery)
+                cluster.add_link(link)  # the endpoint is healthy: the proxy may say ready, requests flow
+                engine.unpark(cluster, trio.current_time())
+                flusher.flush()
+                await trio.sleep_forever()
         finally:
+            cluster.remove_link(link)
+            link.io = None
             for conn in self._idle:
                 conn.sock.close()
             self._idle.clear()
+
+    async def run_handler(self, req: Request) -> tuple[int, str, bytes]:
+        """The request's outcome ``(status, error, body)``, within its deadline (or ``timeout``)."""
+        now = trio.current_time()
+        deadline = min(req.deadline if req.deadline is not None else math.inf, now + self.timeout)
+        if now >= deadline:
+            return TIMEOUT_OUTCOME
+        with trio.move_on_at(deadline):
+            return await self.exchange(req)
+        return TIMEOUT_OUTCOME
 
     # ------------------------------------------------------------ one exchange
 

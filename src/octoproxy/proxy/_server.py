@@ -275,8 +275,6 @@ class Proxy:
                     self._pool_nursery = pools
                     async with trio.open_nursery() as conns:
                         self._conn_nursery = conns
-                        if self.http_app is not None:
-                            await pools.start(self.http_app.run)
                         self._start_pools(pools)
                         if self.discovery is not None:
                             await pools.start(self.discovery.run)
@@ -632,7 +630,9 @@ class Proxy:
             for ep in cluster.endpoints:
                 self.start_endpoint(cluster, ep)
         app = self.engine.inbound_cluster
-        if app is not None and self.config.inbound is not None:
+        if app is not None and self.http_app is not None:  # an HTTP app: served in process (docs/http.md)
+            nursery.start_soon(self.http_app.run, self.engine, self.flusher, app)
+        elif app is not None and self.config.inbound is not None:
             self.start_endpoint(app, app.endpoints[0], self.config.inbound.app_connections)
 
     def start_endpoint(self, cluster: Cluster, ep: Endpoint, connections: int | None = None) -> None:

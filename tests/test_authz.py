@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from conftest import IMPLS
 from octoproxy import FrameType, Status
 from octoproxy.core._balancer import Endpoint
 from octoproxy.frame import FrameDecoder, encode_frame, encode_request
@@ -119,6 +120,7 @@ def frames(link: Link) -> list:
     return list(dec)
 
 
+@pytest.mark.usefixtures("impl")  # compiled and twin guard, relay and scanner
 @pytest.mark.parametrize("caller", [None, "billing"])
 def test_other_service_is_no_route_and_never_forwarded(caller: str | None) -> None:
     engine, app = inbound_engine()
@@ -132,6 +134,7 @@ def test_other_service_is_no_route_and_never_forwarded(caller: str | None) -> No
     assert engine.stats.rejected_count("no_route") == 1
 
 
+@pytest.mark.usefixtures("impl")  # compiled and twin guard, relay and scanner
 def test_empty_service_serves_nothing() -> None:
     engine, app = inbound_engine(service="")
     d = peer_link(None)
@@ -141,6 +144,7 @@ def test_empty_service_serves_nothing() -> None:
     assert resp.header.status == Status.NO_ROUTE and "serves no service" in resp.header.error
 
 
+@pytest.mark.usefixtures("impl")  # compiled and twin guard, relay and scanner
 def test_caller_comes_from_the_certificate_and_credentials_are_stripped() -> None:
     engine, app = inbound_engine()
     d = peer_link("billing")
@@ -157,6 +161,7 @@ def test_caller_comes_from_the_certificate_and_credentials_are_stripped() -> Non
     assert pong.type == FrameType.PONG and pong.stream_id == 99
 
 
+@pytest.mark.usefixtures("impl")  # compiled and twin guard, relay and scanner
 def test_plaintext_keeps_caller_but_strips_credentials() -> None:
     engine, app = inbound_engine()
     d = peer_link(None)
@@ -171,6 +176,7 @@ def test_plaintext_keeps_caller_but_strips_credentials() -> None:
     assert g.raw[20:] == raw[20:]
 
 
+@pytest.mark.usefixtures("impl")  # compiled and twin guard, relay and scanner
 def test_authz_in_the_engine() -> None:
     policy = policy_from_config("echo", "deny", [("allow", ["billing"], ["Get*"]), ("deny", ["billing"], ["GetSecret"])])
     engine, app = inbound_engine(policy=policy)
@@ -194,6 +200,7 @@ def test_authz_in_the_engine() -> None:
     assert put.method == "Put" and put.header.caller == "billing"
 
 
+@pytest.mark.usefixtures("impl")  # compiled and twin guard, relay and scanner
 def test_stamp_that_does_not_fit_is_refused() -> None:
     engine, app = inbound_engine()
     engine.max_frame_size = 4096
@@ -209,17 +216,6 @@ def test_stamp_that_does_not_fit_is_refused() -> None:
 
 
 # ---------------------------------------------------------------- the compiled loops and their twin
-
-
-def _guard_impls() -> list:
-    from octoproxy.core import _guard_py
-
-    impls = [_guard_py]
-    if not NO_EXTENSIONS:
-        from octoproxy.core import _fastguard  # a missing extension is a failure here, as for the codec
-
-        impls.append(_fastguard)
-    return impls
 
 
 def test_compiled_guard_loaded() -> None:
@@ -240,13 +236,12 @@ BATCHES = [
 
 @pytest.mark.parametrize("batch", range(len(BATCHES)))
 def test_twin_and_compiled_loops_agree(batch: int) -> None:
-    from octoproxy.frame import RouteTable, Scanner
-
     data = bytearray(b"".join(BATCHES[batch]))
     stamp = InboundPeer("billing").stamp
     results = []
-    for impl in _guard_impls():
-        sc = Scanner(RouteTable([("echo", "*", 0)]), 1 << 20, 64)
+    for each in IMPLS.values():  # each guard over the scanner of its own implementation
+        impl = each.guard
+        sc = each.codec.Scanner(each.codec.RouteTable([("echo", "*", 0)]), 1 << 20, 64)
         n = sc.scan(data, 0, len(data))
         out = bytearray()
         stops = []

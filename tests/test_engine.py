@@ -1,46 +1,25 @@
 """Sans-IO tests of the forwarding engine: no sockets, no Trio, time as an argument.
 
 Every test runs twice: on the compiled relay with the compiled scanner, and on
-the pure-Python twins of both (the ``relay`` fixture swaps them in the engine
-module), so the two fast paths are held to the same behaviour.
+the pure-Python twins of both (conftest's ``impl`` fixture installs them in the
+kernel), so the two fast paths are held to the same behaviour.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from types import ModuleType
-
 import pytest
 
-from octoproxy.protocol import _frame_py
-from octoproxy.core import _engine, _relay_py
-
+from conftest import Impl
 from octoproxy import Flags, FrameType, RemoteProtocolError, Status
 from octoproxy.core._balancer import Endpoint
 from octoproxy.frame import FrameDecoder, encode_frame, encode_header, encode_request, encode_response
 from octoproxy.core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 
 
-RELAYS: dict[str, tuple[ModuleType, ModuleType]] = {"python": (_relay_py, _frame_py)}
-try:
-    from octoproxy.core import _fastpath
-    from octoproxy.protocol import _fastframe
-
-    if not _engine.Scanner is _frame_py.Scanner:  # not forced to the twin (OCTOPROXY_NO_EXTENSIONS)
-        RELAYS["cython"] = (_fastpath, _fastframe)
-except ImportError:  # pragma: no cover - test_codec.py fails the run for a missing build
-    pass
-
-
-@pytest.fixture(autouse=True, params=sorted(RELAYS))
-def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Run the test on one relay implementation (and its matching scanner)."""
-    relay_mod, frame_mod = RELAYS[request.param]
-    for name in ("forward", "relay_requests", "relay_responses", "Pending"):
-        monkeypatch.setattr(_engine, name, getattr(relay_mod, name))
-    monkeypatch.setattr(_engine, "Scanner", frame_mod.Scanner)
-    monkeypatch.setattr(_engine, "RouteTable", frame_mod.RouteTable)
-    yield request.param
+@pytest.fixture(autouse=True)
+def relay(impl: Impl) -> str:
+    """Run the test on one implementation of the relay, scanner and guard (conftest's ``impl``)."""
+    return impl.name
 
 
 def make(n_endpoints: int = 1, links_per_endpoint: int = 1, **kw: object) -> tuple[Engine, list[Link]]:

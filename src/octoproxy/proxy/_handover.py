@@ -1,34 +1,43 @@
-"""Hot restart, the Trio shell: the hot-restart socket, SCM_RIGHTS, both roles.
+"""Hot restart, the Trio shell: the hot-restart socket, SCM_RIGHTS, the parent role.
 
-The protocol and its state machines are in :mod:`._hot_restart`; this module
-moves its messages and file descriptors over a Unix socket and drives a
-:class:`~._server.Proxy` through the hand-over. It also enforces who may take
-over (see :mod:`._hot_restart`, "Who may take over"): the peer's uid, the
-hand-over secret, the HELLO deadline, and a bound on unauthenticated peers.
+The protocol and its two state machines are in :mod:`..core._hot_restart`. Each role
+is a small shell around its table: :class:`ParentShell` here (every proxy: it
+may hand over to a next generation) and :class:`~._takeover.ChildShell` (a
+proxy started with ``--hot-restart``). A shell fires every event of its role through one
+``fire(event)`` and performs the actions the table returns, nothing else; an
+event the table does not allow in the current state is logged in one line and
+answered with ``ABORT`` (the hand-over ends safely, the old generation keeps
+serving). This module also moves the messages and file descriptors over the
+Unix socket and enforces who may take over (see :mod:`..core._hot_restart`, "Who may
+take over"): the peer's uid, the hand-over secret, the HELLO deadline, and a
+bound on unauthenticated peers.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..common._secretfile import SecretFileError, read_secret, same_secret
+from ..common._secretfile import same_secret
 from ..core._hot_restart import (
     PROTOCOL_VERSION,
-    ChildEvent,
     HotRestartError,
+    IllegalEvent,
+    ParentAction,
     ParentEvent,
     ParentState,
-    child_machine,
     decode,
     encode,
+    parent_machine,
+    refusal,
 )
 
 if TYPE_CHECKING:
@@ -36,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("octoproxy.hot_restart")
 
-__all__ = ["Channel", "serve_hot_restart", "take_over"]
+__all__ = ["Channel", "ParentShell", "peer_uid", "serve_hot_restart"]
 
 _MAX_FDS = 16
 #: connections that have not said a valid HELLO yet, at most; more are closed at once
@@ -44,6 +53,8 @@ _MAX_UNAUTHENTICATED = 8
 _MAX_HELLO = 4096  # bytes
 #: a refused peer of the same kind is logged at most once per this many seconds
 _LOG_INTERVAL = 60.0
+#: each message the parent sends must be written within this long (the peer is a local process)
+SEND_TIMEOUT = 5.0
 
 
 def peer_uid(sock: socket.socket) -> int | None:
@@ -78,6 +89,47 @@ class Channel:
         self.sock = sock
         self._buf = b""
         self._fds: list[int] = []
+        #: messages posted for :meth:`pump` to send, in order: (line, descriptors, event once sent)
+        self._outbox: deque[tuple[bytes, Sequence[int], Any]] = deque()
+        self._posted = trio.Event()
+        self._close_when_sent = False
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() < 0
+
+    def post(self, data: bytes, fds: Sequence[int] = (), then: Any = None) -> None:
+        """Queue a message for :meth:`pump` (the parent's shell posts; it never awaits)."""
+        self._outbox.append((data, fds, then))
+        self._posted.set()
+
+    def post_close(self) -> None:
+        """Close once everything posted is sent."""
+        self._close_when_sent = True
+        self._posted.set()
+
+    async def pump(self, sent: Callable[[Any], None], broken: Callable[[BaseException], None]) -> None:
+        """Send what is posted, in order, each within ``SEND_TIMEOUT``, until the channel closes.
+
+        ``sent(event)`` is called after a message posted with an event; ``broken(exc)``
+        if a send fails (then the channel is closed).
+        """
+        while not self.closed:
+            await self._posted.wait()
+            self._posted = trio.Event()
+            while self._outbox and not self.closed:
+                data, fds, then = self._outbox.popleft()
+                try:
+                    with trio.fail_after(SEND_TIMEOUT):
+                        await self.send(data, fds)
+                except (OSError, trio.TooSlowError, trio.ClosedResourceError) as exc:
+                    self.close()
+                    broken(exc)
+                    return
+                if then is not None:
+                    sent(then)
+            if self._close_when_sent and not self._outbox:
+                self.close()
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         view = memoryview(data)
@@ -125,12 +177,120 @@ class Channel:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+        self._outbox.clear()
+        self._posted.set()  # a pump waiting for work ends
         if self.sock.fileno() >= 0:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
 
 
 # ------------------------------------------------------------------ parent
+
+
+class ParentShell:
+    """The parent role of one proxy: the ``PARENT`` table, fired in one place.
+
+    Its state is the proxy's hand-over and drain state (``Proxy.draining``,
+    ``Proxy.handed_over`` and ``Proxy.keep_socket_files`` are read from it).
+    Events come from the hot-restart connections, the drain and the signal
+    handlers; :meth:`fire` never awaits: messages to a peer are posted to its
+    :class:`Channel`, whose pump sends them in order.
+    """
+
+    def __init__(self, proxy: Proxy, initial: ParentState = ParentState.SERVING) -> None:
+        self.proxy = proxy
+        self.machine = parent_machine(initial)
+        #: the connection of the hand-over under way (ADOPT .. RELEASE)
+        self.channel: Channel | None = None
+        self._queue: deque[tuple[ParentEvent, Channel | None]] = deque()
+        self._firing = False
+        self._changed = trio.Event()
+
+    @property
+    def state(self) -> ParentState:
+        return self.machine.state
+
+    def fire(self, event: ParentEvent, peer: Channel | None = None) -> ParentState:
+        """Take ``event`` (from ``peer``, for the events a connection brings) and perform its actions.
+
+        An event the table does not allow is logged and answered with ABORT.
+        Events that actions cause are taken after the current one, in order.
+        """
+        self._queue.append((event, peer))
+        if self._firing:
+            return self.state
+        self._firing = True
+        try:
+            while self._queue:
+                ev, who = self._queue.popleft()
+                before = self.state
+                try:
+                    tr = self.machine.fire(ev)
+                except IllegalEvent as exc:
+                    log.error("%s: hand-over aborted", exc)
+                    self.proxy.stats.error("hot_restart_illegal_event")
+                    ev = ParentEvent.ABORT
+                    tr = self.machine.fire(ev)
+                if tr.state is not before:
+                    log.debug("hot restart: %s -> %s (%s)", before.value, tr.state.value, ev.value)
+                for action in tr.actions:
+                    self._perform(action, who)
+        finally:
+            self._firing = False
+            self._changed.set()
+            self._changed = trio.Event()
+        return self.state
+
+    def _perform(self, action: ParentAction, peer: Channel | None) -> None:
+        proxy = self.proxy
+        chan = self.channel
+        if action is ParentAction.ADOPT:
+            self.channel = peer
+        elif action is ParentAction.SEND_LISTENERS:
+            assert chan is not None
+            names, socks = proxy.listener_sockets()
+            msg = encode(
+                "listeners",
+                names=names,
+                generation=proxy.generation,
+                stats=proxy.stats.registry.snapshot(),
+                subscriptions=proxy.subscriptions(),
+            )
+            chan.post(msg, [s.fileno() for s in socks])
+        elif action is ParentAction.REFUSE:
+            reason = refusal(self.state)
+            log.warning("hot restart refused: %s", reason)
+            proxy.stats.error("hot_restart_refused")
+            if peer is not None:
+                peer.post(encode("refused", reason=reason))
+                peer.post_close()
+        elif action is ParentAction.RELEASE:
+            self.channel = None
+            if chan is not None:
+                chan.close()
+        elif action is ParentAction.COUNT_ABORTED:
+            proxy.stats.error("hot_restart_aborted")
+        elif action is ParentAction.STOP_ACCEPTING:
+            proxy.stop_accepting()
+        elif action is ParentAction.STOP_ADMIN:
+            proxy.stop_admin()  # accepted admin requests still complete (see Proxy._serve_admin)
+        elif action is ParentAction.SEND_DRAINING:
+            if chan is not None:
+                chan.post(encode("draining"))
+        elif action is ParentAction.DRAIN:
+            proxy.start_drain()
+        elif action is ParentAction.SEND_DONE:
+            if chan is not None and not chan.closed:
+                chan.post(encode("done", stats=proxy.stats.registry.snapshot()), then=ParentEvent.DONE_SENT)
+            else:  # the child went away: nobody to tell
+                self._queue.append((ParentEvent.DONE_SENT, None))
+        else:  # pragma: no cover - every action is handled above
+            raise AssertionError(action)
+
+    async def wait_done(self) -> None:
+        """Until the hand-over is over (DONE sent, or the child gone)."""
+        while self.state is not ParentState.DONE:
+            await self._changed.wait()
 
 
 async def serve_hot_restart(proxy: Proxy, lsock: socket.socket, nursery: trio.Nursery) -> None:
@@ -177,7 +337,7 @@ async def serve_hot_restart(proxy: Proxy, lsock: socket.socket, nursery: trio.Nu
             unauthenticated.popleft().close()
         chan = Channel(sock)
         unauthenticated.append(chan)
-        nursery.start_soon(_handle_child, proxy, chan, secret, refuse, unauthenticated)
+        nursery.start_soon(_serve_peer, proxy, chan, secret, refuse, unauthenticated)
 
 
 async def _hello(proxy: Proxy, chan: Channel, secret: bytes, refuse: _Refusals) -> dict[str, Any] | None:
@@ -205,135 +365,68 @@ async def _hello(proxy: Proxy, chan: Channel, secret: bytes, refuse: _Refusals) 
     return hello
 
 
-async def _handle_child(
-    proxy: Proxy, chan: Channel, secret: bytes, refuse: _Refusals, unauthenticated: deque[Channel]
-) -> None:
-    machine = proxy.hot_restart
+async def _serve_peer(proxy: Proxy, chan: Channel, secret: bytes, refuse: _Refusals, unauthenticated: deque[Channel]) -> None:
+    """One connection on the hot-restart socket: authenticate, then HELLO, and follow the child."""
+    shell = proxy.hot_restart
+
+    def sent(event: Any) -> None:
+        if chan is shell.channel:
+            shell.fire(event, chan)
+
+    def broken(exc: BaseException) -> None:
+        if chan is shell.channel:
+            log.warning("hot restart: cannot write to the new process (%r)", exc)
+            shell.fire(ParentEvent.CHILD_LOST, chan)
+
     try:
-        try:
-            hello = await _hello(proxy, chan, secret, refuse)
-        finally:
-            if chan in unauthenticated:
-                unauthenticated.remove(chan)
-        if hello is None:
-            return
-        refusal = None
-        if hello["version"] != PROTOCOL_VERSION:
-            refusal = f"protocol version {hello['version']} not supported (this proxy speaks {PROTOCOL_VERSION})"
-        elif not machine.can(ParentEvent.HELLO):
-            refusal = f"a hot restart is already under way (state {machine.state.value})"
-        elif proxy.parent_alive:
-            refusal = "this proxy's own parent is still draining: at most two generations"
-        if refusal is not None:
-            log.warning("hot restart refused to pid %s: %s", hello.get("pid"), refusal)
-            proxy.stats.error("hot_restart_refused")
-            await chan.send(encode("refused", reason=refusal))
-            return
-        machine.fire(ParentEvent.HELLO)
-        proxy.handover_finished = trio.Event()
-        proxy.handover_channel = chan
-        log.info("hot restart: handing listeners to pid %s (generation %d)", hello["pid"], proxy.generation + 1)
-        names, socks = proxy.listener_sockets()
-        await chan.send(
-            encode(
-                "listeners",
-                names=names,
-                generation=proxy.generation,
-                stats=proxy.stats.registry.snapshot(),
-                subscriptions=proxy.subscriptions(),
-            ),
-            [s.fileno() for s in socks],
-        )
-        try:
-            with trio.fail_after(proxy.config.proxy.hot_restart_timeout + 5):
-                msg, _ = await chan.recv()
-        except (EOFError, OSError, trio.ClosedResourceError) as exc:
-            if machine.state is not ParentState.HANDING_OVER:
-                return  # aborted by a shutdown request
-            machine.fire(ParentEvent.CHILD_LOST)
-            log.warning("hot restart: new process went away before ready (%s); still serving", exc)
-            proxy.stats.error("hot_restart_aborted")
-            return
-        except trio.TooSlowError:
-            machine.fire(ParentEvent.HANDOVER_TIMEOUT)
-            log.warning("hot restart: new process not ready in time; still serving")
-            proxy.stats.error("hot_restart_aborted")
-            return
-        if msg["type"] != "ready":
-            machine.fire(ParentEvent.CHILD_LOST)
-            log.warning("hot restart: new process failed: %s; still serving", msg.get("reason", msg["type"]))
-            proxy.stats.error("hot_restart_aborted")
-            return
-        machine.fire(ParentEvent.CHILD_READY)
-        log.info("hot restart: new process ready; draining this one")
-        proxy.begin_handover_drain()
-        await chan.send(encode("draining"))
-        await proxy.drained.wait()
-        machine.fire(ParentEvent.DRAINED)
-        with trio.move_on_after(2):
-            await chan.send(encode("done", stats=proxy.stats.registry.snapshot()))
-    except (HotRestartError, EOFError, OSError, trio.TooSlowError, trio.ClosedResourceError) as exc:
-        log.warning("hot restart: hand-over failed: %s", exc)
-        if machine.state == ParentState.HANDING_OVER:
-            machine.fire(ParentEvent.CHILD_LOST)
+        async with trio.open_nursery() as n:
+            n.start_soon(chan.pump, sent, broken)
+            try:
+                hello = await _hello(proxy, chan, secret, refuse)
+            finally:
+                if chan in unauthenticated:
+                    unauthenticated.remove(chan)
+            if hello is None:
+                chan.close()
+            elif hello["version"] != PROTOCOL_VERSION:
+                reason = f"protocol version {hello['version']} not supported (this proxy speaks {PROTOCOL_VERSION})"
+                log.warning("hot restart refused to pid %s: %s", hello.get("pid"), reason)
+                proxy.stats.error("hot_restart_refused")
+                chan.post(encode("refused", reason=reason))
+                chan.post_close()
+            else:
+                log.info("hot restart: pid %s says hello (generation %d would be next)", hello["pid"], proxy.generation + 1)
+                shell.fire(ParentEvent.HELLO, chan)
+                await _follow_child(proxy, shell, chan)
     finally:
-        if proxy.handover_channel is chan:  # only the hand-over's own connection ends it
-            proxy.handover_channel = None
-            proxy.handover_finished.set()
         chan.close()
 
 
-# ------------------------------------------------------------------ child
-
-
-async def take_over(
-    path: str, secret_path: str | os.PathLike[str], timeout: float = 5.0
-) -> tuple[Channel, dict[str, Any], dict[str, socket.socket]]:
-    """Connect to a running proxy's hot-restart socket and receive its listeners.
-
-    Args:
-        path: the hot-restart socket.
-        secret_path: the hand-over secret the running proxy wrote.
-        timeout: deadline for the listeners to arrive.
-
-    Returns:
-        The channel (kept open: READY and DONE travel on it), the LISTENERS
-        message, and the sockets by name.
-
-    Raises:
-        HotRestartError: the secret cannot be read, the socket belongs to
-            another user, refused, or the parent sent something unexpected.
-        OSError: nothing listens on ``path``.
-    """
-    try:
-        secret = read_secret(secret_path)
-    except SecretFileError as exc:
-        raise HotRestartError(f"hot restart: cannot read the hand-over secret: {exc}") from None
-    machine = child_machine()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-        their_uid = peer_uid(sock)
-    except OSError:
-        sock.close()
-        raise
-    if their_uid is not None and their_uid != os.geteuid():
-        sock.close()  # never hand our secret to a socket someone else put there
-        raise HotRestartError(f"hot restart: {path} is served by uid {their_uid}, not by this user ({os.geteuid()})")
-    machine.fire(ChildEvent.CONNECTED)
-    chan = Channel(sock)
-    try:
-        await chan.send(encode("hello", version=PROTOCOL_VERSION, pid=os.getpid(), secret=secret.decode("ascii", "replace")))
-        with trio.fail_after(timeout):
-            msg, fds = await chan.recv()
-        if msg["type"] == "refused":
-            machine.fire(ChildEvent.REFUSED)
-            raise HotRestartError(f"hot restart refused: {msg['reason']}")
-        if msg["type"] != "listeners" or len(fds) != len(msg["names"]):
-            raise HotRestartError(f"unexpected {msg['type']} with {len(fds)} descriptors")
-        machine.fire(ChildEvent.LISTENERS)
-    except BaseException:
-        chan.close()
-        raise
-    socks = {name: socket.socket(fileno=fd) for name, fd in zip(msg["names"], fds)}
-    return chan, msg, socks
+async def _follow_child(proxy: Proxy, shell: ParentShell, chan: Channel) -> None:
+    """Read the hand-over's child until it is let go: each message, close or timeout an event."""
+    deadline = trio.current_time() + proxy.config.proxy.hot_restart_timeout + 5
+    while chan is shell.channel:
+        handing_over = shell.state is ParentState.HANDING_OVER
+        try:
+            # READY is due within the hand-over timeout; after it the child says nothing,
+            # and the connection ends when we are done (bounded by the drain)
+            with trio.move_on_at(deadline if handing_over else math.inf) as scope:
+                msg, fds = await chan.recv()
+        except (EOFError, OSError, HotRestartError, trio.ClosedResourceError) as exc:
+            if chan is shell.channel:
+                if handing_over:
+                    log.warning("hot restart: new process went away before ready (%s); still serving", exc)
+                shell.fire(ParentEvent.CHILD_LOST, chan)
+            return
+        if scope.cancelled_caught:
+            log.warning("hot restart: new process not ready in time; still serving")
+            shell.fire(ParentEvent.HANDOVER_TIMEOUT, chan)
+            continue
+        for fd in fds:
+            os.close(fd)
+        if msg["type"] == "ready":
+            log.info("hot restart: new process ready; draining this one")
+            shell.fire(ParentEvent.CHILD_READY, chan)
+        else:
+            log.warning("hot restart: new process failed: %s", msg.get("reason", f"it said {msg['type']}"))
+            shell.fire(ParentEvent.CHILD_FAILED, chan)

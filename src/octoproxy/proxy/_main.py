@@ -15,8 +15,9 @@ import trio
 from ._config import ProxyConfig, describe_config_error, load_config
 from ..protocol._errors import ConfigError
 from ..common._secretfile import SecretFileError
-from ._handover import Channel, take_over
-from ..core._hot_restart import HotRestartError, encode
+from ._handover import Channel
+from ._takeover import ChildShell, take_over
+from ..core._hot_restart import ChildEvent, ChildState, HotRestartError
 from ._server import Proxy
 
 log = logging.getLogger("octoproxy.proxy")
@@ -180,10 +181,11 @@ async def complete_hand_over(proxy: Proxy, chan: Channel, msg: dict[str, Any], n
     """The child's second step: warm up, say READY, then follow the parent until DONE.
 
     ``proxy`` (from :func:`take_over_proxy`) must already run, not accepting.
+    Every step is an event of the child's table (``proxy.predecessor``).
 
     Args:
         proxy: the new generation, running.
-        chan: the hot-restart channel to the parent.
+        chan: the hot-restart channel to the parent (``proxy.predecessor.chan``).
         msg: the parent's LISTENERS message.
         nursery: where the task that waits for the parent's DONE runs.
 
@@ -192,67 +194,47 @@ async def complete_hand_over(proxy: Proxy, chan: Channel, msg: dict[str, Any], n
         ready within ``proxy.hot_restart_timeout`` (the parent was told, and
         keeps serving; the channel is closed).
     """
-    if not await _warm_up(proxy, chan):
+    child = proxy.predecessor
+    assert child is not None and child.chan is chan
+    if await _warm_up(proxy, child) is not ChildState.SERVING:
         return False
-    nursery.start_soon(_follow_parent, proxy, chan, msg["stats"])
+    nursery.start_soon(_follow_parent, child)
     return True
 
 
-async def _warm_up(proxy: Proxy, chan: Channel) -> bool:
-    """Wait until the new generation can take all traffic, then say READY."""
+async def _warm_up(proxy: Proxy, child: ChildShell) -> ChildState:
+    """Wait until the new generation can take all traffic: WARM (then READY) or WARMUP_FAILED."""
     timeout = proxy.config.proxy.hot_restart_timeout
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(timeout) as waiting:
         while not proxy.ready_state()["ready"]:
             await trio.sleep(0.02)
+    if waiting.cancelled_caught:
+        child.failure = f"not ready within {timeout}s: {proxy.ready_state()}"
+    else:
         try:
             proxy.arm_hot_restart()  # the secret the generation after us must show
         except SecretFileError as exc:
-            reason = f"cannot write the hand-over secret: {exc}"
-            log.error("hot restart: %s; giving up, the running proxy keeps serving", reason)
-            with trio.move_on_after(1):
-                await chan.send(encode("failed", reason=reason))
-            chan.close()
-            return False
-        # READY first: if the parent is gone or aborted the hand-over, the
-        # send fails and we give up before accepting a single connection
-        try:
-            await chan.send(encode("ready"))
-        except OSError as exc:
-            log.error("hot restart: the running proxy went away or aborted the hand-over (%s); giving up", exc)
-            chan.close()
-            return False
-        proxy.start_accepting()
-        log.info("hot restart: warm and accepting (generation %d); the previous generation drains", proxy.generation)
-        return True
-    reason = f"not ready within {timeout}s: {proxy.ready_state()}"
-    log.error("hot restart: %s; giving up, the running proxy keeps serving", reason)
-    with trio.move_on_after(1):
-        await chan.send(encode("failed", reason=reason))
-    chan.close()
-    return False
+            child.failure = f"cannot write the hand-over secret: {exc}"
+    if child.failure:
+        log.error("hot restart: %s; giving up, the running proxy keeps serving", child.failure)
+        return await child.fire(ChildEvent.WARMUP_FAILED)
+    return await child.fire(ChildEvent.WARM)
 
 
-async def _follow_parent(proxy: Proxy, chan: Channel, handover_stats: dict[str, Any]) -> None:
-    """Until the previous generation is done: then take its final counters."""
-    final = None
+async def _follow_parent(child: ChildShell) -> None:
+    """Until the previous generation is done: each of its messages (or its loss) an event."""
+    assert child.chan is not None
     try:
-        while True:
-            msg, _ = await chan.recv()
+        while child.state is ChildState.SERVING:
+            msg, _ = await child.chan.recv()
             if msg["type"] == "done":
-                final = msg["stats"]
-                break
-    except (EOFError, OSError, HotRestartError) as exc:
+                child.final_stats = msg["stats"]
+            await child.fire(child.event_for(msg))
+    except (EOFError, OSError, HotRestartError, trio.ClosedResourceError) as exc:
         log.warning("hot restart: lost the previous generation before DONE (%s); using its hand-over counters", exc)
     finally:
-        try:
-            proxy.stats.registry.restore(final if final is not None else handover_stats)
-        except ValueError as exc:  # e.g. a metric relabelled by the upgrade
-            log.error("hot restart: could not carry the previous generation's counters over: %s", exc)
-            proxy.stats.error("counters_not_carried_over")
-        proxy.parent_alive = False
-        proxy.keep_socket_files = False
-        chan.close()
-        log.info("hot restart: previous generation done; generation %d serves alone", proxy.generation)
+        if child.state is ChildState.SERVING:
+            await child.fire(ChildEvent.PARENT_LOST)
 
 
 def run_from_cli(config_path: str, *, hot_restart: bool = False) -> int:
@@ -298,15 +280,19 @@ async def take_over_proxy(config: ProxyConfig) -> tuple[Proxy, Channel, dict[str
     """
     path = str(config.hot_restart_path)
     try:
-        chan, msg, socks = await take_over(path, config.hot_restart_secret_path)
+        child, msg, socks = await take_over(path, config.hot_restart_secret_path)
     except OSError as exc:
         raise HotRestartError(f"hot restart: no running proxy answers on {path}: {exc}") from None
+    assert child.chan is not None
     log.info("hot restart: took %s from the running proxy (generation %d)", ", ".join(sorted(socks)), msg["generation"])
-    proxy = Proxy(config, listeners=socks, generation=msg["generation"] + 1, accept=False)
-    proxy.parent_alive = True
-    proxy.keep_socket_files = True
+    try:
+        proxy = Proxy(config, listeners=socks, generation=msg["generation"] + 1, accept=False)
+    except BaseException:
+        child.chan.close()  # the parent hears EOF and keeps serving
+        raise
+    proxy.follow_predecessor(child)
     proxy.inherited_subscriptions = [str(n) for n in msg.get("subscriptions", [])]
-    return proxy, chan, msg
+    return proxy, child.chan, msg
 
 
 async def _hot_restart_main(config: ProxyConfig) -> int:

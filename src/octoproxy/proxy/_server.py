@@ -39,10 +39,11 @@ from .._version import __version__
 from ..core._authz import policy_from_config
 from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ..core._guard import InboundGuard, InboundPeer
-from ._handover import serve_hot_restart
+from ._handover import ParentShell, serve_hot_restart
 from ._http_app import HttpAppBridge
 from ._http_listener import DirectLink, HttpListener
-from ..core._hot_restart import ParentEvent, ParentState, parent_machine
+from ._takeover import ChildShell
+from ..core._hot_restart import DRAINING_STATES, HANDED_OVER_STATES, ParentEvent, ParentState
 from ..common._memory import trim_memory, tune_malloc
 from ._io import Budget, Conn, Flusher, connect_raw, is_transient_accept_error
 from ..core._stats import ProxyStats
@@ -126,15 +127,11 @@ class Proxy:
     ) -> None:
         self.config = config
         self.generation = generation
-        self.hot_restart = parent_machine()
-        #: a hot-restarted proxy whose parent has not finished draining yet
-        self.parent_alive = False
-        self.handed_over = False
-        #: leave the UDS files alone on exit: they belong to the other generation
-        self.keep_socket_files = False
-        self.handover_finished = trio.Event()
-        #: the channel of a hand-over under way (parent side)
-        self.handover_channel: Any = None
+        #: the parent role (hand-over to a next generation); its state is this proxy's
+        #: drain state too (see ``draining``, ``handed_over``, ``keep_socket_files``)
+        self.hot_restart = ParentShell(self)
+        #: the child role, when this generation took over from a running one (:meth:`follow_predecessor`)
+        self.predecessor: ChildShell | None = None
         self.force_closed = 0
         #: the admin bearer token (read or created at start; never logged)
         self.admin_token: bytes = b""
@@ -221,7 +218,6 @@ class Proxy:
         self.addresses: dict[str, str] = {}
         self.conns: dict[str, set[Conn]] = {"outbound": set(), "inbound": set()}
         self.upstream_conns: set[Conn] = set()
-        self.draining = False
         self.health_failed = False
         self.started_at = 0.0
         self._shutdown = trio.Event()
@@ -299,7 +295,7 @@ class Proxy:
                     pools.cancel_scope.cancel()
                 if self.handed_over:  # let the child hear that we are done
                     with trio.move_on_after(3):
-                        await self.handover_finished.wait()
+                        await self.hot_restart.wait_done()
                 self._stop_admin.cancel()
                 if self._admin_conns_done is not None:
                     self._admin_closing.set()
@@ -351,7 +347,7 @@ class Proxy:
         stopping accepting never cancels a request half served, and at exit
         they get ``_ADMIN_LINGER`` to finish (one accepted just before the
         hand-over may not even have sent its request yet); and the old generation stops
-        accepting exactly when the new one is ready (:meth:`begin_handover_drain`),
+        accepting exactly when the new one is ready (the hot-restart table's ``stop_admin`` on ``child_ready``),
         so whatever waits in the accept queue is the new one's. During a plain
         drain (SIGTERM, ``POST /drain``) it keeps serving, so that ``/ready``
         answers 503 "draining" rather than nothing. Closing the listener at
@@ -397,13 +393,45 @@ class Proxy:
         """Services this proxy holds discovery subscriptions for."""
         return sorted(self.discovery.subscribed) if self.discovery is not None else []
 
-    def begin_handover_drain(self) -> None:
-        """The new generation is ready: stop accepting, leave the sockets to it, drain."""
-        self.handed_over = True
-        self.keep_socket_files = True
+    # ------------------------------------------------------------ hot-restart state (the table's)
+
+    @property
+    def draining(self) -> bool:
+        """Draining: a plain drain, or for the next generation after a hand-over."""
+        return self.hot_restart.state in DRAINING_STATES
+
+    @property
+    def handed_over(self) -> bool:
+        """The next generation took the listeners and is ready: we drain for it."""
+        return self.hot_restart.state in HANDED_OVER_STATES
+
+    @property
+    def parent_alive(self) -> bool:
+        """A hot-restarted proxy whose parent has not finished draining yet."""
+        return self.predecessor is not None and self.predecessor.parent_alive
+
+    @property
+    def keep_socket_files(self) -> bool:
+        """Leave the UDS files alone on exit: they belong to the other generation."""
+        return self.handed_over or (self.predecessor is not None and self.predecessor.keeps_parent_files)
+
+    def follow_predecessor(self, child: ChildShell) -> None:
+        """This proxy is a new generation built by ``child`` (not running yet): no hand-over until its parent is done."""
+        child.proxy = self
+        self.predecessor = child
+        self.hot_restart = ParentShell(self, ParentState.FOLLOWING)
+
+    def stop_accepting(self) -> None:
+        """Stop accepting on the data listeners and the hot-restart socket (a table action)."""
         self._stop_accepting.cancel()
-        self._stop_admin.cancel()  # accepted admin requests still complete (see _serve_admin)
-        self.request_shutdown()
+
+    def stop_admin(self) -> None:
+        """Stop accepting on the admin listener (a table action: its queue is the next generation's)."""
+        self._stop_admin.cancel()
+
+    def start_drain(self) -> None:
+        """Begin draining (the table's DRAIN action; call :meth:`request_shutdown` instead)."""
+        self._shutdown.set()
 
     def request_shutdown(self) -> None:
         """Begin a graceful drain (SIGTERM, ``POST /drain``).
@@ -412,13 +440,8 @@ class Proxy:
         hears it and gives up), so that exactly one generation drains.
         """
         if self.hot_restart.state is ParentState.HANDING_OVER:
-            self.hot_restart.fire(ParentEvent.SHUTDOWN)  # abort: back to SERVING
-            if self.handover_channel is not None:
-                self.handover_channel.close()
             log.warning("shutdown requested during a hot restart: hand-over aborted")
-        if self.hot_restart.state is ParentState.SERVING:
-            self.hot_restart.fire(ParentEvent.SHUTDOWN)
-        self._shutdown.set()
+        self.hot_restart.fire(ParentEvent.SHUTDOWN)
 
     def _close_listeners(self) -> None:
         for sock in self.listeners.values():
@@ -838,7 +861,6 @@ class Proxy:
         closing from this side could cut a request the peer is sending. All of
         it is bounded by ``drain_time``.
         """
-        self.draining = True
         engine = self.engine
         engine.drain_mode = mode
         if self.discovery is not None and not self.handed_over:
@@ -871,9 +893,8 @@ class Proxy:
         if self.discovery is not None and not self.handed_over:
             await self.discovery.deregister()
         self.drained.set()
-        if not self.handed_over and self.hot_restart.state is ParentState.DRAINING:
-            self.hot_restart.fire(ParentEvent.DRAINED)
         log.info("drained")
+        self.hot_restart.fire(ParentEvent.DRAINED)
 
     # ------------------------------------------------------------ admin
 

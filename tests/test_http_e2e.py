@@ -291,3 +291,13 @@ def test_no_extensions_env_is_honoured() -> None:
     assert frame.IMPLEMENTATION in ("cython", "python")
     if os.environ.get("OCTOPROXY_NO_EXTENSIONS") == "1":
         assert frame.IMPLEMENTATION == "python"
+
+
+async def test_path_too_long_for_a_frame_header_is_431() -> None:
+    with trio.fail_after(30):
+        async with http_mesh(extra_http="max_header_size = 262144") as m:
+            req = b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: web\r\n\r\n"
+            reply = await trio.to_thread.run_sync(raw_exchange, m.http_port, req)
+            assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+            ok = await trio.to_thread.run_sync(raw_exchange, m.http_port, b"GET /echo HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            assert ok.startswith(b"HTTP/1.1 200 ")

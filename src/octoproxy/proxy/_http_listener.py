@@ -37,6 +37,7 @@ import trio
 
 from .. import frame, sdk
 from ..core._engine import DOWNSTREAM, Link
+from ..protocol._errors import LocalProtocolError
 from ..protocol._protocol import Flags, Status
 from ..protocol._http1 import HttpExchange, Refusal, ServerConnection, encode_request
 from ..protocol._http1_fast import FastServerConnection, server_connection
@@ -392,6 +393,9 @@ class HttpListener:
         except sdk.CallError as exc:
             core.respond_error(ex, exc.status, exc.message)
             return int(core.last_code)
+        except LocalProtocolError as exc:  # e.g. a path too long for a frame header (65535 bytes)
+            core.refuse(Refusal(431, f"request cannot be carried in a frame: {exc}"))
+            return 431
         except trio.TooSlowError:
             core.respond_error(ex, Status.TIMEOUT, f"no answer within http.request_timeout {self.cfg.request_timeout:g}s")
             return 504

@@ -13,6 +13,10 @@ Modes:
   envoy_l7   two Envoy processes, each a thrift_proxy (framed binary Thrift, routed by method);
              load generator and echo speak Thrift of the same shape (100-byte string argument)
   octoproxy  two `python -m octoproxy run -c FILE.toml` processes (caller side and provider side)
+  octoproxy_gov  as octoproxy, with every governance policy on the route (docs/governance.md):
+             a routing rule, outlier detection, circuit breakers, retries with their budget, rate
+             limits too high to trigger, tracing; on both hops. `--governed` runs octoproxy and
+             octoproxy_gov side by side and prints `governed_ratio: <gov/plain CPU per call>`
   envoy_tls      as envoy_tcp, with mTLS on the hop-to-hop link (TLS 1.3, client certificates,
                  the server's SPIFFE URI SAN checked): `--tls` or `--modes envoy_tls,...`
   octoproxy_tls  as octoproxy, with mTLS between the two proxies (`[tls]` with the same files)
@@ -76,7 +80,33 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 ALL_MODES = ("direct", "envoy_tcp", "envoy_l7", "octoproxy")
 TLS_MODES = ("envoy_tls", "octoproxy_tls")
-KNOWN_MODES = ALL_MODES + TLS_MODES
+GOV_MODES = ("octoproxy", "octoproxy_gov")
+KNOWN_MODES = ALL_MODES + TLS_MODES + ("octoproxy_gov",)
+#: every policy on the echo route, none triggering (the caller's side; the provider's limits inbound)
+GOVERNANCE = """
+[governance]
+version = "bench"
+[governance.services.echo.routing]
+[[governance.services.echo.routing.rules]]
+name = "lane"
+match_metadata = { swimlane = "blue" }
+endpoint_tags = { swimlane = "blue" }
+[governance.services.echo.outlier]
+[governance.services.echo.breaker]
+max_requests = 100000
+max_pending = 100000
+[governance.services.echo.retry]
+idempotent_methods = ["*"]
+[[governance.services.echo.rate_limits]]
+name = "out"
+direction = "outbound"
+rate = 10000000.0
+[[governance.services.echo.rate_limits]]
+name = "in"
+caller = "*"
+rate = 10000000.0
+[governance.services.echo.tracing]
+"""
 TLS_SUITE = "TLS_AES_128_GCM_SHA256"
 TRUST_DOMAIN = "octoproxy.local"
 WORKLOADS = {  # name: (connections, calls in flight per connection)
@@ -390,7 +420,8 @@ def envoy_config(name: str, listen, upstream, l7: bool, tls: dict | None = None)
     }
 
 
-def octoproxy_configs(tmp: Path, caller_sock: Path, port: int, echo_sock: Path, tls: dict | None = None) -> tuple[str, str]:
+def octoproxy_configs(tmp: Path, caller_sock: Path, port: int, echo_sock: Path, tls: dict | None = None,
+                      governed: bool = False) -> tuple[str, str]:
     caller = f"""\
 [proxy]
 service = "bench-caller"
@@ -434,6 +465,9 @@ listen = "127.0.0.1:0"
                 caller += section
             else:
                 provider += section
+    if governed:
+        caller += GOVERNANCE
+        provider += GOVERNANCE
     return caller, provider
 
 
@@ -503,11 +537,11 @@ def start_mode(mode: str, procs: Procs, tmp: Path, envoy: str | None, round_no: 
                 PROXY_CPU, tmp / f"envoy-{name}.log",
             ))
             hops[-1].admin_path = admin_path
-    elif mode in ("octoproxy", "octoproxy_tls"):
+    elif mode in ("octoproxy", "octoproxy_tls", "octoproxy_gov"):
         env, _ = octoproxy_env()
         if tls is not None:
             env["OPENSSL_CONF"] = str(tls["openssl_conf"])  # the same suite as Envoy (see the doc)
-        caller_cfg, provider_cfg = octoproxy_configs(tmp, caller_sock, port, echo_sock, tls)
+        caller_cfg, provider_cfg = octoproxy_configs(tmp, caller_sock, port, echo_sock, tls, mode == "octoproxy_gov")
         (tmp / "caller.toml").write_text(caller_cfg)
         (tmp / "provider.toml").write_text(provider_cfg)
         for name in ("provider", "caller"):
@@ -754,6 +788,7 @@ def main() -> int:
                     help=f"comma-separated subset of {','.join(KNOWN_MODES)} (default {','.join(ALL_MODES)}; "
                          "env OCTOBENCH_MODES)")
     ap.add_argument("--tls", action="store_true", help="mTLS on the hop-to-hop link: modes envoy_tls,octoproxy_tls")
+    ap.add_argument("--governed", action="store_true", help="modes octoproxy,octoproxy_gov: the governed_ratio line")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of "
                     + ",".join(WORKLOADS))
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per measurement")
@@ -765,6 +800,8 @@ def main() -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.tls:
         modes = list(TLS_MODES)
+    if args.governed:
+        modes = list(GOV_MODES)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     bad = [m for m in modes if m not in KNOWN_MODES] + [w for w in workloads if w not in WORKLOADS]
     if bad:
@@ -857,6 +894,10 @@ def main() -> int:
         tx, ty = mux_cpu("octoproxy_tls"), mux_cpu("envoy_tls")
         tratio = tx / ty if not (math.isnan(tx) or math.isnan(ty) or ty == 0) else float("nan")
         print(f"tls_cpu_us_per_call: octoproxy={tx:.2f} envoy={ty:.2f} ratio={tratio:.2f}", flush=True)
+    if "octoproxy_gov" in modes:
+        g = mux_cpu("octoproxy_gov")
+        gratio = g / x if not (math.isnan(g) or math.isnan(x) or x == 0) else float("nan")
+        print(f"governed_ratio: {gratio:.2f}", flush=True)
     print(f"cpu_us_per_call: octoproxy={x:.2f} envoy_tcp={y:.2f} envoy_l7={z:.2f} ratio={ratio:.2f}", flush=True)
     return 130 if interrupted else 0
 

@@ -49,6 +49,11 @@ class Endpoint:
         tags: free-form routing tags (e.g. a "set" / swimlane name).
         healthy: ``False`` takes the endpoint out of rotation.
         active: requests in flight to this endpoint, maintained by the caller.
+        center: locality tier between region and IDC (governed routes only).
+        backup: role ``backup``: a governed route uses it only when no normal
+            endpoint is usable.
+        warmup_start_ms: when its warm-up (slow start) began, in unix
+            milliseconds; 0 = none. Governed routes ramp its weight.
     """
 
     address: str
@@ -58,6 +63,9 @@ class Endpoint:
     tags: dict[str, str] = field(default_factory=dict)
     healthy: bool = True
     active: int = 0
+    center: str = ""
+    backup: bool = False
+    warmup_start_ms: int = 0
 
 
 class Balancer(Protocol):

@@ -42,8 +42,10 @@ from ..protocol._errors import RemoteProtocolError
 from ..protocol._frame import parse_header
 from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
-from ._stats import ProxyStats, RequestStats
+from ..governance import Locality, PolicySet
+from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, Outbound, RouteGov, build_inbound, build_routes, schedule, tick_outliers
 from ._relay import Pending, forward, relay_requests, relay_responses
+from ._stats import ProxyStats, RequestStats
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -150,10 +152,15 @@ class Cluster:
     #: requests that found no connection while one was being (re)established:
     #: (downstream link, the raw frame, when parked)
     parked: list[tuple[Link, bytes, float]] = field(default_factory=list)
+    #: governance state (router, outlier, breaker, budget) when a governed route uses it
+    gov: ClusterGov | None = None
 
     def __post_init__(self) -> None:
         if self.balancer is None:
             self.balancer = make_balancer(self.lb, rng=random.Random())
+        # (discovery calls this again after changing the endpoints)
+        if self.gov is not None:
+            self.gov.sync(self.endpoints)
 
     def ready_endpoints(self) -> list[Endpoint]:
         return [ep for ep in self.endpoints if self.links.get(ep.address)]
@@ -161,7 +168,10 @@ class Cluster:
     def add_link(self, link: Link) -> None:
         assert link.endpoint is not None
         self.links.setdefault(link.endpoint.address, []).append(link)
-        link.endpoint.healthy = True
+        if not link.endpoint.healthy:
+            link.endpoint.healthy = True
+            if self.gov is not None:
+                self.gov.router.invalidate()
 
     def remove_link(self, link: Link) -> None:
         assert link.endpoint is not None
@@ -170,6 +180,8 @@ class Cluster:
             links.remove(link)
             if not links:
                 link.endpoint.healthy = False
+                if self.gov is not None:
+                    self.gov.router.invalidate()
 
     def pick(self) -> Link | None:
         """Choose an endpoint with the balancer, then its least-loaded link."""
@@ -254,8 +266,6 @@ class Engine:
         self.dirty: list[Link] = []
         #: None: serving; "drain": answer new requests UNAVAILABLE; "hot_restart": answer HOT_RESTART
         self.drain_mode: str | None = None
-        #: inbound: the cluster every request on an inbound link goes to (the local app)
-        self.inbound_cluster: Cluster | None = None
         #: inbound: checks every request from a peer first (``_guard.InboundGuard``)
         self.inbound_guard: Any = None
         #: deadlines in 10 ms buckets: bucket -> [(link, stream id, deadline)],
@@ -277,7 +287,34 @@ class Engine:
         #: and relayed in one synchronous call, so one scanner per kind serves
         #: all connections (its arrays are per proxy, not per connection)
         self._shared_scanners: dict[int, Scanner] = {}  # 0 plain, 1 routed (outbound), 2 guarded (inbound)
+        #: the declared pipelines of governed requests (ungoverned ones take the fast path)
+        self.outbound = Outbound(self)
+        self.outbound.caller = caller
+        self.inbound = Inbound(self)
+        #: governance: the policy set in force, this proxy's service and locality,
+        #: and the offset from the engine's clock to unix milliseconds (warm-up starts)
+        self.policies: PolicySet | None = None
+        self.service = caller
+        self.locality = Locality()
+        self.clock_offset_ms = 0
+        self._gov_rng = random.Random()
+        self._route_gov: list[RouteGov | None] = []
+        #: live instances of this proxy's own service (inbound cluster-wide rate limits are divided by it)
+        self.inbound_instances = 1
+        self._inbound_cluster: Cluster | None = None
+        #: what the fast path forwards inbound requests to: None while the inbound side is governed
+        self._inbound_fast: Cluster | None = None
         self.set_routes(routes)
+
+    @property
+    def inbound_cluster(self) -> Cluster | None:
+        """The cluster every request on an inbound link goes to (the local app)."""
+        return self._inbound_cluster
+
+    @inbound_cluster.setter
+    def inbound_cluster(self, cluster: Cluster | None) -> None:
+        self._inbound_cluster = cluster
+        self._inbound_fast = cluster if self.inbound.gov is None else None
 
     # ------------------------------------------------------------ configuration
 
@@ -290,7 +327,113 @@ class Engine:
         self._route_timeouts = [r.timeout for r in self.routes]
         self._route_max_timeouts = [r.max_timeout for r in self.routes]
         self.route_table = RouteTable([(r.service, r.method, i) for i, r in enumerate(self.routes)])
-        self._route_clusters = [self.clusters[r.cluster] for r in self.routes]
+        self._route_clusters_all = [self.clusters[r.cluster] for r in self.routes]
+        self._apply_governance(0.0 if not hasattr(self, "_gov_now") else self._gov_now)
+
+    # ------------------------------------------------------------ governance
+
+    def now_ms(self, now: float) -> int:
+        """The engine's time in unix milliseconds (the governance cores' clock)."""
+        return int(now * 1000) + self.clock_offset_ms
+
+    def set_governance(self, policies: PolicySet | None, now: float) -> None:
+        """Apply a policy set (or none) between two reads, in place.
+
+        Routes whose service gets a non-empty policy leave the fast path for the
+        declared pipeline; the others return to it. Cluster state (breakers,
+        outlier records, routers) is updated in place, so calls in flight keep
+        and release what they hold; a call in flight is never failed by this.
+        """
+        self.policies = policies
+        self._apply_governance(now)
+
+    def _apply_governance(self, now: float) -> None:
+        self._gov_now = now
+        now_ms = self.now_ms(now)
+        self._route_gov = build_routes(
+            self.routes, self.clusters, self.policies, self.stats, getattr(self, "_route_gov", []), self.locality, now_ms, self._gov_rng
+        )
+        # the fast path sees None for a governed route's cluster and hands it to the slow path
+        self._route_clusters = [None if g is not None else c for g, c in zip(self._route_gov, self._route_clusters_all)]
+        own = self.policies.for_service(self.service) if self.policies is not None and self.service else None
+        old = self.inbound.gov
+        self.inbound.gov = build_inbound(own, self.stats, old, self.inbound_instances, self._gov_rng)
+        self._inbound_fast = self._inbound_cluster if self.inbound.gov is None else None
+
+    def set_inbound_instances(self, n: int) -> None:
+        """The live instances of this proxy's own service changed (its registration's endpoints):
+        re-divide the inbound ``cluster_rate`` limits among them."""
+        self.inbound_instances = max(1, n)
+        ig = self.inbound.gov
+        if ig is not None and ig.limiter is not None:
+            ig.limiter.set_instances(self.inbound_instances)
+
+    def governed_routes(self) -> list[str]:
+        """``service/method`` of each route on the declared pipeline (for ``/config_dump``)."""
+        return [f"{r.service}/{r.method}" for r, g in zip(self.routes, self._route_gov) if g is not None]
+
+    def park(self, cluster: Cluster, down: Link, mv: memoryview, off: int, size: int, now: float) -> None:
+        """Hold a request until a connection of ``cluster`` is up (or ``park_timeout``)."""
+        if len(cluster.parked) >= MAX_PARKED:
+            self._refuse_raw(down, bytes(mv[off : off + size]), "overloaded", Status.OVERLOADED, f"too many requests waiting for cluster {cluster.name!r}")
+            return
+        since = self._replaying_since
+        cluster.parked.append((down, bytes(mv[off : off + size]), now if since is None else since))
+        if since is None:
+            self.stats.error("parked")
+
+    def send_governed(self, up: Link, call: Any, now: float, timeout_ms: int) -> None:
+        """Forward one try of a governed call on ``up`` (the frame it retains, a new stream id)."""
+        out = up.out
+        o = len(out)
+        out += call.frame
+        usid = up.next_sid
+        up.next_sid = usid + 1
+        _U64.pack_into(out, o + 8, usid)
+        dirty = self.dirty
+        if not dirty or dirty[-1] is not up:  # one write per destination per read
+            dirty.append(up)
+        deadline = now + timeout_ms / 1000.0
+        up.pending[usid] = Pending(call.down, call.down_sid, up, deadline, now, call.stats, call)
+        self.pending_count += 1
+        call.down.inflight += 1
+        if up.endpoint is not None:
+            up.endpoint.active += 1
+        schedule(self, up, usid, deadline)
+
+    def request_stats(self, direction: str, service: bytes, method: bytes) -> RequestStats:
+        """The (direction, service, method) counters, through the fast path's cache."""
+        cache = self.rs_cache[direction]
+        key = service + b"\0" + method
+        rs = cache.get(key)
+        if rs is None:
+            rs = self.stats.request_stats(direction, service, method)
+            if len(cache) < 10000:
+                cache[key] = rs
+        return rs
+
+    def relay_frame(self, down: Link, down_sid: int, frame: memoryview) -> None:
+        """Relay a response frame to its caller under the caller's stream id."""
+        if down.closed:
+            return
+        out = down.out
+        o = len(out)
+        out += frame
+        _U64.pack_into(out, o + 8, down_sid)
+        dirty = self.dirty
+        if not dirty or dirty[-1] is not down:
+            dirty.append(down)
+
+    def governed_response(self, up: Link, p: Pending, scanner: Scanner, i: int, mv: memoryview, now: float) -> None:
+        """A response to a governed call (its pending entry already popped): the chain in reverse."""
+        self._settle(p)
+        off, size, _ftype, flags, _sid, _t, _r, status = scanner.frame(i)
+        pipeline = self.inbound if up.cluster is self._inbound_cluster else self.outbound
+        pipeline.try_done(p, status, flags, now, mv[off : off + size], "")
+
+    def _governed_failed(self, p: Pending, status: int, error: str, now: float, lost: bool, retry: bool = True) -> None:
+        pipeline = self.inbound if p.up.cluster is self._inbound_cluster else self.outbound
+        pipeline.try_done(p, status, 0, now, None, error, lost, retry)
 
     def new_scanner(self, link: Link) -> Scanner:
         """The scanner for a link's reads: routed for outbound downstream links;
@@ -363,6 +506,8 @@ class Engine:
             return  # a ONEWAY gets no answer
         service, method = scanner.routing_key(i)
         self.stats.answered(down.listener, service, method, status)
+        if down.listener == "inbound" and not flags:
+            flags = NOT_PROCESSED  # answered here, never handed to the app: a caller may resend it elsewhere
         self._answer(down, sid, status, error, flags)
 
     def _refuse_raw(self, down: Link, raw: bytes, reason: str, status: int, error: str) -> None:
@@ -396,7 +541,10 @@ class Engine:
                 self._answer(link, sid, Status.OVERLOADED, why)
         elif ftype == _RESPONSE:
             p = link.pending.pop(sid, None)
-            if p is not None:
+            if p is not None and p.gov is not None:
+                self._settle(p)
+                self._governed_failed(p, Status.OVERLOADED, "response " + why, self._gov_now, False, retry=False)
+            elif p is not None:
                 self._settle(p)
                 self.stats.finished(p.stats, Status.OVERLOADED, 0.0)
                 self._answer(p.down, p.down_sid, Status.OVERLOADED, "response " + why)
@@ -427,6 +575,9 @@ class Engine:
                     self._refuse(down, scanner, i, self.drain_mode, Status.UNAVAILABLE, "proxy draining")
                 return
             if inbound:
+                if self.inbound.gov is not None:  # the inbound side is governed: its declared pipeline
+                    self.inbound.request(down, scanner, i, mv, now)
+                    return
                 cluster = self.inbound_cluster
                 route_timeout = self.default_timeout
                 max_timeout = self.inbound_max_timeout
@@ -451,7 +602,11 @@ class Engine:
                     log.info("no route for %s/%s from %s", service.decode(errors="replace"), method.decode(errors="replace"), down.name)
                     self._refuse(down, scanner, i, "no_route", Status.NO_ROUTE, f"no route for service {service.decode(errors='replace')!r}")
                     return
-                cluster = self._route_clusters[route_id]
+                rg = self._route_gov[route_id]
+                if rg is not None:
+                    self.outbound.request(down, scanner, i, mv, now, rg)
+                    return
+                cluster = self._route_clusters_all[route_id]
                 route_timeout = self._route_timeouts[route_id]
                 max_timeout = self._route_max_timeouts[route_id]
             if self.pending_count >= self.max_pending and not oneway:
@@ -529,6 +684,11 @@ class Engine:
             if p is None:
                 stats.error("late_response")
                 return
+            if p.gov is not None:
+                if flags & _HOT_RESTART:
+                    stats.error("hot_restart_from_upstream")
+                self.governed_response(up, p, scanner, i, mv, now)
+                return
             self._settle(p)
             if flags & _HOT_RESTART:
                 # the peer is restarting and did not process it; the caller's
@@ -589,6 +749,9 @@ class Engine:
             link.pending = {}
             for usid, p in pending.items():
                 self._settle(p)
+                if p.gov is not None:
+                    self._governed_failed(p, Status.UNAVAILABLE, f"upstream connection lost: {reason}", self._gov_now, True)
+                    continue
                 self.stats.finished(p.stats, Status.UNAVAILABLE, 0.0)
                 self._answer(p.down, p.down_sid, Status.UNAVAILABLE, f"upstream connection lost: {reason}")
             if pending:
@@ -623,6 +786,8 @@ class Engine:
             return
         parked = cluster.parked
         cluster.parked = []
+        if cluster.gov is not None:
+            cluster.gov.settle_held(0)  # each governed one takes a unit again if it waits again
         try:
             for down, raw, t in parked:
                 if down.closed:
@@ -667,6 +832,8 @@ class Engine:
                         continue
                     self._refuse_raw(down, raw, "unavailable", Status.UNAVAILABLE, f"no connection to cluster {cluster.name!r} in time")
                 cluster.parked = keep
+                if cluster.gov is not None:
+                    cluster.gov.settle_held(len(keep))
 
     def abort_all(self, reason: str, links: Iterable[Link] = ()) -> int:
         """Answer everything still waiting UNAVAILABLE (end of a drain). Returns how many.
@@ -684,6 +851,8 @@ class Engine:
                 for link in cluster_links:
                     every[id(link)] = link
             parked, cluster.parked = cluster.parked, []
+            if cluster.gov is not None:
+                cluster.gov.settle_held(0)
             for down, raw, _t in parked:
                 if raw[3] == _REQUEST:
                     self._refuse_raw(down, raw, "drain", Status.UNAVAILABLE, reason)
@@ -698,9 +867,12 @@ class Engine:
             up.pending = {}
             for p in pending.values():
                 self._settle(p)
+                n += 1
+                if p.gov is not None:
+                    self._governed_failed(p, Status.UNAVAILABLE, reason, self._gov_now, False, retry=False)
+                    continue
                 self.stats.finished(p.stats, Status.UNAVAILABLE, 0.0)
                 self._answer(p.down, p.down_sid, Status.UNAVAILABLE, reason)
-                n += 1
         return n
 
     # ------------------------------------------------------------ time
@@ -711,7 +883,10 @@ class Engine:
         Returns:
             The next deadline, or None when nothing is pending.
         """
+        self._gov_now = now
         self._expire_parked(now)
+        if self._route_gov:
+            tick_outliers(self.clusters.values(), self.now_ms(now), self.stats)
         if self.unrouted:
             self._expire_unrouted(now)
         keys = self.timer_keys
@@ -732,8 +907,11 @@ class Engine:
                     continue
                 del up.pending[usid]
                 self._settle(p)
-                self.stats.finished(p.stats, Status.TIMEOUT, now - p.t0)
-                self._answer(p.down, p.down_sid, Status.TIMEOUT, f"no response within {deadline - p.t0:.3f}s")
+                if p.gov is not None:
+                    self._governed_failed(p, Status.TIMEOUT, f"no response within {deadline - p.t0:.3f}s", now, False)
+                else:
+                    self.stats.finished(p.stats, Status.TIMEOUT, now - p.t0)
+                    self._answer(p.down, p.down_sid, Status.TIMEOUT, f"no response within {deadline - p.t0:.3f}s")
                 if up.draining and not up.pending and up.on_idle is not None:
                     up.on_idle(up)
             if later:  # a rounding hair early: look again one bucket later

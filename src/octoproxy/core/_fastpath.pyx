@@ -30,14 +30,16 @@ cdef class Pending:
     cdef public double deadline
     cdef public double t0
     cdef public object stats
+    cdef public object gov
 
-    def __init__(self, down, down_sid, up, deadline, t0, stats):
+    def __init__(self, down, down_sid, up, deadline, t0, stats, gov=None):
         self.down = down
         self.down_sid = down_sid
         self.up = up
         self.deadline = deadline
         self.t0 = t0
         self.stats = stats
+        self.gov = gov
 
 
 cdef inline void _put_be64(uchar* p, uint64_t v) noexcept nogil:
@@ -181,7 +183,7 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
                 continue
             route_id = scanner.route_ids[i]
             if inbound:
-                cluster = engine.inbound_cluster
+                cluster = engine._inbound_fast  # None while the inbound side is governed
                 route_timeout = engine.default_timeout
                 max_timeout = engine.inbound_max_timeout
             elif route_id >= 0:
@@ -223,6 +225,9 @@ def relay_responses(engine, up, Scanner scanner, Py_ssize_t n, mv, double now):
                 engine.stats.error("late_response")
                 continue
             p = <Pending>obj
+            if p.gov is not None:  # a governed call: the chain in reverse
+                engine.governed_response(up, p, scanner, i, mv, now)
+                continue
             engine.pending_count -= 1
             down = p.down
             down.inflight -= 1

@@ -28,15 +28,18 @@ _U16 = Struct(">H")
 class Pending:
     """A request forwarded upstream and not answered yet."""
 
-    __slots__ = ("down", "down_sid", "up", "deadline", "t0", "stats")
+    __slots__ = ("down", "down_sid", "up", "deadline", "t0", "stats", "gov")
 
-    def __init__(self, down: Link, down_sid: int, up: Link, deadline: float, t0: float, stats: Any) -> None:
+    def __init__(self, down: Link, down_sid: int, up: Link, deadline: float, t0: float, stats: Any, gov: Any = None) -> None:
         self.down = down
         self.down_sid = down_sid
         self.up = up
         self.deadline = deadline
         self.t0 = t0
         self.stats = stats
+        #: a governed call (``_pipeline.Call``): its response goes through the
+        #: route's filter chain in reverse; None on the fast path
+        self.gov = gov
 
 
 def forward(
@@ -112,7 +115,7 @@ def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryv
             engine.slow_request(down, scanner, i, mv, now)
             continue
         if inbound:
-            cluster = engine.inbound_cluster
+            cluster = engine._inbound_fast  # None while the inbound side is governed
             route_timeout = engine.default_timeout
             max_timeout = engine.inbound_max_timeout
         elif route_id >= 0:
@@ -142,6 +145,9 @@ def relay_responses(engine: Engine, up: Link, scanner: Any, n: int, mv: memoryvi
         p = pending.pop(sid, None)
         if p is None:
             engine.stats.error("late_response")
+            continue
+        if p.gov is not None:  # a governed call: the chain in reverse
+            engine.governed_response(up, p, scanner, i, mv, now)
             continue
         engine.pending_count -= 1
         down = p.down

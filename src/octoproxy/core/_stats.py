@@ -12,6 +12,9 @@ Families (all prefixed ``octoproxy_``):
   off, connection failures.
 * ``connections{listener}`` / ``upstream_connections{cluster}``: gauges.
 * ``pending_requests``: requests in flight through this proxy.
+* governed routes only (docs/governance.md): ``calls_total{direction,service,
+  method,caller,status}`` and ``call_duration_seconds{direction,service,method,
+  caller}``; ``retries_total{cluster}``; ``outlier_ejections_total{cluster}``.
 
 Hot paths keep the labelled children (``RequestStats``) instead of looking
 labels up per request.
@@ -24,7 +27,7 @@ from typing import Any
 from ..common._metrics import CounterChild, HistogramChild, Registry
 from ..protocol._protocol import Status
 
-__all__ = ["ProxyStats", "RequestStats"]
+__all__ = ["ProxyStats", "RequestStats", "CallerStats"]
 
 _STATUS_NAMES = {int(s): s.name for s in Status}
 
@@ -48,6 +51,26 @@ class RequestStats:
         child.value += 1
 
 
+class CallerStats:
+    """Counters and histogram of one (direction, service, method, caller): governed routes only."""
+
+    __slots__ = ("_stats", "labels", "by_status", "latency")
+
+    def __init__(self, stats: ProxyStats, labels: tuple[str, str, str, str]) -> None:
+        self._stats = stats
+        self.labels = labels
+        self.by_status: dict[int, CounterChild] = {}
+        self.latency: HistogramChild = stats.call_duration.labels(*labels)
+
+    def observe(self, status: int, seconds: float) -> None:
+        child = self.by_status.get(status)
+        if child is None:
+            name = _STATUS_NAMES.get(status, "UNKNOWN")
+            child = self.by_status[status] = self._stats.calls.labels(*self.labels, name)
+        child.value += 1
+        self.latency.observe(seconds)
+
+
 class ProxyStats:
     """Every metric of one proxy process, in one :class:`Registry`."""
 
@@ -65,7 +88,20 @@ class ProxyStats:
         self.upstream_connections = reg.gauge("octoproxy_upstream_connections", "Open upstream connections.", ("cluster",))
         self.accepted = reg.counter("octoproxy_connections_accepted_total", "Downstream connections accepted.", ("listener",))
         self.oneway = reg.counter("octoproxy_oneway_forwarded_total", "ONEWAY frames forwarded.")
+        self.calls = reg.counter(
+            "octoproxy_calls_total",
+            "Governed routes: calls answered, by caller and final status (the proxy's own answers included).",
+            ("direction", "service", "method", "caller", "status"),
+        )
+        self.call_duration = reg.histogram(
+            "octoproxy_call_duration_seconds",
+            "Governed routes: time from request in to final answer out, retries included, by caller.",
+            ("direction", "service", "method", "caller"),
+        )
+        self.retries = reg.counter("octoproxy_retries_total", "Governed routes: tries sent again to another endpoint.", ("cluster",))
+        self.ejections = reg.counter("octoproxy_outlier_ejections_total", "Endpoints ejected by outlier detection.", ("cluster",))
         self._cache: dict[Any, RequestStats] = {}
+        self._callers: dict[tuple[str, str, str, str], CallerStats] = {}
         self._rejected: dict[str, CounterChild] = {}
         self._errors: dict[str, CounterChild] = {}
 
@@ -82,6 +118,24 @@ class ProxyStats:
                     return rs
             rs = self._cache[key] = RequestStats(self, (direction, key[1].decode(errors="replace"), key[2].decode(errors="replace")))
         return rs
+
+    def caller_stats(self, direction: str, service: str, method: str, caller: str) -> CallerStats:
+        key = (direction, service, method, caller)
+        cs = self._callers.get(key)
+        if cs is None:
+            if len(self._callers) >= 10000:  # bound the label cardinality
+                key = (direction, "_other", "_other", "_other")
+                cs = self._callers.get(key)
+                if cs is not None:
+                    return cs
+            cs = self._callers[key] = CallerStats(self, key)
+        return cs
+
+    def retried(self, cluster: str) -> None:
+        self.retries.labels(cluster).inc()
+
+    def ejection(self, cluster: str) -> None:
+        self.ejections.labels(cluster).inc()
 
     def finished(self, rs: RequestStats, status: int, seconds: float) -> None:
         rs.count(status)

@@ -460,6 +460,12 @@ class ProxySettings:
         "Environment of the app's configuration (`GET /config`, `sdk.get_config`): the proxy gets "
         "`proxy.service`'s configuration for this environment from the control plane.",
     )
+    region: str = _opt(
+        _STR, "", "This proxy's region: governed routes prefer endpoints near it (docs/governance.md).",
+        default_doc="`discovery.region`, else none",
+    )
+    center: str = _opt(_STR, "", "This proxy's center (between region and IDC), for locality-aware routing.")
+    idc: str = _opt(_STR, "", "This proxy's data centre (IDC).", default_doc="`discovery.idc`, else none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -594,6 +600,10 @@ class EndpointConfig:
     region: str = _opt(_STR, "", "Region of the endpoint, for locality-aware routing.")
     idc: str = _opt(_STR, "", "Data centre (IDC) of the endpoint.")
     tags: Mapping[str, str] = _opt(_STR_MAP, _EMPTY, "Routing tags (e.g. a set / swimlane name).")
+    center: str = _opt(_STR, "", "Center of the endpoint (between region and IDC).")
+    role: str = _opt(
+        _choice(("normal", "backup")), "normal", "`backup`: governed routes use it only when no normal endpoint is usable."
+    )
 
     def to_endpoint(self) -> Endpoint:
         """Build the balancer's (mutable) view of this endpoint.
@@ -601,7 +611,7 @@ class EndpointConfig:
         Returns:
             A new healthy :class:`~octoproxy.core._balancer.Endpoint` with no requests in flight.
         """
-        return Endpoint(self.address, self.weight, self.region, self.idc, dict(self.tags))
+        return Endpoint(self.address, self.weight, self.region, self.idc, dict(self.tags), center=self.center, backup=self.role == "backup")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -644,9 +654,18 @@ class DiscoveryConfig:
     register: bool = _opt(_BOOL, True, "With `[inbound]`: register the local app's endpoint once its UDS answers.")
     advertise: str = _opt(_STR, "", "Address registered for this proxy's inbound side; default `inbound.listen`.")
     weight: int = _opt(_integer(0, 1_000_000), 100, "Registered weight.")
-    region: str = _opt(_STR, "", "Registered region.")
-    idc: str = _opt(_STR, "", "Registered data centre (IDC).")
+    region: str = _opt(_STR, "", "Registered region.", default_doc="`proxy.region`")
+    idc: str = _opt(_STR, "", "Registered data centre (IDC).", default_doc="`proxy.idc`")
     tags: Mapping[str, str] = _opt(_STR_MAP, _EMPTY, "Registered routing tags.")
+    role: str = _opt(
+        _choice(("normal", "backup")), "normal", "Registered role: `backup` endpoints take traffic only when no normal one is usable."
+    )
+    warmup: float = _opt(
+        _seconds(allow_zero=True),
+        0.0,
+        "Registered warm-up (slow start) window: callers ramp this endpoint's weight up over it after it first "
+        "registers; 0 = the callers' `routing.slow_start.window`.",
+    )
     lease_ttl: float = _opt(_POSITIVE, 10.0, "Registration lease: a dead host's endpoint disappears within this time.")
     join_token_file: Path | None = _optional(
         _PATH,
@@ -740,6 +759,23 @@ class AuthzConfig:
     )
 
 
+def _convert_governance(v: object, key: str, base_dir: Path | None) -> Any:
+    from ..governance import parse_policy_set  # PolicyError is a ConfigError: every bad key, each named
+
+    if not isinstance(v, Mapping):
+        raise _Bad
+    return parse_policy_set(v, prefix=key)
+
+
+def _dump_governance(v: Any) -> object:
+    from ..governance import dump_policy_set
+
+    return dump_policy_set(v)
+
+
+_GOVERNANCE = _Kind("a table (docs/governance.md, section 9)", "table, docs/governance.md", _convert_governance, _dump_governance)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProxyConfig:
     """The whole configuration file. Build it with :func:`load_config` / :func:`parse_config`."""
@@ -768,6 +804,12 @@ class ProxyConfig:
     )
     tls: TlsConfig = _section(TlsConfig, "[tls]", "mTLS between proxies.")
     authz: AuthzConfig = _section(AuthzConfig, "[authz]", "Caller authorization on the inbound side.")
+    governance: Any = _optional(
+        _GOVERNANCE,
+        "Governance policies by service (routing rules, outlier ejection, circuit breakers, retries, rate limits, "
+        "tracing, access log), as docs/governance.md section 9 describes; a control plane may replace them live.",
+        default_doc="absent: every route on the fast path",
+    )
     http: HttpConfig | None = _optional(
         _table(HttpConfig, "[http]"),
         "The HTTP/1.1 listener for apps without the SDK. Optional: without this section there is none.",
@@ -997,7 +1039,9 @@ def render_config_reference() -> str:
         ``<!-- BEGIN GENERATED -->`` and ``<!-- END GENERATED -->`` markers.
     """
     out: list[str] = []
-    for _, opt in _opts(ProxyConfig):
-        assert opt.kind.table is not None  # every top-level key is a section
+    for f, opt in _opts(ProxyConfig):
+        if opt.kind.table is None:  # a section with a schema of its own ([governance])
+            out += [f"### `[{f.name}]`", "", f"{opt.doc} Default: {opt.default_doc}.", ""]
+            continue
         _render_table(*opt.kind.table, opt.doc, out)
     return "\n".join(out)

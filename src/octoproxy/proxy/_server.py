@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,6 +40,7 @@ from .._version import __version__
 from ..core._authz import policy_from_config
 from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ..core._guard import InboundGuard, InboundPeer
+from ..governance import Locality, PolicySet, dump_policy_set
 from ._handover import ParentShell, serve_hot_restart
 from ._http_app import HttpAppBridge
 from ._http_listener import DirectLink, HttpListener
@@ -162,6 +164,13 @@ class Proxy:
             inbound_max_timeout=(config.inbound.max_timeout or 0.0) if config.inbound is not None else 0.0,
             high_watermark=up.high_watermark,
         )
+        px_cfg = config.proxy
+        disc = config.discovery  # this proxy's own locality (governed routes prefer it)
+        self.engine.locality = Locality(
+            px_cfg.region or (disc.region if disc is not None else ""),
+            px_cfg.center,
+            px_cfg.idc or (disc.idc if disc is not None else ""),
+        )
         #: HTTP/1.1 in the mesh (docs/http.md): the provider-side bridge to an HTTP app, the caller-side listener
         self.http_app: HttpAppBridge | None = None
         self.http: HttpListener | None = None
@@ -233,12 +242,37 @@ class Proxy:
         self._pool_nursery: trio.Nursery | None = None
         self._register_gauges()
 
+    # ------------------------------------------------------------ governance
+
+    def set_governance(self, policy_set: PolicySet | None) -> None:
+        """Apply a governance policy set live (or none: every route back on the fast path).
+
+        Runs between two reads (Trio runs one task at a time), in place: calls
+        in flight keep and release what they hold, so none fails because of it.
+        A policy set that failed to parse never gets here (``parse_policy_set``
+        raised, the caller NACKed it and kept the old one).
+
+        Args:
+            policy_set: the new policies (from ``[governance]`` or the control plane).
+        """
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # not running yet
+            now = 0.0
+        self.engine.set_governance(policy_set, now)
+        version = policy_set.version if policy_set is not None else None
+        log.info("governance policy set %s applied: %d governed routes", version, len(self.engine.governed_routes()))
+
     # ------------------------------------------------------------ running
 
     async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_shutdown`, then drain and return."""
         cfg = self.config
         self.started_at = trio.current_time()
+        # the governance cores' clock: unix milliseconds (warm-up starts come from the control plane so)
+        self.engine.clock_offset_ms = int(time.time() * 1000) - int(self.started_at * 1000)
+        if cfg.governance is not None and self.engine.policies is None:
+            self.set_governance(cfg.governance)
         self._set_fd_limit()
         if "outbound" not in self.listeners:
             await remove_stale_socket(str(cfg.outbound.uds))
@@ -976,7 +1010,7 @@ class Proxy:
             return Response(200, self.stats.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
         async def clusters(_req: Request) -> Response:
-            out = {}
+            out: dict[str, dict[str, Any]] = {}
             for name, c in self.engine.clusters.items():
                 out[name] = {
                     "lb": c.lb,
@@ -994,11 +1028,30 @@ class Proxy:
                         for ep in c.endpoints
                     ],
                 }
+                if c.gov is not None:  # a governed route uses it (docs/governance.md)
+                    out[name]["governance"] = c.gov.state(self.engine.now_ms(trio.current_time()))
             return Response(200, out)
 
         async def config_dump(_req: Request) -> Response:
             data = json.loads(json.dumps(self.config.to_dict(), default=str))
-            return Response(200, {"version": __version__, "codec": frame.IMPLEMENTATION, "config": data, "addresses": self.addresses})
+            ps = self.engine.policies  # the policy set in force (from [governance] or pushed live)
+            governance = {"version": ps.version, "governed_routes": self.engine.governed_routes()} if ps is not None else None
+            return Response(
+                200,
+                {"version": __version__, "codec": frame.IMPLEMENTATION, "config": data, "addresses": self.addresses, "governance": governance},
+            )
+
+        async def governance(_req: Request) -> Response:
+            # the control plane's policies this proxy holds (proxy/_discovery.py)
+            if self.discovery is None:  # the [governance] table alone
+                local = self.config.governance
+                return Response(200, {
+                    "version": local.version if local is not None else "", "applied": 0,
+                    "policy": dump_policy_set(local) if local is not None else None, "control_plane_version": "",
+                    "local_version": local.version if local is not None else None, "sources": {}, "endpoints": {},
+                    "inbound_instances": self.engine.inbound_instances,
+                })  # fmt: skip
+            return Response(200, self.discovery.governance_state())
 
         async def subscribe(req: Request) -> Response:
             if self.discovery is None:
@@ -1076,6 +1129,7 @@ class Proxy:
             ("GET", "/stats"): stats,
             ("GET", "/clusters"): clusters,
             ("GET", "/config_dump"): config_dump,
+            ("GET", "/governance"): governance,
             ("POST", "/drain"): drain,
             ("POST", "/subscribe"): subscribe,
             ("GET", "/config"): app_config,

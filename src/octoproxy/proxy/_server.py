@@ -41,6 +41,8 @@ from ..core._authz import policy_from_config
 from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ..core._guard import InboundGuard, InboundPeer
 from ..governance import Locality, PolicySet, dump_policy_set
+from ..governance._breaker import CircuitBreaker, Resource
+from ..governance._verdict import Kind
 from ._handover import ParentShell, serve_hot_restart
 from ._http_app import HttpAppBridge
 from ._http_listener import DirectLink, HttpListener
@@ -746,11 +748,14 @@ class Proxy:
                     cluster.connecting += 1
                 counted = False
                 holding = True
+                breaker = await self._connection_unit(cluster)
                 try:
                     sock = await connect_raw(ep.address, up.connect_timeout)
                     if self.tls is not None and cluster is not self.engine.inbound_cluster:
                         sock = await self._tls_connect(sock, cluster, ep.address)
                 except (OSError, trio.TooSlowError, HandshakeError) as exc:
+                    if breaker is not None:
+                        breaker.release(Resource.CONNECTIONS)
                     failures += 1
                     self.stats.error("upstream_connect_failed")
                     if failures == 1 or failures % 100 == 0:
@@ -792,21 +797,49 @@ class Proxy:
                 self.flusher.flush()
                 self.upstream_conns.add(conn)
                 gauge.inc()
-                self._pool_nursery.start_soon(self._run_upstream, conn, replace, gauge)
+                self._pool_nursery.start_soon(self._run_upstream, conn, replace, gauge, breaker)
                 await replace.wait()
                 await trio.sleep(0 if link.draining else backoff)
         finally:
             if holding:
                 cluster.connecting -= 1
 
-    async def _run_upstream(self, conn: Conn, replace: trio.Event, gauge: Any) -> None:
+    async def _run_upstream(self, conn: Conn, replace: trio.Event, gauge: Any, breaker: CircuitBreaker | None = None) -> None:
         try:
             await self._run_conn(conn)
         finally:
             self.upstream_conns.discard(conn)
             gauge.dec()
             conn.lost("closed")
+            if breaker is not None:  # the object the unit came from (a pushed policy may have replaced it)
+                breaker.release(Resource.CONNECTIONS)
             replace.set()
+
+    async def _connection_unit(self, cluster: Cluster) -> CircuitBreaker | None:
+        """Take a CONNECTIONS unit of the cluster's breaker before dialling (governed clusters).
+
+        At the limit the pool dials nothing more and requests use the links
+        that are open; this waits (re-checking each second: units come back
+        as connections close, and a pushed policy may raise the limit).
+
+        Returns:
+            The breaker the unit was taken from (release into it), or None
+            when the cluster has no breaker.
+        """
+        logged = False
+        while True:
+            gov = cluster.gov
+            breaker = gov.breaker if gov is not None else None
+            if breaker is None:
+                return None
+            verdict = breaker.acquire(Resource.CONNECTIONS)
+            if verdict.kind is Kind.CONTINUE:
+                return breaker
+            if not logged:
+                logged = True
+                self.stats.error("upstream_connections_limited")
+                log.warning("cluster %s: %s; no new connection until one closes", cluster.name, verdict.reason)
+            await trio.sleep(1.0)
 
     # ------------------------------------------------------------ timers
 

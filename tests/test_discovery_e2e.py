@@ -211,7 +211,12 @@ async def test_idle_subscriptions_are_dropped_and_persisted() -> None:
                 return (await get_json(caller, "/ready"))["discovery"]["subscriptions"] == []
 
             await until(dropped)
-            assert json.loads((d / "caller.sock.subscriptions.json").read_text()) == {"services": []}
+
+            async def persisted() -> bool:  # saved off the event loop, after the drop: poll (bounded by until)
+                path = d / "caller.sock.subscriptions.json"
+                return path.exists() and json.loads(path.read_text() or "null") == {"services": []}
+
+            await until(persisted)
         finally:
             await stop(caller)
             await stop(cp)

@@ -22,11 +22,17 @@ answers are JSON; endpoints and route rules use the protobuf JSON mapping
 | GET | /v1/authz?service= | the service's pushed ``AuthorizationPolicy`` (``policy`` null: none) |
 | PUT | /v1/authz[?dry_run=1] | an ``AuthorizationPolicy`` (validated like the proxy does; dry run: only validated) |
 | POST | /v1/authz/delete | ``{service}``: the proxies fall back to their ``[authz]`` |
+| GET | /v1/policy?service= | the service's governance policy in force (``policy`` null: none) |
+| GET | /v1/policy/history?service= | its stored versions, newest first |
+| PUT | /v1/policy[?dry_run=1] | ``{service, policy}``: validated (400 lists every error); answers the canonical form and the diff |
+| POST | /v1/policy/delete | ``{service}``: the proxies fall back to their ``[governance]`` table |
 | GET, POST | /v1/config... | configuration for apps (see :mod:`._appconfig`) |
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,13 +42,15 @@ import trio
 from google.protobuf import json_format
 
 from ..common._admin import Handler, Request, Response
+from ..discovery._governance import canonical_policy, record_delete, record_set
 from ..discovery._xds_client import RESOURCE_TYPES
 from ..discovery._xds_server import check_endpoint, check_route_rules, check_service_name
 from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ._appconfig import appconfig_routes
 from ._auth import RateLimitedLog, make_join_token
 from ._server import ControlPlaneServer
-from ._store import StoreError, check_authz_policy
+from ._store import StoreError, check_authz_policy, stamp_warmup
+from ..governance import PolicyError
 
 __all__ = ["admin_routes", "MAX_PAGE"]
 
@@ -172,6 +180,7 @@ def admin_routes(server: ControlPlaneServer) -> dict[tuple[str, str], Handler]:
             raise ValueError(error)
         ttl = float(body.get("ttl", server.max_lease_ttl))
         ttl = min(max(ttl, server.min_lease_ttl), server.max_lease_ttl)
+        stamp_warmup(store.view, service, endpoint, time.time())
         lease = await store.grant_lease(ttl)
         await store.put_endpoint(service, endpoint, lease.id)
         log.info("operator registered %s/%s (lease %.0fs, not kept alive)", service, endpoint.address, lease.ttl)
@@ -243,6 +252,67 @@ def admin_routes(server: ControlPlaneServer) -> dict[tuple[str, str], Handler]:
         log.info("operator deleted the authorization policy of %s", service)
         return Response(200, {"deleted": service})
 
+    # ---------------------------------------------------------------- governance policies
+    def policy_doc(policy_json: str) -> Any:
+        return json.loads(policy_json) if policy_json else None
+
+    def pretty(doc: Any) -> list[str]:
+        return json.dumps(doc, indent=2, sort_keys=True).splitlines() if doc is not None else []
+
+    async def policy_get(req: Request) -> Response:
+        service = service_arg(req.query.get("service"))
+        found = await store.get_governance(service)
+        if found is None:
+            return Response(200, {"service": service, "version": 0, "resource_version": "", "policy": None})
+        resource_version, msg = found
+        return Response(200, {"service": service, "version": msg.version, "resource_version": resource_version,
+                              "policy": policy_doc(msg.policy_json)})  # fmt: skip
+
+    async def policy_history(req: Request) -> Response:
+        service = service_arg(req.query.get("service"))
+        record = store.view.governance.get(service)
+        if record is None:
+            return Response(200, {"service": service, "current": 0, "history": []})
+        history = [
+            {"version": v.version, "created_unix_ms": v.created_unix_ms, "note": v.note, "policy": policy_doc(v.policy_json)}
+            for v in reversed(record.history)
+        ]
+        return Response(200, {"service": service, "current": record.current, "history": history})
+
+    async def policy_put(req: Request) -> Response:
+        body = _body(req)
+        unknown = sorted(set(body) - {"service", "policy"})
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}: want {{\"service\": ..., \"policy\": {{...}}}}")
+        service = service_arg(body.get("service"))
+        try:
+            text, _ = canonical_policy(service, body.get("policy", {}))
+        except PolicyError as exc:  # every error, each naming its key; nothing changes
+            return Response(400, {"error": f"invalid governance policy for {service}:\n{exc}", "errors": list(exc.errors)})
+        current = store.view.governance.get(service) or pb.GovernancePolicyRecord(service=service)
+        before = None
+        for v in current.history:
+            if current.current and v.version == current.current:
+                before = policy_doc(v.policy_json)
+        diff = list(difflib.unified_diff(pretty(before), pretty(json.loads(text)), "current", "new", lineterm=""))
+        answer: dict[str, Any] = {"service": service, "changed": bool(diff), "diff": diff, "policy": json.loads(text)}
+        if req.query.get("dry_run"):
+            return Response(200, {**answer, "dry_run": True, "version": current.current})
+        now_ms = int(time.time() * 1000)
+        _, new = await store.update_governance(service, lambda rec: record_set(rec, service, text, now_ms))
+        log.info("operator set the governance policy of %s: version %d (changed=%s)", service, new.current, answer["changed"])
+        return Response(200, {**answer, "version": new.current})
+
+    async def policy_delete(req: Request) -> Response:
+        service = service_arg(_body(req).get("service"))
+        now_ms = int(time.time() * 1000)
+        try:
+            _, new = await store.update_governance(service, lambda rec: record_delete(rec, now_ms))
+        except KeyError:
+            return Response(404, {"error": f"{service} has no governance policy"})
+        log.info("operator deleted the governance policy of %s (version %d)", service, new.last_version)
+        return Response(200, {"deleted": service, "version": new.last_version})
+
     routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
         ("GET", "/sessions"): sessions,
         ("GET", "/v1/tokens"): tokens_list,
@@ -257,6 +327,10 @@ def admin_routes(server: ControlPlaneServer) -> dict[tuple[str, str], Handler]:
         ("GET", "/v1/authz"): authz_get,
         ("PUT", "/v1/authz"): authz_put,
         ("POST", "/v1/authz/delete"): authz_delete,
+        ("GET", "/v1/policy"): policy_get,
+        ("GET", "/v1/policy/history"): policy_history,
+        ("PUT", "/v1/policy"): policy_put,
+        ("POST", "/v1/policy/delete"): policy_delete,
     }
     routes.update(appconfig_routes(store))  # configuration for apps (controlplane/_appconfig.py)
     out: dict[tuple[str, str], Handler] = {k: operator_only(v) for k, v in routes.items()}

@@ -154,6 +154,8 @@ class EmbeddedStore(Store):
             snap.app_configs.append(self.view.app_configs[name])
         for service in sorted(self.view.authz):
             snap.authz.append(self.view.authz[service])
+        for service in sorted(self.view.governance):
+            snap.governance.append(self.view.governance[service])
         return snap
 
     async def _load(self, path: str) -> None:
@@ -178,9 +180,12 @@ class EmbeddedStore(Store):
             self.view.set_app_config(record)
         for policy in snap.authz:
             self.view.set_authz(policy)
+        for record in snap.governance:
+            self.view.set_governance(record)
         logger.info(
-            "restored %d registrations, %d route rules, %d join tokens, %d authorization policies from %s",
-            len(snap.registrations), len(snap.routes), len(snap.tokens), len(snap.authz), path,
+            "restored %d registrations, %d route rules, %d join tokens, %d authorization policies, "
+            "%d governance policies from %s",
+            len(snap.registrations), len(snap.routes), len(snap.tokens), len(snap.authz), len(snap.governance), path,
         )
 
     # ------------------------------------------------------------ leases
@@ -281,3 +286,7 @@ class EmbeddedStore(Store):
     async def delete_authz_policy(self, service: str) -> bool:
         """See :meth:`Store.delete_authz_policy`."""
         return self.view.remove_authz(service)
+
+    async def put_governance(self, record: pb.GovernancePolicyRecord) -> None:
+        """See :meth:`Store.put_governance`."""
+        self.view.set_governance(record)

@@ -12,7 +12,8 @@ Theory of operation: keys live under a prefix (default ``/octoproxy/``):
 ``services/<service>/<address>`` holds the JSON form of an ``Endpoint`` and is
 attached to a lease; ``routes/<service>`` holds the JSON form of a
 ``RouteRules`` and has no lease; ``authz/<service>`` likewise holds an
-``AuthorizationPolicy``. :meth:`EtcdStore.run` lists the whole prefix
+``AuthorizationPolicy``, and ``governance/<service>`` a
+``GovernancePolicyRecord``. :meth:`EtcdStore.run` lists the whole prefix
 into the :class:`RegistryView`, then watches from the next revision, applying
 each event to the view (which notifies the control plane's sessions). If the
 watch ends, fails, or its member stops answering ``/health``, the store lists
@@ -86,7 +87,9 @@ def _prefix_end(prefix: str) -> str:
 CAS_ATTEMPTS = 8
 
 
-def _to_json(msg: pb.Endpoint | pb.RouteRules | pb.JoinToken | pb.AppConfigRecord | pb.AuthorizationPolicy) -> str:
+def _to_json(
+    msg: pb.Endpoint | pb.RouteRules | pb.JoinToken | pb.AppConfigRecord | pb.AuthorizationPolicy | pb.GovernancePolicyRecord,
+) -> str:
     return str(json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=None, sort_keys=True))
 
 
@@ -295,6 +298,9 @@ class EtcdStore(Store):
             if kind == "authz":
                 policy = json_format.Parse(value, pb.AuthorizationPolicy(), ignore_unknown_fields=True) if value else None
                 return ("authz", tail, policy)
+            if kind == "governance":
+                record = json_format.Parse(value, pb.GovernancePolicyRecord(), ignore_unknown_fields=True) if value else None
+                return ("governance", tail, record)
         except json_format.ParseError as exc:
             logger.warning("ignoring undecodable key %s: %s", key, exc)
         return None
@@ -309,6 +315,7 @@ class EtcdStore(Store):
         tokens: dict[str, pb.JoinToken] = {}
         app_configs: dict[str, pb.AppConfigRecord] = {}
         authz: dict[str, pb.AuthorizationPolicy] = {}
+        governance: dict[str, pb.GovernancePolicyRecord] = {}
         for kv in reply.get("kvs", []):
             item = self._decode(_unb64(kv["key"]), _unb64(kv.get("value", "")))
             if item is None:
@@ -324,7 +331,9 @@ class EtcdStore(Store):
                 app_configs[item[1]] = item[2]
             elif item[0] == "authz" and item[2] is not None:
                 authz[item[1]] = item[2]
-        changed = self.view.replace_all(services, routes, tokens, app_configs, authz)
+            elif item[0] == "governance" and item[2] is not None:
+                governance[item[1]] = item[2]
+        changed = self.view.replace_all(services, routes, tokens, app_configs, authz, governance)
         revision = int(reply["header"]["revision"])
         logger.info("listed %d services from etcd at revision %d (%d changes)", len(services), revision, changed)
         return revision
@@ -357,6 +366,11 @@ class EtcdStore(Store):
                 self.view.remove_authz(service)
             else:
                 self.view.set_authz(payload)
+        elif kind == "governance":
+            if payload is None:
+                self.view.remove_governance(service)
+            else:
+                self.view.set_governance(payload)
         elif payload is None:
             self.view.remove_routes(service)
         else:
@@ -530,6 +544,42 @@ class EtcdStore(Store):
         """See :meth:`Store.delete_authz_policy`."""
         reply = await self._call("/v3/kv/deleterange", {"key": _b64(f"{self.prefix}authz/{service}")})
         return int(reply.get("deleted", 0)) > 0
+
+    async def put_governance(self, record: pb.GovernancePolicyRecord) -> None:
+        """See :meth:`Store.put_governance` (``<prefix>governance/<service>``, never leased)."""
+        key = _b64(f"{self.prefix}governance/{record.service}")
+        await self._call("/v3/kv/put", {"key": key, "value": _b64(_to_json(record))})
+
+    async def update_governance(
+        self, service: str, update: Callable[[pb.GovernancePolicyRecord], pb.GovernancePolicyRecord]
+    ) -> tuple[pb.GovernancePolicyRecord, pb.GovernancePolicyRecord]:
+        """See :meth:`Store.update_governance`: a compare-and-swap on the key's revision.
+
+        Two operators changing one service's policy through two replicas at
+        once both get a version of their own (numbers are never reused).
+        """
+        key = _b64(f"{self.prefix}governance/{service}")
+        for _ in range(CAS_ATTEMPTS):
+            reply = await self._call("/v3/kv/range", {"key": key})
+            kvs = reply.get("kvs") or []
+            old = pb.GovernancePolicyRecord(service=service)
+            revision = 0
+            if kvs:
+                revision = int(kvs[0].get("mod_revision", 0))
+                try:
+                    json_format.Parse(_unb64(kvs[0].get("value", "")), old, ignore_unknown_fields=True)
+                except json_format.ParseError as exc:
+                    raise StoreError(f"undecodable governance record {service} in etcd: {exc}") from None
+            new = update(old)
+            if new == old:
+                return old, new
+            compare = {"key": key, "target": "MOD", "mod_revision": str(revision), "result": "EQUAL"}
+            if not revision:
+                compare = {"key": key, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}
+            txn = {"compare": [compare], "success": [{"request_put": {"key": key, "value": _b64(_to_json(new))}}]}
+            if (await self._call("/v3/kv/txn", txn)).get("succeeded"):
+                return old, new
+        raise StoreError(f"governance policy of {service}: {CAS_ATTEMPTS} concurrent writes in a row; try again")
 
     async def put_token(self, token: pb.JoinToken) -> None:
         """See :meth:`Store.put_token` (``<prefix>tokens/<id>``, never leased)."""

@@ -74,7 +74,7 @@ from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ..common._memory import trim_memory
 from ._auth import Authenticator, Principal, RateLimitedLog
 from ._issuance import answer_certificate_request
-from ._store import TYPE_TOKENS, LeaseNotFound, Store, StoreChange, StoreError, resource_version
+from ._store import TYPE_TOKENS, LeaseNotFound, Store, StoreChange, StoreError, resource_version, stamp_warmup
 
 if TYPE_CHECKING:  # (cryptography is imported when a CA is made, not by every proxy)
     from ..identity import CertificateAuthority
@@ -572,6 +572,7 @@ class _Session:
         old = self.registrations.get(key)
         endpoint = pb.Endpoint()
         endpoint.CopyFrom(r.endpoint)
+        stamp_warmup(self.store.view, r.service, endpoint, time.time())
         if old is not None and old.ttl == ttl:
             reg = _Registration(endpoint, old.lease_id, old.ttl)
         else:

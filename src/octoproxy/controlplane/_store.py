@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import trio
 
 from ..protocol._errors import OctoproxyError
-from ..discovery._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ, TYPE_ENDPOINTS, TYPE_ROUTES
+from ..discovery._governance import current_policy
+from ..discovery._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ, TYPE_ENDPOINTS, TYPE_GOVERNANCE, TYPE_ROUTES
 from ..discovery._xds_server import check_service_name
 from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ..core._authz import policy_from_message
@@ -40,6 +41,7 @@ __all__ = [
     "resource_version",
     "TYPE_TOKENS",
     "check_authz_policy",
+    "stamp_warmup",
 ]
 
 logger = logging.getLogger("octoproxy.controlplane.store")
@@ -96,6 +98,24 @@ def check_authz_policy(policy: pb.AuthorizationPolicy) -> str | None:
     return None
 
 
+def stamp_warmup(view: RegistryView, service: str, endpoint: pb.Endpoint, now_unix: float) -> None:
+    """Set ``endpoint.warmup_start_unix_ms`` before it is stored (a registration).
+
+    The start of an endpoint already registered at that address is kept (a
+    reconnect, a hot restart's successor, a re-registration on another
+    replica: the app is warm). Otherwise the registration's own start is
+    taken when it is in the past (the provider's proxy sends when its app came
+    up, so a control plane restarted without its state does not start every
+    endpoint's warm-up again), else now.
+    """
+    current = view.services.get(service, {}).get(endpoint.address)
+    now_ms = int(now_unix * 1000)
+    if current is not None:
+        endpoint.warmup_start_unix_ms = current.warmup_start_unix_ms
+    elif not 0 < endpoint.warmup_start_unix_ms <= now_ms:
+        endpoint.warmup_start_unix_ms = now_ms
+
+
 def resource_version(body: bytes) -> str:
     """Return the version of a canonically encoded resource (a content hash)."""
     return hashlib.sha256(body).hexdigest()[:16]
@@ -116,6 +136,8 @@ class RegistryView:
         self.app_configs: dict[str, pb.AppConfigRecord] = {}
         #: pushed authorization policies by service (docs/security.md, Authorization)
         self.authz: dict[str, pb.AuthorizationPolicy] = {}
+        #: governance policy records (current version + history) by service (docs/governance.md)
+        self.governance: dict[str, pb.GovernancePolicyRecord] = {}
         self.revision = 0
         self._listeners: list[Listener] = []
         self._cache: dict[tuple[str, str], tuple[str, bytes]] = {}
@@ -202,6 +224,24 @@ class RegistryView:
         self._changed(TYPE_AUTHZ, service)
         return True
 
+    def set_governance(self, record: pb.GovernancePolicyRecord) -> bool:
+        """Add or replace a service's governance record. Returns True if it changed."""
+        old = self.governance.get(record.service)
+        if old is not None and old == record:
+            return False
+        new = pb.GovernancePolicyRecord()
+        new.CopyFrom(record)
+        self.governance[record.service] = new
+        self._changed(TYPE_GOVERNANCE, record.service)
+        return True
+
+    def remove_governance(self, service: str) -> bool:
+        """Forget a service's governance record (policy and history). Returns True if there was one."""
+        if self.governance.pop(service, None) is None:
+            return False
+        self._changed(TYPE_GOVERNANCE, service)
+        return True
+
     def set_token(self, token: pb.JoinToken) -> bool:
         """Add or replace a join token (by id). Returns True if it changed."""
         old = self.tokens.get(token.id)
@@ -246,6 +286,7 @@ class RegistryView:
         tokens: Mapping[str, pb.JoinToken] | None = None,
         app_configs: Mapping[str, pb.AppConfigRecord] | None = None,
         authz: Mapping[str, pb.AuthorizationPolicy] | None = None,
+        governance: Mapping[str, pb.GovernancePolicyRecord] | None = None,
     ) -> int:
         """Make the view equal to the given content, notifying per changed name.
 
@@ -280,6 +321,11 @@ class RegistryView:
                 n += self.remove_authz(service)
             for policy in authz.values():
                 n += self.set_authz(policy)
+        if governance is not None:
+            for service in set(self.governance) - set(governance):
+                n += self.remove_governance(service)
+            for record in governance.values():
+                n += self.set_governance(record)
         return n
 
     def lookup(self, type_url: str, name: str) -> tuple[str, bytes] | None:
@@ -288,7 +334,7 @@ class RegistryView:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        msg: pb.ClusterLoadAssignment | pb.RouteRules | pb.AuthorizationPolicy | None = None
+        msg: pb.ClusterLoadAssignment | pb.RouteRules | pb.AuthorizationPolicy | pb.GovernancePolicy | None = None
         if type_url == TYPE_ENDPOINTS and name in self.services:
             eps = self.services[name]
             msg = pb.ClusterLoadAssignment(service=name, endpoints=[eps[a] for a in sorted(eps)])
@@ -296,6 +342,8 @@ class RegistryView:
             msg = self.routes[name]
         elif type_url == TYPE_AUTHZ and name in self.authz:
             msg = self.authz[name]
+        elif type_url == TYPE_GOVERNANCE and name in self.governance:
+            msg = current_policy(self.governance[name])  # None while deleted (the history stays)
         if msg is None:
             # not cached: names anyone may subscribe to must not pin memory (issue 10)
             self._cache.pop(key, None)
@@ -449,6 +497,39 @@ class Store(abc.ABC):
         if found is None:
             return None
         return found[0], pb.AuthorizationPolicy.FromString(found[1])
+
+    async def put_governance(self, record: pb.GovernancePolicyRecord) -> None:
+        """Store a service's governance record (never leased).
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+        raise NotImplementedError
+
+    async def update_governance(
+        self, service: str, update: Callable[[pb.GovernancePolicyRecord], pb.GovernancePolicyRecord]
+    ) -> tuple[pb.GovernancePolicyRecord, pb.GovernancePolicyRecord]:
+        """Read ``service``'s governance record, ``update`` it, write it; return ``(old, new)``.
+
+        ``update`` may raise (nothing is written); a ``new`` equal to ``old``
+        is not written. As :meth:`update_app_config`: no ``await`` between
+        the read and the write here; etcd overrides it with a compare-and-swap.
+
+        Raises:
+            StoreUnavailable: if the backing store cannot be reached.
+        """
+        old = self.view.governance.get(service) or pb.GovernancePolicyRecord(service=service)
+        new = update(old)
+        if new != old:
+            await self.put_governance(new)
+        return old, new
+
+    async def get_governance(self, service: str) -> tuple[str, pb.GovernancePolicy] | None:
+        """Return ``(resource version, policy in force)`` of ``service``, or ``None`` if it has none."""
+        found = self.view.lookup(TYPE_GOVERNANCE, service)
+        if found is None:
+            return None
+        return found[0], pb.GovernancePolicy.FromString(found[1])
 
     async def get_endpoints(self, service: str) -> tuple[str, pb.ClusterLoadAssignment] | None:
         """Return ``(version, endpoints)`` of ``service``, or ``None`` if it has none."""

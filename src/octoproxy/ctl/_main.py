@@ -29,6 +29,7 @@ from urllib.parse import quote, urlsplit
 
 from ._config import config_group
 from ..common._paths import default_state_dir
+from ._policy import policy_group
 
 __all__ = ["add_ctl_parser", "run_ctl", "GROUPS", "Api", "CtlError", "parse_duration"]
 
@@ -307,14 +308,16 @@ def _authz_group(sub: Any) -> None:
 
 
 #: command groups of ``octoproxy ctl``; each adds its sub-parser (see the module doc)
-GROUPS: list[Callable[[Any], None]] = [_token_group, _endpoints_group, _routes_group, config_group, _authz_group]
+GROUPS: list[Callable[[Any], None]] = [
+    _token_group, _endpoints_group, _routes_group, config_group, _authz_group, policy_group,
+]  # fmt: skip
 
 
 def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``ctl`` to the ``octoproxy`` sub-parsers; returns its parser."""
     ctl: argparse.ArgumentParser = sub.add_parser(
         "ctl",
-        help="operate a running control plane: join tokens, endpoints, route rules, app configuration",
+        help="operate a running control plane: join tokens, endpoints, route rules, app configuration, policies",
         description="Operate a control plane through its admin API, with the operator token.",
     )
     ctl.add_argument(

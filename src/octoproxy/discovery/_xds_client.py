@@ -48,6 +48,7 @@ __all__ = [
     "TYPE_ROUTES",
     "TYPE_APPCONFIG",
     "TYPE_AUTHZ",
+    "TYPE_GOVERNANCE",
     "RESOURCE_TYPES",
     "INVALID_ARGUMENT",
     "DiscoveryError",
@@ -65,14 +66,22 @@ TYPE_ROUTES = "octoproxy.v1.RouteRules"
 TYPE_APPCONFIG = "octoproxy.v1.AppConfig"
 #: type_url of the authorization policy of a service (:class:`pb.AuthorizationPolicy`).
 TYPE_AUTHZ = "octoproxy.v1.AuthorizationPolicy"
+#: type_url of the governance policy of a service (:class:`pb.GovernancePolicy`).
+TYPE_GOVERNANCE = "octoproxy.v1.GovernancePolicy"
 #: type_url -> message class of the resource body.
 RESOURCE_TYPES: dict[
-    str, type[pb.ClusterLoadAssignment] | type[pb.RouteRules] | type[pb.AppConfig] | type[pb.AuthorizationPolicy]
+    str,
+    type[pb.ClusterLoadAssignment]
+    | type[pb.RouteRules]
+    | type[pb.AppConfig]
+    | type[pb.AuthorizationPolicy]
+    | type[pb.GovernancePolicy],
 ] = {
     TYPE_ENDPOINTS: pb.ClusterLoadAssignment,
     TYPE_ROUTES: pb.RouteRules,
     TYPE_APPCONFIG: pb.AppConfig,
     TYPE_AUTHZ: pb.AuthorizationPolicy,
+    TYPE_GOVERNANCE: pb.GovernancePolicy,
 }
 #: ``ErrorDetail.code`` of a NACK (gRPC's INVALID_ARGUMENT).
 INVALID_ARGUMENT = 3

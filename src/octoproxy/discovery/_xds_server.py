@@ -125,6 +125,8 @@ def check_endpoint(endpoint: pb.Endpoint, allowed: Iterable[Network] = ()) -> st
         return f"invalid endpoint address {endpoint.address!r} (want host:port)"
     if endpoint.status not in pb.Endpoint.Status.values():
         return f"unknown endpoint status {endpoint.status}"
+    if endpoint.role not in pb.Endpoint.Role.values():
+        return f"unknown endpoint role {endpoint.role}"
     return check_address(endpoint.address, allowed)
 
 

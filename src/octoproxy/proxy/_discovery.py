@@ -18,6 +18,14 @@ control plane that restarts without its state (providers re-register within
 a lease) does not empty a cluster under traffic. While the control plane is
 unreachable the proxy keeps its last endpoints and says so in ``/ready``.
 
+With each service's endpoints the proxy subscribes to its ``RouteRules`` and
+its ``GovernancePolicy`` (and, on the provider side, to its own service's
+policy): whenever what it holds changes it hands the proxy's ``[governance]``
+with the control plane's policies over it to ``Proxy.set_governance``, route
+rules folded into the policies' routing (docs/control-plane.md section 10).
+Each discovered endpoint gets the routing facts the governed balancer uses
+(center, backup role, warm-up start).
+
 On the provider side the proxy registers its app's endpoint once the app's
 UDS answers, marks it STOPPING when it drains (so callers stop picking it
 before it goes) and deregisters at the end; a hot restart hands the
@@ -34,17 +42,22 @@ import socket
 import ssl
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from ..core._balancer import Endpoint
-from ..discovery._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ
+from ..discovery._governance import HeldPolicies, control_plane_policy_set, effective_policy_set
+from ..discovery._governance import policy_from_message as policy_from_governance
+from ..discovery._xds_client import TYPE_APPCONFIG, TYPE_AUTHZ, TYPE_GOVERNANCE, TYPE_ROUTES
 from ..discovery._xds_server import check_service_name
 from ..discovery import TYPE_ENDPOINTS, ResourceChange
 from ..discovery._client import DiscoveryClient
+from ..governance import PolicySet, ServicePolicy, dump_policy_set
 from ..protocol.proto import octoproxy_discovery_pb2 as pb
 from ..core._authz import policy_from_message
 from ..core._engine import Cluster, Route
@@ -66,6 +79,8 @@ T = TypeVar("T")
 REMOVAL_GRACE = 10.0
 #: lazy subscriptions stop here (explicit POST /subscribe is not limited)
 MAX_SUBSCRIPTIONS = 10000
+#: what the proxy subscribes to for each service its app calls
+SERVICE_TYPES = (TYPE_ENDPOINTS, TYPE_ROUTES, TYPE_GOVERNANCE)
 
 
 #: the subscriptions file is refused past this size (10,000 long names fit)
@@ -294,6 +309,18 @@ class Discovery:
 
             settings = proxy.config.proxy
             self.appconfig = AppConfigState(settings.service, settings.environment, proxy.config.app_config_path)
+        #: the control plane's policies for the services we call or serve (``None``: nothing pushed)
+        self.governance: PolicySet | None = None
+        #: what ``Proxy.set_governance`` got last: ``[governance]`` with :attr:`governance` over it
+        self.effective: PolicySet | None = proxy.config.governance
+        #: how many times a policy set was handed to the proxy
+        self.governance_applied = 0
+        self._held_policies: dict[str, HeldPolicies] = {}
+        #: GovernancePolicy parsed once per resource version: name -> (version, policy)
+        self._parsed: dict[str, tuple[str, ServicePolicy]] = {}
+        #: service -> address -> warm-up window (ms) of discovered endpoints, as registered (0: the route's)
+        self.warmup_windows: dict[str, dict[str, int]] = {}
+        self._app_up_unix_ms = 0
 
     # ------------------------------------------------------------ running
 
@@ -304,6 +331,8 @@ class Discovery:
             if self.appconfig is not None:
                 await self.appconfig.restore()  # the last known values, until the control plane answers
                 self.client.subscribe_nowait([self.appconfig.name], types=(TYPE_APPCONFIG,))
+            if self._own_service():  # our service's policy (inbound limits...): waited for by _restore
+                self.client.subscribe_nowait([self._own_service()], types=(TYPE_GOVERNANCE,))
             self.engine.on_unknown_service = self._lazy_subscribe
             self.engine.unrouted_timeout = self.cfg.subscribe_timeout + 1.0
             task_status.started()
@@ -323,7 +352,12 @@ class Discovery:
         the right shape) is logged in one line and ignored: the proxy starts
         without it (and rewrites it on the next change), so a bad file never
         blocks a start or a hot restart.
+
+        The policies come with them (and our own service's, subscribed in
+        :meth:`run`): a proxy reports ready, and a hot restart's successor
+        takes traffic, with the control plane's governance in force.
         """
+        deadline = trio.current_time() + self.cfg.subscribe_timeout
         names: list[str] = []
         try:
             names = await run_blocking(read_subscriptions_file, self.path)
@@ -341,6 +375,13 @@ class Discovery:
                 await self.subscribe(names, timeout=self.cfg.subscribe_timeout)
             except trio.TooSlowError:
                 log.warning("subscriptions not all held after %.1fs; kept, serving what is known", self.cfg.subscribe_timeout)
+        own = self._own_service()
+        if own:
+            try:
+                timeout = max(deadline - trio.current_time(), 0.0)
+                await self.client.subscribe([own], timeout=timeout, types=(TYPE_GOVERNANCE,))
+            except trio.TooSlowError:
+                log.warning("no answer about the governance policy of %s yet; [governance] applies meanwhile", own)
         self.restored.set()
 
     # ------------------------------------------------------------ subscriptions
@@ -364,7 +405,7 @@ class Discovery:
             self.subscribed[n] = now
         if new:
             await self._save()
-        await self.client.subscribe(names, timeout=timeout)
+        await self.client.subscribe(names, timeout=timeout, types=SERVICE_TYPES)
         held = self.client.held(TYPE_ENDPOINTS)
         return {n: len(getattr(held.get(n), "endpoints", ())) for n in names}
 
@@ -372,10 +413,13 @@ class Discovery:
         names = [n for n in set(names) if n in self.subscribed]
         if not names:
             return
-        self.client.unsubscribe(names)
+        own = self._own_service()
+        self.client.unsubscribe(names, types=(TYPE_ENDPOINTS, TYPE_ROUTES))
+        self.client.unsubscribe([n for n in names if n != own], types=(TYPE_GOVERNANCE,))  # (ours stays watched)
         for n in names:
             del self.subscribed[n]
             self._drop_service(n)
+        self._apply_governance()
         if self._nursery is not None:
             self._nursery.start_soon(self._save)
 
@@ -463,6 +507,8 @@ class Discovery:
         """NACK an invalid delivery (raising rejects the update; nothing changes)."""
         if type_url == TYPE_AUTHZ:
             policy_from_message(resource, proxy_service(self), "check")
+        elif type_url == TYPE_GOVERNANCE:
+            policy_from_governance(resource)  # a PolicyError lists every error in the NACK
         elif type_url == TYPE_APPCONFIG:
             if self.appconfig is None:
                 raise ValueError("this proxy has no proxy.service: no configuration expected")
@@ -480,9 +526,52 @@ class Discovery:
         guard.set_policy(policy)
         log.info("authorization policy of %s version %s applied (%d rules, default %s)", change.name, change.version, len(policy.rules), policy.default)
 
+    def _own_service(self) -> str:
+        """The service this proxy serves (registers), or ``""``."""
+        return proxy_service(self) if self.proxy.config.inbound is not None else ""
+
+    def _apply_governance(self) -> None:
+        """Hand the control plane's policies for what we hold to the proxy, if they changed.
+
+        Policies were checked when they arrived (``_validate``: an invalid one
+        is NACKed and never held), so parsing them again cannot fail. Route
+        rules become the routing of a service whose policy has none.
+        """
+        policies = self.client.held(TYPE_GOVERNANCE)
+        versions = self.client.core.versions(TYPE_GOVERNANCE)
+        held: dict[str, HeldPolicies] = {}
+        for name, msg in policies.items():
+            assert isinstance(msg, pb.GovernancePolicy)
+            cached = self._parsed.get(name)
+            if cached is None or cached[0] != versions[name]:
+                cached = self._parsed[name] = (versions[name], policy_from_governance(msg))
+            held[name] = HeldPolicies(policy=(msg.version, cached[1]), policy_resource_version=versions[name])
+        for name in set(self._parsed) - set(policies):
+            del self._parsed[name]
+        route_versions = self.client.core.versions(TYPE_ROUTES)
+        for name, rules in self.client.held(TYPE_ROUTES).items():
+            assert isinstance(rules, pb.RouteRules)
+            held[name] = replace(held.get(name, HeldPolicies()), routes=(route_versions[name], rules))
+        self._held_policies = held
+        pushed = control_plane_policy_set(held)
+        if (pushed.version if pushed else None) == (self.governance.version if self.governance else None):
+            return
+        self.governance = pushed
+        self.effective = effective_policy_set(self.proxy.config.governance, pushed)
+        self.governance_applied += 1
+        ignored = sorted(n for n, h in held.items() if h.routes_ignored)
+        if ignored:
+            log.warning("route rules of %s ignored: their governance policy has its own routing", ", ".join(ignored))
+        log.info("governance from the control plane: %s", pushed.version if pushed else "none ([governance] applies)")
+        self.proxy.set_governance(self.effective)
+
     def _on_change(self, changes: list[ResourceChange]) -> None:
         now = trio.current_time()
+        governance = False
         for change in changes:
+            if change.type_url in (TYPE_GOVERNANCE, TYPE_ROUTES):
+                governance = True
+                continue
             if change.type_url == TYPE_APPCONFIG:
                 if self.appconfig is not None and change.name == self.appconfig.name and self._nursery is not None:
                     self.appconfig.delivered(change.resource, self._nursery)
@@ -490,6 +579,10 @@ class Discovery:
             if change.type_url == TYPE_AUTHZ:
                 self._apply_authz(change)
                 continue
+            if change.type_url == TYPE_ENDPOINTS and change.name == self._own_service():
+                # inbound cluster_rate limits are divided among our service's live instances
+                eps = getattr(change.resource, "endpoints", ())
+                self.engine.set_inbound_instances(sum(1 for ep in eps if ep.status == pb.Endpoint.HEALTHY))
             if change.type_url != TYPE_ENDPOINTS or change.name not in self.subscribed:
                 continue  # (not subscribed: our own service, watched by _register)
             if change.resource is None:
@@ -498,6 +591,8 @@ class Discovery:
                 continue
             self._removed_at.pop(change.name, None)
             self._apply(change.name, list(change.resource.endpoints))
+        if governance:
+            self._apply_governance()
         self.proxy.flusher.flush()
 
     async def _expire_removals(self) -> None:
@@ -524,9 +619,11 @@ class Discovery:
             log.info("new cluster %s from discovery", service)
         wanted = {ep.address: ep for ep in endpoints}
         current = {ep.address: ep for ep in cluster.endpoints}
+        windows = self.warmup_windows.setdefault(service, {})
         for address, ep in current.items():
             if address not in wanted:
                 cluster.endpoints.remove(ep)
+                windows.pop(address, None)
                 self.proxy.stop_endpoint(cluster, ep)
         for address, src in wanted.items():
             weight = src.weight or 100
@@ -539,8 +636,14 @@ class Discovery:
                 cluster.endpoints.append(ep)
                 self.proxy.start_endpoint(cluster, ep)
             else:
+                ep = known
                 known.weight = weight
                 known.region, known.idc, known.tags = src.region, src.idc, dict(src.tags)
+            # the governed balancer's facts; its clock is unix ms (Engine.now_ms), as the control plane's stamp
+            ep.center, ep.backup, ep.warmup_start_ms = src.center, src.role == pb.Endpoint.BACKUP, src.warmup_start_unix_ms
+            windows[address] = src.warmup_window_ms
+        if not windows:
+            del self.warmup_windows[service]
         cluster.balancer = None
         cluster.__post_init__()  # a fresh balancer over the new endpoint list
 
@@ -550,6 +653,7 @@ class Discovery:
             return
         for ep in list(cluster.endpoints):
             self.proxy.stop_endpoint(cluster, ep)
+        self.warmup_windows.pop(service, None)
         del self.engine.clusters[service]
         self.engine.set_routes([r for r in self.engine.routes if r.cluster != service])
 
@@ -626,13 +730,20 @@ class Discovery:
             if up != healthy or not registered:
                 try:
                     if not registered and up:
+                        if not self._app_up_unix_ms:  # our app's warm-up began when it first answered
+                            self._app_up_unix_ms = int(time.time() * 1000)
+                        px = self.proxy.config.proxy
                         ep = pb.Endpoint(
                             address=address,
                             weight=self.cfg.weight,
-                            region=self.cfg.region,
-                            idc=self.cfg.idc,
+                            region=self.cfg.region or px.region,
+                            idc=self.cfg.idc or px.idc,
+                            center=px.center,
                             tags=dict(self.cfg.tags),
                             status=pb.Endpoint.HEALTHY,
+                            role=pb.Endpoint.BACKUP if self.cfg.role == "backup" else pb.Endpoint.NORMAL,
+                            warmup_window_ms=round(self.cfg.warmup * 1000),
+                            warmup_start_unix_ms=self._app_up_unix_ms,
                         )
                         await self.client.register(service, ep, ttl=self.cfg.lease_ttl, timeout=5.0)
                         registered = healthy = True
@@ -663,12 +774,49 @@ class Discovery:
             await self.client.deregister(self.proxy.config.proxy.service, self.registered_address)
             log.info("deregistered %s at %s", self.proxy.config.proxy.service, self.registered_address)
 
+    def governance_state(self) -> dict[str, Any]:
+        """``GET /governance``: the policy set in force, what the control plane pushed, the endpoints' routing facts."""
+        ps, pushed = self.effective, self.governance
+        local = self.proxy.config.governance
+        return {
+            "version": ps.version if ps is not None else "",
+            "applied": self.governance_applied,
+            "policy": dump_policy_set(ps) if ps is not None else None,
+            "control_plane_version": pushed.version if pushed is not None else "",
+            "inbound_instances": self.engine.inbound_instances,
+            "local_version": local.version if local is not None else None,
+            "sources": {
+                name: {
+                    "policy_version": h.policy[0] if h.policy is not None else None,
+                    "route_rules": h.routes[0] if h.routes is not None else None,
+                    "route_rules_ignored": h.routes_ignored,
+                }
+                for name, h in sorted(self._held_policies.items())
+            },
+            "endpoints": {
+                service: {
+                    ep.address: {
+                        "region": ep.region,
+                        "center": ep.center,
+                        "idc": ep.idc,
+                        "role": "backup" if ep.backup else "normal",
+                        "warmup_start_unix_ms": ep.warmup_start_ms,
+                        "warmup_window_ms": windows.get(ep.address, 0),
+                    }
+                    for ep in sorted(self.engine.clusters[service].endpoints, key=lambda e: e.address)
+                }
+                for service, windows in sorted(self.warmup_windows.items())
+                if service in self.engine.clusters
+            },
+        }
+
     def state(self) -> dict[str, Any]:
         return {
             "control_plane": {"connected": self.client.connected, "url": self.client.url},
             "subscriptions": sorted(self.subscribed),
             "restored": self.restored.is_set(),
             "registered": self.registered_address,
+            "governance": self.governance.version if self.governance is not None else "",
             "app_config": None if self.appconfig is None else {
                 "name": self.appconfig.name, "version": self.appconfig.version, "source": self.appconfig.source,
             },

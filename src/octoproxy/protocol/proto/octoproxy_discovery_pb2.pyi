@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Endpoint(_message.Message):
-    __slots__ = ("address", "weight", "region", "idc", "tags", "status", "warmup_start_unix_ms")
+    __slots__ = ("address", "weight", "region", "idc", "tags", "status", "warmup_start_unix_ms", "center", "role", "warmup_window_ms")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         HEALTHY: _ClassVar[Endpoint.Status]
@@ -19,6 +19,12 @@ class Endpoint(_message.Message):
     STARTING: Endpoint.Status
     STOPPING: Endpoint.Status
     UNHEALTHY: Endpoint.Status
+    class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        NORMAL: _ClassVar[Endpoint.Role]
+        BACKUP: _ClassVar[Endpoint.Role]
+    NORMAL: Endpoint.Role
+    BACKUP: Endpoint.Role
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +39,9 @@ class Endpoint(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     WARMUP_START_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CENTER_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     address: str
     weight: int
     region: str
@@ -40,7 +49,10 @@ class Endpoint(_message.Message):
     tags: _containers.ScalarMap[str, str]
     status: Endpoint.Status
     warmup_start_unix_ms: int
-    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., region: _Optional[str] = ..., idc: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[Endpoint.Status, str]] = ..., warmup_start_unix_ms: _Optional[int] = ...) -> None: ...
+    center: str
+    role: Endpoint.Role
+    warmup_window_ms: int
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., region: _Optional[str] = ..., idc: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[Endpoint.Status, str]] = ..., warmup_start_unix_ms: _Optional[int] = ..., center: _Optional[str] = ..., role: _Optional[_Union[Endpoint.Role, str]] = ..., warmup_window_ms: _Optional[int] = ...) -> None: ...
 
 class ClusterLoadAssignment(_message.Message):
     __slots__ = ("service", "endpoints")
@@ -261,7 +273,7 @@ class ServerMessage(_message.Message):
     def __init__(self, response: _Optional[_Union[DiscoveryResponse, _Mapping]] = ..., ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., certificate: _Optional[_Union[CertificateResponse, _Mapping]] = ...) -> None: ...
 
 class StoreSnapshot(_message.Message):
-    __slots__ = ("registrations", "routes", "tokens", "app_configs", "authz")
+    __slots__ = ("registrations", "routes", "tokens", "app_configs", "authz", "governance")
     class Registration(_message.Message):
         __slots__ = ("service", "endpoint", "lease_ttl_ms")
         SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -276,12 +288,14 @@ class StoreSnapshot(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     APP_CONFIGS_FIELD_NUMBER: _ClassVar[int]
     AUTHZ_FIELD_NUMBER: _ClassVar[int]
+    GOVERNANCE_FIELD_NUMBER: _ClassVar[int]
     registrations: _containers.RepeatedCompositeFieldContainer[StoreSnapshot.Registration]
     routes: _containers.RepeatedCompositeFieldContainer[RouteRules]
     tokens: _containers.RepeatedCompositeFieldContainer[JoinToken]
     app_configs: _containers.RepeatedCompositeFieldContainer[AppConfigRecord]
     authz: _containers.RepeatedCompositeFieldContainer[AuthorizationPolicy]
-    def __init__(self, registrations: _Optional[_Iterable[_Union[StoreSnapshot.Registration, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[RouteRules, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[JoinToken, _Mapping]]] = ..., app_configs: _Optional[_Iterable[_Union[AppConfigRecord, _Mapping]]] = ..., authz: _Optional[_Iterable[_Union[AuthorizationPolicy, _Mapping]]] = ...) -> None: ...
+    governance: _containers.RepeatedCompositeFieldContainer[GovernancePolicyRecord]
+    def __init__(self, registrations: _Optional[_Iterable[_Union[StoreSnapshot.Registration, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[RouteRules, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[JoinToken, _Mapping]]] = ..., app_configs: _Optional[_Iterable[_Union[AppConfigRecord, _Mapping]]] = ..., authz: _Optional[_Iterable[_Union[AuthorizationPolicy, _Mapping]]] = ..., governance: _Optional[_Iterable[_Union[GovernancePolicyRecord, _Mapping]]] = ...) -> None: ...
 
 class JoinToken(_message.Message):
     __slots__ = ("id", "service", "sha256_hex", "created_unix_ms", "expires_unix_ms")
@@ -372,3 +386,37 @@ class AuthorizationPolicy(_message.Message):
     default_action: str
     rules: _containers.RepeatedCompositeFieldContainer[AuthorizationRule]
     def __init__(self, service: _Optional[str] = ..., default_action: _Optional[str] = ..., rules: _Optional[_Iterable[_Union[AuthorizationRule, _Mapping]]] = ...) -> None: ...
+
+class GovernancePolicy(_message.Message):
+    __slots__ = ("service", "version", "policy_json")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    version: int
+    policy_json: str
+    def __init__(self, service: _Optional[str] = ..., version: _Optional[int] = ..., policy_json: _Optional[str] = ...) -> None: ...
+
+class GovernancePolicyVersion(_message.Message):
+    __slots__ = ("version", "policy_json", "created_unix_ms", "note")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    policy_json: str
+    created_unix_ms: int
+    note: str
+    def __init__(self, version: _Optional[int] = ..., policy_json: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+
+class GovernancePolicyRecord(_message.Message):
+    __slots__ = ("service", "history", "current", "last_version")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    LAST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    history: _containers.RepeatedCompositeFieldContainer[GovernancePolicyVersion]
+    current: int
+    last_version: int
+    def __init__(self, service: _Optional[str] = ..., history: _Optional[_Iterable[_Union[GovernancePolicyVersion, _Mapping]]] = ..., current: _Optional[int] = ..., last_version: _Optional[int] = ...) -> None: ...

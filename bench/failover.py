@@ -51,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import trio
@@ -119,6 +118,31 @@ def spawn(argv: list[str], ready: str, log_path: Path, timeout: float = 15.0) ->
     return p
 
 
+def http_get(addr: str, path: str, timeout: float = 5.0) -> str:
+    """GET http://addr/path over a plain socket. Not urllib: bench/http.py (a benchmark, first on
+    sys.path when a script here runs) shadows the standard library's `http` package."""
+    host, _, port = addr.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
+        raise OSError(f"GET {path}: {head[:80]!r}")
+    if b"transfer-encoding: chunked" in head.lower():
+        out, rest = bytearray(), body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            out += rest[:size]
+            rest = rest[size + 2:]
+        body = bytes(out)
+    return body.decode(errors="replace")
+
+
 READY_LINES: dict[int, str] = {}  # pid -> what it printed up to its ready line
 
 
@@ -128,8 +152,7 @@ def octoproxy_stats(p: subprocess.Popen[bytes]) -> dict[str, float]:
     if m is None:
         return {}
     try:
-        with urllib.request.urlopen(f"http://{m.group(1)}/stats", timeout=5) as r:
-            text = r.read().decode()
+        text = http_get(m.group(1), "/stats")
     except OSError as e:
         log(f"  octoproxy stats not read: {e}")
         return {}
@@ -312,8 +335,7 @@ ENVOY_STATS = ("upstream_rq_retry", "upstream_rq_retry_success", "upstream_rq_re
 def envoy_stats(d: Path) -> dict[str, int]:
     try:
         addr = (d / "envoy-caller.admin").read_text().strip()
-        with urllib.request.urlopen(f"http://{addr}/stats?filter=^cluster\\.next\\.", timeout=5) as r:
-            text = r.read().decode()
+        text = http_get(addr, "/stats?filter=^cluster%5C.next%5C.")
     except OSError as e:
         log(f"  envoy stats not read: {e}")
         return {}
@@ -330,8 +352,7 @@ def envoy_hop_stats(d: Path, name: str) -> dict[str, int]:
     """Provider hop `name`'s non-zero HTTP/2 and connection-manager counters (why it closed links)."""
     try:
         addr = (d / f"envoy-{name}.admin").read_text().strip()
-        with urllib.request.urlopen(f"http://{addr}/stats", timeout=5) as r:
-            text = r.read().decode()
+        text = http_get(addr, "/stats")
     except OSError as e:
         log(f"  envoy {name} stats not read: {e}")
         return {}

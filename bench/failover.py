@@ -119,8 +119,7 @@ def spawn(argv: list[str], ready: str, log_path: Path, timeout: float = 15.0) ->
 
 
 def http_get(addr: str, path: str, timeout: float = 5.0) -> str:
-    """GET http://addr/path over a plain socket. Not urllib: bench/http.py (a benchmark, first on
-    sys.path when a script here runs) shadows the standard library's `http` package."""
+    """GET http://addr/path over a plain socket (a bare client: no urllib needed here)."""
     host, _, port = addr.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())

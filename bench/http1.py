@@ -1,6 +1,6 @@
 """HTTP/1.1 through two proxy hops: requests/s and proxy CPU per request, octoproxy vs Envoy vs direct.
 
-    python bench/http.py [--modes direct,envoy,octoproxy] [--connections 16] [--duration 4] [--warmup 1]
+    python bench/http1.py [--modes direct,envoy,octoproxy] [--connections 16] [--duration 4] [--warmup 1]
 
 Topology of every mode (loopback TCP):
 

@@ -28,5 +28,5 @@ echo "== codec, engine and proxy end-to-end tests again on the pure-Python twins
 # the env var reaches the proxy processes the end-to-end tests start, so they
 # run the twin codec and relay too
 OCTOPROXY_NO_EXTENSIONS=1 $PY -m pytest -q -p no:cacheprovider tests/test_codec.py tests/test_vectors.py tests/test_engine.py tests/test_proxy_e2e.py tests/test_sdk_core.py
-OCTOPROXY_NO_EXTENSIONS=1 $PY -m pytest -q -p no:cacheprovider tests/test_authz.py tests/test_mesh_tls.py
+OCTOPROXY_NO_EXTENSIONS=1 $PY -m pytest -q -p no:cacheprovider tests/test_authz.py tests/test_mesh_tls.py tests/test_http_e2e.py
 (cd / && OCTOPROXY_NO_EXTENSIONS=1 octoproxy --version) | grep -q "frame codec: python"

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import trio
 
 from octoproxy import Status, sdk
 from octoproxy.common._admin import http_request
+from octoproxy.common._ports import free_port as _free_port
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,9 +35,7 @@ def short_tmpdir() -> Iterator[Path]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _free_port()  # below the ephemeral range: no connect() takes it before our process binds it
 
 
 @dataclass

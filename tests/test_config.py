@@ -458,3 +458,18 @@ def test_agent_cli_prints_every_error_and_exits_2(tmp_path: Path) -> None:
         "  agent.proxy_config: required key missing",
         "  agent.health_interval: expected a positive number, got 'x'",
     ]
+
+
+def test_http_keys() -> None:
+    """[http] and the inbound app codec (docs/http.md)."""
+    cfg = parse_config({"http": {"listen": "127.0.0.1:0", "max_body": 10}, "inbound": {"app_codec": "http1", "app_http": "127.0.0.1:8000"}})
+    assert cfg.http is not None and cfg.http.max_body == 10 and cfg.http.idle_timeout == 60.0
+    assert cfg.inbound is not None and cfg.inbound.app_http == "127.0.0.1:8000"
+    assert parse_config({}).http is None
+    assert parse_config(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="inbound.app_http: required with app_codec"):
+        parse_config({"inbound": {"app_codec": "http1"}})
+    with pytest.raises(ConfigError, match="inbound.app_codec"):
+        parse_config({"inbound": {"app_codec": "grpc", "app_uds": "a"}})
+    with pytest.raises(ConfigError, match="http.max_connections"):
+        parse_config({"http": {"max_connections": 0}})

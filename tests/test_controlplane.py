@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,9 +42,9 @@ with open(os.open(TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w"
 
 # ---------------------------------------------------------------- helpers (also used by test_etcd.py)
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from octoproxy.common._ports import free_port as pick
+
+    return pick()
 
 
 async def start_control_plane(*args: str, log: str | None = None) -> tuple[trio.Process, str]:

@@ -237,11 +237,9 @@ def shell_env(bin_dir: Path) -> dict[str, str]:
 
 
 def free_port() -> int:
-    import socket
+    from octoproxy.common._ports import free_port as pick
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return pick()
 
 
 @pytest.mark.e2e

@@ -113,7 +113,8 @@ class GovMesh:
 
 @asynccontextmanager
 async def gov_mesh(
-    providers: list[tuple[str, dict[str, str]]], caller_gov: str = "", provider_gov: str = "", timeout: float = 5.0, proxy_extra: str = ""
+    providers: list[tuple[str, dict[str, str]]], caller_gov: str = "", provider_gov: str = "", timeout: float = 5.0, proxy_extra: str = "",
+    links: int | None = None,
 ) -> AsyncIterator[GovMesh]:
     with short_tmpdir() as d:
         async with AsyncExitStack() as stack:
@@ -131,7 +132,7 @@ async def gov_mesh(
                 for p in made.values():
                     await wait_ready(p.proxy)
                 await wait_ready(cp)
-                while await cp.metric('octoproxy_upstream_connections{cluster="echo"}') < len(made):
+                while await cp.metric('octoproxy_upstream_connections{cluster="echo"}') < (len(made) if links is None else links):
                     await trio.sleep(0.05)
             yield GovMesh(d, cp, made)
 
@@ -319,6 +320,36 @@ async def test_circuit_breaker_answers_overloaded_with_the_reason() -> None:
             dump = await m.caller.json("/config_dump")
             assert dump["governance"] == {"version": "", "governed_routes": ["echo/*"]}  # type: ignore[index]
             assert await m.caller.metric('octoproxy_rejected_total{reason="circuit_breaker"}') == 1
+
+
+CONNECTION_LIMIT = """
+[governance]
+[governance.services.echo.breaker]
+max_connections = 2
+"""
+
+
+async def test_connection_breaker_caps_the_upstream_pool() -> None:
+    """max_connections: the pool dials no more than the limit; calls use the links that are open."""
+    with trio.fail_after(40):
+        async with gov_mesh([("a", {}), ("b", {}), ("c", {})], CONNECTION_LIMIT, links=2) as m, sdk.open_client(m.sock) as client:
+            await trio.sleep(1.5)  # a third dial would have happened by now (connect is loopback)
+            assert await m.caller.metric('octoproxy_upstream_connections{cluster="echo"}') == 2
+            assert await m.caller.metric('octoproxy_errors_total{kind="upstream_connections_limited"}') >= 1
+            served = Counter([await client.call("echo", "who", b"", timeout=5) for _ in range(30)])
+            assert sum(served.values()) == 30 and len(served) == 2, served  # two endpoints have a link
+            # a provider dies: its unit comes back and the third endpoint gets the connection
+            dead = next(n for n in "abc" if n.encode() in served)
+            m.kill(dead)
+            with trio.fail_after(15):
+                while True:
+                    try:
+                        if await client.call("echo", "who", b"", timeout=5) not in served:
+                            break
+                    except sdk.CallError:
+                        pass
+                    await trio.sleep(0.1)
+            assert await m.caller.metric('octoproxy_upstream_connections{cluster="echo"}') <= 2
 
 
 OUT_LIMIT = """

@@ -260,3 +260,16 @@ def test_conversion_from_proto() -> None:
     # the rule overrides a:1 (the only blue endpoint) to weight 0: the subset is empty and the rule forces
     v = r.pick("svc", "GetX", {"swimlane": "blue"}, 0)
     assert isinstance(v, Verdict) and v.status is Status.NO_ROUTE
+
+
+def test_an_endpoints_own_warm_up_window_overrides_the_policys() -> None:
+    """discovery.warmup registers an endpoint's own window; 0 falls back to slow_start.window."""
+    start = 1_000_000
+    pol = RoutingPolicy(slow_start=SlowStart(window_ms=10_000, step_ms=1_000))
+    own = member("own", warm=start)
+    own.warmup_window_ms = 40_000
+    r = router([member("old"), member("dflt", warm=start), own], pol)
+    s = r.shares("svc", "Get", {}, start + 10_000)
+    assert s["dflt"] == pytest.approx(s["old"])  # the policy's 10 s window is over
+    assert s["own"] == pytest.approx(s["old"] * 0.25)  # 10 s into its own 40 s: a quarter (linear)
+    assert r.shares("svc", "Get", {}, start + 40_000)["own"] == pytest.approx(1 / 3)

@@ -189,3 +189,14 @@ def test_the_graph_sees_function_level_and_submodule_imports() -> None:
     via = closure("octoproxy._cli")
     assert "octoproxy.controlplane._main" in via  # imported inside a function
     assert "octoproxy.protocol._frame_py" in closure("octoproxy.frame")  # from .protocol import _frame_py
+
+
+def test_no_script_folder_module_shadows_the_standard_library() -> None:
+    """A script's folder comes first on sys.path: ``bench/http.py`` once hid the
+    ``http`` package from every other benchmark (``urllib.request`` failed)."""
+    import sys
+
+    root = PKG.parent.parent
+    for folder in ("bench", "examples", "ci", "tests", "tests/apps"):
+        for path in sorted((root / folder).glob("*.py")):
+            assert path.stem not in sys.stdlib_module_names, f"{path.relative_to(root)} shadows the standard library's {path.stem!r}"

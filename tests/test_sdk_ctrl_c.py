@@ -49,8 +49,16 @@ sync.serve(PATH, handler, workers=4)
 }
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_and_interrupt(code: str, path: Path, *, with_client: bool) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal sends it: SIGINT at its default disposition in the child. A test run
+    # started in the background by a non-interactive shell has SIGINT ignored, and children
+    # inherit that: Python then installs no KeyboardInterrupt handler and the provider never sees it.
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 20
         client = None

@@ -329,11 +329,9 @@ listen = "127.0.0.1:0"
 
 
 def _free_port() -> int:
-    import socket
+    from .common._ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 async def _wait_ready(admin: str, timeout: float = 20.0) -> None:

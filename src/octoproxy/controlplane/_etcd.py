@@ -39,7 +39,7 @@ import logging
 import math
 import ssl
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import h11
@@ -85,6 +85,8 @@ def _prefix_end(prefix: str) -> str:
 
 #: compare-and-swap attempts of one configuration write before giving up
 CAS_ATTEMPTS = 8
+#: a stored record (a protobuf message) read and rewritten by a compare-and-swap
+_R = TypeVar("_R", pb.GovernancePolicyRecord, pb.AppConfigRecord)
 
 
 def _to_json(
@@ -558,28 +560,9 @@ class EtcdStore(Store):
         Two operators changing one service's policy through two replicas at
         once both get a version of their own (numbers are never reused).
         """
-        key = _b64(f"{self.prefix}governance/{service}")
-        for _ in range(CAS_ATTEMPTS):
-            reply = await self._call("/v3/kv/range", {"key": key})
-            kvs = reply.get("kvs") or []
-            old = pb.GovernancePolicyRecord(service=service)
-            revision = 0
-            if kvs:
-                revision = int(kvs[0].get("mod_revision", 0))
-                try:
-                    json_format.Parse(_unb64(kvs[0].get("value", "")), old, ignore_unknown_fields=True)
-                except json_format.ParseError as exc:
-                    raise StoreError(f"undecodable governance record {service} in etcd: {exc}") from None
-            new = update(old)
-            if new == old:
-                return old, new
-            compare = {"key": key, "target": "MOD", "mod_revision": str(revision), "result": "EQUAL"}
-            if not revision:
-                compare = {"key": key, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}
-            txn = {"compare": [compare], "success": [{"request_put": {"key": key, "value": _b64(_to_json(new))}}]}
-            if (await self._call("/v3/kv/txn", txn)).get("succeeded"):
-                return old, new
-        raise StoreError(f"governance policy of {service}: {CAS_ATTEMPTS} concurrent writes in a row; try again")
+        return await self._cas_update(
+            f"{self.prefix}governance/{service}", pb.GovernancePolicyRecord(service=service), update, f"governance policy of {service}", skip_same=True
+        )
 
     async def put_token(self, token: pb.JoinToken) -> None:
         """See :meth:`Store.put_token` (``<prefix>tokens/<id>``, never leased)."""
@@ -605,23 +588,39 @@ class EtcdStore(Store):
         re-applies its change); after :data:`CAS_ATTEMPTS` lost races it
         gives up with :class:`StoreError`.
         """
-        key = _b64(f"{self.prefix}appconfig/{service}.{env}")
+        return await self._cas_update(
+            f"{self.prefix}appconfig/{service}.{env}", pb.AppConfigRecord(service=service, environment=env), update, f"configuration {service}.{env}"
+        )
+
+    async def _cas_update(self, key_text: str, empty: _R, update: Callable[[_R], _R], what: str, *, skip_same: bool = False) -> tuple[_R, _R]:
+        """Read-modify-write one record with a compare-and-swap on its revision.
+
+        ``empty`` is the record when the key does not exist (its create
+        revision must still be 0 when we write). A lost race reads again and
+        re-applies ``update``; after :data:`CAS_ATTEMPTS` lost races,
+        :class:`StoreError`. With ``skip_same``, an update that changes
+        nothing writes nothing.
+        """
+        key = _b64(key_text)
         for _ in range(CAS_ATTEMPTS):
             reply = await self._call("/v3/kv/range", {"key": key})
             kvs = reply.get("kvs") or []
-            old = pb.AppConfigRecord(service=service, environment=env)
+            old = type(empty)()
+            old.CopyFrom(empty)
             revision = 0
             if kvs:
                 revision = int(kvs[0].get("mod_revision", 0))
                 try:
                     json_format.Parse(_unb64(kvs[0].get("value", "")), old, ignore_unknown_fields=True)
                 except json_format.ParseError as exc:
-                    raise StoreError(f"undecodable configuration record {service}.{env} in etcd: {exc}") from None
+                    raise StoreError(f"undecodable {what} in etcd: {exc}") from None
             new = update(old)
+            if skip_same and new == old:
+                return old, new
             compare = {"key": key, "target": "MOD", "mod_revision": str(revision), "result": "EQUAL"}
             if not revision:
                 compare = {"key": key, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}
             txn = {"compare": [compare], "success": [{"request_put": {"key": key, "value": _b64(_to_json(new))}}]}
             if (await self._call("/v3/kv/txn", txn)).get("succeeded"):
                 return old, new
-        raise StoreError(f"configuration {service}.{env}: {CAS_ATTEMPTS} concurrent writes in a row; try again")
+        raise StoreError(f"{what}: {CAS_ATTEMPTS} concurrent writes in a row; try again")

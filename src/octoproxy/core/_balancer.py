@@ -54,6 +54,8 @@ class Endpoint:
             endpoint is usable.
         warmup_start_ms: when its warm-up (slow start) began, in unix
             milliseconds; 0 = none. Governed routes ramp its weight.
+        warmup_window_ms: its own warm-up length (registered with
+            ``discovery.warmup``); 0 = the route policy's ``slow_start.window``.
     """
 
     address: str
@@ -66,6 +68,7 @@ class Endpoint:
     center: str = ""
     backup: bool = False
     warmup_start_ms: int = 0
+    warmup_window_ms: int = 0
 
 
 class Balancer(Protocol):

@@ -422,12 +422,12 @@ class ClusterGov:
 
     def sync(self, endpoints: Sequence[Endpoint]) -> None:
         """Follow the cluster's endpoints (discovery changed them, or their fields)."""
-        key = tuple((id(ep), ep.weight, ep.region, ep.idc, ep.center, ep.backup, ep.warmup_start_ms, tuple(ep.tags.items())) for ep in endpoints)
+        key = tuple((id(ep), ep.weight, ep.region, ep.idc, ep.center, ep.backup, ep.warmup_start_ms, ep.warmup_window_ms, tuple(ep.tags.items())) for ep in endpoints)
         if key == self._members_key:
             self.router.invalidate()
             return
         self._members_key = key
-        self.router.update([Member(ep, ep.center, ep.backup, ep.warmup_start_ms) for ep in endpoints])
+        self.router.update([Member(ep, ep.center, ep.backup, ep.warmup_start_ms, ep.warmup_window_ms) for ep in endpoints])
         if self.outlier is not None:
             self.outlier.update(ep.address for ep in endpoints)
 

@@ -397,8 +397,11 @@ class DiscoveryClient:
                 says which).
             trio.TooSlowError: if no answer within ``timeout``.
         """
-        if not self.connected:
-            raise DiscoveryError("cannot request a certificate: not connected to a control plane")
+        if not self.connected:  # starting, or between two control planes: wait (bounded) for a session
+            try:
+                await self.wait_connected(timeout)
+            except trio.TooSlowError:
+                raise DiscoveryError("cannot request a certificate: not connected to a control plane") from None
         _, pending = self._request(
             lambda rid: pb.ClientMessage(certificate_request=pb.CertificateRequest(request_id=rid, csr_pem=csr_pem))
         )

@@ -40,7 +40,7 @@ import math
 import random
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..core._balancer import Endpoint
 from ..protocol._protocol import Status
@@ -172,12 +172,14 @@ class Member:
         center: the endpoint's center (between region and IDC).
         backup: role ``backup``: used only when no normal endpoint is usable.
         warmup_start_ms: when its warm-up began; 0 = no warm-up.
+        warmup_window_ms: its own warm-up length; 0 = the policy's window.
     """
 
     endpoint: Endpoint
     center: str = ""
     backup: bool = False
     warmup_start_ms: int = 0
+    warmup_window_ms: int = 0
 
 
 def method_matches(pattern: str, method: str) -> bool:
@@ -380,8 +382,10 @@ class Router:
         for m, f in zip(chosen, factors):
             if f <= 0.0:
                 continue
-            if slow.window_ms > 0 and m.warmup_start_ms > 0 and at - m.warmup_start_ms < slow.window_ms:
-                f *= slow_start_factor(slow, m.warmup_start_ms, at)
+            own = m.warmup_window_ms
+            ramp = slow if not own or own == slow.window_ms else replace(slow, window_ms=own)
+            if ramp.window_ms > 0 and m.warmup_start_ms > 0 and at - m.warmup_start_ms < ramp.window_ms:
+                f *= slow_start_factor(ramp, m.warmup_start_ms, at)
                 t.valid_until = at + step  # the weight moves at the next step
             total += weight(m) * f
             t.endpoints.append(m.endpoint)

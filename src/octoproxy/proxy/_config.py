@@ -490,7 +490,12 @@ class InboundConfig:
     """``[inbound]``: peer proxies -> this proxy -> local app."""
 
     listen: str = _opt(_host_port(), "127.0.0.1:9000", "Where peer proxies connect; other hosts need a routable address.")
-    app_uds: Path = _required(_PATH, "Unix socket of the local app that serves the requests.")
+    app_uds: Path = _opt(
+        _PATH,
+        Path("octoproxy-app.sock"),
+        "Unix socket of the local app that serves the requests (frames).",
+        default_doc="required with `app_codec = \"frame\"`",
+    )
     app_connections: int = _opt(_integer(1, 64), 2, "Multiplexed connections to the local app.")
     max_connections: int = _opt(_integer(1), 1024, "Peer connections accepted at once.")
     max_buffer: int = _opt(_integer(65536), 4 * 1024 * 1024, _BUFFER_DOC.format("peer"))
@@ -502,6 +507,39 @@ class InboundConfig:
     )
     max_timeout: float | None = _optional(
         _POSITIVE, "Cap on the deadline of requests from peers.", default_doc="none: the caller's deadline holds"
+    )
+    app_codec: str = _opt(
+        _choice(("frame", "http1")),
+        "frame",
+        'How the local app is spoken to: `"frame"` (an SDK app on `app_uds`) or `"http1"` (a plain HTTP/1.1 app on '
+        "`app_http`; docs/http.md).",
+    )
+    app_http: str | None = _optional(
+        _host_port(port_zero=False), "With `app_codec = \"http1\"`: the app's HTTP port, `host:port`.", default_doc="none"
+    )
+    app_http_connections: int = _opt(
+        _integer(1, 4096), 64, "With `app_codec = \"http1\"`: keep-alive connections to the app, and requests it sees at once."
+    )
+    app_http_timeout: float = _opt(
+        _POSITIVE, 60.0, "With `app_codec = \"http1\"`: longest wait for the app's answer to a request without a deadline."
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpConfig:
+    """``[http]``: plain HTTP/1.1 clients of the local apps -> this proxy -> the mesh (docs/http.md)."""
+
+    listen: str = _opt(_host_port(), "127.0.0.1:15080", "Where the HTTP/1.1 listener accepts (codec `http1`); loopback by default.")
+    max_connections: int = _opt(_integer(1), 1024, "Client connections at once; one more is answered 503 (OVERLOADED) and closed.")
+    max_body: int = _opt(_integer(0, 1 << 30), 1024 * 1024, "Largest request body, in bytes; larger is answered 413.")
+    max_header_size: int = _opt(_integer(1024, 1 << 20), 65536, "Largest request head (request line and headers); larger is 431.")
+    read_timeout: float = _opt(_POSITIVE, 10.0, "A request begun must be received whole within this, or it is answered 408.")
+    idle_timeout: float = _opt(_seconds(allow_zero=True), 60.0, "An idle keep-alive connection is closed after this; 0 disables.")
+    request_timeout: float = _opt(
+        _POSITIVE, 60.0, "Longest wait for an answer through the mesh (the route's timeout applies first); then 504."
+    )
+    drain_grace: float = _opt(
+        _POSITIVE, 1.0, "On drain, an idle keep-alive connection is closed once quiet this long; requests arriving are answered."
     )
 
 
@@ -772,6 +810,11 @@ class ProxyConfig:
         "tracing, access log), as docs/governance.md section 9 describes; a control plane may replace them live.",
         default_doc="absent: every route on the fast path",
     )
+    http: HttpConfig | None = _optional(
+        _table(HttpConfig, "[http]"),
+        "The HTTP/1.1 listener for apps without the SDK. Optional: without this section there is none.",
+        default_doc="absent",
+    )
 
     @property
     def tls_mode(self) -> str:
@@ -902,6 +945,12 @@ def _check_cross_fields(cfg: ProxyConfig, data: Mapping[str, object]) -> ProxyCo
         if route.timeout is None:
             route = dataclasses.replace(route, timeout=cfg.upstream.default_timeout)
         routes.append(route)
+    inbound = data.get("inbound")
+    if cfg.inbound is not None and isinstance(inbound, Mapping):
+        if cfg.inbound.app_codec == "frame" and "app_uds" not in inbound:
+            errors.add("inbound.app_uds: required key missing (the app's Unix socket; an HTTP app: app_codec = \"http1\", app_http)")
+        if cfg.inbound.app_codec == "http1" and cfg.inbound.app_http is None:
+            errors.add("inbound.app_http: required with app_codec = \"http1\" (the app's HTTP port, host:port)")
     errors.raise_any()
     return dataclasses.replace(cfg, proxy=proxy, routes=tuple(routes))
 

@@ -641,7 +641,7 @@ class Discovery:
                 known.region, known.idc, known.tags = src.region, src.idc, dict(src.tags)
             # the governed balancer's facts; its clock is unix ms (Engine.now_ms), as the control plane's stamp
             ep.center, ep.backup, ep.warmup_start_ms = src.center, src.role == pb.Endpoint.BACKUP, src.warmup_start_unix_ms
-            windows[address] = src.warmup_window_ms
+            ep.warmup_window_ms = windows[address] = src.warmup_window_ms
         if not windows:
             del self.warmup_windows[service]
         cluster.balancer = None

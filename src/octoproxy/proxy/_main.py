@@ -110,7 +110,7 @@ async def wait_until_ready(proxy: Proxy, done: trio.Event) -> bool:
             return True
         now = trio.current_time()
         if now >= next_warning:
-            if proxy.config.inbound is not None and "app_uds" in missing:
+            if proxy.config.inbound is not None and "app_uds" in missing and proxy.http_app is None:
                 problem = await trio.to_thread.run_sync(_socket_problem, proxy.config.inbound.app_uds)
                 missing["app_uds"] += f" ({problem})"
             log.warning("not ready after %.0fs: waiting for %s", now - start, "; ".join(missing.values()))
@@ -131,6 +131,8 @@ def local_blockers(proxy: Proxy) -> dict[str, str]:
     app = state.get("local_app")
     if app is not None and not app["connected"] and proxy.config.inbound is not None:
         missing["app_uds"] = f"the local app on inbound.app_uds {proxy.config.inbound.app_uds}"
+        if proxy.http_app is not None:
+            missing["app_uds"] = f"the local app's HTTP port inbound.app_http {proxy.http_app.app_http}"
     if state["healthcheck_failed"]:
         missing["healthcheck"] = "POST /healthcheck/ok (the health check was failed by hand)"
     # a provider waits until peers can reach it (certificate, registration); a caller-only proxy

@@ -41,7 +41,11 @@ from ..core._authz import policy_from_config
 from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ..core._guard import InboundGuard, InboundPeer
 from ..governance import Locality, PolicySet, dump_policy_set
+from ..governance._breaker import CircuitBreaker, Resource
+from ..governance._verdict import Kind
 from ._handover import ParentShell, serve_hot_restart
+from ._http_app import HttpAppBridge
+from ._http_listener import DirectLink, HttpListener
 from ._takeover import ChildShell
 from ..core._hot_restart import DRAINING_STATES, HANDED_OVER_STATES, ParentEvent, ParentState
 from ..common._memory import trim_memory, tune_malloc
@@ -169,13 +173,27 @@ class Proxy:
             px_cfg.center,
             px_cfg.idc or (disc.idc if disc is not None else ""),
         )
+        #: HTTP/1.1 in the mesh (docs/http.md): the provider-side bridge to an HTTP app, the caller-side listener
+        self.http_app: HttpAppBridge | None = None
+        self.http: HttpListener | None = None
+        if config.inbound is not None and config.inbound.app_codec == "http1":
+            ib = config.inbound
+            assert ib.app_http is not None
+            self.http_app = HttpAppBridge(ib.app_http, ib.app_http_connections, ib.app_http_timeout, config.proxy.max_frame_size)
+        if config.http is not None:
+            self.http = HttpListener(
+                config.http, str(config.outbound.uds), config.proxy.max_frame_size, self.stats.registry, lambda: self.handed_over
+            )
         if config.inbound is not None:
-            app = Cluster("local_app", "least_request", [Endpoint(f"unix:{config.inbound.app_uds}")])
+            app_address = self.http_app.address if self.http_app is not None else f"unix:{config.inbound.app_uds}"
+            app = Cluster("local_app", "least_request", [Endpoint(app_address)])
             app.endpoints[0].healthy = False
             self.engine.inbound_cluster = app
         px = config.proxy
         self.budget = Budget(px.memory_budget, px.connection_buffer_limit, px.frame_timeout, up.high_watermark)
         self.flusher = Flusher(self.engine, self.budget)
+        if self.http is not None:  # HTTP requests go straight into the outbound pipeline
+            self.http.direct = DirectLink(self.engine, self.flusher, config.proxy.max_frame_size)
         #: data connections allowed by the fd limit (set in run(); see _fd_room)
         self._fd_base = 0
         self._fd_limit = 1 << 30
@@ -263,6 +281,8 @@ class Proxy:
             self.listeners["outbound"] = bind_unix(str(cfg.outbound.uds), cfg.outbound.uds_mode, 1024)
         if cfg.inbound is not None and "inbound" not in self.listeners:
             self.listeners["inbound"] = bind_tcp(cfg.inbound.listen)
+        if cfg.http is not None and "http" not in self.listeners:
+            self.listeners["http"] = bind_tcp(cfg.http.listen)
         if "admin" not in self.listeners:
             admin = cfg.admin.listen
             if admin.startswith("unix:"):
@@ -332,6 +352,8 @@ class Proxy:
                 for name in ("outbound", "inbound"):
                     if name in self.listeners:
                         n.start_soon(self._accept_loop, name, self.listeners[name])
+                if self.http is not None and self._conn_nursery is not None:
+                    n.start_soon(self.http.serve, self.listeners["http"], self._conn_nursery)
                 if self.config.inbound is not None and not self.config.proxy.service:
                     log.warning("[inbound] without proxy.service: every request from peers is answered NO_ROUTE")
                 log.info(
@@ -667,7 +689,9 @@ class Proxy:
             for ep in cluster.endpoints:
                 self.start_endpoint(cluster, ep)
         app = self.engine.inbound_cluster
-        if app is not None and self.config.inbound is not None:
+        if app is not None and self.http_app is not None:  # an HTTP app: served in process (docs/http.md)
+            nursery.start_soon(self.http_app.run, self.engine, self.flusher, app)
+        elif app is not None and self.config.inbound is not None:
             self.start_endpoint(app, app.endpoints[0], self.config.inbound.app_connections)
 
     def start_endpoint(self, cluster: Cluster, ep: Endpoint, connections: int | None = None) -> None:
@@ -724,11 +748,14 @@ class Proxy:
                     cluster.connecting += 1
                 counted = False
                 holding = True
+                breaker = await self._connection_unit(cluster)
                 try:
                     sock = await connect_raw(ep.address, up.connect_timeout)
                     if self.tls is not None and cluster is not self.engine.inbound_cluster:
                         sock = await self._tls_connect(sock, cluster, ep.address)
                 except (OSError, trio.TooSlowError, HandshakeError) as exc:
+                    if breaker is not None:
+                        breaker.release(Resource.CONNECTIONS)
                     failures += 1
                     self.stats.error("upstream_connect_failed")
                     if failures == 1 or failures % 100 == 0:
@@ -770,21 +797,49 @@ class Proxy:
                 self.flusher.flush()
                 self.upstream_conns.add(conn)
                 gauge.inc()
-                self._pool_nursery.start_soon(self._run_upstream, conn, replace, gauge)
+                self._pool_nursery.start_soon(self._run_upstream, conn, replace, gauge, breaker)
                 await replace.wait()
                 await trio.sleep(0 if link.draining else backoff)
         finally:
             if holding:
                 cluster.connecting -= 1
 
-    async def _run_upstream(self, conn: Conn, replace: trio.Event, gauge: Any) -> None:
+    async def _run_upstream(self, conn: Conn, replace: trio.Event, gauge: Any, breaker: CircuitBreaker | None = None) -> None:
         try:
             await self._run_conn(conn)
         finally:
             self.upstream_conns.discard(conn)
             gauge.dec()
             conn.lost("closed")
+            if breaker is not None:  # the object the unit came from (a pushed policy may have replaced it)
+                breaker.release(Resource.CONNECTIONS)
             replace.set()
+
+    async def _connection_unit(self, cluster: Cluster) -> CircuitBreaker | None:
+        """Take a CONNECTIONS unit of the cluster's breaker before dialling (governed clusters).
+
+        At the limit the pool dials nothing more and requests use the links
+        that are open; this waits (re-checking each second: units come back
+        as connections close, and a pushed policy may raise the limit).
+
+        Returns:
+            The breaker the unit was taken from (release into it), or None
+            when the cluster has no breaker.
+        """
+        logged = False
+        while True:
+            gov = cluster.gov
+            breaker = gov.breaker if gov is not None else None
+            if breaker is None:
+                return None
+            verdict = breaker.acquire(Resource.CONNECTIONS)
+            if verdict.kind is Kind.CONTINUE:
+                return breaker
+            if not logged:
+                logged = True
+                self.stats.error("upstream_connections_limited")
+                log.warning("cluster %s: %s; no new connection until one closes", cluster.name, verdict.reason)
+            await trio.sleep(1.0)
 
     # ------------------------------------------------------------ timers
 
@@ -881,6 +936,8 @@ class Proxy:
             for conn in list(group):
                 engine.goaway(conn.link, "draining" if not self.handed_over else "hot restart")
         self.flusher.flush()
+        if self.http is not None:
+            self.http.drain()
         log.info(
             "draining: %d requests in flight, %d connections, up to %.1fs",
             engine.pending_count,
@@ -888,7 +945,7 @@ class Proxy:
             self.config.proxy.drain_time,
         )
         with trio.move_on_after(self.config.proxy.drain_time):
-            while engine.pending_count or any(self.conns.values()):
+            while engine.pending_count or any(self.conns.values()) or (self.http is not None and self.http.open_connections):
                 await trio.sleep(0.005)
         left = engine.abort_all("proxy shut down before the response arrived", [c.link for c in self.upstream_conns])
         self.flusher.flush()

@@ -195,6 +195,8 @@ async def test_etcd_store_lists_and_watches_policies(etcd_single: list[Member]) 
         assert b.view.authz["echo"] == POLICY
         await a.put_authz_policy(pb.AuthorizationPolicy(service="other", default_action="deny"))  # watched
         await wait_for(lambda: "other" in b.view.authz)
+        # each store's view follows its own watch: a sees its own write once the event is back
+        await wait_for(lambda: "echo" in a.view.authz)
         assert await b.get_authz_policy("echo") == await a.get_authz_policy("echo")
         assert await a.delete_authz_policy("echo")
         await wait_for(lambda: "echo" not in b.view.authz)

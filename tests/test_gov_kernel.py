@@ -103,11 +103,11 @@ def test_lost_connection_resends_only_idempotent_methods() -> None:
     d = down()
     feed(engine, d, encode_request(1, "echo", "GetX", b""))
     feed(engine, d, encode_request(2, "echo", "Put", b""))
-    busy = [u for u in ups if u.pending]
+    busy = [u for u in ups if u.npending]
     for u in ups:
         u.out.clear()
     if len(busy) == 2:  # one on each: lose the one with the unsafe call
-        busy = [u for u in busy if any(p.gov.method == "Put" for p in u.pending.values())]
+        busy = [u for u in busy if any(p.gov.method == "Put" for p in engine.pending_of(u).values())]
     for u in busy:
         engine.link_lost(u, "reset")
     answers = {f.stream_id: f for f in frames(d)}
@@ -136,7 +136,7 @@ def test_consecutive_failures_eject_an_endpoint(pushed_later: bool) -> None:
         frames(d)
     for i in range(60):
         feed(engine, d, encode_request(1000 + i, "echo", "m", b""))
-    assert not bad.out and not bad.pending
+    assert not bad.out and not bad.npending
 
 
 def test_per_try_timeout_retries_an_idempotent_call_within_its_deadline() -> None:

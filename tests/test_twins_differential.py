@@ -139,10 +139,10 @@ def request_stream(codec: Any, rng: random.Random, max_frame: int) -> bytes:
     return b"".join(parts)
 
 
-def response_stream(codec: Any, rng: random.Random, up: Link) -> bytes:
+def response_stream(codec: Any, rng: random.Random, engine: Any, up: Link) -> bytes:
     """What an upstream sends back: answers to part of its pending table, and odd frames."""
     parts = []
-    pending = sorted(up.pending)
+    pending = sorted(engine.pending_of(up))
     for usid in rng.sample(pending, rng.randint(0, len(pending))):
         r = rng.random()
         flags = 1 if r < 0.1 else 0
@@ -226,7 +226,7 @@ class World:
     def fresh(self, link: Link, now: float = 0.0) -> Link:
         """``link`` if still open, else a new connection in its place (a peer reconnects;
         an upstream one replays the requests parked on its cluster)."""
-        if link.kind == UPSTREAM and link.draining and not link.pending and not link.closed:
+        if link.kind == UPSTREAM and link.draining and not link.npending and not link.closed:
             self.engine_of[link.name].link_lost(link, "drained after GOAWAY")  # as the shell closes it
         if not link.closed:
             return link
@@ -270,8 +270,8 @@ class World:
         return got
 
 
-def _pending(link: Link) -> list[Any]:
-    return [(usid, p.down.name, p.down_sid, p.deadline, p.t0, p.stats.labels) for usid, p in sorted(link.pending.items())]
+def _pending(engine: Any, link: Link) -> list[Any]:
+    return [(usid, p.down.name, p.down_sid, p.deadline, p.t0, p.stats.labels) for usid, p in sorted(engine.pending_of(link).items())]
 
 
 def snapshot(w: World, what: Any) -> list[Any]:
@@ -279,14 +279,15 @@ def snapshot(w: World, what: Any) -> list[Any]:
     snap: list[Any] = [what]
     for name, engine in (("out", w.out), ("in", w.inb)):
         snap.append((name, [link.name for link in engine.take_dirty()], engine.pending_count))
-        snap.append(sorted((k, [(up.name, usid, d) for up, usid, d in v]) for k, v in engine.timer_wheel.items()))
-        snap.append(sorted(engine.timer_keys))
+        table = engine.table
+        # the table's layout: capacity, free-list head, the wheel's position and next due bucket
+        snap.append((table.cap, table.free, table.wheel_tick, table.next_due()))
         snap.append({listener: sorted(cache) for listener, cache in engine.rs_cache.items()})
         snap.append(sorted((c.name, c.picks, [(d.name, raw, t) for d, raw, t in c.parked], [ep.active for ep in c.endpoints]) for c in engine.clusters.values()))
         snap.append(sorted((name, [(d.name, raw, t) for d, raw, t in held]) for name, held in engine.unrouted.items()))
         snap.append(engine.stats.render())
     for name, link in sorted(w.links.items()):
-        snap.append((name, bytes(link.out), link.closed, link.draining, link.goaway_sent, link.inflight, link.next_sid, _pending(link)))
+        snap.append((name, bytes(link.out), link.closed, link.draining, link.goaway_sent, link.inflight, link.npending, _pending(w.engine_of[link.name], link)))
         link.out.clear()
     snap.append(list(w.idle))
     w.idle.clear()
@@ -311,7 +312,7 @@ def run(seed: int, impl: Impl) -> list[list[Any]]:
                 what = ("peer", link.name, w.feed(link, request_stream(codec, rng, w.max_frame), rng, now))
             elif r < 0.85:
                 link = w.fresh(rng.choice(w.ups + [w.app]), now)
-                what = ("upstream", link.name, w.feed(link, response_stream(codec, rng, link), rng, now))
+                what = ("upstream", link.name, w.feed(link, response_stream(codec, rng, w.engine_of[link.name], link), rng, now))
             elif r < 0.88:  # a lazy subscription ends: found (with a route now), or not
                 name = w.asked.pop(0) if w.asked else "nope"
                 found = rng.random() < 0.7

@@ -13,33 +13,9 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 
 from octoproxy.protocol._fastframe cimport Scanner, KeyRange, uchar
-
-import heapq
+from octoproxy.core._kernel_c cimport Link, PendingTable
 
 IMPLEMENTATION = "cython"
-
-cdef object _heappush = heapq.heappush
-
-
-cdef class Pending:
-    """A request forwarded upstream and not answered yet."""
-
-    cdef public object down
-    cdef public unsigned long long down_sid
-    cdef public object up
-    cdef public double deadline
-    cdef public double t0
-    cdef public object stats
-    cdef public object gov
-
-    def __init__(self, down, down_sid, up, deadline, t0, stats, gov=None):
-        self.down = down
-        self.down_sid = down_sid
-        self.up = up
-        self.deadline = deadline
-        self.t0 = t0
-        self.stats = stats
-        self.gov = gov
 
 
 cdef inline void _put_be64(uchar* p, uint64_t v) noexcept nogil:
@@ -92,9 +68,6 @@ cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t 
     if oneway:
         engine.stats.oneway.inc()
         return 0
-    usid = up.next_sid
-    up.next_sid = usid + 1
-    _put_be64(dst + 8, usid)
     timeout = sc.timeouts[i] / 1000.0 if sc.timeouts[i] else route_timeout
     if max_timeout and timeout > max_timeout:
         timeout = max_timeout
@@ -115,26 +88,9 @@ cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t 
         )
         if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
             cache[key] = rs
-    cdef Pending p = Pending.__new__(Pending)
-    p.down = down
-    p.down_sid = sc.sids[i]
-    p.up = up
-    p.deadline = deadline
-    p.t0 = now
-    p.stats = rs
-    up.pending[usid] = p
-    engine.pending_count += 1
-    down.inflight += 1
-    ep = up.endpoint
-    if ep is not None:
-        ep.active += 1
-    cdef long long bucket_key = <long long>(deadline * 100) + 1  # TIMER_BUCKETS_PER_SECOND, rounded up
-    cdef dict wheel = engine.timer_wheel
-    bucket = wheel.get(bucket_key)
-    if bucket is None:
-        bucket = wheel[bucket_key] = []
-        _heappush(engine.timer_keys, bucket_key)
-    (<list>bucket).append((up, usid, deadline))
+    usid = (<PendingTable>engine.table).add(down, sc.sids[i], up, deadline, now, rs, None)
+    # (the output may have moved: add() runs no Python code on ``out``, but re-derive to be safe)
+    _put_be64(<uchar*>PyByteArray_AS_STRING(out) + o + 8, usid)
     return 0
 
 
@@ -170,6 +126,7 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
     route_timeouts = engine._route_timeouts
     route_max_timeouts = engine._route_max_timeouts
     max_pending = engine.max_pending
+    cdef PendingTable table = engine.table
     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
     try:
         buf = <const uchar*>view.buf
@@ -192,7 +149,7 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
                 max_timeout = route_max_timeouts[route_id]
             else:
                 cluster = None
-            if cluster is None or engine.pending_count >= max_pending:
+            if cluster is None or table.count >= max_pending:
                 engine.slow_request(down, scanner, i, mv, now)
                 continue
             up = cluster.pick()
@@ -207,41 +164,40 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
 def relay_responses(engine, up, Scanner scanner, Py_ssize_t n, mv, double now):
     """Relay the ``n`` scanned frames that came from an upstream link."""
     cdef Py_buffer view
-    cdef Py_ssize_t i, off, size, o
-    cdef dict pending = up.pending
-    cdef Pending p
+    cdef Py_ssize_t i, off, size, o, slot
+    cdef PendingTable table = engine.table
+    cdef Link down
     cdef bytearray out
     cdef uchar* dst
     cdef list dirty
     cdef uint32_t status
+    cdef unsigned long long down_sid
+    cdef double t0
     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
     try:
         for i in range(n):
             if scanner.types[i] != 2 or (scanner.flags[i] & 1):
                 engine.slow_response(up, scanner, i, mv, now)
                 continue
-            obj = pending.pop(scanner.sids[i], None)
-            if obj is None:
+            slot = table.find(up, scanner.sids[i])
+            if slot < 0:
                 engine.stats.error("late_response")
                 continue
-            p = <Pending>obj
-            if p.gov is not None:  # a governed call: the chain in reverse
-                engine.governed_response(up, p, scanner, i, mv, now)
+            if table.gov[slot] is not None:  # a governed call: the chain in reverse
+                engine.governed_response(up, table.take(slot), scanner, i, mv, now)
                 continue
-            engine.pending_count -= 1
-            down = p.down
-            down.inflight -= 1
-            ep = up.endpoint
-            if ep is not None:
-                ep.active -= 1
-            rs = p.stats
+            down = <Link>table.down[slot]
+            rs = table.stats[slot]
+            t0 = table.t0[slot]
+            down_sid = table.down_sid[slot]
+            table.remove(slot)
             status = scanner.keys[i].status
             child = rs.by_status.get(status)
             if child is None:
                 rs.count(status)
             else:
                 child.value += 1
-            rs.latency.observe(now - p.t0)
+            rs.latency.observe(now - t0)
             if not down.closed:
                 off = scanner.offsets[i]
                 size = scanner.sizes[i]
@@ -249,7 +205,7 @@ def relay_responses(engine, up, Scanner scanner, Py_ssize_t n, mv, double now):
                 o = _grow(out, size)
                 dst = <uchar*>PyByteArray_AS_STRING(out) + o
                 memcpy(dst, <const uchar*>view.buf + off, size)
-                _put_be64(dst + 8, p.down_sid)
+                _put_be64(dst + 8, down_sid)
                 dirty = engine.dirty
                 if not dirty or dirty[len(dirty) - 1] is not down:
                     dirty.append(down)

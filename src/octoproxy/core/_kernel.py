@@ -35,10 +35,10 @@ Nothing here does I/O or reads a clock: time comes in as an argument.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
+from array import array
 from struct import Struct
 from typing import Any
 
@@ -48,18 +48,20 @@ from ..protocol._frame import parse_header
 from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
 from ..governance import Locality, PolicySet
-from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, Outbound, RouteGov, build_inbound, build_routes, schedule, tick_outliers
-from ._relay import Pending, forward, relay_requests, relay_responses
+from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, Outbound, RouteGov, build_inbound, build_routes, tick_outliers
+from ._relay import forward, relay_requests, relay_responses
 from ._stats import ProxyStats, RequestStats
 
 log = logging.getLogger("octoproxy.proxy")
 
-__all__ = ["Cluster", "Engine", "Link", "Pending", "Route", "DOWNSTREAM", "UPSTREAM"]
+__all__ = ["Cluster", "Engine", "Link", "Pending", "PendingTable", "Route", "DOWNSTREAM", "UPSTREAM"]
 
 DOWNSTREAM = 0
 UPSTREAM = 1
 #: timer resolution: deadlines are checked in buckets of 10 ms
 TIMER_BUCKETS_PER_SECOND = 100
+#: buckets of the timer wheel (a power of two: 1024 x 10 ms, a revolution of ~10 s)
+WHEEL_SIZE = 1024
 #: requests held per cluster while its connections are being re-established
 MAX_PARKED = 10000
 #: an upstream link over its high watermark that sent nothing for this long is
@@ -88,8 +90,8 @@ class Link:
         "closed",
         "draining",
         "goaway_sent",
-        "pending",
-        "next_sid",
+        "phead",
+        "npending",
         "endpoint",
         "cluster",
         "inflight",
@@ -113,9 +115,9 @@ class Link:
         #: upstream: the peer sent GOAWAY (send nothing new); downstream: we are draining it
         self.draining = False
         self.goaway_sent = False
-        #: upstream only: our stream id -> Pending
-        self.pending: dict[int, Pending] = {}
-        self.next_sid = 1
+        #: upstream only: its first slot in the engine's PendingTable (-1: none) and how many
+        self.phead = -1
+        self.npending = 0
         self.endpoint = endpoint
         self.cluster = cluster
         #: downstream only: its requests in flight upstream
@@ -223,9 +225,256 @@ class Cluster:
             return links[0]
         best = links[0]
         for link in links:
-            if len(link.pending) < len(best.pending):
+            if link.npending < best.npending:
                 best = link
         return best
+
+
+class Pending:
+    """A snapshot of one pending entry (slow paths, governed calls, tests).
+
+    The fast path never makes one: pending state lives in :class:`PendingTable`'s
+    arrays. :meth:`PendingTable.take` builds one for code that wants an object.
+    """
+
+    __slots__ = ("down", "down_sid", "up", "deadline", "t0", "stats", "gov")
+
+    def __init__(self, down: Link, down_sid: int, up: Link, deadline: float, t0: float, stats: Any, gov: Any = None) -> None:
+        self.down = down
+        self.down_sid = down_sid
+        self.up = up
+        self.deadline = deadline
+        self.t0 = t0
+        self.stats = stats
+        #: a governed call (``_pipeline.Call``): its response goes through the
+        #: route's filter chain in reverse; None on the fast path
+        self.gov = gov
+
+
+def _zeros(code: str, n: int) -> Any:
+    return array(code, bytes(n * array(code).itemsize))
+
+
+class PendingTable:
+    """Every request forwarded upstream and not answered yet, in parallel arrays.
+
+    One table per engine. An entry is a *slot*; its fields are one element of
+    each array (C arrays in the compiled kernel, ``array.array`` interpreted):
+    the downstream link and its stream id, the upstream link, deadline, start
+    time, request stats, and (governed calls only) the pipeline's call. The
+    stream id we send upstream is the slot in its low 32 bits and the slot's
+    *generation* above: a slot's generation changes each time it is freed, so
+    a late or forged response to a reused slot finds no match, and a response
+    must come back on the link its request left on. Nothing is allocated per
+    request once the arrays have grown to the peak in flight.
+
+    Two intrusive doubly linked lists thread the slots: one per upstream link
+    (``Link.phead``: what to answer when that link is lost, in O(its entries))
+    and one per timer-wheel bucket. The wheel has :data:`WHEEL_SIZE` buckets of
+    10 ms (a revolution of ~10 s); a deadline further out waits in its bucket
+    for later revolutions. Free slots form a stack through ``lnext``.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.cap = 0
+        self.count = 0
+        self.free = -1
+        self.wheel_tick = 0
+        self.gen = _zeros("I", 0)
+        self.lnext = _zeros("i", 0)
+        self.lprev = _zeros("i", 0)
+        self.wnext = _zeros("i", 0)
+        self.wprev = _zeros("i", 0)
+        self.down_sid = _zeros("Q", 0)
+        self.deadline = _zeros("d", 0)
+        self.t0 = _zeros("d", 0)
+        self.down: list[Any] = []
+        self.up: list[Any] = []
+        self.stats: list[Any] = []
+        self.gov: list[Any] = []
+        self.mask = WHEEL_SIZE - 1
+        self.wheel = array("i", [-1]) * WHEEL_SIZE
+        self._grow(capacity)
+
+    def _grow(self, n: int) -> None:
+        """Room for ``n`` more slots (new arrays: a compiled view holds the old ones' buffers)."""
+        cap = self.cap
+        self.gen = array("I", self.gen) + array("I", [1]) * n
+        self.lnext = array("i", self.lnext) + array("i", range(cap + 1, cap + n + 1))
+        self.lnext[cap + n - 1] = self.free
+        self.free = cap
+        self.lprev = array("i", self.lprev) + _zeros("i", n)
+        self.wnext = array("i", self.wnext) + _zeros("i", n)
+        self.wprev = array("i", self.wprev) + _zeros("i", n)
+        self.down_sid = array("Q", self.down_sid) + _zeros("Q", n)
+        self.deadline = array("d", self.deadline) + _zeros("d", n)
+        self.t0 = array("d", self.t0) + _zeros("d", n)
+        self.down.extend([None] * n)
+        self.up.extend([None] * n)
+        self.stats.extend([None] * n)
+        self.gov.extend([None] * n)
+        self.cap = cap + n
+
+    def add(self, down: Link, down_sid: int, up: Link, deadline: float, t0: float, stats: Any, gov: Any) -> int:
+        """Track a request sent on ``up``; return the stream id to send it under."""
+        if self.free < 0:
+            self._grow(self.cap)
+        slot = self.free
+        self.free = self.lnext[slot]
+        self.down_sid[slot] = down_sid
+        self.deadline[slot] = deadline
+        self.t0[slot] = t0
+        self.down[slot] = down
+        self.up[slot] = up
+        self.stats[slot] = stats
+        self.gov[slot] = gov
+        # the upstream link's list
+        head = up.phead
+        self.lnext[slot] = head
+        self.lprev[slot] = -1
+        if head >= 0:
+            self.lprev[head] = slot
+        up.phead = slot
+        up.npending += 1
+        # the timer wheel (a bucket already passed goes in the next one due)
+        tick = int(deadline * 100)  # TIMER_BUCKETS_PER_SECOND (compiled: a C cast, no int object)
+        tick += 1  # rounded up
+        if tick <= self.wheel_tick:
+            tick = self.wheel_tick + 1
+        b = tick & self.mask
+        head = self.wheel[b]
+        self.wnext[slot] = head
+        self.wprev[slot] = -1 - b  # a bucket head: -1 - bucket
+        if head >= 0:
+            self.wprev[head] = slot
+        self.wheel[b] = slot
+        self.count += 1
+        down.inflight += 1
+        ep = up.endpoint
+        if ep is not None:
+            ep.active += 1
+        g = self.gen[slot]
+        return (g << 32) | slot
+
+    def usid_of(self, slot: int) -> int:
+        """The stream id a pending slot's request was sent under."""
+        g = self.gen[slot]
+        return (g << 32) | slot
+
+    def find(self, up: Link, usid: int) -> int:
+        """The slot of a response's stream id on ``up``, or -1 (answered, expired, or not ours)."""
+        slot = usid & 0xFFFFFFFF
+        if slot >= self.cap or self.gen[slot] != (usid >> 32) or self.up[slot] is not up:
+            return -1
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Free a slot (answered, expired, lost): settle its links' counters."""
+        up = self.up[slot]
+        down = self.down[slot]
+        nxt = self.lnext[slot]
+        prv = self.lprev[slot]
+        if prv >= 0:
+            self.lnext[prv] = nxt
+        else:
+            up.phead = nxt
+        if nxt >= 0:
+            self.lprev[nxt] = prv
+        up.npending -= 1
+        nxt = self.wnext[slot]
+        prv = self.wprev[slot]
+        if prv >= 0:
+            self.wnext[prv] = nxt
+        else:
+            self.wheel[-1 - prv] = nxt
+        if nxt >= 0:
+            self.wprev[nxt] = prv
+        self.count -= 1
+        down.inflight -= 1
+        ep = up.endpoint
+        if ep is not None:
+            ep.active -= 1
+        self.down[slot] = None
+        self.up[slot] = None
+        self.stats[slot] = None
+        self.gov[slot] = None
+        g = self.gen[slot]
+        g += 1
+        self.gen[slot] = g if g <= 0xFFFFFFFF else 1
+        self.lnext[slot] = self.free
+        self.free = slot
+
+    def take(self, slot: int) -> Pending:
+        """Free a slot and return what it held (slow paths)."""
+        p = Pending(self.down[slot], self.down_sid[slot], self.up[slot], self.deadline[slot], self.t0[slot], self.stats[slot], self.gov[slot])
+        self.remove(slot)
+        return p
+
+    def peek(self, slot: int) -> Pending:
+        """What a slot holds, as a snapshot (it stays pending)."""
+        return Pending(self.down[slot], self.down_sid[slot], self.up[slot], self.deadline[slot], self.t0[slot], self.stats[slot], self.gov[slot])
+
+    def slots_of(self, up: Link) -> list[int]:
+        """The slots pending on ``up``, oldest first."""
+        out = []
+        slot = up.phead
+        while slot >= 0:
+            out.append(slot)
+            slot = self.lnext[slot]
+        out.reverse()
+        return out
+
+    def entries(self, up: Link) -> dict[int, Pending]:
+        """``up``'s pending entries by the stream id they were sent under (tests, debugging)."""
+        return {self.usid_of(s): self.peek(s) for s in self.slots_of(up)}
+
+    def due(self, now: float) -> list[int]:
+        """The slots whose deadline has passed, in deadline-bucket order; advance the wheel to ``now``."""
+        cur = int(now * 100)  # TIMER_BUCKETS_PER_SECOND
+        if (cur + 1) / TIMER_BUCKETS_PER_SECOND <= now:
+            # bucket times are compared as next_due() returns them: 0.29 * 100 is 28.99...
+            cur += 1
+        start = self.wheel_tick
+        if cur <= start:
+            return []
+        self.wheel_tick = cur
+        if not self.count:
+            return []
+        out = []
+        n = cur - start
+        if n > WHEEL_SIZE:
+            n = WHEEL_SIZE
+        for k in range(1, n + 1):
+            slot = self.wheel[(start + k) & self.mask]
+            while slot >= 0:
+                if self.deadline[slot] <= now:
+                    out.append(slot)
+                slot = self.wnext[slot]
+        return out
+
+    def next_due(self) -> float:
+        """When the earliest deadline's bucket is due (what ``due`` needs to be called at), or 0.0.
+
+        Walks the buckets ahead of the wheel for the first entry due in this
+        revolution; entries a revolution or more away are found by one pass
+        over the table (rare: a deadline more than ~10 s out and nothing sooner).
+        """
+        if not self.count:
+            return 0.0
+        tick = self.wheel_tick
+        for k in range(1, WHEEL_SIZE + 1):
+            slot = self.wheel[(tick + k) & self.mask]
+            while slot >= 0:
+                t = int(self.deadline[slot] * 100)
+                if t < tick + k:  # its bucket comes up in this revolution
+                    return (tick + k) / TIMER_BUCKETS_PER_SECOND
+                slot = self.wnext[slot]
+        best = -1.0
+        for slot in range(self.cap):
+            if self.up[slot] is not None and (best < 0.0 or self.deadline[slot] < best):
+                best = self.deadline[slot]
+        t = int(best * 100)
+        return (t + 1) / TIMER_BUCKETS_PER_SECOND
 
 
 class Route:
@@ -297,18 +546,14 @@ class Engine:
         self.max_frame_size = max_frame_size
         self.stats = stats if stats is not None else ProxyStats()
         self.stamp = encode_header(caller=caller) if caller else b""
-        self.pending_count = 0
+        #: every request in flight upstream (the fast path's and the governed ones)
+        self.table = PendingTable()
         #: links with new bytes in ``out``; the shell flushes and clears this
         self.dirty: list[Link] = []
         #: None: serving; "drain": answer new requests UNAVAILABLE; "hot_restart": answer HOT_RESTART
         self.drain_mode: str | None = None
         #: inbound: checks every request from a peer first (``_guard.InboundGuard``)
         self.inbound_guard: Any = None
-        #: deadlines in 10 ms buckets: bucket -> [(link, stream id, deadline)],
-        #: plus a heap of the bucket numbers (appending to a bucket is cheaper
-        #: than a heap push per request)
-        self.timer_wheel: dict[int, list[tuple[Link, int, float]]] = {}
-        self.timer_keys: list[int] = []
         #: per listener: b"service\0method" -> RequestStats (the fast path's cache)
         self.rs_cache: dict[str, dict[bytes, RequestStats]] = {"outbound": {}, "inbound": {}}
         #: discovery: called with a service name that has no route (the shell
@@ -343,6 +588,15 @@ class Engine:
         #: what the fast path forwards inbound requests to: None while the inbound side is governed
         self._inbound_fast: Cluster | None = None
         self.set_routes(routes)
+
+    @property
+    def pending_count(self) -> int:
+        """Requests in flight upstream."""
+        return self.table.count
+
+    def pending_of(self, link: Link) -> dict[int, Pending]:
+        """An upstream link's requests in flight by stream id, as snapshots (tests, debugging)."""
+        return self.table.entries(link)
 
     @property
     def inbound_cluster(self) -> Cluster | None:
@@ -425,19 +679,12 @@ class Engine:
         out = up.out
         o = len(out)
         out += call.frame
-        usid = up.next_sid
-        up.next_sid = usid + 1
+        deadline = now + timeout_ms / 1000.0
+        usid = self.table.add(call.down, call.down_sid, up, deadline, now, call.stats, call)
         _U64.pack_into(out, o + 8, usid)
         dirty = self.dirty
         if not dirty or dirty[-1] is not up:  # one write per destination per read
             dirty.append(up)
-        deadline = now + timeout_ms / 1000.0
-        up.pending[usid] = Pending(call.down, call.down_sid, up, deadline, now, call.stats, call)
-        self.pending_count += 1
-        call.down.inflight += 1
-        if up.endpoint is not None:
-            up.endpoint.active += 1
-        schedule(self, up, usid, deadline)
 
     def request_stats(self, direction: str, service: bytes, method: bytes) -> RequestStats:
         """The (direction, service, method) counters, through the fast path's cache."""
@@ -463,8 +710,7 @@ class Engine:
             dirty.append(down)
 
     def governed_response(self, up: Link, p: Pending, scanner: Scanner, i: int, mv: memoryview, now: float) -> None:
-        """A response to a governed call (its pending entry already popped): the chain in reverse."""
-        self._settle(p)
+        """A response to a governed call (its pending entry already taken): the chain in reverse."""
         off, size, _ftype, flags, _sid, _t, _r, status = scanner.frame(i)
         pipeline = self.inbound if up.cluster is self._inbound_cluster else self.outbound
         pipeline.try_done(p, status, flags, now, mv[off : off + size], "")
@@ -521,7 +767,7 @@ class Engine:
                     relay_requests(self, link, scanner, n, mv, now)
                 else:
                     relay_responses(self, link, scanner, n, mv, now)
-                    if link.draining and not link.pending and link.on_idle is not None:
+                    if link.draining and link.npending == 0 and link.on_idle is not None:
                         link.on_idle(link)
                 start = scanner.consumed
         finally:
@@ -578,12 +824,11 @@ class Engine:
                 self.stats.answered(link.listener, service, method, Status.OVERLOADED)
                 self._answer(link, sid, Status.OVERLOADED, why)
         elif ftype == _RESPONSE:
-            p = link.pending.pop(sid, None)
+            slot = self.table.find(link, sid)
+            p = self.table.take(slot) if slot >= 0 else None
             if p is not None and p.gov is not None:
-                self._settle(p)
                 self._governed_failed(p, Status.OVERLOADED, "response " + why, self._gov_now, False, retry=False)
             elif p is not None:
-                self._settle(p)
                 self.stats.finished(p.stats, Status.OVERLOADED, 0.0)
                 self._answer(p.down, p.down_sid, Status.OVERLOADED, "response " + why)
 
@@ -709,7 +954,7 @@ class Engine:
         best: Link | None = None
         for links in cluster.links.values():
             for link in links:
-                if not self._not_taking(link, now) and (best is None or len(link.pending) < len(best.pending)):
+                if not self._not_taking(link, now) and (best is None or link.npending < best.npending):
                     best = link
         return best
 
@@ -718,16 +963,16 @@ class Engine:
         stats = self.stats
         off, size, ftype, flags, sid, _t, _r, status = scanner.frame(i)
         if ftype == _RESPONSE:
-            p = up.pending.pop(sid, None)
-            if p is None:
+            slot = self.table.find(up, sid)
+            if slot < 0:
                 stats.error("late_response")
                 return
+            p = self.table.take(slot)
             if p.gov is not None:
                 if flags & _HOT_RESTART:
                     stats.error("hot_restart_from_upstream")
                 self.governed_response(up, p, scanner, i, mv, now)
                 return
-            self._settle(p)
             if flags & _HOT_RESTART:
                 # the peer is restarting and did not process it; the caller's
                 # SDK resends on a fresh connection (it is safe: not processed)
@@ -754,13 +999,6 @@ class Engine:
             stats.error("unexpected_frame")
             log.info("unexpected %s frame from upstream %s dropped", FrameType(ftype).name, up.name)
 
-    def _settle(self, p: Pending) -> None:
-        self.pending_count -= 1
-        p.down.inflight -= 1
-        ep = p.up.endpoint
-        if ep is not None:
-            ep.active -= 1
-
     # ------------------------------------------------------------ events
 
     def upstream_goaway(self, up: Link) -> None:
@@ -772,7 +1010,7 @@ class Engine:
             self.stats.error("goaway_received")
             if up.on_goaway is not None:
                 up.on_goaway(up)
-            log.info("GOAWAY from %s: taken out of the pool, %d in flight", up.name, len(up.pending))
+            log.info("GOAWAY from %s: taken out of the pool, %d in flight", up.name, up.npending)
 
     def link_lost(self, link: Link, reason: str) -> None:
         """A connection closed or failed: answer what was in flight on it."""
@@ -783,17 +1021,16 @@ class Engine:
         if link.kind == UPSTREAM:
             if link.cluster is not None:
                 link.cluster.remove_link(link)
-            pending = link.pending
-            link.pending = {}
-            for usid, p in pending.items():
-                self._settle(p)
+            slots = self.table.slots_of(link)
+            for slot in slots:
+                p = self.table.take(slot)
                 if p.gov is not None:
                     self._governed_failed(p, Status.UNAVAILABLE, f"upstream connection lost: {reason}", self._gov_now, True)
                     continue
                 self.stats.finished(p.stats, Status.UNAVAILABLE, 0.0)
                 self._answer(p.down, p.down_sid, Status.UNAVAILABLE, f"upstream connection lost: {reason}")
-            if pending:
-                log.warning("upstream %s lost (%s): %d requests in flight answered UNAVAILABLE", link.name, reason, len(pending))
+            if slots:
+                log.warning("upstream %s lost (%s): %d requests in flight answered UNAVAILABLE", link.name, reason, len(slots))
 
     def protocol_error(self, link: Link, exc: RemoteProtocolError) -> None:
         """A bad frame on ``link``: answer what we can; the shell closes it after flushing."""
@@ -901,10 +1138,8 @@ class Engine:
                     self._refuse_raw(down, raw, "drain", Status.UNAVAILABLE, reason)
                     n += 1
         for up in every.values():
-            pending = up.pending
-            up.pending = {}
-            for p in pending.values():
-                self._settle(p)
+            for slot in self.table.slots_of(up):
+                p = self.table.take(slot)
                 n += 1
                 if p.gov is not None:
                     self._governed_failed(p, Status.UNAVAILABLE, reason, self._gov_now, False, retry=False)
@@ -927,41 +1162,19 @@ class Engine:
             tick_outliers(self.clusters.values(), self.now_ms(now), self.stats)
         if self.unrouted:
             self._expire_unrouted(now)
-        keys = self.timer_keys
-        wheel = self.timer_wheel
-        # compare bucket times exactly as they are returned below: the timer
-        # sleeps until keys[0] / TIMER_BUCKETS_PER_SECOND and must then find
-        # that bucket due (int(now * 100) rounds 0.29 down to 28)
-        while keys and keys[0] / TIMER_BUCKETS_PER_SECOND <= now:
-            key = heapq.heappop(keys)
-            bucket = wheel.pop(key)
-            later = []
-            for up, usid, deadline in bucket:
-                p = up.pending.get(usid)
-                if p is None or p.deadline != deadline:
-                    continue  # answered already
-                if deadline > now:
-                    later.append((up, usid, deadline))
-                    continue
-                del up.pending[usid]
-                self._settle(p)
-                if p.gov is not None:
-                    self._governed_failed(p, Status.TIMEOUT, f"no response within {deadline - p.t0:.3f}s", now, False)
-                else:
-                    self.stats.finished(p.stats, Status.TIMEOUT, now - p.t0)
-                    self._answer(p.down, p.down_sid, Status.TIMEOUT, f"no response within {deadline - p.t0:.3f}s")
-                if up.draining and not up.pending and up.on_idle is not None:
-                    up.on_idle(up)
-            if later:  # a rounding hair early: look again one bucket later
-                nxt = wheel.get(key + 1)
-                if nxt is None:
-                    wheel[key + 1] = later
-                    heapq.heappush(keys, key + 1)
-                else:
-                    nxt.extend(later)
-        if keys:
-            return keys[0] / TIMER_BUCKETS_PER_SECOND
-        return None
+        table = self.table
+        for slot in table.due(now):
+            up = table.up[slot]
+            p = table.take(slot)
+            if p.gov is not None:
+                self._governed_failed(p, Status.TIMEOUT, f"no response within {p.deadline - p.t0:.3f}s", now, False)
+            else:
+                self.stats.finished(p.stats, Status.TIMEOUT, now - p.t0)
+                self._answer(p.down, p.down_sid, Status.TIMEOUT, f"no response within {p.deadline - p.t0:.3f}s")
+            if up.draining and up.npending == 0 and up.on_idle is not None:
+                up.on_idle(up)
+        nxt = table.next_due()
+        return nxt if nxt else None
 
     def take_dirty(self) -> list[Link]:
         dirty = self.dirty

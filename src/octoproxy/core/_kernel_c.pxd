@@ -5,6 +5,8 @@
 # Keep every attribute the .py assigns declared here (a missing one is an
 # AttributeError in the compiled build only: tests run both builds).
 
+cimport cython
+
 cdef class Cluster
 cdef class Engine
 
@@ -16,8 +18,8 @@ cdef class Link:
     cdef public bint closed
     cdef public bint draining
     cdef public bint goaway_sent
-    cdef public dict pending
-    cdef public unsigned long long next_sid
+    cdef public Py_ssize_t phead
+    cdef public Py_ssize_t npending
     cdef public object endpoint
     cdef public Cluster cluster
     cdef public Py_ssize_t inflight
@@ -44,6 +46,51 @@ cdef class Cluster:
     cdef public object gov
 
 
+cdef class Pending:
+    cdef public object down
+    cdef public unsigned long long down_sid
+    cdef public object up
+    cdef public double deadline
+    cdef public double t0
+    cdef public object stats
+    cdef public object gov
+
+
+cdef class PendingTable:
+    cdef public Py_ssize_t cap
+    cdef public Py_ssize_t count
+    cdef public Py_ssize_t free
+    cdef public long long wheel_tick
+    cdef public Py_ssize_t mask
+    # the slot arrays (``array.array`` buffers, typed views when compiled)
+    cdef unsigned int[::1] gen
+    cdef int[::1] lnext
+    cdef int[::1] lprev
+    cdef int[::1] wnext
+    cdef int[::1] wprev
+    cdef unsigned long long[::1] down_sid
+    cdef double[::1] deadline
+    cdef double[::1] t0
+    cdef public list down
+    cdef public list up
+    cdef public list stats
+    cdef public list gov
+    cdef int[::1] wheel
+
+    @cython.locals(slot=Py_ssize_t, head=Py_ssize_t, tick=cython.longlong, b=Py_ssize_t, g=cython.ulonglong)
+    cpdef unsigned long long add(self, Link down, unsigned long long down_sid, Link up, double deadline, double t0, object stats, object gov) except? 0
+    @cython.locals(slot=Py_ssize_t)
+    cpdef Py_ssize_t find(self, Link up, unsigned long long usid)
+    @cython.locals(up=Link, down=Link, nxt=Py_ssize_t, prv=Py_ssize_t, g=cython.ulonglong)
+    cpdef remove(self, Py_ssize_t slot)
+    @cython.locals(g=cython.ulonglong)
+    cpdef unsigned long long usid_of(self, Py_ssize_t slot)
+    @cython.locals(tick=cython.longlong, k=Py_ssize_t, slot=Py_ssize_t, t=cython.longlong, best=double)
+    cpdef double next_due(self)
+    @cython.locals(cur=cython.longlong, start=cython.longlong, n=cython.longlong, k=cython.longlong, slot=Py_ssize_t)
+    cpdef list due(self, double now)
+
+
 cdef class Route:
     cdef readonly str service
     cdef readonly str method
@@ -62,12 +109,10 @@ cdef class Engine:
     cdef public Py_ssize_t max_frame_size
     cdef public object stats
     cdef public bytes stamp
-    cdef public Py_ssize_t pending_count
+    cdef public PendingTable table
     cdef public list dirty
     cdef public object drain_mode
     cdef public object inbound_guard
-    cdef public dict timer_wheel
-    cdef public list timer_keys
     cdef public dict rs_cache
     cdef public object on_unknown_service
     cdef public dict unrouted

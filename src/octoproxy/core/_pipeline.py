@@ -36,7 +36,6 @@ Nothing here does I/O or reads a clock; ``now`` comes from the engine.
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import random
@@ -556,7 +555,7 @@ def build_routes(
 def _least_pending(links: list[Link]) -> Link:
     best = links[0]
     for link in links:
-        if len(link.pending) < len(best.pending):
+        if link.npending < best.npending:
             best = link
     return best
 
@@ -865,16 +864,6 @@ class Inbound:
         down = call.down
         if down.draining and down.inflight == 0 and down.on_idle is not None:
             down.on_idle(down)
-
-
-def schedule(engine: Engine, up: Link, usid: int, deadline: float) -> None:
-    """Put a pending entry on the engine's timer wheel (as the fast path does)."""
-    bucket_key = int(deadline * 100) + 1
-    bucket = engine.timer_wheel.get(bucket_key)
-    if bucket is None:
-        bucket = engine.timer_wheel[bucket_key] = []
-        heapq.heappush(engine.timer_keys, bucket_key)
-    bucket.append((up, usid, deadline))
 
 
 def tick_outliers(clusters: Iterable[Cluster], now_ms: int, stats: ProxyStats) -> None:

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from ..frame import NO_EXTENSIONS
 
 if TYPE_CHECKING or NO_EXTENSIONS:
-    from ._relay_py import IMPLEMENTATION, Pending, forward, relay_requests, relay_responses
+    from ._relay_py import IMPLEMENTATION, forward, relay_requests, relay_responses
 else:
     try:
-        from ._fastpath import IMPLEMENTATION, Pending, forward, relay_requests, relay_responses  # type: ignore[no-redef]
+        from ._fastpath import IMPLEMENTATION, forward, relay_requests, relay_responses  # type: ignore[no-redef]
     except ImportError:  # pragma: no cover - depends on the build
-        from ._relay_py import IMPLEMENTATION, Pending, forward, relay_requests, relay_responses
+        from ._relay_py import IMPLEMENTATION, forward, relay_requests, relay_responses
 
-__all__ = ["IMPLEMENTATION", "Pending", "forward", "relay_requests", "relay_responses"]
+__all__ = ["IMPLEMENTATION", "forward", "relay_requests", "relay_responses"]

@@ -9,7 +9,6 @@ loops. Keep the two in step.
 
 from __future__ import annotations
 
-import heapq
 from struct import Struct
 from typing import TYPE_CHECKING, Any
 
@@ -23,23 +22,6 @@ IMPLEMENTATION = "python"
 _U64 = Struct(">Q")
 _U32 = Struct(">I")
 _U16 = Struct(">H")
-
-
-class Pending:
-    """A request forwarded upstream and not answered yet."""
-
-    __slots__ = ("down", "down_sid", "up", "deadline", "t0", "stats", "gov")
-
-    def __init__(self, down: Link, down_sid: int, up: Link, deadline: float, t0: float, stats: Any, gov: Any = None) -> None:
-        self.down = down
-        self.down_sid = down_sid
-        self.up = up
-        self.deadline = deadline
-        self.t0 = t0
-        self.stats = stats
-        #: a governed call (``_pipeline.Call``): its response goes through the
-        #: route's filter chain in reverse; None on the fast path
-        self.gov = gov
 
 
 def forward(
@@ -69,9 +51,6 @@ def forward(
     if oneway:
         engine.stats.oneway.inc()
         return
-    usid = up.next_sid
-    up.next_sid = usid + 1
-    _U64.pack_into(out, o + 8, usid)
     timeout = timeout_ms / 1000.0 if timeout_ms else route_timeout
     if max_timeout and timeout > max_timeout:
         timeout = max_timeout
@@ -84,18 +63,7 @@ def forward(
         rs = engine.stats.request_stats(down.listener, service, method)
         if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
             cache[key] = rs
-    up.pending[usid] = Pending(down, sid, up, deadline, now, rs)
-    engine.pending_count += 1
-    down.inflight += 1
-    ep = up.endpoint
-    if ep is not None:
-        ep.active += 1
-    bucket_key = int(deadline * 100) + 1  # TIMER_BUCKETS_PER_SECOND, rounded up
-    bucket = engine.timer_wheel.get(bucket_key)
-    if bucket is None:
-        bucket = engine.timer_wheel[bucket_key] = []
-        heapq.heappush(engine.timer_keys, bucket_key)
-    bucket.append((up, usid, deadline))
+    _U64.pack_into(out, o + 8, engine.table.add(down, sid, up, deadline, now, rs, None))
 
 
 def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryview, now: float) -> None:
@@ -124,7 +92,7 @@ def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryv
             max_timeout = engine._route_max_timeouts[route_id]
         else:
             cluster = None
-        if cluster is None or engine.pending_count >= engine.max_pending:
+        if cluster is None or engine.table.count >= engine.max_pending:
             engine.slow_request(down, scanner, i, mv, now)
             continue
         up = cluster.pick()
@@ -136,37 +104,35 @@ def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryv
 
 def relay_responses(engine: Engine, up: Link, scanner: Any, n: int, mv: memoryview, now: float) -> None:
     """Relay the ``n`` scanned frames that came from an upstream link."""
-    pending = up.pending
+    table = engine.table
     for i in range(n):
         off, size, ftype, flags, sid, _timeout, _route, status = scanner.frame(i)
         if ftype != 2 or flags & 1:
             engine.slow_response(up, scanner, i, mv, now)
             continue
-        p = pending.pop(sid, None)
-        if p is None:
+        slot = table.find(up, sid)
+        if slot < 0:
             engine.stats.error("late_response")
             continue
-        if p.gov is not None:  # a governed call: the chain in reverse
-            engine.governed_response(up, p, scanner, i, mv, now)
+        if table.gov[slot] is not None:  # a governed call: the chain in reverse
+            engine.governed_response(up, table.take(slot), scanner, i, mv, now)
             continue
-        engine.pending_count -= 1
-        down = p.down
-        down.inflight -= 1
-        ep = up.endpoint
-        if ep is not None:
-            ep.active -= 1
-        rs = p.stats
+        down = table.down[slot]
+        rs = table.stats[slot]
+        t0 = table.t0[slot]
+        down_sid = table.down_sid[slot]
+        table.remove(slot)
         child = rs.by_status.get(status)
         if child is None:
             rs.count(status)
         else:
             child.value += 1
-        rs.latency.observe(now - p.t0)
+        rs.latency.observe(now - t0)
         if not down.closed:
             out = down.out
             o = len(out)
             out += mv[off : off + size]
-            _U64.pack_into(out, o + 8, p.down_sid)
+            _U64.pack_into(out, o + 8, down_sid)
             dirty = engine.dirty
             if not dirty or dirty[-1] is not down:
                 dirty.append(down)

@@ -723,7 +723,7 @@ class Proxy:
         for link in list(cluster.links.get(ep.address, [])):
             cluster.remove_link(link)
             link.draining = True
-            if not link.pending and link.io is not None:
+            if not link.npending and link.io is not None:
                 link.io.lost("endpoint removed")
         ep.healthy = False
 

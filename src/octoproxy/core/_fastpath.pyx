@@ -25,6 +25,18 @@ cdef inline void _put_be64(uchar* p, uint64_t v) noexcept nogil:
         v >>= 8
 
 
+cdef inline int _observe(object h, double v) except -1:
+    """``HistogramChild.observe`` without a Python frame (first bound >= v, as bisect_left)."""
+    cdef tuple bounds = h.bounds
+    cdef list counts = h.counts
+    cdef Py_ssize_t i = 0, n = len(bounds)
+    while i < n and v > <double>bounds[i]:
+        i += 1
+    counts[i] += 1
+    h.sum += v
+    return 0
+
+
 cdef inline Py_ssize_t _grow(bytearray out, Py_ssize_t n) except -1:
     """Extend ``out`` by ``n`` bytes; return the offset of the new space."""
     cdef Py_ssize_t o = PyByteArray_GET_SIZE(out)
@@ -197,7 +209,7 @@ def relay_responses(engine, up, Scanner scanner, Py_ssize_t n, mv, double now):
                 rs.count(status)
             else:
                 child.value += 1
-            rs.latency.observe(now - t0)
+            _observe(rs.latency, now - t0)
             if not down.closed:
                 off = scanner.offsets[i]
                 size = scanner.sizes[i]

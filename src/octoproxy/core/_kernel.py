@@ -42,7 +42,7 @@ from array import array
 from struct import Struct
 from typing import Any
 
-from ._balancer import Balancer, Endpoint, make_balancer
+from ._balancer import Balancer, Endpoint, RoundRobin, make_balancer
 from ..protocol._errors import RemoteProtocolError
 from ..protocol._frame import parse_header
 from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
@@ -172,6 +172,12 @@ class Cluster:
         self.parked: list[tuple[Link, bytes, float]] = [] if parked is None else parked
         #: governance state (router, outlier, breaker, budget) when a governed route uses it
         self.gov = gov
+        #: round robin runs here, in the kernel, on an array of scores (no
+        #: object per pick); the scores are for the list ``rr_for`` (discovery
+        #: replaces the list, and the balancer with it, when endpoints change)
+        self.rr = False
+        self.rr_for: Any = None
+        self.rr_scores = array("q")
         self.__post_init__()
 
     def __repr__(self) -> str:
@@ -180,6 +186,8 @@ class Cluster:
     def __post_init__(self) -> None:
         if self.balancer is None:
             self.balancer = make_balancer(self.lb, rng=random.Random())
+        self.rr = type(self.balancer) is RoundRobin
+        self.rr_for = None
         # (discovery calls this again after changing the endpoints)
         if self.gov is not None:
             self.gov.sync(self.endpoints)
@@ -205,6 +213,34 @@ class Cluster:
                 if self.gov is not None:
                     self.gov.router.invalidate()
 
+    def _rr_pick(self) -> Endpoint | None:
+        """Smooth weighted round robin (:class:`~octoproxy.core._balancer.RoundRobin`'s
+        rule, the nginx algorithm) over ``rr_scores``, one score per endpoint index."""
+        eps = self.endpoints
+        n = len(eps)
+        if self.rr_for is not eps or len(self.rr_scores) != n:
+            self.rr_scores = array("q", bytes(8 * n))
+            self.rr_for = eps
+        total = 0
+        best = -1
+        best_score = 0
+        for i in range(n):
+            ep = eps[i]
+            w = ep.weight
+            if not ep.healthy or w <= 0:
+                self.rr_scores[i] = 0  # starts again from 0 when it comes back
+                continue
+            score = self.rr_scores[i] + w
+            self.rr_scores[i] = score
+            total += w
+            if best < 0 or score > best_score:
+                best = i
+                best_score = score
+        if best < 0:
+            return None
+        self.rr_scores[best] = best_score - total
+        return eps[best]
+
     def pick(self) -> Link | None:
         """Choose an endpoint with the balancer, then its least-loaded link."""
         assert self.balancer is not None
@@ -213,6 +249,10 @@ class Cluster:
         if len(self.endpoints) == 1:  # nothing to balance
             ep = self.endpoints[0]
             if not ep.healthy or ep.weight <= 0:
+                return None
+        elif self.rr:
+            ep = self._rr_pick()
+            if ep is None:
                 return None
         else:
             ep = self.balancer.pick(self.endpoints)

@@ -44,6 +44,12 @@ cdef class Cluster:
     cdef public Py_ssize_t picks
     cdef public list parked
     cdef public object gov
+    cdef public bint rr
+    cdef public object rr_for
+    cdef long long[::1] rr_scores
+
+    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, total=cython.longlong, best=Py_ssize_t, best_score=cython.longlong, w=cython.longlong, score=cython.longlong)
+    cpdef object _rr_pick(self)
 
 
 cdef class Pending:

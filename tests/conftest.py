@@ -121,7 +121,9 @@ def _twin_pairs(target: Impl, others: list[Impl], keys: tuple[str, ...] = tuple(
                 a, b = vars(src)[attr], vars(dst)[attr]
                 if a is b or (isinstance(a, (int, float, bytes)) and a == b):
                     continue
-                swap[id(a)] = (a, b)
+                # a name that refers to a whole twin module (the kernel's ``_relay_impl``)
+                # keeps that module's own mapping
+                swap.setdefault(id(a), (a, b))
     return swap
 
 

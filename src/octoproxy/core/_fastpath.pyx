@@ -13,7 +13,7 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 
 from octoproxy.protocol._fastframe cimport Scanner, KeyRange, uchar
-from octoproxy.core._kernel_c cimport Link, PendingTable
+from octoproxy.core._kernel_c cimport Cluster, Engine, Link, PendingTable
 
 IMPLEMENTATION = "cython"
 
@@ -45,7 +45,7 @@ cdef inline Py_ssize_t _grow(bytearray out, Py_ssize_t n) except -1:
     return o
 
 
-cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t i, const uchar* buf,
+cdef int _forward(Engine engine, Link down, Link up, Scanner sc, Py_ssize_t i, const uchar* buf,
                   double now, double route_timeout, double max_timeout, bint oneway) except -1:
     cdef Py_ssize_t off = sc.offsets[i], size = sc.sizes[i], o, hlen, slen
     cdef bytearray out = up.out
@@ -100,13 +100,13 @@ cdef int _forward(object engine, object down, object up, Scanner sc, Py_ssize_t 
         )
         if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
             cache[key] = rs
-    usid = (<PendingTable>engine.table).add(down, sc.sids[i], up, deadline, now, rs, None)
+    usid = engine.table.add(down, sc.sids[i], up, deadline, now, rs, None)
     # (the output may have moved: add() runs no Python code on ``out``, but re-derive to be safe)
     _put_be64(<uchar*>PyByteArray_AS_STRING(out) + o + 8, usid)
     return 0
 
 
-def forward(engine, down, up, Scanner scanner, Py_ssize_t i, mv, double now, double route_timeout, double max_timeout, bint oneway):
+def forward(Engine engine, Link down, Link up, Scanner scanner, Py_ssize_t i, mv, double now, double route_timeout, double max_timeout, bint oneway):
     """Append request frame ``i`` to ``up`` (new stream id, caller stamp) and track it."""
     cdef Py_buffer view
     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
@@ -116,7 +116,7 @@ def forward(engine, down, up, Scanner scanner, Py_ssize_t i, mv, double now, dou
         PyBuffer_Release(&view)
 
 
-def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
+def relay_requests(Engine engine, Link down, Scanner scanner, Py_ssize_t n, mv, double now):
     """Forward the ``n`` scanned frames that came from a downstream link."""
     cdef Py_buffer view
     cdef Py_ssize_t i
@@ -126,6 +126,8 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
     cdef list route_clusters, route_timeouts, route_max_timeouts
     cdef Py_ssize_t max_pending, stamp_len, max_size, off, high
     cdef const uchar* buf
+    cdef Cluster cluster
+    cdef Link up
     if down.reject or engine.drain_mode is not None:
         for i in range(n):
             engine.slow_request(down, scanner, i, mv, now)
@@ -173,7 +175,7 @@ def relay_requests(engine, down, Scanner scanner, Py_ssize_t n, mv, double now):
         PyBuffer_Release(&view)
 
 
-def relay_responses(engine, up, Scanner scanner, Py_ssize_t n, mv, double now):
+def relay_responses(Engine engine, Link up, Scanner scanner, Py_ssize_t n, mv, double now):
     """Relay the ``n`` scanned frames that came from an upstream link."""
     cdef Py_buffer view
     cdef Py_ssize_t i, off, size, o, slot

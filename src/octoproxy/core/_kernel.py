@@ -49,7 +49,15 @@ from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, Fra
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
 from ..governance import Locality, PolicySet
 from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, Outbound, RouteGov, build_inbound, build_routes, tick_outliers
-from ._relay import forward, relay_requests, relay_responses
+
+# the relay built as this module is: the compiled relay types its arguments
+# with the compiled kernel's classes, so the two are never mixed
+# (the module, not its names: the compiled relay cimports this module's
+# classes, so either may be the one being imported when the other is loaded)
+if __name__.endswith("._kernel_c"):
+    from . import _fastpath as _relay_impl  # type: ignore[attr-defined,unused-ignore]
+else:
+    from . import _relay_py as _relay_impl
 from ._stats import ProxyStats, RequestStats
 
 log = logging.getLogger("octoproxy.proxy")
@@ -393,12 +401,12 @@ class PendingTable:
         ep = up.endpoint
         if ep is not None:
             ep.active += 1
-        g = self.gen[slot]
+        g: int = self.gen[slot]
         return (g << 32) | slot
 
     def usid_of(self, slot: int) -> int:
         """The stream id a pending slot's request was sent under."""
-        g = self.gen[slot]
+        g: int = self.gen[slot]
         return (g << 32) | slot
 
     def find(self, up: Link, usid: int) -> int:
@@ -804,9 +812,9 @@ class Engine:
                 if guard is not None:
                     guard.relay(self, link, scanner, n, buf, mv, now)
                 elif link.kind == DOWNSTREAM:
-                    relay_requests(self, link, scanner, n, mv, now)
+                    _relay_impl.relay_requests(self, link, scanner, n, mv, now)
                 else:
-                    relay_responses(self, link, scanner, n, mv, now)
+                    _relay_impl.relay_responses(self, link, scanner, n, mv, now)
                     if link.draining and link.npending == 0 and link.on_idle is not None:
                         link.on_idle(link)
                 start = scanner.consumed
@@ -969,9 +977,9 @@ class Engine:
                     return
                 up = other
             if oneway:
-                forward(self, down, up, scanner, i, mv, now, 0.0, 0.0, True)
+                _relay_impl.forward(self, down, up, scanner, i, mv, now, 0.0, 0.0, True)
             else:
-                forward(self, down, up, scanner, i, mv, now, route_timeout, max_timeout, False)
+                _relay_impl.forward(self, down, up, scanner, i, mv, now, route_timeout, max_timeout, False)
         elif ftype == _PING:
             down.out += mv[off : off + size]
             down.out[len(down.out) - size + 3] = _PONG
@@ -1110,7 +1118,7 @@ class Engine:
                 self._replaying_since = t  # a request parked again keeps its first park time
                 scanner, n, buf = self._one_frame_scanner(down, raw)
                 with memoryview(buf) as mv:
-                    relay_requests(self, down, scanner, n, mv, now)
+                    _relay_impl.relay_requests(self, down, scanner, n, mv, now)
         finally:
             self._replaying_since = None
 
@@ -1130,7 +1138,7 @@ class Engine:
                 self._refuse(down, scanner, 0, "no_route", Status.NO_ROUTE, f"no route for service {service!r}: {why}")
                 continue
             with memoryview(buf) as mv:
-                relay_requests(self, down, scanner, n, mv, now)
+                _relay_impl.relay_requests(self, down, scanner, n, mv, now)
 
     def _expire_unrouted(self, now: float) -> None:
         for service, waiting in list(self.unrouted.items()):

@@ -50,6 +50,7 @@ cdef class Cluster:
 
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, total=cython.longlong, best=Py_ssize_t, best_score=cython.longlong, w=cython.longlong, score=cython.longlong)
     cpdef object _rr_pick(self)
+    cpdef Link pick(self)
 
 
 cdef class Pending:

@@ -258,6 +258,17 @@ class Registry:
 
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
+        self._collectors: list[Callable[[], None]] = []
+
+    def add_collector(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` before every read of the values (:meth:`render`, :meth:`snapshot`,
+        :meth:`collect`): e.g. to fold counters kept elsewhere into the metrics."""
+        self._collectors.append(fn)
+
+    def collect(self) -> None:
+        """Bring every value up to date (the collectors run)."""
+        for fn in self._collectors:
+            fn()
 
     def _register(self, kind: type[_M], name: str, labelnames: tuple[str, ...], make: Callable[[], _M]) -> _M:
         m = self._metrics.get(name)
@@ -344,6 +355,7 @@ class Registry:
         Returns:
             The exposition text (serve as ``text/plain; version=0.0.4``).
         """
+        self.collect()
         out: list[str] = []
         for m in self._metrics.values():
             out.append(f"# HELP {m.name} {_escape_help(m.help)}")
@@ -379,6 +391,7 @@ class Registry:
             ``{"labels", "counts", "sum"}`` (per-bucket, last is ``+Inf``) for
             histograms. Gauges are not included: they describe the live process.
         """
+        self.collect()
         metrics: list[dict[str, Any]] = []
         for m in self._metrics.values():
             entry: dict[str, Any] = {"name": m.name, "type": m.kind, "help": m.help, "labelnames": list(m.labelnames)}

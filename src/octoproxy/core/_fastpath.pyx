@@ -8,12 +8,12 @@ rewrites stream ids in place; policy stays in ``Engine.slow_request`` /
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memcpy, memcmp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 
 from octoproxy.protocol._fastframe cimport Scanner, KeyRange, uchar
-from octoproxy.core._kernel_c cimport Cluster, Engine, Link, PendingTable
+from octoproxy.core._kernel_c cimport Cluster, Engine, Link, PendingTable, StatsTable
 
 IMPLEMENTATION = "cython"
 
@@ -25,24 +25,79 @@ cdef inline void _put_be64(uchar* p, uint64_t v) noexcept nogil:
         v >>= 8
 
 
-cdef inline int _observe(object h, double v) except -1:
-    """``HistogramChild.observe`` without a Python frame (first bound >= v, as bisect_left)."""
-    cdef tuple bounds = h.bounds
-    cdef list counts = h.counts
-    cdef Py_ssize_t i = 0, n = len(bounds)
-    while i < n and v > <double>bounds[i]:
-        i += 1
-    counts[i] += 1
-    h.sum += v
-    return 0
-
-
 cdef inline Py_ssize_t _grow(bytearray out, Py_ssize_t n) except -1:
     """Extend ``out`` by ``n`` bytes; return the offset of the new space."""
     cdef Py_ssize_t o = PyByteArray_GET_SIZE(out)
     if PyByteArray_Resize(out, o + n) < 0:
         raise MemoryError()
     return o
+
+
+cdef enum:
+    KEY_CACHE_SIZE = 4096  # a power of two
+
+
+cdef class KeyCache:
+    """(listener, service, method) -> stats id, found without building the key.
+
+    Direct-mapped by an FNV-1a hash of the bytes as they sit in the read
+    buffer; a slot holds the key bytes it was filled with (compared with
+    ``memcmp``) and its stats id. A miss falls back to the engine's
+    ``rs_cache`` dict and fills the slot. One per engine (stats ids are).
+    """
+    cdef list keys
+    cdef uint64_t hashes[KEY_CACHE_SIZE]
+    cdef int32_t ids[KEY_CACHE_SIZE]
+
+    def __cinit__(self):
+        self.keys = [None] * KEY_CACHE_SIZE
+
+
+cdef inline uint64_t _fnv(uint64_t h, const uchar* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        h = (h ^ p[j]) * 1099511628211ULL
+    return h
+
+
+cdef int _stats_id(Engine engine, bint inbound, const uchar* buf, KeyRange* kr) except -1:
+    """The stats id of the request's (listener, service, method)."""
+    cdef KeyCache kc = engine.key_cache
+    if kc is None:
+        kc = engine.key_cache = KeyCache()
+    cdef Py_ssize_t sl = kr.s1 - kr.s0, ml = kr.m1 - kr.m0, idx
+    cdef uint64_t h = 14695981039346656037ULL ^ (1 if inbound else 2)
+    h = _fnv(h, buf + kr.s0, sl)
+    h = (h ^ 0) * 1099511628211ULL
+    h = _fnv(h, buf + kr.m0, ml)
+    idx = <Py_ssize_t>(h & (KEY_CACHE_SIZE - 1))
+    cdef object known = kc.keys[idx]
+    cdef const char* kp
+    if kc.hashes[idx] == h and known is not None and PyBytes_GET_SIZE(known) == sl + 1 + ml:
+        kp = PyBytes_AS_STRING(known)
+        if memcmp(kp, buf + kr.s0, sl) == 0 and kp[sl] == 0 and memcmp(kp + sl + 1, buf + kr.m0, ml) == 0:
+            return kc.ids[idx]
+    # a miss: the key, the dict, the registry (once per key)
+    listener = "inbound" if inbound else "outbound"
+    cdef dict cache = engine.rs_cache[listener]
+    cdef bytes key = PyBytes_FromStringAndSize(NULL, sl + 1 + ml)
+    cdef char* k = PyBytes_AS_STRING(key)
+    memcpy(k, buf + kr.s0, sl)
+    k[sl] = 0
+    memcpy(k + sl + 1, buf + kr.m0, ml)
+    stats_id = cache.get(key)
+    if stats_id is None:
+        stats_id = engine.rstats.id_of(engine.stats.request_stats(
+            listener,
+            PyBytes_FromStringAndSize(<const char*>buf + kr.s0, sl),
+            PyBytes_FromStringAndSize(<const char*>buf + kr.m0, ml),
+        ))
+        if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
+            cache[key] = stats_id
+    kc.keys[idx] = key
+    kc.hashes[idx] = h
+    kc.ids[idx] = stats_id
+    return stats_id
 
 
 cdef int _forward(Engine engine, Link down, Link up, Scanner sc, Py_ssize_t i, const uchar* buf,
@@ -54,6 +109,7 @@ cdef int _forward(Engine engine, Link down, Link up, Scanner sc, Py_ssize_t i, c
     cdef KeyRange* kr = &sc.keys[i]
     cdef double timeout, deadline
     cdef uint64_t usid
+    cdef int stats_id
     cdef list dirty
     slen = len(stamp)
     if slen and down.listener == "outbound":
@@ -84,23 +140,8 @@ cdef int _forward(Engine engine, Link down, Link up, Scanner sc, Py_ssize_t i, c
     if max_timeout and timeout > max_timeout:
         timeout = max_timeout
     deadline = now + timeout
-    listener = down.listener
-    cdef dict cache = engine.rs_cache[listener]
-    cdef bytes key = PyBytes_FromStringAndSize(NULL, (kr.s1 - kr.s0) + 1 + (kr.m1 - kr.m0))
-    cdef char* k = PyBytes_AS_STRING(key)
-    memcpy(k, buf + kr.s0, kr.s1 - kr.s0)
-    k[kr.s1 - kr.s0] = 0
-    memcpy(k + (kr.s1 - kr.s0) + 1, buf + kr.m0, kr.m1 - kr.m0)
-    rs = cache.get(key)
-    if rs is None:
-        rs = engine.stats.request_stats(
-            listener,
-            PyBytes_FromStringAndSize(<const char*>buf + kr.s0, kr.s1 - kr.s0),
-            PyBytes_FromStringAndSize(<const char*>buf + kr.m0, kr.m1 - kr.m0),
-        )
-        if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
-            cache[key] = rs
-    usid = engine.table.add(down, sc.sids[i], up, deadline, now, rs, None)
+    stats_id = _stats_id(engine, down.listener == "inbound", buf, kr)
+    usid = engine.table.add(down, sc.sids[i], up, deadline, now, stats_id, None)
     # (the output may have moved: add() runs no Python code on ``out``, but re-derive to be safe)
     _put_be64(<uchar*>PyByteArray_AS_STRING(out) + o + 8, usid)
     return 0
@@ -180,6 +221,8 @@ def relay_responses(Engine engine, Link up, Scanner scanner, Py_ssize_t n, mv, d
     cdef Py_buffer view
     cdef Py_ssize_t i, off, size, o, slot
     cdef PendingTable table = engine.table
+    cdef StatsTable rstats = engine.rstats
+    cdef int stats_id
     cdef Link down
     cdef bytearray out
     cdef uchar* dst
@@ -201,17 +244,11 @@ def relay_responses(Engine engine, Link up, Scanner scanner, Py_ssize_t n, mv, d
                 engine.governed_response(up, table.take(slot), scanner, i, mv, now)
                 continue
             down = <Link>table.down[slot]
-            rs = table.stats[slot]
+            stats_id = table.sid[slot]
             t0 = table.t0[slot]
             down_sid = table.down_sid[slot]
             table.remove(slot)
-            status = scanner.keys[i].status
-            child = rs.by_status.get(status)
-            if child is None:
-                rs.count(status)
-            else:
-                child.value += 1
-            _observe(rs.latency, now - t0)
+            rstats.record(stats_id, scanner.keys[i].status, now - t0)
             if not down.closed:
                 off = scanner.offsets[i]
                 size = scanner.sizes[i]

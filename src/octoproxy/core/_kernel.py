@@ -70,6 +70,8 @@ UPSTREAM = 1
 TIMER_BUCKETS_PER_SECOND = 100
 #: buckets of the timer wheel (a power of two: 1024 x 10 ms, a revolution of ~10 s)
 WHEEL_SIZE = 1024
+#: statuses counted in the stats arrays (the others, rare, on the objects directly)
+COUNTED_STATUSES = 16
 #: requests held per cluster while its connections are being re-established
 MAX_PARKED = 10000
 #: an upstream link over its high watermark that sent nothing for this long is
@@ -278,6 +280,91 @@ class Cluster:
         return best
 
 
+class StatsTable:
+    """The fast path's request counts and latency histograms, in arrays by stats id.
+
+    One stats id per ``RequestStats`` (a direction, service and method): the
+    pending table keeps the id, and a response adds to that id's row of
+    counters (one per status below :data:`COUNTED_STATUSES`) and histogram
+    buckets, with no Python object touched. The rows are folded into the
+    registry's objects whenever the registry is read (``/stats``, a hot-restart
+    snapshot): :meth:`flush` is a registry collector.
+    """
+
+    def __init__(self, stats: ProxyStats) -> None:
+        self.stats = stats
+        self.objs: list[RequestStats] = []
+        self.ids: dict[int, int] = {}
+        self.n = 0
+        self.cap = 0
+        self.ns = COUNTED_STATUSES
+        self.bounds = array("d", stats.duration.buckets)
+        self.nb = len(self.bounds) + 1
+        self.counts = array("Q")
+        self.hist = array("Q")
+        self.hsum = array("d")
+        self.touched = array("B")
+        self.dirty: list[int] = []
+        stats.registry.add_collector(self.flush)
+
+    def id_of(self, rs: RequestStats) -> int:
+        """The stats id of ``rs`` (a new row the first time)."""
+        sid = self.ids.get(id(rs))
+        if sid is not None:
+            return sid
+        if self.n == self.cap:
+            more = max(16, self.cap)
+            self.counts = array("Q", self.counts) + array("Q", bytes(8 * more * self.ns))
+            self.hist = array("Q", self.hist) + array("Q", bytes(8 * more * self.nb))
+            self.hsum = array("d", self.hsum) + array("d", bytes(8 * more))
+            self.touched = array("B", self.touched) + array("B", bytes(more))
+            self.cap += more
+        sid = self.n
+        self.n += 1
+        self.objs.append(rs)
+        self.ids[id(rs)] = sid
+        return sid
+
+    def record(self, sid: int, status: int, seconds: float) -> None:
+        """One answer: its status and latency, on row ``sid``."""
+        if 0 <= status < self.ns:
+            self.counts[sid * self.ns + status] += 1
+        else:
+            self.objs[sid].count(status)
+        i = 0
+        last = self.nb - 1
+        while i < last and seconds > self.bounds[i]:  # first bound >= seconds (the histogram's rule)
+            i += 1
+        self.hist[sid * self.nb + i] += 1
+        self.hsum[sid] += seconds
+        if not self.touched[sid]:
+            self.touched[sid] = 1
+            self.dirty.append(sid)
+
+    def flush(self) -> None:
+        """Fold the rows counted since the last flush into the registry's objects."""
+        dirty = self.dirty
+        self.dirty = []
+        for sid in dirty:
+            self.touched[sid] = 0
+            rs = self.objs[sid]
+            base = sid * self.ns
+            for st in range(self.ns):
+                c = self.counts[base + st]
+                if c:
+                    rs.count(st, c)
+                    self.counts[base + st] = 0
+            h = rs.latency
+            base = sid * self.nb
+            for i in range(self.nb):
+                c = self.hist[base + i]
+                if c:
+                    h.counts[i] += c
+                    self.hist[base + i] = 0
+            h.sum += self.hsum[sid]
+            self.hsum[sid] = 0.0
+
+
 class Pending:
     """A snapshot of one pending entry (slow paths, governed calls, tests).
 
@@ -323,7 +410,9 @@ class PendingTable:
     for later revolutions. Free slots form a stack through ``lnext``.
     """
 
-    def __init__(self, capacity: int = 64) -> None:
+    def __init__(self, rstats: StatsTable, capacity: int = 64) -> None:
+        #: the stats rows the entries' ``sid`` index
+        self.rstats = rstats
         self.cap = 0
         self.count = 0
         self.free = -1
@@ -338,7 +427,7 @@ class PendingTable:
         self.t0 = _zeros("d", 0)
         self.down: list[Any] = []
         self.up: list[Any] = []
-        self.stats: list[Any] = []
+        self.sid = _zeros("i", 0)
         self.gov: list[Any] = []
         self.mask = WHEEL_SIZE - 1
         self.wheel = array("i", [-1]) * WHEEL_SIZE
@@ -359,11 +448,11 @@ class PendingTable:
         self.t0 = array("d", self.t0) + _zeros("d", n)
         self.down.extend([None] * n)
         self.up.extend([None] * n)
-        self.stats.extend([None] * n)
+        self.sid = array("i", self.sid) + _zeros("i", n)
         self.gov.extend([None] * n)
         self.cap = cap + n
 
-    def add(self, down: Link, down_sid: int, up: Link, deadline: float, t0: float, stats: Any, gov: Any) -> int:
+    def add(self, down: Link, down_sid: int, up: Link, deadline: float, t0: float, stats_id: int, gov: Any) -> int:
         """Track a request sent on ``up``; return the stream id to send it under."""
         if self.free < 0:
             self._grow(self.cap)
@@ -374,7 +463,7 @@ class PendingTable:
         self.t0[slot] = t0
         self.down[slot] = down
         self.up[slot] = up
-        self.stats[slot] = stats
+        self.sid[slot] = stats_id
         self.gov[slot] = gov
         # the upstream link's list
         head = up.phead
@@ -444,7 +533,6 @@ class PendingTable:
             ep.active -= 1
         self.down[slot] = None
         self.up[slot] = None
-        self.stats[slot] = None
         self.gov[slot] = None
         g = self.gen[slot]
         g += 1
@@ -454,13 +542,13 @@ class PendingTable:
 
     def take(self, slot: int) -> Pending:
         """Free a slot and return what it held (slow paths)."""
-        p = Pending(self.down[slot], self.down_sid[slot], self.up[slot], self.deadline[slot], self.t0[slot], self.stats[slot], self.gov[slot])
+        p = Pending(self.down[slot], self.down_sid[slot], self.up[slot], self.deadline[slot], self.t0[slot], self.rstats.objs[self.sid[slot]], self.gov[slot])
         self.remove(slot)
         return p
 
     def peek(self, slot: int) -> Pending:
         """What a slot holds, as a snapshot (it stays pending)."""
-        return Pending(self.down[slot], self.down_sid[slot], self.up[slot], self.deadline[slot], self.t0[slot], self.stats[slot], self.gov[slot])
+        return Pending(self.down[slot], self.down_sid[slot], self.up[slot], self.deadline[slot], self.t0[slot], self.rstats.objs[self.sid[slot]], self.gov[slot])
 
     def slots_of(self, up: Link) -> list[int]:
         """The slots pending on ``up``, oldest first."""
@@ -595,15 +683,19 @@ class Engine:
         self.stats = stats if stats is not None else ProxyStats()
         self.stamp = encode_header(caller=caller) if caller else b""
         #: every request in flight upstream (the fast path's and the governed ones)
-        self.table = PendingTable()
+        #: the fast path's request counters, by stats id
+        self.rstats = StatsTable(self.stats)
+        self.table = PendingTable(self.rstats)
         #: links with new bytes in ``out``; the shell flushes and clears this
         self.dirty: list[Link] = []
         #: None: serving; "drain": answer new requests UNAVAILABLE; "hot_restart": answer HOT_RESTART
         self.drain_mode: str | None = None
         #: inbound: checks every request from a peer first (``_guard.InboundGuard``)
         self.inbound_guard: Any = None
-        #: per listener: b"service\0method" -> RequestStats (the fast path's cache)
-        self.rs_cache: dict[str, dict[bytes, RequestStats]] = {"outbound": {}, "inbound": {}}
+        #: per listener: b"service\0method" -> stats id (the fast path's cache)
+        self.rs_cache: dict[str, dict[bytes, int]] = {"outbound": {}, "inbound": {}}
+        #: the compiled relay's own cache in front of ``rs_cache`` (made on first use)
+        self.key_cache: Any = None
         #: discovery: called with a service name that has no route (the shell
         #: subscribes to it); requests for it wait in ``unrouted`` meanwhile
         self.on_unknown_service: Callable[[str], None] | None = None
@@ -728,7 +820,7 @@ class Engine:
         o = len(out)
         out += call.frame
         deadline = now + timeout_ms / 1000.0
-        usid = self.table.add(call.down, call.down_sid, up, deadline, now, call.stats, call)
+        usid = self.table.add(call.down, call.down_sid, up, deadline, now, self.rstats.id_of(call.stats), call)
         _U64.pack_into(out, o + 8, usid)
         dirty = self.dirty
         if not dirty or dirty[-1] is not up:  # one write per destination per read
@@ -738,12 +830,14 @@ class Engine:
         """The (direction, service, method) counters, through the fast path's cache."""
         cache = self.rs_cache[direction]
         key = service + b"\0" + method
-        rs = cache.get(key)
-        if rs is None:
+        sid = cache.get(key)
+        if sid is None:
             rs = self.stats.request_stats(direction, service, method)
+            sid = self.rstats.id_of(rs)
             if len(cache) < 10000:
-                cache[key] = rs
-        return rs
+                cache[key] = sid
+            return rs
+        return self.rstats.objs[sid]
 
     def relay_frame(self, down: Link, down_sid: int, frame: memoryview) -> None:
         """Relay a response frame to its caller under the caller's stream id."""

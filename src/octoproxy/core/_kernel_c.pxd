@@ -53,6 +53,25 @@ cdef class Cluster:
     cpdef Link pick(self)
 
 
+cdef class StatsTable:
+    cdef public object stats
+    cdef public list objs
+    cdef public dict ids
+    cdef public Py_ssize_t n
+    cdef public Py_ssize_t cap
+    cdef public Py_ssize_t ns
+    cdef public Py_ssize_t nb
+    cdef unsigned long long[::1] counts
+    cdef unsigned long long[::1] hist
+    cdef double[::1] hsum
+    cdef double[::1] bounds
+    cdef unsigned char[::1] touched
+    cdef public list dirty
+
+    @cython.locals(i=Py_ssize_t, last=Py_ssize_t)
+    cpdef record(self, Py_ssize_t sid, long long status, double seconds)
+
+
 cdef class Pending:
     cdef public object down
     cdef public unsigned long long down_sid
@@ -64,6 +83,7 @@ cdef class Pending:
 
 
 cdef class PendingTable:
+    cdef public StatsTable rstats
     cdef public Py_ssize_t cap
     cdef public Py_ssize_t count
     cdef public Py_ssize_t free
@@ -80,12 +100,12 @@ cdef class PendingTable:
     cdef double[::1] t0
     cdef public list down
     cdef public list up
-    cdef public list stats
+    cdef int[::1] sid
     cdef public list gov
     cdef int[::1] wheel
 
     @cython.locals(slot=Py_ssize_t, head=Py_ssize_t, tick=cython.longlong, b=Py_ssize_t, g=cython.ulonglong)
-    cpdef unsigned long long add(self, Link down, unsigned long long down_sid, Link up, double deadline, double t0, object stats, object gov) except? 0
+    cpdef unsigned long long add(self, Link down, unsigned long long down_sid, Link up, double deadline, double t0, int stats_id, object gov) except? 0
     @cython.locals(slot=Py_ssize_t)
     cpdef Py_ssize_t find(self, Link up, unsigned long long usid)
     @cython.locals(up=Link, down=Link, nxt=Py_ssize_t, prv=Py_ssize_t, g=cython.ulonglong)
@@ -117,10 +137,12 @@ cdef class Engine:
     cdef public object stats
     cdef public bytes stamp
     cdef public PendingTable table
+    cdef public StatsTable rstats
     cdef public list dirty
     cdef public object drain_mode
     cdef public object inbound_guard
     cdef public dict rs_cache
+    cdef public object key_cache
     cdef public object on_unknown_service
     cdef public dict unrouted
     cdef public double unrouted_timeout

@@ -58,12 +58,12 @@ def forward(
     service, method = scanner.routing_key(i)
     cache = engine.rs_cache[down.listener]
     key = service + b"\0" + method
-    rs = cache.get(key)
-    if rs is None:
-        rs = engine.stats.request_stats(down.listener, service, method)
+    stats_id = cache.get(key)
+    if stats_id is None:
+        stats_id = engine.rstats.id_of(engine.stats.request_stats(down.listener, service, method))
         if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
-            cache[key] = rs
-    _U64.pack_into(out, o + 8, engine.table.add(down, sid, up, deadline, now, rs, None))
+            cache[key] = stats_id
+    _U64.pack_into(out, o + 8, engine.table.add(down, sid, up, deadline, now, stats_id, None))
 
 
 def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryview, now: float) -> None:
@@ -118,16 +118,11 @@ def relay_responses(engine: Engine, up: Link, scanner: Any, n: int, mv: memoryvi
             engine.governed_response(up, table.take(slot), scanner, i, mv, now)
             continue
         down = table.down[slot]
-        rs = table.stats[slot]
+        stats_id = table.sid[slot]
         t0 = table.t0[slot]
         down_sid = table.down_sid[slot]
         table.remove(slot)
-        child = rs.by_status.get(status)
-        if child is None:
-            rs.count(status)
-        else:
-            child.value += 1
-        rs.latency.observe(now - t0)
+        engine.rstats.record(stats_id, status, now - t0)
         if not down.closed:
             out = down.out
             o = len(out)

@@ -43,12 +43,12 @@ class RequestStats:
         self.by_status: dict[int, CounterChild] = {}
         self.latency: HistogramChild = stats.duration.labels(*labels)
 
-    def count(self, status: int) -> None:
+    def count(self, status: int, n: int = 1) -> None:
         child = self.by_status.get(status)
         if child is None:
             name = _STATUS_NAMES.get(status, "UNKNOWN")
             child = self.by_status[status] = self._stats.requests.labels(*self.labels, name)
-        child.value += 1
+        child.value += n
 
 
 class CallerStats:

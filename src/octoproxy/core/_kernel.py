@@ -30,6 +30,12 @@ late response is dropped and counted. An upstream link that is lost answers
 every request in flight on it UNAVAILABLE at once.
 
 Nothing here does I/O or reads a clock: time comes in as an argument.
+
+A request that cannot be routed yet (no connection of its cluster while one
+is being made, or a service the shell is discovering on demand) waits in
+:attr:`Engine.held`, the one held-request queue (``core/_held.py``), until
+the shell releases it (:meth:`Engine.unpark`, :meth:`Engine.release_unrouted`)
+or its deadline passes in :meth:`Engine.expire`.
 """
 
 from __future__ import annotations
@@ -649,8 +655,9 @@ class Engine:
                         name = service.decode(errors="replace")
                         held = self.held
                         first = not held.count(DISCOVERY, name)
-                        since = self._replaying_since
-                        if held.hold(DISCOVERY, name, down, bytes(mv[off : off + size]), now if since is None else since, now + self.unrouted_timeout) is not None:
+                        since = now if self._replaying_since is None else self._replaying_since
+                        raw = bytes(mv[off : off + size])
+                        if held.hold(DISCOVERY, name, down, raw, since, now + self.unrouted_timeout) is not None:
                             if first:  # after queueing: the callback may answer at once
                                 self.on_unknown_service(name)
                             return

@@ -49,15 +49,16 @@ from struct import Struct
 from typing import Any
 
 from ._balancer import Balancer, Endpoint, make_balancer
-from ._held import CONNECTING, DISCOVERY, MAX_HELD, MAX_PER_KEY, Held, HeldQueue
 from ..protocol._errors import RemoteProtocolError
 from ..protocol._frame import parse_header
 from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
 from ..governance import Locality, PolicySet
-from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, Outbound, RouteGov, build_inbound, build_routes, let_go, schedule, tick_outliers
+from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, Outbound, RouteGov, build_inbound, build_routes, schedule, tick_outliers
 from ._relay import Pending, forward, relay_requests, relay_responses
 from ._stats import ProxyStats, RequestStats
+from ._held import CONNECTING, DISCOVERY, MAX_HELD, Held, HeldQueue
+from ._pipeline import let_go
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -67,6 +68,8 @@ DOWNSTREAM = 0
 UPSTREAM = 1
 #: timer resolution: deadlines are checked in buckets of 10 ms
 TIMER_BUCKETS_PER_SECOND = 100
+#: requests held per cluster while its connections are being re-established
+MAX_PARKED = 10000
 #: an upstream link over its high watermark that sent nothing for this long is
 #: "not taking requests" (a link that drains, e.g. a big frame, still takes them)
 STALLED_AFTER = 0.5
@@ -322,7 +325,7 @@ class Engine:
         #: requests that wait before they can be routed: for a connection of a
         #: cluster being made (reason ``connecting``) or for a lazy subscription
         #: (``discovery``); see core/_held.py and docs/architecture.md
-        self.held = HeldQueue(MAX_PER_KEY, max_held)
+        self.held = HeldQueue(MAX_PARKED, max_held)
         #: how long a request may wait for its lazy subscription
         self.unrouted_timeout = 10.0
         #: while held requests are routed again: when the one replayed was first held

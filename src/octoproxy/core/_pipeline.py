@@ -423,6 +423,12 @@ class ClusterGov:
             self.outlier.update(ep.address for ep in endpoints)
 
 
+def let_go(unit: CircuitBreaker | None) -> None:
+    """A held request left the held queue: give back the PENDING unit it took (:meth:`ClusterGov.hold`)."""
+    if unit is not None:
+        unit.release(Resource.PENDING)
+
+
 class RouteGov:
     """A governed route: its resolved filter tuple, its cluster, its retry policy."""
 
@@ -856,12 +862,6 @@ class Inbound:
         down = call.down
         if down.draining and down.inflight == 0 and down.on_idle is not None:
             down.on_idle(down)
-
-
-def let_go(unit: CircuitBreaker | None) -> None:
-    """A held request left the held queue: give back the PENDING unit it took (:meth:`ClusterGov.hold`)."""
-    if unit is not None:
-        unit.release(Resource.PENDING)
 
 
 def schedule(engine: Engine, up: Link, usid: int, deadline: float) -> None:

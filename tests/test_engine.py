@@ -353,7 +353,7 @@ def test_unrouted_method_of_a_known_service_gets_no_route_once() -> None:
     feed(e, d, encode_request(1, "users", "put"))
     e.release_unrouted("users", True, 0.1)
     assert frames(d)[0].header.status == Status.NO_ROUTE and calls == ["users"]
-    assert not e.unrouted
+    assert not e.held
 
 
 def test_unrouted_requests_expire() -> None:
@@ -440,8 +440,9 @@ def test_kernel_types_its_fields(impl: Impl) -> None:
     assert route == kernel.Route("echo", "*", "echo", 1.0) and hash(route) == hash(kernel.Route("echo", "*", "echo", 1.0))
     assert route != kernel.Route("echo", "*", "other", 1.0) and route.timeout == 1.0
     cluster = kernel.Cluster("echo", "round_robin", [Endpoint("10.0.0.1:9000")])
-    assert cluster.endpoints[0].address == "10.0.0.1:9000" and cluster.balancer is not None and cluster.parked == []
+    assert cluster.endpoints[0].address == "10.0.0.1:9000" and cluster.balancer is not None
     assert kernel.Cluster("x").endpoints is not kernel.Cluster("y").endpoints  # no shared default
+    assert len(kernel.Engine(routes=[route], clusters=[cluster]).held) == 0  # the held queue, declared in the .pxd
     if impl.name == "compiled":
         assert kernel.__file__.endswith(".so") or kernel.__file__.endswith(".pyd")
         engine = kernel.Engine(routes=[route], clusters=[cluster])

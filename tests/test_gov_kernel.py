@@ -15,6 +15,7 @@ from octoproxy.core._balancer import Endpoint
 from octoproxy.frame import encode_request, encode_response
 from octoproxy.governance import NOT_PROCESSED, Resource, parse_policy_set
 from octoproxy.core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
+from octoproxy.core._held import CONNECTING
 from octoproxy.core._pipeline import Inbound, Outbound
 from test_engine import down, feed, frames, make, relay  # noqa: F401  (relay: the twins fixture)
 
@@ -242,7 +243,7 @@ def test_held_requests_take_pending_units_and_max_pending_answers_overloaded() -
         feed(engine, d, encode_request(sid, "echo", "m", b""))
     (refused,) = frames(d)
     assert refused.stream_id == 3 and refused.header.status == Status.OVERLOADED and "max_pending (2)" in refused.header.error
-    assert len(cluster.parked) == 2
+    assert engine.held.count(CONNECTING, cluster) == 2
     breaker = cluster.gov.breaker if cluster.gov is not None else None
     assert breaker is not None and breaker.in_use(Resource.PENDING) == 2
     up = Link(UPSTREAM, "u", endpoint=cluster.endpoints[0], cluster=cluster)
@@ -286,7 +287,7 @@ def test_a_filter_that_holds_parks_the_request_until_replayed() -> None:
     d = down()
     feed(engine, d, encode_request(1, "echo", "m", b""))
     cluster = engine.clusters["echo"]
-    assert not up.out and not d.out and len(cluster.parked) == 1
+    assert not up.out and not d.out and engine.held.count(CONNECTING, cluster) == 1
     gate.closed = False
     engine.unpark(cluster, 0.1)
-    assert len(frames(up)) == 1 and not cluster.parked
+    assert len(frames(up)) == 1 and not engine.held

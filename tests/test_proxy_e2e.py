@@ -75,6 +75,7 @@ async def test_one_call_and_admin_api() -> None:
             assert await m.caller.metric("octoproxy_request_duration_seconds_count") == 1
             clusters = await m.caller.json("/clusters")
             assert clusters["echo"]["endpoints"][0]["connections"] == 2  # type: ignore[index]
+            assert clusters["echo"]["held_requests"] == 0  # type: ignore[index]
             dump = await m.caller.json("/config_dump")
             assert dump["config"]["proxy"]["service"] == "caller-app"  # type: ignore[index]
             assert (await m.caller.get("/healthz"))[0] == 200

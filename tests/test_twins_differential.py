@@ -216,7 +216,7 @@ class World:
             self.engine_of[link.name] = self.inb
         self.links = {link.name: link for link in self.downs + self.ups + self.peers + [self.app]}
         self.idle: list[str] = []
-        #: discovery on demand: services the engine asked for (their requests wait in ``unrouted``)
+        #: discovery on demand: services the engine asked for (their requests wait in the held queue)
         self.asked: list[str] = []
         self.out.on_unknown_service = self.asked.append
         self.routes = routes
@@ -284,8 +284,8 @@ def snapshot(w: World, what: Any) -> list[Any]:
         # the table's layout: capacity, free-list head, the wheel's position and next due bucket
         snap.append((table.cap, table.free, table.wheel_tick, table.next_due()))
         snap.append({listener: sorted(cache) for listener, cache in engine.rs_cache.items()})
-        snap.append(sorted((c.name, c.picks, [(d.name, raw, t) for d, raw, t in c.parked], [ep.active for ep in c.endpoints]) for c in engine.clusters.values()))
-        snap.append(sorted((name, [(d.name, raw, t) for d, raw, t in held]) for name, held in engine.unrouted.items()))
+        snap.append(sorted((c.name, c.picks, [ep.active for ep in c.endpoints]) for c in engine.clusters.values()))
+        snap.append([(h.reason, getattr(h.key, "name", h.key), h.down.name, h.raw, h.since, h.deadline, h.unit is not None) for h in engine.held])
         snap.append(engine.stats.render())
     for name, link in sorted(w.links.items()):
         snap.append((name, bytes(link.out), link.closed, link.draining, link.goaway_sent, link.inflight, link.npending, _pending(w.engine_of[link.name], link)))

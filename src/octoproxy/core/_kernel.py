@@ -30,6 +30,12 @@ late response is dropped and counted. An upstream link that is lost answers
 every request in flight on it UNAVAILABLE at once.
 
 Nothing here does I/O or reads a clock: time comes in as an argument.
+
+A request that cannot be routed yet (no connection of its cluster while one
+is being made, or a service the shell is discovering on demand) waits in
+:attr:`Engine.held`, the one held-request queue (``core/_held.py``), until
+the shell releases it (:meth:`Engine.unpark`, :meth:`Engine.release_unrouted`)
+or its deadline passes in :meth:`Engine.expire`.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ if __name__.endswith("._kernel_c"):
 else:
     from . import _relay_py as _relay_impl
 from ._stats import ProxyStats, RequestStats
+from ._held import CONNECTING, DISCOVERY, MAX_HELD, Held, HeldQueue
+from ._pipeline import let_go
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -164,7 +172,6 @@ class Cluster:
         balancer: Balancer | None = None,
         connecting: int = 0,
         picks: int = 0,
-        parked: list[tuple[Link, bytes, float]] | None = None,
         gov: ClusterGov | None = None,
     ) -> None:
         self.name = name
@@ -177,9 +184,6 @@ class Cluster:
         self.connecting = connecting
         #: requests routed to this cluster so far (idle subscriptions are dropped)
         self.picks = picks
-        #: requests that found no connection while one was being (re)established:
-        #: (downstream link, the raw frame, when parked)
-        self.parked: list[tuple[Link, bytes, float]] = [] if parked is None else parked
         #: governance state (router, outlier, breaker, budget) when a governed route uses it
         self.gov = gov
         #: round robin runs here, in the kernel, on an array of scores (no
@@ -656,6 +660,9 @@ class Engine:
             no new request: another link of the cluster does, or OVERLOADED.
         max_frame_size: largest frame accepted.
         stats: the metrics the engine updates.
+        park_timeout: how long a request may wait for a connection being made.
+        max_held: requests held in all (waiting for a connection or for
+            discovery); each cluster and each service holds 10,000 at most.
     """
 
     def __init__(
@@ -671,6 +678,7 @@ class Engine:
         park_timeout: float = 1.0,
         inbound_max_timeout: float = 0.0,
         high_watermark: int = 4 << 20,
+        max_held: int = MAX_HELD,
     ) -> None:
         #: how long a request may wait for a connection that is being established
         self.park_timeout = park_timeout
@@ -697,12 +705,15 @@ class Engine:
         #: the compiled relay's own cache in front of ``rs_cache`` (made on first use)
         self.key_cache: Any = None
         #: discovery: called with a service name that has no route (the shell
-        #: subscribes to it); requests for it wait in ``unrouted`` meanwhile
+        #: subscribes to it); requests for it wait in ``held`` meanwhile
         self.on_unknown_service: Callable[[str], None] | None = None
-        self.unrouted: dict[str, list[tuple[Link, bytes, float]]] = {}
+        #: requests that wait before they can be routed: for a connection of a
+        #: cluster being made (reason ``connecting``) or for a lazy subscription
+        #: (``discovery``); see core/_held.py and docs/architecture.md
+        self.held = HeldQueue(MAX_PARKED, max_held)
         #: how long a request may wait for its lazy subscription
         self.unrouted_timeout = 10.0
-        #: while parked requests are routed again: when they were first parked
+        #: while held requests are routed again: when the one replayed was first held
         self._replaying_since: float | None = None
         #: the shell's scanners, shared by every connection: a read is scanned
         #: and relayed in one synchronous call, so one scanner per kind serves
@@ -804,15 +815,31 @@ class Engine:
         """``service/method`` of each route on the declared pipeline (for ``/config_dump``)."""
         return [f"{r.service}/{r.method}" for r, g in zip(self.routes, self._route_gov) if g is not None]
 
-    def park(self, cluster: Cluster, down: Link, mv: memoryview, off: int, size: int, now: float) -> None:
-        """Hold a request until a connection of ``cluster`` is up (or ``park_timeout``)."""
-        if len(cluster.parked) >= MAX_PARKED:
-            self._refuse_raw(down, bytes(mv[off : off + size]), "overloaded", Status.OVERLOADED, f"too many requests waiting for cluster {cluster.name!r}")
-            return
+    def park(self, cluster: Cluster, down: Link, mv: memoryview, off: int, size: int, now: float, unit: Any = None) -> None:
+        """Hold a request until a connection of ``cluster`` is up (or ``park_timeout``); OVERLOADED when full.
+
+        ``unit``: the breaker whose PENDING unit the request took (``ClusterGov.hold``),
+        given back when it leaves the held queue.
+        """
+        raw = bytes(mv[off : off + size])
+        if not self._hold_connecting(cluster, down, raw, now, unit):
+            let_go(unit)
+            self._refuse_raw(down, raw, "overloaded", Status.OVERLOADED, f"too many requests waiting for cluster {cluster.name!r}")
+
+    def _hold_connecting(self, cluster: Cluster, down: Link, raw: bytes, now: float, unit: Any) -> bool:
+        """Into the held queue under (``connecting``, cluster); False when full.
+
+        A request held again while replayed keeps its first held time, and so its deadline.
+        """
         since = self._replaying_since
-        cluster.parked.append((down, bytes(mv[off : off + size]), now if since is None else since))
+        first = since is None
         if since is None:
+            since = now
+        if self.held.hold(CONNECTING, cluster, down, raw, since, since + self.park_timeout, unit) is None:
+            return False
+        if first:
             self.stats.error("parked")
+        return True
 
     def send_governed(self, up: Link, call: Any, now: float, timeout_ms: int) -> None:
         """Forward one try of a governed call on ``up`` (the frame it retains, a new stream id)."""
@@ -937,7 +964,7 @@ class Engine:
         self._answer(down, sid, status, error, flags)
 
     def _refuse_raw(self, down: Link, raw: bytes, reason: str, status: int, error: str) -> None:
-        """:meth:`_refuse` for a held frame (parked or waiting for discovery)."""
+        """:meth:`_refuse` for a held frame (waiting for a connection or for discovery)."""
         scanner, n, _buf = self._one_frame_scanner(down, raw)
         if n:
             self._refuse(down, scanner, 0, reason, status, error)
@@ -1013,14 +1040,14 @@ class Engine:
                 if route_id < 0:
                     service, method = scanner.routing_key(i)
                     if self.on_unknown_service is not None and service:
-                        # discovery: subscribe on demand; the request waits
+                        # discovery: subscribe on demand; the request waits (its deadline
+                        # counts from now, even when replayed: it waits for something new)
                         name = service.decode(errors="replace")
-                        waiting = self.unrouted.get(name)
-                        first = waiting is None
-                        if waiting is None:
-                            waiting = self.unrouted[name] = []
-                        if len(waiting) < MAX_PARKED:
-                            waiting.append((down, bytes(mv[off : off + size]), now))
+                        held = self.held
+                        first = not held.count(DISCOVERY, name)
+                        since = now if self._replaying_since is None else self._replaying_since
+                        raw = bytes(mv[off : off + size])
+                        if held.hold(DISCOVERY, name, down, raw, since, now + self.unrouted_timeout) is not None:
                             if first:  # after queueing: the callback may answer at once
                                 self.on_unknown_service(name)
                             return
@@ -1045,13 +1072,10 @@ class Engine:
                     return
             up = cluster.pick()
             if up is None:
-                if cluster.connecting and len(cluster.parked) < MAX_PARKED:
+                if cluster.connecting and self.held.has_room(CONNECTING, cluster):
                     # a connection is on its way (e.g. replacing one that got
                     # GOAWAY): hold the request until it is up
-                    since = self._replaying_since
-                    cluster.parked.append((down, bytes(mv[off : off + size]), now if since is None else since))
-                    if since is None:
-                        stats.error("parked")
+                    self._hold_connecting(cluster, down, bytes(mv[off : off + size]), now, None)
                     return
                 self._refuse(down, scanner, i, "unavailable", Status.UNAVAILABLE, f"no healthy endpoint in cluster {cluster.name!r}")
                 return
@@ -1198,59 +1222,64 @@ class Engine:
         self._mark(link)
 
     def unpark(self, cluster: Cluster, now: float) -> None:
-        """Route the requests parked on ``cluster`` again (a connection came up, or an attempt failed)."""
-        if not cluster.parked:
+        """Route the requests held for a connection of ``cluster`` again (one came up, or an attempt failed).
+
+        A request that finds no connection again is held again with its first held time.
+        """
+        held = self.held.release(CONNECTING, cluster)
+        if not held:
             return
-        parked = cluster.parked
-        cluster.parked = []
-        if cluster.gov is not None:
-            cluster.gov.settle_held(0)  # each governed one takes a unit again if it waits again
+        for h in held:
+            let_go(h.unit)  # each governed one takes a unit again if it waits again
         try:
-            for down, raw, t in parked:
+            for h in held:
+                down = h.down
                 if down.closed:
                     continue
-                self._replaying_since = t  # a request parked again keeps its first park time
-                scanner, n, buf = self._one_frame_scanner(down, raw)
+                self._replaying_since = h.since
+                scanner, n, buf = self._one_frame_scanner(down, h.raw)
                 with memoryview(buf) as mv:
                     _relay_impl.relay_requests(self, down, scanner, n, mv, now)
         finally:
             self._replaying_since = None
 
     def release_unrouted(self, service: str, found: bool, now: float) -> None:
-        """A lazy subscription ended: route the waiting requests, or answer NO_ROUTE."""
-        waiting = self.unrouted.pop(service, None)
-        if not waiting:
+        """A lazy subscription ended: route the requests held for ``service``, or answer NO_ROUTE."""
+        for h in self.held.release(DISCOVERY, service):
+            self._release_discovery(h, found, now)
+
+    def _release_discovery(self, h: Held, found: bool, now: float) -> None:
+        down = h.down
+        if down.closed:
             return
-        for down, raw, _t in waiting:
-            if down.closed:
-                continue
-            scanner, n, buf = self._one_frame_scanner(down, raw)
-            if not found or scanner.frame(0)[6] < 0:
-                # no endpoints, or the service is known but not this method
-                # (a static route for another method): never queue it again
-                why = "no endpoints known" if not found else "no route for this method"
-                self._refuse(down, scanner, 0, "no_route", Status.NO_ROUTE, f"no route for service {service!r}: {why}")
-                continue
-            with memoryview(buf) as mv:
-                _relay_impl.relay_requests(self, down, scanner, n, mv, now)
+        scanner, n, buf = self._one_frame_scanner(down, h.raw)
+        if not found or scanner.frame(0)[6] < 0:
+            # no endpoints, or the service is known but not this method
+            # (a static route for another method): never queue it again
+            why = "no endpoints known" if not found else "no route for this method"
+            self._refuse(down, scanner, 0, "no_route", Status.NO_ROUTE, f"no route for service {h.key!r}: {why}")
+            return
+        with memoryview(buf) as mv:
+            _relay_impl.relay_requests(self, down, scanner, n, mv, now)
 
-    def _expire_unrouted(self, now: float) -> None:
-        for service, waiting in list(self.unrouted.items()):
-            if waiting and now - waiting[0][2] > self.unrouted_timeout:
-                self.release_unrouted(service, False, now)
+    def _expire_held(self, now: float) -> None:
+        """Answer the held requests past their deadline: UNAVAILABLE (no connection in time), NO_ROUTE (discovery)."""
+        for h in self.held.expire(now):
+            let_go(h.unit)
+            if h.reason == CONNECTING:
+                self._refuse_raw(h.down, h.raw, "unavailable", Status.UNAVAILABLE, f"no connection to cluster {h.key.name!r} in time")
+            else:
+                self._release_discovery(h, False, now)
 
-    def _expire_parked(self, now: float) -> None:
-        for cluster in self.clusters.values():
-            if cluster.parked and now - cluster.parked[0][2] > self.park_timeout:
-                keep = []
-                for down, raw, t in cluster.parked:
-                    if now - t <= self.park_timeout:
-                        keep.append((down, raw, t))
-                        continue
-                    self._refuse_raw(down, raw, "unavailable", Status.UNAVAILABLE, f"no connection to cluster {cluster.name!r} in time")
-                cluster.parked = keep
-                if cluster.gov is not None:
-                    cluster.gov.settle_held(len(keep))
+    def _abort_held(self, reason: str) -> int:
+        """Answer every held request UNAVAILABLE (end of a drain); returns how many requests (not ONEWAYs)."""
+        n = 0
+        for h in self.held.abort():
+            let_go(h.unit)
+            if h.raw[3] == _REQUEST:
+                self._refuse_raw(h.down, h.raw, "drain", Status.UNAVAILABLE, reason)
+                n += 1
+        return n
 
     def abort_all(self, reason: str, links: Iterable[Link] = ()) -> int:
         """Answer everything still waiting UNAVAILABLE (end of a drain). Returns how many.
@@ -1261,24 +1290,12 @@ class Engine:
                 out of their cluster's pool (GOAWAY, endpoint removed); the
                 links in the pools are always included.
         """
-        n = 0
+        n = self._abort_held(reason)
         every: dict[int, Link] = {id(link): link for link in links}
         for cluster in list(self.clusters.values()) + ([self.inbound_cluster] if self.inbound_cluster else []):
             for cluster_links in cluster.links.values():
                 for link in cluster_links:
                     every[id(link)] = link
-            parked, cluster.parked = cluster.parked, []
-            if cluster.gov is not None:
-                cluster.gov.settle_held(0)
-            for down, raw, _t in parked:
-                if raw[3] == _REQUEST:
-                    self._refuse_raw(down, raw, "drain", Status.UNAVAILABLE, reason)
-                    n += 1
-        for service in list(self.unrouted):
-            for down, raw, _t in self.unrouted.pop(service):
-                if raw[3] == _REQUEST:
-                    self._refuse_raw(down, raw, "drain", Status.UNAVAILABLE, reason)
-                    n += 1
         for up in every.values():
             for slot in self.table.slots_of(up):
                 p = self.table.take(slot)
@@ -1299,11 +1316,10 @@ class Engine:
             The next deadline, or None when nothing is pending.
         """
         self._gov_now = now
-        self._expire_parked(now)
+        if len(self.held):
+            self._expire_held(now)
         if self._route_gov:
             tick_outliers(self.clusters.values(), self.now_ms(now), self.stats)
-        if self.unrouted:
-            self._expire_unrouted(now)
         table = self.table
         for slot in table.due(now):
             up = table.up[slot]

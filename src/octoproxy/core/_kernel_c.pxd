@@ -42,7 +42,6 @@ cdef class Cluster:
     cdef public object balancer
     cdef public Py_ssize_t connecting
     cdef public Py_ssize_t picks
-    cdef public list parked
     cdef public object gov
     cdef public bint rr
     cdef public object rr_for
@@ -144,7 +143,7 @@ cdef class Engine:
     cdef public dict rs_cache
     cdef public object key_cache
     cdef public object on_unknown_service
-    cdef public dict unrouted
+    cdef public object held
     cdef public double unrouted_timeout
     cdef public object _replaying_since
     cdef public dict _shared_scanners

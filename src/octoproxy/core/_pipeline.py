@@ -347,7 +347,7 @@ class ClusterGov:
         rng: randomness of the router.
     """
 
-    __slots__ = ("name", "router", "outlier", "breaker", "budget", "_members_key", "held", "_held_breaker")
+    __slots__ = ("name", "router", "outlier", "breaker", "budget", "_members_key")
 
     def __init__(self, name: str, local: Locality, now_ms: int, rng: random.Random) -> None:
         self.name = name
@@ -356,9 +356,6 @@ class ClusterGov:
         self.breaker: CircuitBreaker | None = None
         self.budget: RetryBudget | None = None
         self._members_key: tuple[Any, ...] = ()
-        #: PENDING units taken by requests waiting in the cluster's held queue, and from which breaker
-        self.held = 0
-        self._held_breaker: CircuitBreaker | None = None
 
     def configure(self, policy: ServicePolicy | None, now_ms: int) -> None:
         """Apply a (new) policy in place: units held stay held, ejections keep their end."""
@@ -389,26 +386,20 @@ class ClusterGov:
         elif self.budget is None or self.budget.config != rp.budget:
             self.budget = RetryBudget(rp.budget, now_ms)
 
-    def hold(self) -> Verdict:
-        """A request is about to wait for a connection: HOLD (a PENDING unit taken), or OVERLOADED (``max_pending``)."""
+    def hold(self) -> tuple[Verdict, CircuitBreaker | None]:
+        """A request is about to wait for a connection: HOLD (a PENDING unit taken), or OVERLOADED (``max_pending``).
+
+        Returns:
+            The verdict, and on HOLD the breaker the unit was taken from (None: no
+            breaker): the held entry keeps it and :func:`let_go` gives it back when
+            the request leaves the held queue (replayed, timed out, drained), to
+            that very breaker even if a pushed policy replaced it meanwhile.
+        """
         breaker = self.breaker
         if breaker is None:
-            return _HOLD
-        if self.held and self._held_breaker is not breaker:
-            self.settle_held(0)  # units of a breaker a pushed policy replaced
+            return _HOLD, None
         v = breaker.hold_pending()
-        if v.kind is Kind.HOLD:
-            self.held += 1
-            self._held_breaker = breaker
-        return v
-
-    def settle_held(self, waiting: int) -> None:
-        """Give back the PENDING units beyond ``waiting`` requests still held (they left the queue)."""
-        breaker = self._held_breaker
-        while self.held > waiting:
-            self.held -= 1
-            if breaker is not None:
-                breaker.release(Resource.PENDING)
+        return v, breaker if v.kind is Kind.HOLD else None
 
     def state(self, now_ms: int) -> dict[str, Any]:
         """What ``GET /clusters`` shows: ejected endpoints, breaker units in use, retries the budget allows."""
@@ -429,6 +420,12 @@ class ClusterGov:
         self.router.update([Member(ep, ep.center, ep.backup, ep.warmup_start_ms, ep.warmup_window_ms) for ep in endpoints])
         if self.outlier is not None:
             self.outlier.update(ep.address for ep in endpoints)
+
+
+def let_go(unit: CircuitBreaker | None) -> None:
+    """A held request left the held queue: give back the PENDING unit it took (:meth:`ClusterGov.hold`)."""
+    if unit is not None:
+        unit.release(Resource.PENDING)
 
 
 class RouteGov:
@@ -612,11 +609,11 @@ class Outbound:
             return
         if not any(cluster.links.values()) and cluster.connecting:
             # held before any filter takes a unit (it runs them when replayed)
-            v = rg.cgov.hold()
+            v, unit = rg.cgov.hold()
             if v.kind is not Kind.HOLD:
                 engine._refuse(down, scanner, i, "circuit_breaker", v.status, v.reason)
                 return
-            engine.park(cluster, down, mv, off, size, now)
+            engine.park(cluster, down, mv, off, size, now, unit)
             return
         hlen = mv[off + 18] << 8 | mv[off + 19]
         md = _EMPTY_MD

@@ -47,6 +47,7 @@ from ._handover import ParentShell, serve_hot_restart
 from ._http_app import HttpAppBridge
 from ._http_listener import DirectLink, HttpListener
 from ._takeover import ChildShell
+from ..core._held import CONNECTING
 from ..core._hot_restart import DRAINING_STATES, HANDED_OVER_STATES, ParentEvent, ParentState
 from ..common._memory import trim_memory, tune_malloc
 from ._io import Budget, Conn, Flusher, connect_raw, is_transient_accept_error
@@ -732,8 +733,8 @@ class Proxy:
 
         A connection that receives GOAWAY is replaced at once: the new one is
         dialled while the old one finishes its in-flight requests in the
-        background, and requests that find no connection in between are
-        parked by the engine until the new one is up.
+        background, and requests that find no connection in between wait in
+        the engine's held queue until the new one is up.
         """
         up = self.config.upstream
         backoff = 0.05
@@ -1060,6 +1061,8 @@ class Proxy:
                         }
                         for ep in c.endpoints
                     ],
+                    # requests waiting for a connection of it being made (the engine's held queue)
+                    "held_requests": self.engine.held.count(CONNECTING, c),
                 }
                 if c.gov is not None:  # a governed route uses it (docs/governance.md)
                     out[name]["governance"] = c.gov.state(self.engine.now_ms(trio.current_time()))

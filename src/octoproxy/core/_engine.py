@@ -16,7 +16,7 @@ from ..frame import NO_EXTENSIONS
 
 if TYPE_CHECKING or NO_EXTENSIONS:
     from . import _kernel as _impl
-    from ._kernel import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Pending, Route
+    from ._kernel import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Pending, Route, forward, relay_requests, relay_responses
 else:
     try:
         from . import _kernel_c as _impl  # type: ignore[no-redef]
@@ -24,8 +24,9 @@ else:
         from . import _kernel as _impl  # type: ignore[no-redef]
     DOWNSTREAM, UPSTREAM = _impl.DOWNSTREAM, _impl.UPSTREAM
     Cluster, Engine, Link, Pending, Route = _impl.Cluster, _impl.Engine, _impl.Link, _impl.Pending, _impl.Route
+    forward, relay_requests, relay_responses = _impl.forward, _impl.relay_requests, _impl.relay_responses
 
 #: "cython" when the kernel runs compiled, "python" when interpreted
 KERNEL: str = "python" if _impl.__name__.endswith("._kernel") else "cython"
 
-__all__ = ["Cluster", "Engine", "Link", "Pending", "Route", "DOWNSTREAM", "UPSTREAM", "KERNEL"]
+__all__ = ["Cluster", "Engine", "Link", "Pending", "Route", "DOWNSTREAM", "UPSTREAM", "KERNEL", "forward", "relay_requests", "relay_responses"]

@@ -39,7 +39,7 @@ from ..protocol._errors import RemoteProtocolError
 from ..protocol._protocol import PREFIX_SIZE, Status
 from ..frame import NO_EXTENSIONS, RouteTable, Scanner, encode_header, parse_header
 from ._authz import CallerView, Policy
-from ._relay import relay_requests
+from ._engine import relay_requests
 
 if TYPE_CHECKING or NO_EXTENSIONS:
     from ._guard_py import IMPLEMENTATION, first_unclean, has_credential, stamp_frames

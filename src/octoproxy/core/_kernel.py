@@ -46,7 +46,7 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from array import array
 from struct import Struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._balancer import Balancer, Endpoint, RoundRobin, make_balancer
 from ..protocol._errors import RemoteProtocolError
@@ -56,21 +56,52 @@ from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_res
 from ..governance import Locality, PolicySet
 from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, Outbound, RouteGov, build_inbound, build_routes, tick_outliers
 
-# the relay built as this module is: the compiled relay types its arguments
-# with the compiled kernel's classes, so the two are never mixed
-# (the module, not its names: the compiled relay cimports this module's
-# classes, so either may be the one being imported when the other is loaded)
-if __name__.endswith("._kernel_c"):
-    from . import _fastpath as _relay_impl  # type: ignore[attr-defined,unused-ignore]
+# the relay's byte-level primitives: interpreted, their pure-Python twin;
+# compiled (this file built as ``_kernel_c``), the inline C functions of
+# ``_fastpath.pxd``, cimported (the line is resolved when Cython compiles)
+if TYPE_CHECKING or not __name__.endswith("._kernel_c"):
+    from ._relay_py import (
+        copy_frame,
+        copy_stamped,
+        f_flags,
+        f_offset,
+        f_route,
+        f_sid,
+        f_size,
+        f_status,
+        f_timeout,
+        f_type,
+        header_len,
+        kc_fill,
+        kc_lookup,
+        new_key_cache,
+        put_sid,
+    )
 else:
-    from . import _relay_py as _relay_impl
+    from cython.cimports.octoproxy.core._fastpath import (
+        copy_frame,
+        copy_stamped,
+        f_flags,
+        f_offset,
+        f_route,
+        f_sid,
+        f_size,
+        f_status,
+        f_timeout,
+        f_type,
+        header_len,
+        kc_fill,
+        kc_lookup,
+        new_key_cache,
+        put_sid,
+    )
 from ._stats import ProxyStats, RequestStats
 from ._held import CONNECTING, DISCOVERY, MAX_HELD, Held, HeldQueue
 from ._pipeline import let_go
 
 log = logging.getLogger("octoproxy.proxy")
 
-__all__ = ["Cluster", "Engine", "Link", "Pending", "PendingTable", "Route", "DOWNSTREAM", "UPSTREAM"]
+__all__ = ["Cluster", "Engine", "Link", "Pending", "PendingTable", "Route", "DOWNSTREAM", "UPSTREAM", "forward", "relay_requests", "relay_responses"]
 
 DOWNSTREAM = 0
 UPSTREAM = 1
@@ -933,9 +964,9 @@ class Engine:
                 if guard is not None:
                     guard.relay(self, link, scanner, n, buf, mv, now)
                 elif link.kind == DOWNSTREAM:
-                    _relay_impl.relay_requests(self, link, scanner, n, mv, now)
+                    relay_requests(self, link, scanner, n, mv, now)
                 else:
-                    _relay_impl.relay_responses(self, link, scanner, n, mv, now)
+                    relay_responses(self, link, scanner, n, mv, now)
                     if link.draining and link.npending == 0 and link.on_idle is not None:
                         link.on_idle(link)
                 start = scanner.consumed
@@ -1095,9 +1126,9 @@ class Engine:
                     return
                 up = other
             if oneway:
-                _relay_impl.forward(self, down, up, scanner, i, mv, now, 0.0, 0.0, True)
+                forward(self, down, up, scanner, i, mv, now, 0.0, 0.0, True)
             else:
-                _relay_impl.forward(self, down, up, scanner, i, mv, now, route_timeout, max_timeout, False)
+                forward(self, down, up, scanner, i, mv, now, route_timeout, max_timeout, False)
         elif ftype == _PING:
             down.out += mv[off : off + size]
             down.out[len(down.out) - size + 3] = _PONG
@@ -1239,7 +1270,7 @@ class Engine:
                 self._replaying_since = h.since
                 scanner, n, buf = self._one_frame_scanner(down, h.raw)
                 with memoryview(buf) as mv:
-                    _relay_impl.relay_requests(self, down, scanner, n, mv, now)
+                    relay_requests(self, down, scanner, n, mv, now)
         finally:
             self._replaying_since = None
 
@@ -1260,7 +1291,7 @@ class Engine:
             self._refuse(down, scanner, 0, "no_route", Status.NO_ROUTE, f"no route for service {h.key!r}: {why}")
             return
         with memoryview(buf) as mv:
-            _relay_impl.relay_requests(self, down, scanner, n, mv, now)
+            relay_requests(self, down, scanner, n, mv, now)
 
     def _expire_held(self, now: float) -> None:
         """Answer the held requests past their deadline: UNAVAILABLE (no connection in time), NO_ROUTE (discovery)."""
@@ -1338,3 +1369,151 @@ class Engine:
         dirty = self.dirty
         self.dirty = []
         return dirty
+
+
+# ---------------------------------------------------------------- the fast path
+# One pass over a scan's frames: the common case of each (a routed REQUEST
+# with a healthy upstream link; a RESPONSE with its pending entry) is done
+# here, with the byte-level primitives above; anything else goes to
+# ``Engine.slow_request`` / ``slow_response``, which hold the rest of the policy.
+
+
+def forward(
+    engine: Engine, down: Link, up: Link, sc: Scanner, i: int, mv: memoryview, now: float, route_timeout: float, max_timeout: float, oneway: bool
+) -> None:
+    """Append request frame ``i`` to ``up`` (new stream id, caller stamp) and track it.
+
+    The deadline is the frame's own timeout, else ``route_timeout``; capped at
+    ``max_timeout`` when that is not 0.
+    """
+    buf = mv
+    _forward(engine, down, up, sc, i, buf, now, route_timeout, max_timeout, oneway)
+
+
+def _forward(
+    engine: Engine, down: Link, up: Link, sc: Scanner, i: int, buf: Any, now: float, route_timeout: float, max_timeout: float, oneway: bool
+) -> int:
+    off = f_offset(sc, i)
+    size = f_size(sc, i)
+    out = up.out
+    stamp = engine.stamp
+    if stamp and down.listener == "outbound":
+        o = copy_stamped(out, buf, off, size, stamp)
+    else:
+        o = copy_frame(out, buf, off, size)
+    dirty = engine.dirty
+    if not dirty or dirty[len(dirty) - 1] is not up:
+        dirty.append(up)
+    if oneway:
+        engine.stats.oneway.inc()
+        return 0
+    t = f_timeout(sc, i)
+    timeout = t / 1000.0 if t else route_timeout
+    if max_timeout and timeout > max_timeout:
+        timeout = max_timeout
+    deadline = now + timeout
+    stats_id = _stats_id(engine, down.listener == "inbound", buf, sc, i)
+    usid = engine.table.add(down, f_sid(sc, i), up, deadline, now, stats_id, None)
+    put_sid(out, o, usid)
+    return 0
+
+
+def _stats_id(engine: Engine, inbound: bool, buf: Any, sc: Scanner, i: int) -> int:
+    """The stats id of request ``i``'s (listener, service, method)."""
+    kc = engine.key_cache
+    if kc is None:
+        kc = engine.key_cache = new_key_cache()
+    stats_id = kc_lookup(kc, inbound, buf, sc, i)
+    if stats_id >= 0:
+        return stats_id
+    # a miss: the key, the dict, the registry (once per key and cache slot)
+    listener = "inbound" if inbound else "outbound"
+    service, method = sc.routing_key(i)
+    key = service + b"\0" + method
+    cache = engine.rs_cache[listener]
+    known = cache.get(key)
+    if known is None:
+        known = engine.rstats.id_of(engine.stats.request_stats(listener, service, method))
+        if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
+            cache[key] = known
+    stats_id = known
+    kc_fill(kc, inbound, key, stats_id)
+    return stats_id
+
+
+def relay_requests(engine: Engine, down: Link, sc: Scanner, n: int, mv: memoryview, now: float) -> None:
+    """Forward the ``n`` scanned frames that came from a downstream link."""
+    if down.reject or engine.drain_mode is not None:
+        for i in range(n):
+            engine.slow_request(down, sc, i, mv, now)
+        return
+    buf = mv
+    inbound = down.listener == "inbound"
+    high = engine.high_watermark
+    stamp_len = 0 if inbound else len(engine.stamp)
+    max_size = engine.max_frame_size - stamp_len
+    route_clusters = engine._route_clusters
+    route_timeouts = engine._route_timeouts
+    route_max_timeouts = engine._route_max_timeouts
+    max_pending = engine.max_pending
+    table = engine.table
+    route_timeout = 0.0
+    max_timeout = 0.0
+    for i in range(n):
+        off = f_offset(sc, i)
+        if f_type(sc, i) != 1 or (stamp_len and (f_size(sc, i) > max_size or header_len(buf, off) + stamp_len > 0xFFFF)):
+            # not a request, or too big to carry the caller stamp: the slow path says why
+            engine.slow_request(down, sc, i, mv, now)
+            continue
+        route_id = f_route(sc, i)
+        if inbound:
+            cluster = engine._inbound_fast  # None while the inbound side is governed
+            route_timeout = engine.default_timeout
+            max_timeout = engine.inbound_max_timeout
+        elif route_id >= 0:
+            cluster = route_clusters[route_id]
+            route_timeout = route_timeouts[route_id]
+            max_timeout = route_max_timeouts[route_id]
+        else:
+            cluster = None
+        if cluster is None or table.count >= max_pending:
+            engine.slow_request(down, sc, i, mv, now)
+            continue
+        up = cluster.pick()
+        if up is None or len(up.out) > high:  # no link, or a full one: the slow path says what to do
+            engine.slow_request(down, sc, i, mv, now)
+            continue
+        _forward(engine, down, up, sc, i, buf, now, route_timeout, max_timeout, False)
+
+
+def relay_responses(engine: Engine, up: Link, sc: Scanner, n: int, mv: memoryview, now: float) -> None:
+    """Relay the ``n`` scanned frames that came from an upstream link."""
+    buf = mv
+    table = engine.table
+    rstats = engine.rstats
+    for i in range(n):
+        if f_type(sc, i) != 2 or (f_flags(sc, i) & 1):
+            engine.slow_response(up, sc, i, mv, now)
+            continue
+        slot = table.find(up, f_sid(sc, i))
+        if slot < 0:
+            engine.stats.error("late_response")
+            continue
+        if table.gov[slot] is not None:  # a governed call: the chain in reverse
+            engine.governed_response(up, table.take(slot), sc, i, mv, now)
+            continue
+        down = table.down[slot]
+        stats_id = table.sid[slot]
+        t0 = table.t0[slot]
+        down_sid = table.down_sid[slot]
+        table.remove(slot)
+        rstats.record(stats_id, f_status(sc, i), now - t0)
+        if not down.closed:
+            out = down.out
+            o = copy_frame(out, buf, f_offset(sc, i), f_size(sc, i))
+            put_sid(out, o, down_sid)
+            dirty = engine.dirty
+            if not dirty or dirty[len(dirty) - 1] is not down:
+                dirty.append(down)
+            if down.draining and down.inflight == 0 and down.on_idle is not None:
+                down.on_idle(down)

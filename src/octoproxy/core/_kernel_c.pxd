@@ -6,6 +6,7 @@
 # AttributeError in the compiled build only: tests run both builds).
 
 cimport cython
+from octoproxy.protocol._fastframe cimport Scanner as CScanner
 
 cdef class Cluster
 cdef class Engine
@@ -165,3 +166,26 @@ cdef class Engine:
     cdef public object route_table
     cdef public list _route_clusters_all
     cdef public list _route_clusters
+
+
+# -- the fast path (module functions)
+cpdef forward(Engine engine, Link down, Link up, CScanner sc, Py_ssize_t i, object mv, double now, double route_timeout, double max_timeout, bint oneway)
+
+@cython.locals(off=Py_ssize_t, size=Py_ssize_t, o=Py_ssize_t, out=bytearray, stamp=bytes, dirty=list, t=cython.uint,
+               timeout=double, deadline=double, stats_id=int, usid=cython.ulonglong)
+cdef int _forward(Engine engine, Link down, Link up, CScanner sc, Py_ssize_t i, const unsigned char[::1] buf, double now,
+                  double route_timeout, double max_timeout, bint oneway) except -1
+
+@cython.locals(stats_id=int, cache=dict, key=bytes)
+cdef int _stats_id(Engine engine, bint inbound, const unsigned char[::1] buf, CScanner sc, Py_ssize_t i) except -1
+
+@cython.locals(i=Py_ssize_t, off=Py_ssize_t, inbound=bint, high=Py_ssize_t, stamp_len=Py_ssize_t, max_size=Py_ssize_t,
+               route_clusters=list, route_timeouts=list, route_max_timeouts=list, max_pending=Py_ssize_t,
+               table=PendingTable, route_timeout=double, max_timeout=double, route_id=int, cluster=Cluster, up=Link,
+               buf="const unsigned char[::1]")
+cpdef relay_requests(Engine engine, Link down, CScanner sc, Py_ssize_t n, object mv, double now)
+
+@cython.locals(i=Py_ssize_t, slot=Py_ssize_t, table=PendingTable, rstats=StatsTable, down=Link, stats_id=int,
+               t0=double, down_sid=cython.ulonglong, out=bytearray, o=Py_ssize_t, dirty=list,
+               buf="const unsigned char[::1]")
+cpdef relay_responses(Engine engine, Link up, CScanner sc, Py_ssize_t n, object mv, double now)

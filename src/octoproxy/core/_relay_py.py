@@ -1,21 +1,19 @@
-"""Pure-Python twin of ``octoproxy.core._fastpath``: the engine's per-frame fast path.
+"""Pure-Python twin of the relay's byte-level primitives (``octoproxy.core._fastpath``).
 
-The common case of each frame (a routed REQUEST with a healthy upstream; a
-RESPONSE with a pending entry) is handled here, in one pass over a scan's
-frames; anything else goes to ``Engine.slow_request`` / ``slow_response``,
-which hold the policy. The compiled module does exactly the same with C
-loops. Keep the two in step.
+The kernel (``core/_kernel.py``) holds the forwarding policy, written once;
+per frame it calls these primitives: the scanner's fields of frame ``i``,
+the header length, copy (with the caller stamp), the stream-id rewrite, and
+the stats-key cache. Compiled, they are inline C functions in
+``_fastpath.pxd`` that the compiled kernel cimports; here, plain functions
+with the same names and results. Tests run both (conftest's ``impl``).
 """
 
 from __future__ import annotations
 
 from struct import Struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..protocol._protocol import PREFIX_SIZE
-
-if TYPE_CHECKING:
-    from ._engine import Engine, Link
 
 IMPLEMENTATION = "python"
 
@@ -24,112 +22,94 @@ _U32 = Struct(">I")
 _U16 = Struct(">H")
 
 
-def forward(
-    engine: Engine, down: Link, up: Link, scanner: Any, i: int, mv: memoryview, now: float, route_timeout: float, max_timeout: float, oneway: bool
-) -> None:
-    """Append request frame ``i`` to ``up`` (new stream id, caller stamp) and track it.
+class KeyCache:
+    """(listener, service, method) -> stats id (a dict here)."""
 
-    The deadline is the frame's own timeout, else ``route_timeout``; capped at
-    ``max_timeout`` when that is not 0.
-    """
-    off, size, _ftype, _flags, sid, timeout_ms, _route, _status = scanner.frame(i)
-    out = up.out
+    __slots__ = ("ids", "last")
+
+    def __init__(self) -> None:
+        self.ids: dict[tuple[bool, bytes], int] = {}
+        self.last: tuple[bool, bytes] = (False, b"")
+
+
+def new_key_cache() -> KeyCache:
+    return KeyCache()
+
+
+# -- the scanner's per-frame fields
+def f_type(sc: Any, i: int) -> int:
+    return int(sc._info[i][2])  # (the twin scanner's row; its frame(i) checks bounds)
+
+
+def f_flags(sc: Any, i: int) -> int:
+    return int(sc._info[i][3])  # (the twin scanner's row; its frame(i) checks bounds)
+
+
+def f_offset(sc: Any, i: int) -> int:
+    return int(sc._info[i][0])  # (the twin scanner's row; its frame(i) checks bounds)
+
+
+def f_size(sc: Any, i: int) -> int:
+    return int(sc._info[i][1])  # (the twin scanner's row; its frame(i) checks bounds)
+
+
+def f_sid(sc: Any, i: int) -> int:
+    return int(sc._info[i][4])  # (the twin scanner's row; its frame(i) checks bounds)
+
+
+def f_timeout(sc: Any, i: int) -> int:
+    return int(sc._info[i][5])  # (the twin scanner's row; its frame(i) checks bounds)
+
+
+def f_route(sc: Any, i: int) -> int:
+    return int(sc._info[i][6])  # (the twin scanner's row; its frame(i) checks bounds)
+
+
+def f_status(sc: Any, i: int) -> int:
+    return int(sc._info[i][7])  # (the twin scanner's row; its frame(i) checks bounds)
+
+
+# -- bytes
+def header_len(buf: Any, off: int) -> int:
+    """The header length field of the frame at ``off``."""
+    return int(buf[off + 18] << 8 | buf[off + 19])
+
+
+def copy_frame(out: bytearray, buf: Any, off: int, size: int) -> int:
+    """Append the frame at ``buf[off:off+size]`` to ``out``; return where it starts in ``out``."""
     o = len(out)
-    stamp = engine.stamp
-    if stamp and down.listener == "outbound":
-        hend = off + PREFIX_SIZE + (mv[off + 18] << 8 | mv[off + 19])
-        out += mv[off:hend]
-        out += stamp
-        out += mv[hend : off + size]
-        _U32.pack_into(out, o + 4, size - 8 + len(stamp))
-        _U16.pack_into(out, o + 18, hend - off - PREFIX_SIZE + len(stamp))
-    else:
-        out += mv[off : off + size]
-    dirty = engine.dirty
-    if not dirty or dirty[-1] is not up:
-        dirty.append(up)
-    if oneway:
-        engine.stats.oneway.inc()
-        return
-    timeout = timeout_ms / 1000.0 if timeout_ms else route_timeout
-    if max_timeout and timeout > max_timeout:
-        timeout = max_timeout
-    deadline = now + timeout
-    service, method = scanner.routing_key(i)
-    cache = engine.rs_cache[down.listener]
-    key = service + b"\0" + method
-    stats_id = cache.get(key)
-    if stats_id is None:
-        stats_id = engine.rstats.id_of(engine.stats.request_stats(down.listener, service, method))
-        if len(cache) < 10000:  # beyond, ProxyStats pools them anyway
-            cache[key] = stats_id
-    _U64.pack_into(out, o + 8, engine.table.add(down, sid, up, deadline, now, stats_id, None))
+    out += buf[off : off + size]
+    return o
 
 
-def relay_requests(engine: Engine, down: Link, scanner: Any, n: int, mv: memoryview, now: float) -> None:
-    """Forward the ``n`` scanned frames that came from a downstream link."""
-    if down.reject or engine.drain_mode is not None:
-        for i in range(n):
-            engine.slow_request(down, scanner, i, mv, now)
-        return
-    inbound = down.listener == "inbound"
-    high = engine.high_watermark
-    stamp_len = 0 if inbound else len(engine.stamp)
-    max_size = engine.max_frame_size - stamp_len
-    for i in range(n):
-        off, size, ftype, _flags, _sid, _timeout, route_id, _status = scanner.frame(i)
-        if ftype != 1 or (stamp_len and (size > max_size or (mv[off + 18] << 8 | mv[off + 19]) + stamp_len > 0xFFFF)):
-            # not a request, or too big to carry the caller stamp: the slow path says why
-            engine.slow_request(down, scanner, i, mv, now)
-            continue
-        if inbound:
-            cluster = engine._inbound_fast  # None while the inbound side is governed
-            route_timeout = engine.default_timeout
-            max_timeout = engine.inbound_max_timeout
-        elif route_id >= 0:
-            cluster = engine._route_clusters[route_id]
-            route_timeout = engine._route_timeouts[route_id]
-            max_timeout = engine._route_max_timeouts[route_id]
-        else:
-            cluster = None
-        if cluster is None or engine.table.count >= engine.max_pending:
-            engine.slow_request(down, scanner, i, mv, now)
-            continue
-        up = cluster.pick()
-        if up is None or len(up.out) > high:  # no link, or a full one: the slow path says what to do
-            engine.slow_request(down, scanner, i, mv, now)
-            continue
-        forward(engine, down, up, scanner, i, mv, now, route_timeout, max_timeout, False)
+def copy_stamped(out: bytearray, buf: Any, off: int, size: int, stamp: bytes) -> int:
+    """:func:`copy_frame` with ``stamp`` (encoded header fields) appended to the frame's header."""
+    o = len(out)
+    hend = off + PREFIX_SIZE + header_len(buf, off)
+    out += buf[off:hend]
+    out += stamp
+    out += buf[hend : off + size]
+    _U32.pack_into(out, o + 4, size - 8 + len(stamp))
+    _U16.pack_into(out, o + 18, hend - off - PREFIX_SIZE + len(stamp))
+    return o
 
 
-def relay_responses(engine: Engine, up: Link, scanner: Any, n: int, mv: memoryview, now: float) -> None:
-    """Relay the ``n`` scanned frames that came from an upstream link."""
-    table = engine.table
-    for i in range(n):
-        off, size, ftype, flags, sid, _timeout, _route, status = scanner.frame(i)
-        if ftype != 2 or flags & 1:
-            engine.slow_response(up, scanner, i, mv, now)
-            continue
-        slot = table.find(up, sid)
-        if slot < 0:
-            engine.stats.error("late_response")
-            continue
-        if table.gov[slot] is not None:  # a governed call: the chain in reverse
-            engine.governed_response(up, table.take(slot), scanner, i, mv, now)
-            continue
-        down = table.down[slot]
-        stats_id = table.sid[slot]
-        t0 = table.t0[slot]
-        down_sid = table.down_sid[slot]
-        table.remove(slot)
-        engine.rstats.record(stats_id, status, now - t0)
-        if not down.closed:
-            out = down.out
-            o = len(out)
-            out += mv[off : off + size]
-            _U64.pack_into(out, o + 8, down_sid)
-            dirty = engine.dirty
-            if not dirty or dirty[-1] is not down:
-                dirty.append(down)
-            if down.draining and down.inflight == 0 and down.on_idle is not None:
-                down.on_idle(down)
+def put_sid(out: bytearray, o: int, sid: int) -> int:
+    """Write ``sid`` as the stream id of the frame at ``out[o:]``."""
+    _U64.pack_into(out, o + 8, sid)
+    return 0
+
+
+# -- the stats key cache
+def kc_lookup(kc: KeyCache, inbound: bool, buf: Any, sc: Any, i: int) -> int:
+    """The stats id cached for request ``i``'s key, or -1 (then :func:`kc_fill` files it)."""
+    service, method = sc.routing_key(i)
+    kc.last = (inbound, service + b"\0" + method)
+    return kc.ids.get(kc.last, -1)
+
+
+def kc_fill(kc: KeyCache, inbound: bool, key: bytes, stats_id: int) -> int:
+    """File ``key`` (``service\\0method``) -> ``stats_id`` where the last lookup missed."""
+    if len(kc.ids) < 4096:
+        kc.ids[(inbound, key)] = stats_id
+    return 0

@@ -21,7 +21,12 @@ def _version_line() -> str:
     return f"octoproxy {__version__} (frame codec: {frame.IMPLEMENTATION}, kernel: {_engine.KERNEL}, Python {sys.version.split()[0]})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``octoproxy`` parser; ``command``: the subcommand given, if known (see :func:`_command_of`).
+
+    ``ctl`` and its sub-parsers are added unless another subcommand was given:
+    a proxy process (``run``) never loads the operator CLI's modules.
+    """
     p = argparse.ArgumentParser(prog="octoproxy", description="Service-mesh sidecar proxy (Trio + Cython).")
     p.add_argument("--version", action="version", version=_version_line())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -58,10 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--admin", help="host:port or unix:/path of the admin API (octoproxy ctl; GET /healthz, GET /sessions)")
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_control_plane_trust_args(cp)
-    from .ctl import add_ctl_parser  # light: argparse only
+    if command not in _OTHER_COMMANDS:
+        from .ctl import add_ctl_parser  # light: argparse only
 
-    add_ctl_parser(sub)
+        add_ctl_parser(sub)
     return p
+
+
+#: subcommands whose parsing needs no ``ctl`` parser (the ones defined in :func:`build_parser` itself)
+_OTHER_COMMANDS = frozenset({"run", "agent", "demo", "control-plane"})
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named by ``argv`` (its first word, when that is not an option), else None."""
+    return argv[0] if argv and not argv[0].startswith("-") else None
 
 
 def _add_control_plane_trust_args(cp: argparse.ArgumentParser) -> None:
@@ -96,7 +111,9 @@ def _add_control_plane_trust_args(cp: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

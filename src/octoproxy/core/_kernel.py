@@ -40,17 +40,20 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
 from struct import Struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._balancer import Balancer, Endpoint, make_balancer
 from ..protocol._errors import RemoteProtocolError
 from ..protocol._frame import parse_header
 from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
-from ..governance import Locality, PolicySet
+from ..governance import Locality
 from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, Outbound, RouteGov, build_inbound, build_routes, schedule, tick_outliers
 from ._relay import Pending, forward, relay_requests, relay_responses
 from ._stats import ProxyStats, RequestStats
+
+if TYPE_CHECKING:
+    from ..governance import PolicySet
 
 log = logging.getLogger("octoproxy.proxy")
 

@@ -40,7 +40,7 @@ from .._version import __version__
 from ..core._authz import policy_from_config
 from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ..core._guard import InboundGuard, InboundPeer
-from ..governance import Locality, PolicySet, dump_policy_set
+from ..governance import Locality
 from ..governance._breaker import CircuitBreaker, Resource
 from ..governance._verdict import Kind
 from ._handover import ParentShell, serve_hot_restart
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from ._http_app import HttpAppBridge
     from ._http_listener import HttpListener
     from ._tls import CertificateFiles, ControlPlaneCertificates
+    from ..governance import PolicySet
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -1100,6 +1101,8 @@ class Proxy:
         async def governance(_req: Request) -> Response:
             # the control plane's policies this proxy holds (proxy/_discovery.py)
             if self.discovery is None:  # the [governance] table alone
+                from ..governance import dump_policy_set
+
                 local = self.config.governance
                 return Response(200, {
                     "version": local.version if local is not None else "", "applied": 0,

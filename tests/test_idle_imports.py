@@ -39,6 +39,8 @@ LAZY = (
     "octoproxy.governance._trace",
     "octoproxy.ctl",
     "difflib",
+    "argparse",
+    "gettext",
     "octoproxy.discovery",
     "trio_websocket",
     "wsproto",
@@ -160,3 +162,48 @@ def test_header_class_loads_protobuf_on_first_use() -> None:
         "from octoproxy.frame import Header\nassert Header is type(h)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "-c", "p.toml"],
+        ["run", "--config", "p.toml"],
+        ["run", "-c", "p.toml", "--hot-restart"],
+        ["run", "--hot-restart", "--config", "dir/p.toml"],
+        ["run", "-c", ""],
+    ],
+)
+def test_plain_run_is_parsed_as_argparse_would(argv: list[str]) -> None:
+    """``octoproxy run -c PATH [--hot-restart]`` skips argparse, with the same result."""
+    from octoproxy import _cli
+
+    fast = _cli._parse_run(argv)
+    full = _cli.build_parser().parse_args(argv)
+    assert fast is not None
+    assert vars(fast) == {k: v for k, v in vars(full).items() if k in ("command", "config", "hot_restart")}
+    assert (full.command, full.config, full.hot_restart) == (fast.command, fast.config, fast.hot_restart)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run"],
+        ["run", "-c"],
+        ["run", "-c", "--hot-restart"],
+        ["run", "-cp.toml"],
+        ["run", "--config=p.toml"],
+        ["run", "--conf", "p.toml"],
+        ["run", "-c", "p.toml", "--hot"],
+        ["run", "-c", "p.toml", "--help"],
+        ["run", "-c", "a.toml", "-c", "b.toml"],
+        ["run", "--hot-restart", "-c", "p.toml", "--hot-restart"],
+        ["agent", "-c", "a.toml"],
+        ["--version"],
+        [],
+    ],
+)
+def test_everything_else_goes_to_argparse(argv: list[str]) -> None:
+    from octoproxy import _cli
+
+    assert _cli._parse_run(argv) is None

@@ -23,6 +23,15 @@ RSS is VmRSS from /proc/PID/status. The last line printed is always
     conn_kb: octoproxy=<X> envoy=<Y> idle_mb: octoproxy=<A> envoy=<B> after_close_pct=<P>
 
 where X is the larger of octoproxy's inbound and outbound figures (`nan` where a side failed).
+
+    python bench/memory.py --imports
+
+prints instead what each module a proxy may import costs, each measured in fresh processes:
+RSS added over a bare `python` and over `python` + `import trio` (every proxy has trio;
+median of 3 runs; RSS moves in steps of pymalloc's 1 MiB arenas, so small figures are
+noisy), and the bytes the import leaves allocated as Python objects over trio
+(tracemalloc, exact but blind to C libraries such as OpenSSL or upb). Lazy or not, the
+table measures the module itself: docs/benchmarks.md says which ones an idle proxy loads.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import math
 import os
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -154,13 +164,94 @@ def measure_envoy(procs: tp.Procs, tmp: Path, n: int) -> dict:
     return res
 
 
+#: (module, what it is) for --imports, roughly in the order a proxy meets them
+IMPORTS = [
+    ("trio", "trio (imports ssl, idna, attrs, sortedcontainers, outcome)"),
+    ("ssl", "ssl (OpenSSL; trio imports it)"),
+    ("logging", "logging"),
+    ("json", "json"),
+    ("argparse", "argparse (the CLI)"),
+    ("tomllib", "tomllib (the config file)"),
+    ("h11", "h11 (admin HTTP server)"),
+    ("octoproxy.protocol.proto.octoproxy_header_pb2", "protobuf + the frame header message"),
+    ("httptools", "httptools (HTTP/1.1 listener's parser)"),
+    ("cryptography.x509", "cryptography.x509 (CSR, CA: mTLS from the control plane)"),
+    ("trio_websocket", "trio_websocket + wsproto (discovery client)"),
+    ("octoproxy.frame", "octoproxy.frame (codec)"),
+    ("octoproxy.governance._policy", "octoproxy.governance, every module"),
+    ("octoproxy.core._engine", "octoproxy.core._engine (kernel, pipeline)"),
+    ("octoproxy.proxy._config", "octoproxy.proxy._config"),
+    ("octoproxy.common._admin", "octoproxy.common._admin"),
+    ("octoproxy.proxy._tls", "octoproxy.proxy._tls (mTLS shell)"),
+    ("octoproxy.proxy._http_listener", "octoproxy.proxy._http_listener (+ SDK server core)"),
+    ("octoproxy.sdk", "octoproxy.sdk"),
+    ("octoproxy.ctl", "octoproxy.ctl (operator CLI)"),
+    ("octoproxy.proxy._discovery", "octoproxy.proxy._discovery (control-plane client)"),
+    ("octoproxy.proxy._main", "octoproxy.proxy._main (what `octoproxy run` imports)"),
+    ("octoproxy._cli", "octoproxy._cli"),
+]
+
+_IMPORT_PROBE = r"""
+import sys
+def rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+base, name, traced = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+if traced:
+    import tracemalloc
+    tracemalloc.start()
+if base:
+    __import__(base)
+before, t0, n0 = rss(), (tracemalloc.get_traced_memory()[0] if traced else 0), len(sys.modules)
+__import__(name)
+print(rss() - before, (tracemalloc.get_traced_memory()[0] - t0) if traced else 0, len(sys.modules) - n0)
+"""
+
+
+def import_cost(base: str, name: str, traced: bool = False, runs: int = 3) -> tuple[float, float, int]:
+    """(RSS KB, traced KB, modules) that importing ``name`` adds over ``base``: median of ``runs`` processes."""
+    env, _where = tp.octoproxy_env()
+    results = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, base, name, "1" if traced else "0"],
+                             capture_output=True, text=True, timeout=60, env=env)
+        if out.returncode:
+            raise RuntimeError(f"import {name}: {out.stderr.strip().splitlines()[-1:]}")
+        rss, tm, mods = (int(x) for x in out.stdout.split())
+        results.append((rss, tm / 1024, mods))
+    results.sort()
+    return results[len(results) // 2]
+
+
+def print_imports() -> None:
+    env, where = tp.octoproxy_env()
+    probe = "for l in open('/proc/self/status'):\n    if l.startswith('VmRSS:'): print(int(l.split()[1]))"
+    bare = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60).stdout)
+    print(f"# import costs in fresh processes; {sys.executable}, bare: {bare / 1024:.1f} MB; octoproxy from {where}")
+    print(f"{'module':<62} {'MB over python':>14} {'MB over trio':>12} {'traced MB':>9} {'modules':>8}")
+    for name, label in IMPORTS:
+        alone = import_cost("", name)
+        if name == "trio":
+            print(f"{label:<62} {alone[0] / 1024:14.1f} {'-':>12} {'-':>9} {alone[2]:8d}")
+            continue
+        over = import_cost("trio", name)
+        traced = import_cost("trio", name, traced=True, runs=1)
+        print(f"{label:<62} {alone[0] / 1024:14.1f} {over[0] / 1024:12.1f} {traced[1] / 1024:9.2f} {over[2]:8d}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--connections", type=int, default=1000)
     ap.add_argument("--after", type=float, default=30.0, help="seconds to wait after the connections close")
     ap.add_argument("--no-envoy", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--imports", action="store_true", help="print what each module a proxy may import costs, and stop")
     args = ap.parse_args()
+    if args.imports:
+        print_imports()
+        return
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

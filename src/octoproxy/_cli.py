@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import traceback
 from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
 
 from .protocol._errors import exception_leaves
 from .common._secretfile import SecretFileError
@@ -21,7 +25,14 @@ def _version_line() -> str:
     return f"octoproxy {__version__} (frame codec: {frame.IMPLEMENTATION}, kernel: {_engine.KERNEL}, Python {sys.version.split()[0]})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``octoproxy`` parser; ``command``: the subcommand given, if known (see :func:`_command_of`).
+
+    ``ctl`` and its sub-parsers are added unless another subcommand was given:
+    a proxy process (``run``) never loads the operator CLI's modules.
+    """
+    import argparse  # here: a plain ``octoproxy run -c PATH`` is parsed without it (see _parse_run)
+
     p = argparse.ArgumentParser(prog="octoproxy", description="Service-mesh sidecar proxy (Trio + Cython).")
     p.add_argument("--version", action="version", version=_version_line())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -58,10 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--admin", help="host:port or unix:/path of the admin API (octoproxy ctl; GET /healthz, GET /sessions)")
     cp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_control_plane_trust_args(cp)
-    from .ctl import add_ctl_parser  # light: argparse only
+    if command not in _OTHER_COMMANDS:
+        from .ctl import add_ctl_parser  # light: argparse only
 
-    add_ctl_parser(sub)
+        add_ctl_parser(sub)
     return p
+
+
+#: subcommands whose parsing needs no ``ctl`` parser (the ones defined in :func:`build_parser` itself)
+_OTHER_COMMANDS = frozenset({"run", "agent", "demo", "control-plane"})
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named by ``argv`` (its first word, when that is not an option), else None."""
+    return argv[0] if argv and not argv[0].startswith("-") else None
 
 
 def _add_control_plane_trust_args(cp: argparse.ArgumentParser) -> None:
@@ -95,10 +116,39 @@ def _add_control_plane_trust_args(cp: argparse.ArgumentParser) -> None:
     g.add_argument("--etcd-key-file", help="etcd store over https://: client key")
 
 
+def _parse_run(argv: Sequence[str]) -> Any:
+    """``run -c PATH`` and ``--hot-restart`` in their plain spellings, as argparse would parse them; else None.
+
+    A sidecar proxy is started this way; parsing it here keeps argparse (and
+    gettext) out of the proxy process (docs/benchmarks.md, "Idle RSS").
+    Anything else (abbreviations, ``-cPATH``, ``--config=PATH``, errors,
+    ``--help``) returns None and goes to the full parser.
+    """
+    words = list(argv)
+    if not words or words[0] != "run":
+        return None
+    hot_restart = False
+    if words[1:2] == ["--hot-restart"]:
+        hot_restart = True
+        del words[1]
+    elif words[3:] == ["--hot-restart"]:
+        hot_restart = True
+        del words[3]
+    if len(words) != 3 or words[1] not in ("-c", "--config") or words[2].startswith("-"):
+        return None
+    return SimpleNamespace(command="run", config=words[2], hot_restart=hot_restart)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    parser: argparse.ArgumentParser | None = None
+    args = _parse_run(argv)
+    if args is None:
+        parser = build_parser(_command_of(argv))
+        args = parser.parse_args(argv)
     if args.command is None:
+        assert parser is not None
         parser.print_help()
         return 2
     try:
@@ -119,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _listeners(args: argparse.Namespace) -> list[tuple[str, str]]:
+def _listeners(args: Any) -> list[tuple[str, str]]:
     """The command's listeners, ``(key, address)``, in the order it binds them."""
     from .protocol._errors import ConfigError
 
@@ -146,7 +196,7 @@ def _listeners(args: argparse.Namespace) -> list[tuple[str, str]]:
     return []
 
 
-def _debug(args: argparse.Namespace) -> bool:
+def _debug(args: Any) -> bool:
     """Whether a start-up failure also prints its traceback (log level debug)."""
     if os.environ.get("OCTOPROXY_TRACEBACK", "") not in ("", "0"):
         return True
@@ -163,7 +213,7 @@ def _debug(args: argparse.Namespace) -> bool:
     return False
 
 
-def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _dispatch(parser: argparse.ArgumentParser | None, args: Any) -> int:
     if args.command == "run":
         from .proxy._main import run_from_cli
 
@@ -213,5 +263,6 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from .agent._main import agent_from_cli
 
         return agent_from_cli(args)
+    assert parser is not None  # _parse_run makes only "run"
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2

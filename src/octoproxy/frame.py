@@ -9,10 +9,10 @@ it imports, and the twin if it does not. :data:`IMPLEMENTATION` says which
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .protocol._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from .protocol._frame import Frame, Header, parse_header
+from .protocol._frame import Frame, parse_header
 from .protocol._protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     MAGIC,
@@ -24,6 +24,18 @@ from .protocol._protocol import (
 )
 
 NO_EXTENSIONS = os.environ.get("OCTOPROXY_NO_EXTENSIONS", "") not in ("", "0")
+
+if TYPE_CHECKING:
+    from .protocol._frame import Header
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Header":  # the protobuf message class: protobuf loads on first use (protocol/_frame.py)
+        from .protocol import _frame
+
+        return _frame.Header
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if TYPE_CHECKING or NO_EXTENSIONS:
     from .protocol import _frame_py as _impl

@@ -53,7 +53,7 @@ from ..protocol._errors import RemoteProtocolError
 from ..protocol._frame import parse_header
 from ..protocol._protocol import DEFAULT_MAX_FRAME_SIZE, PREFIX_SIZE, Flags, FrameType, Status
 from ..frame import RouteTable, Scanner, encode_frame, encode_header, encode_response
-from ..governance import Locality, PolicySet
+from ..governance import Locality
 from ._pipeline import NOT_PROCESSED, ClusterGov, Inbound, Outbound, RouteGov, build_inbound, build_routes, tick_outliers
 
 # the relay's byte-level primitives: interpreted, their pure-Python twin;
@@ -98,6 +98,9 @@ else:
 from ._stats import ProxyStats, RequestStats
 from ._held import CONNECTING, DISCOVERY, MAX_HELD, Held, HeldQueue
 from ._pipeline import let_go
+
+if TYPE_CHECKING:
+    from ..governance import PolicySet
 
 log = logging.getLogger("octoproxy.proxy")
 

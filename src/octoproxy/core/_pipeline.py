@@ -51,20 +51,14 @@ from ..frame import encode_header
 from ..governance import (
     CONTINUE,
     CircuitBreaker,
-    Direction,
     Kind,
     Locality,
     Member,
-    OutlierDetector,
-    PolicySet,
-    RateLimiter,
     Resource,
     RetryBudget,
     RetryPolicy,
     Router,
     RoutingPolicy,
-    ServicePolicy,
-    Tracer,
     Verdict,
     answer,
     decide,
@@ -73,6 +67,9 @@ from ..governance import (
 from ..governance import NOT_PROCESSED as NOT_PROCESSED
 
 if TYPE_CHECKING:
+    # loaded by the functions that build filters (a policy set is configured):
+    # an ungoverned proxy never imports the policy parser, rate limiter, tracer or outlier detector
+    from ..governance import Direction, OutlierDetector, PolicySet, RateLimiter, ServicePolicy, Tracer
     from ._engine import Cluster, Engine, Link, Pending, Route
     from ._stats import ProxyStats
 
@@ -369,6 +366,8 @@ class ClusterGov:
                     self.router.set_ejected(address, False)
             self.outlier = None
         elif self.outlier is None:
+            from ..governance import OutlierDetector
+
             self.outlier = OutlierDetector(self.name, oc, now_ms)
             self._members_key = ()  # the next sync() tells it the endpoints
         elif self.outlier.config != oc:
@@ -462,6 +461,8 @@ class InboundGov:
 
 
 def _outbound_filters(policy: ServicePolicy, stats: ProxyStats, old: RouteGov | None, rng: random.Random) -> tuple[Filter, ...]:
+    from ..governance import Direction, RateLimiter, Tracer
+
     # observe first: its on_response runs last, and for every answer of a later filter
     sample = policy.access_log.sample_rate if policy.access_log is not None else 0.0
     filters: list[Filter] = [ObserveFilter(stats, "outbound", sample, rng)]
@@ -481,6 +482,8 @@ def build_inbound(policy: ServicePolicy | None, stats: ProxyStats, old: InboundG
     """The inbound filter tuple for this proxy's own service, or None (the fast path)."""
     if policy is None:
         return None
+    from ..governance import Direction, RateLimiter, Tracer
+
     rules = tuple(r for r in policy.rate_limits if r.direction is Direction.INBOUND)
     if not rules and policy.breaker is None and policy.tracing is None and policy.access_log is None:
         return None

@@ -4,15 +4,40 @@ implementations; protobuf is only touched here, never on the proxy's hot path).
 
 from __future__ import annotations
 
-from google.protobuf.message import DecodeError
+from typing import TYPE_CHECKING, Any
 
 from ._errors import RemoteProtocolError
 from ._protocol import PREFIX_SIZE, Flags, FrameType, Status
-from .proto import octoproxy_header_pb2 as _pb
 
-Header = _pb.Header
+if TYPE_CHECKING:
+    from .proto import octoproxy_header_pb2 as _pb
+
+    Header = _pb.Header
 
 __all__ = ["Frame", "Header", "parse_header"]
+
+# protobuf (about 3 MB of RSS with its descriptor pool) loads on the first full
+# parse: an idle proxy, and one whose routes need no header metadata, never
+# parses a header with it (docs/benchmarks.md, "Idle RSS")
+_header_class: Any = None
+_decode_error: Any = None
+
+
+def _load_protobuf() -> Any:
+    global _header_class, _decode_error
+    from google.protobuf.message import DecodeError
+
+    from .proto import octoproxy_header_pb2
+
+    _decode_error = DecodeError
+    _header_class = octoproxy_header_pb2.Header
+    return _header_class
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Header":  # the protobuf message class, loaded on first use
+        return _header_class or _load_protobuf()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_header(data: bytes | bytearray | memoryview, stream_id: int | None = None) -> _pb.Header:
@@ -21,10 +46,10 @@ def parse_header(data: bytes | bytearray | memoryview, stream_id: int | None = N
     Raises:
         RemoteProtocolError: the bytes are not a valid Header (status PROTOCOL_ERROR).
     """
-    msg = _pb.Header()
+    msg: _pb.Header = (_header_class or _load_protobuf())()
     try:
         msg.ParseFromString(bytes(data))
-    except DecodeError as exc:
+    except _decode_error as exc:
         raise RemoteProtocolError(f"malformed header: {exc}", Status.PROTOCOL_ERROR, stream_id) from None
     return msg
 

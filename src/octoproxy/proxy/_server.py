@@ -40,22 +40,23 @@ from .._version import __version__
 from ..core._authz import policy_from_config
 from ..core._engine import DOWNSTREAM, UPSTREAM, Cluster, Engine, Link, Route
 from ..core._guard import InboundGuard, InboundPeer
-from ..governance import Locality, PolicySet, dump_policy_set
+from ..governance import Locality
 from ..governance._breaker import CircuitBreaker, Resource
 from ..governance._verdict import Kind
 from ._handover import ParentShell, serve_hot_restart
-from ._http_app import HttpAppBridge
-from ._http_listener import DirectLink, HttpListener
 from ._takeover import ChildShell
 from ..core._held import CONNECTING
 from ..core._hot_restart import DRAINING_STATES, HANDED_OVER_STATES, ParentEvent, ParentState
 from ..common._memory import trim_memory, tune_malloc
 from ._io import Budget, Conn, Flusher, connect_raw, is_transient_accept_error
 from ..core._stats import ProxyStats
-from ._tls import CertificateFiles, ControlPlaneCertificates, HandshakeError, accept_tls, connect_tls
 
 if TYPE_CHECKING:
     from ._discovery import Discovery
+    from ._http_app import HttpAppBridge
+    from ._http_listener import HttpListener
+    from ._tls import CertificateFiles, ControlPlaneCertificates
+    from ..governance import PolicySet
 
 log = logging.getLogger("octoproxy.proxy")
 
@@ -178,10 +179,16 @@ class Proxy:
         self.http_app: HttpAppBridge | None = None
         self.http: HttpListener | None = None
         if config.inbound is not None and config.inbound.app_codec == "http1":
+            # imported here, as the HTTP listener below: the HTTP/1.1 codecs (h11 mapping,
+            # httptools, the SDK's server core) are for proxies configured to use them
+            from ._http_app import HttpAppBridge
+
             ib = config.inbound
             assert ib.app_http is not None
             self.http_app = HttpAppBridge(ib.app_http, ib.app_http_connections, ib.app_http_timeout, config.proxy.max_frame_size)
         if config.http is not None:
+            from ._http_listener import HttpListener
+
             self.http = HttpListener(
                 config.http, str(config.outbound.uds), config.proxy.max_frame_size, self.stats.registry, lambda: self.handed_over
             )
@@ -194,6 +201,8 @@ class Proxy:
         self.budget = Budget(px.memory_budget, px.connection_buffer_limit, px.frame_timeout, up.high_watermark)
         self.flusher = Flusher(self.engine, self.budget)
         if self.http is not None:  # HTTP requests go straight into the outbound pipeline
+            from ._http_listener import DirectLink
+
             self.http.direct = DirectLink(self.engine, self.flusher, config.proxy.max_frame_size)
         #: data connections allowed by the fd limit (set in run(); see _fd_room)
         self._fd_base = 0
@@ -202,6 +211,8 @@ class Proxy:
         self._log_state: dict[str, tuple[float, int]] = {}
         #: mTLS between proxies (None: plaintext); raises ConfigError on bad files
         self.tls: CertificateFiles | ControlPlaneCertificates | None = None
+        #: what an upstream connect may raise and the pool retries (a handshake failure too, with mTLS)
+        self._connect_errors: tuple[type[Exception], ...] = (OSError, trio.TooSlowError)
         self._tls_failures = 0
         #: inbound TLS handshakes under way (they count towards inbound.max_connections)
         self._handshaking = 0
@@ -209,6 +220,10 @@ class Proxy:
             "octoproxy_tls_handshakes_total", "mTLS handshakes completed, by side and cipher suite.", ("side", "cipher")
         )
         if config.tls_mode == "mtls":
+            # imported here: a plaintext proxy never loads the TLS shell and identity modules
+            from ._tls import CertificateFiles, ControlPlaneCertificates, HandshakeError
+
+            self._connect_errors += (HandshakeError,)
             t = config.tls
             if t.cert_file is not None:
                 assert t.key_file is not None and t.ca_file is not None
@@ -313,10 +328,13 @@ class Proxy:
                             await pools.start(self.discovery.run)
                         root.start_soon(self._timer)
                         root.start_soon(self._sweeper)
-                        if isinstance(self.tls, CertificateFiles):
-                            root.start_soon(self.tls.watch, cfg.tls.reload_interval)
-                        elif isinstance(self.tls, ControlPlaneCertificates):
-                            await root.start(self.tls.run)
+                        if self.tls is not None:
+                            from ._tls import CertificateFiles, ControlPlaneCertificates
+
+                            if isinstance(self.tls, CertificateFiles):
+                                root.start_soon(self.tls.watch, cfg.tls.reload_interval)
+                            elif isinstance(self.tls, ControlPlaneCertificates):
+                                await root.start(self.tls.run)
                         if cfg.upstream.ping_interval > 0:
                             root.start_soon(self._pinger)
                         root.start_soon(self._listen, root)
@@ -552,6 +570,8 @@ class Proxy:
         return self.tls is None or self.tls.contexts is not None
 
     async def _request_certificate(self, csr_pem: str, timeout: float) -> Any:
+        from ._tls import HandshakeError
+
         if self.discovery is None:  # pragma: no cover - the config requires [discovery]
             raise HandshakeError("no control plane to ask for a certificate")
         return await self.discovery.client.request_certificate(csr_pem, timeout)
@@ -565,6 +585,8 @@ class Proxy:
 
     async def _serve_tls_inbound(self, sock: socket.socket, link: Link, max_buffer: int) -> None:
         """Handshake (mTLS) with a peer proxy, learn its service, then serve it as any connection."""
+        from ._tls import HandshakeError, accept_tls
+
         assert self.tls is not None
         try:
             contexts = self.tls.contexts
@@ -586,6 +608,8 @@ class Proxy:
 
     async def _tls_connect(self, sock: socket.socket, cluster: Cluster, address: str) -> socket.socket:
         """Upstream mTLS: the server must be a service this cluster routes to."""
+        from ._tls import ControlPlaneCertificates, HandshakeError, connect_tls
+
         assert self.tls is not None
         expected = {r.service for r in self.engine.routes if r.cluster == cluster.name}
         try:
@@ -754,7 +778,7 @@ class Proxy:
                     sock = await connect_raw(ep.address, up.connect_timeout)
                     if self.tls is not None and cluster is not self.engine.inbound_cluster:
                         sock = await self._tls_connect(sock, cluster, ep.address)
-                except (OSError, trio.TooSlowError, HandshakeError) as exc:
+                except self._connect_errors as exc:
                     if breaker is not None:
                         breaker.release(Resource.CONNECTIONS)
                     failures += 1
@@ -1080,6 +1104,8 @@ class Proxy:
         async def governance(_req: Request) -> Response:
             # the control plane's policies this proxy holds (proxy/_discovery.py)
             if self.discovery is None:  # the [governance] table alone
+                from ..governance import dump_policy_set
+
                 local = self.config.governance
                 return Response(200, {
                     "version": local.version if local is not None else "", "applied": 0,

@@ -22,12 +22,22 @@ the links concerned (``link.out``), which it lists in :attr:`Engine.dirty`.
 The shell then writes each dirty link's buffer with one ``send``. So every
 frame that one read brought is forwarded with one write per destination.
 
-Requests are forwarded with their stream id rewritten in place to an id of
-the upstream link's own; a :class:`Pending` entry in that link's table maps
-it back. Responses find their entry by stream id alone. Each pending entry has
-a deadline; :meth:`Engine.expire` answers TIMEOUT for the expired ones, and a
-late response is dropped and counted. An upstream link that is lost answers
-every request in flight on it UNAVAILABLE at once.
+Requests are forwarded with their stream id rewritten in place to the id of
+a slot in the engine's :class:`PendingTable` (slot and generation), which
+maps it back; responses find their slot by stream id alone, on the link the
+request left on. Each slot has a deadline in the table's timer wheel;
+:meth:`Engine.expire` answers TIMEOUT for the expired ones, and a late
+response is dropped and counted. An upstream link that is lost answers every
+request in flight on it UNAVAILABLE at once. Per-request state, stats
+included (:class:`StatsTable`), lives in arrays: the fast path makes no
+Python object per request.
+
+The fast path (:func:`relay_requests`, :func:`relay_responses`,
+:func:`forward`, at the end of this file) is written here once; per frame it
+calls the relay's byte-level primitives (the scanner's fields, copy with the
+caller stamp, the stream-id rewrite, the stats-key cache), which are inline C
+in the compiled build (``_fastpath.pxd``) and their twin ``_relay_py.py``
+interpreted.
 
 Nothing here does I/O or reads a clock: time comes in as an argument.
 

@@ -119,6 +119,62 @@ def test_timeout_then_late_response_dropped() -> None:
     assert not d.out and engine.stats.error_count("late_response") == 1
 
 
+
+def test_a_reused_slot_does_not_take_a_stale_response() -> None:
+    """The pending table's slots are reused: the stream id carries the slot's generation,
+    so a late answer to the slot's previous request finds nothing (counted, dropped)."""
+    engine, (up,) = make()
+    d = down()
+    feed(engine, d, encode_request(1, "echo", "m", timeout_ms=100), now=0.0)
+    (first,) = frames(up)
+    engine.expire(0.2)  # answered TIMEOUT: the slot is free
+    frames(d)
+    feed(engine, d, encode_request(2, "echo", "m"), now=0.3)
+    (second,) = frames(up)
+    assert second.stream_id & 0xFFFFFFFF == first.stream_id & 0xFFFFFFFF  # the same slot, reused
+    assert second.stream_id != first.stream_id  # under a new generation
+    feed(engine, up, encode_response(first.stream_id, b"stale"), now=0.4)
+    assert not d.out and engine.stats.error_count("late_response") == 1 and engine.pending_count == 1
+    feed(engine, up, encode_response(second.stream_id, b"fresh"), now=0.5)
+    (resp,) = frames(d)
+    assert resp.stream_id == 2 and bytes(resp.body) == b"fresh" and engine.pending_count == 0
+
+
+def test_a_peer_cannot_answer_another_links_request() -> None:
+    """A response settles only a request that left on the link it arrives on: an upstream
+    peer that guesses (or replays) another link's stream id answers nothing."""
+    engine, (a, b) = make(2)
+    d = down()
+    feed(engine, d, encode_request(1, "echo", "m"), now=0.0)
+    (req,) = frames(a) + frames(b)
+    sent_on, other = (a, b) if a.npending else (b, a)
+    feed(engine, other, encode_response(req.stream_id, b"forged"), now=0.1)
+    assert not d.out and engine.stats.error_count("late_response") == 1 and sent_on.npending == 1
+    for sid in (0, 1, req.stream_id ^ (1 << 32), (1 << 64) - 1):  # out of range, other generations
+        feed(engine, sent_on, encode_response(sid, b"guess"), now=0.1)
+    assert not d.out and sent_on.npending == 1
+    feed(engine, sent_on, encode_response(req.stream_id, b"real"), now=0.2)
+    (resp,) = frames(d)
+    assert resp.stream_id == 1 and bytes(resp.body) == b"real"
+
+
+def test_many_in_flight_grow_the_table_and_every_answer_comes_back() -> None:
+    """Past its first capacity the table grows (slots keep their entries); answered out
+    of order, every caller gets its own answer, and the freed slots are reused."""
+    engine, (up,) = make()
+    d = down()
+    n = 300
+    feed(engine, d, b"".join(encode_request(i + 1, "echo", "m") for i in range(n)), now=0.0)
+    reqs = frames(up)
+    assert len(reqs) == n and engine.pending_count == n and engine.table.cap >= n
+    feed(engine, up, b"".join(encode_response(r.stream_id, str(r.stream_id).encode()) for r in reversed(reqs)), now=0.1)
+    got = {f.stream_id: bytes(f.body) for f in frames(d)}
+    assert sorted(got) == list(range(1, n + 1)) and engine.pending_count == 0
+    assert all(got[i + 1] == str(reqs[i].stream_id).encode() for i in range(n))
+    cap = engine.table.cap
+    feed(engine, d, b"".join(encode_request(i + 1, "echo", "m") for i in range(n)), now=0.2)
+    assert engine.table.cap == cap  # the freed slots, not new ones
+
 def test_caller_deadline_holds_route_timeout_is_the_default() -> None:
     engine, (up,) = make()
     d = down()

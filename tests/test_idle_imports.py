@@ -45,6 +45,7 @@ LAZY = (
     "trio_websocket",
     "wsproto",
     "octoproxy.controlplane",
+    "h11",  # the admin server's parser: on its first connection
 )
 
 # Runs the CLI as `python -m octoproxy run -c CONFIG` does; once the proxy is

@@ -103,7 +103,8 @@ class InboundGuard:
         self.config_policy = policy
         self.set_policy(policy)
         self.max_frame_size = max_frame_size
-        self._scanner = Scanner(None, max_frame_size, 4096)
+        #: rescans the rewritten frames (as many as one read brought: it loops if more)
+        self._scanner = Scanner(None, max_frame_size, 1024)
         self._out = bytearray()
         self.denials = 0
 
@@ -170,9 +171,14 @@ class InboundGuard:
             return
         sc = self._scanner
         try:
-            m = sc.scan(out, 0, len(out))
             with memoryview(out) as omv:
-                relay_requests(engine, down, sc, m, omv, now)
+                start, end = 0, len(out)
+                while start < end:
+                    m = sc.scan(out, start, end)
+                    if not m:  # pragma: no cover - the frames were whole when they were read
+                        break
+                    relay_requests(engine, down, sc, m, omv, now)
+                    start = sc.consumed
         finally:
             out.clear()
 
